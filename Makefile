@@ -1,0 +1,92 @@
+# The project's commands. `make run` and `make test` are the two a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard proto/referral/v1/*.proto)
+# google/api and google/rpc protos ship in the googleapis-common-protos wheel.
+GOOGLEAPIS = $$($(PY) -c 'import google.api, os; print(os.path.dirname(os.path.dirname(list(google.api.__path__)[0])))')
+PROTOC = $(PY) -m grpc_tools.protoc -I proto -I $(GOOGLEAPIS)
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: help install run serve worker migrate test test-slow generate check-generated lint fmt bench bench-smoke clean
+
+help:
+	@echo "make run        run the whole stack (gRPC :50051, REST :8080) with embedded defaults"
+	@echo "make test       run the test suite (needs PostgreSQL and Redis on 127.0.0.1)"
+	@echo "make generate   regenerate Python stubs, Envoy descriptor set and OpenAPI from proto/"
+	@echo "make lint       ruff, mypy --strict, buf lint, envoy --mode validate"
+	@echo "make bench      run the benchmark and print the results table"
+
+$(VENV)/.run-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.dev-stamp
+
+run: $(VENV)/.run-stamp
+	$(PY) -m referral_grpc run
+
+serve: $(VENV)/.run-stamp
+	$(PY) -m referral_grpc serve
+
+worker: $(VENV)/.run-stamp
+	$(PY) -m referral_grpc worker
+
+migrate: $(VENV)/.run-stamp
+	$(PY) -m referral_grpc migrate
+
+test: $(VENV)/.dev-stamp
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.dev-stamp
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+generate: $(VENV)/.dev-stamp
+	# buf cannot fetch remote deps offline: vendor the google/api protos the contract imports.
+	for f in annotations http field_behavior; do cp "$(GOOGLEAPIS)/google/api/$$f.proto" proto/google/api/; done
+	rm -rf build/gen && mkdir -p build/gen
+	$(PROTOC) --python_out=build/gen --grpc_python_out=build/gen --pyi_out=build/gen $(PROTOS)
+	rm -rf referral_grpc/gen && mkdir -p referral_grpc/gen
+	cp build/gen/referral/v1/*.py build/gen/referral/v1/*.pyi referral_grpc/gen/
+	sed -i -E 's/^from referral\.v1 import/from . import/' referral_grpc/gen/*.py referral_grpc/gen/*.pyi
+	printf '"""Generated protobuf and gRPC code for referral.v1 (make generate; never edit by hand)."""\n' > referral_grpc/gen/__init__.py
+	# Envoy's descriptor set: its own protoc call, with google.rpc details for rich errors.
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=gateway/referral.pb \
+		$(PROTOS) google/rpc/error_details.proto google/rpc/status.proto
+	$(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/protoc-gen-openapi --openapi_out=gateway $(PROTOS)
+	$(PY) -m gateway.openapi.docker_config
+
+check-generated: generate
+	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)
+	test -z "$$(git status --porcelain -- referral_grpc/gen gateway)" || (git status --porcelain -- referral_grpc/gen gateway; echo "untracked generated files" && exit 1)
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1
+
+lint: $(VENV)/.dev-stamp $(BUF)
+	$(VENV)/bin/ruff format --check referral_grpc tests gateway
+	$(VENV)/bin/ruff check referral_grpc tests gateway
+	$(VENV)/bin/mypy
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(PY) -m referral_grpc validate-gateway
+
+fmt: $(VENV)/.dev-stamp
+	$(VENV)/bin/ruff format referral_grpc tests gateway
+	$(VENV)/bin/ruff check --fix referral_grpc tests gateway
+
+bench: $(VENV)/.dev-stamp
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.dev-stamp
+	$(PY) -m bench --smoke
+
+clean:
+	rm -rf $(VENV) .tools build .pytest_cache .mypy_cache .ruff_cache var

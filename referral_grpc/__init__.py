@@ -1,0 +1,1 @@
+"""Referral service: a gRPC server over Peewee models."""
