@@ -1,0 +1,1 @@
+"""Business rules of the referral service; imports nothing from grpc or protobuf."""

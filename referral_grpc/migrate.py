@@ -1,0 +1,39 @@
+"""Applies the peewee-migrate scripts in migrations/; the server never creates tables itself."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import peewee as pw
+from peewee_migrate import Router
+
+from .db import is_postgres
+
+log = logging.getLogger(__name__)
+
+# Any constant: serialises migrations when several processes start at once.
+_ADVISORY_LOCK_KEY = 0x5EF3_2A11
+
+
+def migrations_dir() -> Path:
+    beside_package = Path(__file__).resolve().parent.parent / "migrations"
+    return beside_package if beside_package.is_dir() else Path.cwd() / "migrations"
+
+
+def pending_migrations(db: pw.Database) -> list[str]:
+    router = Router(db, migrate_dir=migrations_dir(), logger=log)
+    return list(router.diff)
+
+
+def run_migrations(db: pw.Database) -> list[str]:
+    """Apply every pending migration; return the names applied."""
+    router = Router(db, migrate_dir=migrations_dir(), logger=log)
+    if is_postgres(db):
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+    try:
+        return list(router.run())
+    finally:
+        if is_postgres(db):
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
+

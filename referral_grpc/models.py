@@ -1,0 +1,143 @@
+"""Peewee models: the tables of the service, bound late to the database through `database`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import peewee as pw
+
+# Bound by referral_grpc.db.init_database(); models never know which database they live in.
+database = pw.DatabaseProxy()
+
+
+class UTCDateTimeField(pw.Field):  # type: ignore[misc]
+    """A timezone-aware UTC timestamp: TIMESTAMPTZ on PostgreSQL, sortable ISO-8601 text on SQLite."""
+
+    field_type = "TIMESTAMPTZ"
+
+    def db_value(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored: pass a timezone-aware UTC datetime")
+        value = value.astimezone(UTC)
+        if isinstance(self.model._meta.database.obj, pw.SqliteDatabase):
+            # Fixed width, so text order is time order.
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+        return value
+
+    def python_value(self, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class BaseModel(pw.Model):  # type: ignore[misc]
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    id = pw.BigAutoField()
+    # The address as the user typed it, normalised by email-validator.
+    email = pw.CharField(max_length=254)
+    # Lower-cased `email`: the UNIQUE constraint on it makes emails unique case-insensitively.
+    email_key = pw.CharField(max_length=254, unique=True)
+    password_hash = pw.CharField(max_length=128)
+    # Bumped on every password change or reset; access tokens carry it, so older ones stop working.
+    token_version = pw.IntegerField(default=0)
+    referrer = pw.ForeignKeyField("self", null=True, on_delete="SET NULL", backref="referrals", index=False)
+    created_at = UTCDateTimeField()
+    # Hunter's verdict on the address ("unchecked" when verification is off).
+    email_status = pw.CharField(max_length=20, default="unchecked")
+    email_checked_at = UTCDateTimeField(null=True)
+    # Set when Hunter could not answer at signup: the address is checked again later.
+    email_recheck = pw.BooleanField(default=False)
+
+    class Meta:
+        table_name = "users"
+        indexes = (
+            # Keyset pagination of ListReferrals: newest first, constant cost per page.
+            (("referrer", "created_at", "id"), False),
+        )
+
+
+class ReferralCode(BaseModel):
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="codes", index=False)
+    # Stored upper-case; input is upper-cased before comparison.
+    code = pw.CharField(max_length=16, unique=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    is_active = pw.BooleanField(default=True)
+    deactivated_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "referral_codes"
+
+
+# "At most one active code per user" is the database's job: a partial unique index holds
+# under concurrency where check-then-insert does not. Both PostgreSQL and SQLite support it.
+ReferralCode.add_index(
+    ReferralCode.index(ReferralCode.user, unique=True, name="referral_codes_one_active_per_user").where(
+        ReferralCode.is_active == True  # noqa: E712
+    )
+)
+ReferralCode.add_index(ReferralCode.index(ReferralCode.user, ReferralCode.created_at))
+
+
+class PasswordResetToken(BaseModel):
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="reset_tokens")
+    # SHA-256 of the token: the token itself is only ever in the email.
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "password_reset_tokens"
+
+
+class RefreshToken(BaseModel):
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="refresh_tokens")
+    # Every rotation stays in its family; reuse of a rotated token revokes the family.
+    family = pw.CharField(max_length=32, index=True)
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    rotated_at = UTCDateTimeField(null=True)
+    revoked_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "refresh_tokens"
+
+
+class EmailOutbox(BaseModel):
+    """Emails to send, written in the same transaction as the change that causes them."""
+
+    id = pw.BigAutoField()
+    kind = pw.CharField(max_length=32)
+    recipient = pw.CharField(max_length=254)
+    # JSON template context. Secrets in it (a reset token) are scrubbed once the email is sent.
+    payload = pw.TextField()
+    status = pw.CharField(max_length=16, default="pending")
+    attempts = pw.IntegerField(default=0)
+    created_at = UTCDateTimeField()
+    enqueued_at = UTCDateTimeField(null=True)
+    sent_at = UTCDateTimeField(null=True)
+    last_error = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "email_outbox"
+        indexes = ((("status", "created_at"), False),)
+
+
+ALL_MODELS: tuple[type[BaseModel], ...] = (User, ReferralCode, PasswordResetToken, RefreshToken, EmailOutbox)
