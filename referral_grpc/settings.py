@@ -122,6 +122,7 @@ class Settings:
     public_base_url: str = ""
 
     redis_url: str = ""
+    redis_key_prefix: str = "referral:"
     cache_ttl_seconds: int = 300
     redis_socket_timeout: float = 0.1
 
@@ -234,6 +235,7 @@ class Settings:
             reset_token_ttl=_int(env, "RESET_TOKEN_TTL", 1800, minimum=60, maximum=86_400),
             public_base_url=_str(env, "PUBLIC_BASE_URL").rstrip("/"),
             redis_url=_str(env, "REDIS_URL"),
+            redis_key_prefix=_str(env, "REDIS_KEY_PREFIX", "referral:") or "referral:",
             cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", 300, minimum=1, maximum=86_400),
             redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 0.1, minimum=0.005, maximum=10.0),
             huey_sqlite_path=_str(env, "HUEY_SQLITE_PATH") or DEFAULT_HUEY_SQLITE_PATH,
