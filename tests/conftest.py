@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -104,3 +106,19 @@ def make_settings(**overrides: object) -> Settings:
         **{key.upper(): str(value) for key, value in overrides.items()},
     }
     return Settings.from_env(env)
+
+
+class FakeClock:
+    """A clock tests move by hand instead of sleeping."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, **delta: float) -> None:
+        with self._lock:
+            self._now += timedelta(**delta)
