@@ -128,6 +128,14 @@ class Settings:
 
     huey_sqlite_path: str = DEFAULT_HUEY_SQLITE_PATH
     outbox_relay_interval: float = 2.0
+    # A queued delivery owns its outbox row this long; after it the relay enqueues the row again.
+    outbox_lease: float = 300.0
+    email_max_attempts: int = 10
+    # Retry n waits email_retry_base * 2**(n-1) seconds, capped at email_retry_max_delay.
+    email_retry_base: float = 4.0
+    email_retry_max_delay: float = 3600.0
+    worker_threads: int = 2
+    hunter_recheck_interval: float = 600.0
 
     smtp_host: str = ""
     smtp_port: int = 25
@@ -240,6 +248,16 @@ class Settings:
             redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 0.1, minimum=0.005, maximum=10.0),
             huey_sqlite_path=_str(env, "HUEY_SQLITE_PATH") or DEFAULT_HUEY_SQLITE_PATH,
             outbox_relay_interval=_float(env, "OUTBOX_RELAY_INTERVAL", 2.0, minimum=0.05, maximum=3600.0),
+            outbox_lease=_float(env, "OUTBOX_LEASE", 300.0, minimum=1.0, maximum=86_400.0),
+            email_max_attempts=_int(env, "EMAIL_MAX_ATTEMPTS", 10, minimum=1, maximum=100),
+            email_retry_base=_float(env, "EMAIL_RETRY_BASE", 4.0, minimum=0.01, maximum=3600.0),
+            email_retry_max_delay=_float(
+                env, "EMAIL_RETRY_MAX_DELAY", 3600.0, minimum=0.01, maximum=86_400.0
+            ),
+            worker_threads=_int(env, "WORKER_THREADS", 2, minimum=1, maximum=64),
+            hunter_recheck_interval=_float(
+                env, "HUNTER_RECHECK_INTERVAL", 600.0, minimum=1.0, maximum=86_400.0
+            ),
             smtp_host=_str(env, "SMTP_HOST"),
             smtp_port=_int(env, "SMTP_PORT", default_smtp_port, minimum=1, maximum=65535),
             smtp_user=_str(env, "SMTP_USER"),
