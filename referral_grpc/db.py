@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import peewee as pw
@@ -46,7 +47,6 @@ def make_database(settings: Settings) -> pw.Database:
             stale_timeout=300,
             connect_timeout=2,
             options=options,
-            autorollback=True,
         )
     raise ConfigError("DATABASE_URL must start with sqlite:///, postgresql:// or postgres://")
 
@@ -60,3 +60,14 @@ def init_database(settings: Settings) -> pw.Database:
 
 def is_postgres(db: pw.Database) -> bool:
     return isinstance(db, pw.PostgresqlDatabase)
+
+
+def write_transaction(db: pw.Database) -> Any:
+    """A transaction that will write.
+
+    On SQLite it takes the write lock up front (BEGIN IMMEDIATE): a deferred transaction that
+    reads first and writes later can fail with SQLITE_BUSY instead of waiting its turn.
+    """
+    if isinstance(db, pw.SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()

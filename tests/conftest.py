@@ -112,7 +112,7 @@ class FakeClock:
     """A clock tests move by hand instead of sleeping."""
 
     def __init__(self, start: datetime | None = None) -> None:
-        self._now = start or datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+        self._now = start or datetime.now(UTC).replace(microsecond=0)
         self._lock = threading.Lock()
 
     def now(self) -> datetime:

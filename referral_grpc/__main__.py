@@ -1,0 +1,65 @@
+"""Command line: serve, worker, migrate, run (the whole stack), validate-gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import ConfigError, Settings
+
+log = logging.getLogger("referral_grpc")
+
+
+def _configure_logging(settings: Settings) -> None:
+    from .logging_setup import configure_logging
+
+    configure_logging(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="referral-grpc", description=__doc__)
+    parser.add_argument(
+        "command",
+        choices=("serve", "worker", "migrate", "run", "validate-gateway"),
+        help="serve: the gRPC server; worker: the email queue consumer; migrate: apply migrations; "
+        "run: migrations + server + worker + Envoy in the foreground; validate-gateway: check Envoy configs",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        # The message names the setting, never its value.
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings)
+
+    if args.command == "migrate":
+        from .db import init_database
+        from .migrate import run_migrations
+
+        settings.ensure_local_dirs()
+        applied = run_migrations(init_database(settings))
+        log.info("migrations applied: %s", ", ".join(applied) or "none pending")
+        return 0
+    if args.command == "serve":
+        from .app import build_app
+        from .server import serve
+
+        return serve(build_app(settings))
+    if args.command == "worker":
+        from .tasks import run_worker
+
+        run_worker(settings)
+        return 0
+    if args.command == "run":
+        from .stack import main as run_stack
+
+        return run_stack(settings)
+    from .stack import validate_gateway
+
+    return validate_gateway(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Conversions between protobuf messages and domain values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+
+from ..domain.auth import IssuedTokens
+from ..domain.errors import InvalidArgument
+from ..gen import auth_service_pb2
+
+# google.protobuf.Timestamp's own range: 0001-01-01 to 9999-12-31.
+_MIN_SECONDS = -62135596800
+_MAX_SECONDS = 253402300799
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def to_datetime(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument.for_field(field, "is not a valid timestamp", "TIMESTAMP_INVALID")
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def auth_tokens(tokens: IssuedTokens) -> auth_service_pb2.AuthTokens:
+    return auth_service_pb2.AuthTokens(
+        user_id=tokens.user_id,
+        access_token=tokens.access_token,
+        token_type="Bearer",
+        expires_in=tokens.expires_in,
+        refresh_token=tokens.refresh_token,
+        refresh_expires_in=tokens.refresh_expires_in,
+    )

@@ -1,0 +1,74 @@
+"""The one table from domain errors to gRPC status codes and google.rpc.Status details."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..domain import errors
+
+ERROR_DOMAIN = "referral.v1"
+
+CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def code_for(error: errors.DomainError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: errors.DomainError) -> grpc.Status:
+    """google.rpc.Status with ErrorInfo, plus BadRequest or RetryInfo where they apply."""
+    code = code_for(error)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    details = [info]
+    if isinstance(error, errors.InvalidArgument) and error.field_violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.field_violations
+                ]
+            )
+        )
+    if isinstance(error, errors.ResourceExhausted):
+        seconds = max(0.0, error.retry_after)
+        details.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=int(seconds), nanos=int((seconds - int(seconds)) * 1e9)
+                )
+            )
+        )
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+    return rpc_status.to_status(status)
+
+
+def internal_status(message: str = "internal error") -> grpc.Status:
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message=message))
+
+
+def abort(context: grpc.ServicerContext, error: errors.DomainError) -> NoReturn:
+    context.abort_with_status(to_status(error))
+    raise AssertionError("abort_with_status returns only by raising")

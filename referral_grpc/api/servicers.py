@@ -1,0 +1,96 @@
+"""Thin servicers: convert the request, call the domain, convert the result."""
+
+from __future__ import annotations
+
+import grpc
+
+from ..domain.auth import AuthService
+from ..domain.referrals import ReferralService
+from ..gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
+from . import convert
+from .interceptors import current_principal
+
+pb_auth = auth_service_pb2
+pb_ref = referral_service_pb2
+
+
+class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    def __init__(self, auth: AuthService) -> None:
+        self._auth = auth
+
+    def Register(self, request: pb_auth.RegisterRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
+        return convert.auth_tokens(self._auth.register(request.email, request.password, request.referral_code))
+
+    def Login(self, request: pb_auth.LoginRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
+        return convert.auth_tokens(self._auth.login(request.email, request.password))
+
+    def RefreshToken(
+        self, request: pb_auth.RefreshTokenRequest, context: grpc.ServicerContext
+    ) -> pb_auth.AuthTokens:
+        return convert.auth_tokens(self._auth.refresh(request.refresh_token))
+
+    def Logout(self, request: pb_auth.LogoutRequest, context: grpc.ServicerContext) -> pb_auth.LogoutResponse:
+        self._auth.logout(current_principal(), request.refresh_token)
+        return pb_auth.LogoutResponse()
+
+    def RequestPasswordReset(
+        self, request: pb_auth.RequestPasswordResetRequest, context: grpc.ServicerContext
+    ) -> pb_auth.RequestPasswordResetResponse:
+        self._auth.request_password_reset(request.email)
+        return pb_auth.RequestPasswordResetResponse()
+
+    def ResetPassword(
+        self, request: pb_auth.ResetPasswordRequest, context: grpc.ServicerContext
+    ) -> pb_auth.ResetPasswordResponse:
+        self._auth.reset_password(request.token, request.new_password)
+        return pb_auth.ResetPasswordResponse()
+
+    def ChangePassword(
+        self, request: pb_auth.ChangePasswordRequest, context: grpc.ServicerContext
+    ) -> pb_auth.AuthTokens:
+        tokens = self._auth.change_password(current_principal(), request.current_password, request.new_password)
+        return convert.auth_tokens(tokens)
+
+
+class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):  # type: ignore[misc]
+    def __init__(self, referrals: ReferralService) -> None:
+        self._referrals = referrals
+
+    def CreateReferralCode(
+        self, request: pb_ref.CreateReferralCodeRequest, context: grpc.ServicerContext
+    ) -> pb_ref.ReferralCode:
+        expires_at = (
+            convert.to_datetime(request.expires_at, "expires_at") if request.HasField("expires_at") else None
+        )
+        code = self._referrals.create_code(current_principal().user_id, expires_at)
+        return pb_ref.ReferralCode(
+            code=code.code,
+            expires_at=convert.timestamp(code.expires_at),
+            created_at=convert.timestamp(code.created_at),
+        )
+
+    def DeleteReferralCode(
+        self, request: pb_ref.DeleteReferralCodeRequest, context: grpc.ServicerContext
+    ) -> pb_ref.DeleteReferralCodeResponse:
+        self._referrals.delete_code(current_principal().user_id)
+        return pb_ref.DeleteReferralCodeResponse()
+
+    def GetReferralCodeByEmail(
+        self, request: pb_ref.GetReferralCodeByEmailRequest, context: grpc.ServicerContext
+    ) -> pb_ref.GetReferralCodeByEmailResponse:
+        code = self._referrals.get_code_by_email(request.email)
+        return pb_ref.GetReferralCodeByEmailResponse(code=code.code, expires_at=convert.timestamp(code.expires_at))
+
+    def ListReferrals(
+        self, request: pb_ref.ListReferralsRequest, context: grpc.ServicerContext
+    ) -> pb_ref.ListReferralsResponse:
+        page = self._referrals.list_referrals(current_principal().user_id, request.page_size, request.page_token)
+        return pb_ref.ListReferralsResponse(
+            referrals=[
+                pb_ref.Referral(
+                    user_id=r.user_id, email=r.email, registered_at=convert.timestamp(r.registered_at)
+                )
+                for r in page.referrals
+            ],
+            next_page_token=page.next_page_token,
+        )

@@ -1,0 +1,80 @@
+"""Composition root: builds the database, cache, queue, clock, verifier and the domain services."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import peewee as pw
+
+from .db import init_database
+from .domain.auth import AuthService
+from .domain.passwords import PasswordHasher
+from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
+from .domain.referrals import ReferralService
+from .domain.tokens import AccessTokens, PageTokens
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: pw.Database
+    clock: Clock
+    cache: CodeCache
+    verifier: EmailVerifier
+    dispatcher: EmailDispatcher
+    auth: AuthService
+    referrals: ReferralService
+
+    def release_connection(self) -> None:
+        """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
+        if not isinstance(self.db, pw.SqliteDatabase) and not self.db.is_closed():
+            self.db.close()
+
+
+def build_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    cache: CodeCache | None = None,
+    verifier: EmailVerifier | None = None,
+    dispatcher: EmailDispatcher | None = None,
+) -> App:
+    """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
+    from .cache import make_code_cache
+    from .hunter import make_email_verifier
+    from .outbox import make_dispatcher
+
+    settings.ensure_local_dirs()
+    if settings.jwt_secret_generated:
+        log.warning("JWT_SECRET is not set: using a random per-process key (development only)")
+    db = init_database(settings)
+    clock = clock or SystemClock()
+    cache = cache if cache is not None else make_code_cache(settings)
+    verifier = verifier if verifier is not None else make_email_verifier(settings)
+    dispatcher = dispatcher if dispatcher is not None else make_dispatcher(settings, clock)
+    hasher = PasswordHasher(settings.bcrypt_rounds, settings.password_pepper, settings.hash_concurrency)
+    access = AccessTokens(
+        settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.access_token_ttl, clock
+    )
+    auth = AuthService(
+        db=db,
+        clock=clock,
+        hasher=hasher,
+        access_tokens=access,
+        refresh_token_ttl=settings.refresh_token_ttl,
+        reset_token_ttl=settings.reset_token_ttl,
+        verifier=verifier,
+        dispatcher=dispatcher,
+    )
+    referrals = ReferralService(
+        db=db,
+        clock=clock,
+        cache=cache,
+        page_tokens=PageTokens(settings.jwt_secret),
+        max_horizon_days=settings.code_max_horizon_days,
+    )
+    return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals)

@@ -1,0 +1,322 @@
+"""Accounts: registration, login, refresh tokens, password change and two-step reset."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import peewee as pw
+
+from ..db import is_postgres, write_transaction
+from ..models import PasswordResetToken, ReferralCode, RefreshToken, User
+from ..outbox import queue_email
+from .codes import normalize_code
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from .passwords import PasswordHasher
+from .ports import Clock, EmailDispatcher, EmailVerifier
+from .tokens import AccessTokens, invalid_token, random_token, token_digest
+from .validation import (
+    MAX_PASSWORD_LENGTH,
+    MAX_TOKEN_LENGTH,
+    check_length,
+    check_password,
+    normalize_email,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+INVALID_CREDENTIALS = "invalid email or password"
+INVALID_REFRESH = "invalid or expired refresh token"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of an RPC."""
+
+    user_id: int
+
+
+@dataclass(frozen=True)
+class IssuedTokens:
+    user_id: int
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    refresh_expires_in: int
+
+
+def mask_email(email: str) -> str:
+    """a***@example.com: enough for a referrer to recognise a friend, not to harvest addresses."""
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+class AuthService:
+    def __init__(
+        self,
+        db: pw.Database,
+        clock: Clock,
+        hasher: PasswordHasher,
+        access_tokens: AccessTokens,
+        refresh_token_ttl: int,
+        reset_token_ttl: int,
+        verifier: EmailVerifier,
+        dispatcher: EmailDispatcher,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._hasher = hasher
+        self._access = access_tokens
+        self._refresh_ttl = refresh_token_ttl
+        self._reset_ttl = reset_token_ttl
+        self._verifier = verifier
+        self._dispatcher = dispatcher
+
+    # --- sign-in -------------------------------------------------------------------------
+
+    def register(self, email: str, password: str, referral_code: str = "") -> IssuedTokens:
+        email, email_key = normalize_email(email)
+        check_password(password, "password")
+        code = normalize_code(referral_code) if referral_code.strip() else None
+        now = self._clock.now()
+        if User.select().where(User.email_key == email_key).exists():
+            raise AlreadyExists("EMAIL_TAKEN", "an account with this email already exists")
+        if code is not None:
+            self._usable_code(code, now)  # fail fast, before paying for Hunter and bcrypt
+
+        verification = self._verifier.verify(email)
+        if not verification.accepted:
+            raise InvalidArgument.for_field(
+                "email", "this address cannot receive email", "EMAIL_UNDELIVERABLE"
+            )
+        password_hash = self._hasher.hash(password)
+
+        outbox_ids: list[int] = []
+        try:
+            with write_transaction(self._db):
+                referrer_id: int | None = None
+                if code is not None:
+                    # Re-checked under a share lock: a concurrent delete or rotation waits for us.
+                    referrer_id = self._usable_code(code, now, lock=True).user_id
+                user = User.create(
+                    email=email,
+                    email_key=email_key,
+                    password_hash=password_hash,
+                    referrer=referrer_id,
+                    created_at=now,
+                    email_status=verification.status,
+                    email_checked_at=now if verification.checked else None,
+                    email_recheck=not verification.checked and verification.status != "unchecked",
+                )
+                outbox_ids.append(queue_email("welcome", email, {}, now))
+                if referrer_id is not None:
+                    referrer = User.get_by_id(referrer_id)
+                    outbox_ids.append(
+                        queue_email(
+                            "referral_joined",
+                            referrer.email,
+                            {"referee_email_masked": mask_email(email)},
+                            now,
+                        )
+                    )
+                refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+        except pw.IntegrityError:
+            # The unique index on email_key decides between concurrent registrations.
+            raise AlreadyExists("EMAIL_TAKEN", "an account with this email already exists") from None
+        self._dispatcher.dispatch(outbox_ids)
+        return self._tokens(user, refresh)
+
+    def login(self, email: str, password: str) -> IssuedTokens:
+        _, email_key = normalize_email(email)
+        require(password, "password")
+        check_length(password, "password", MAX_PASSWORD_LENGTH)
+        user = User.get_or_none(User.email_key == email_key)
+        if user is None:
+            self._hasher.verify_dummy(password)
+            raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
+        if not self._hasher.verify(password, user.password_hash):
+            raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
+        now = self._clock.now()
+        with write_transaction(self._db):
+            refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+        return self._tokens(user, refresh)
+
+    def refresh(self, refresh_token: str) -> IssuedTokens:
+        require(refresh_token, "refresh_token")
+        check_length(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
+        now = self._clock.now()
+        digest = token_digest(refresh_token)
+        reused = False
+        with write_transaction(self._db):
+            row = RefreshToken.get_or_none(RefreshToken.token_hash == digest)
+            if row is None or row.revoked_at is not None or row.expires_at <= now:
+                raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+            # Conditional update: of two concurrent refreshes with one token, exactly one wins.
+            claimed = (
+                RefreshToken.update(rotated_at=now)
+                .where((RefreshToken.id == row.id) & RefreshToken.rotated_at.is_null())
+                .execute()
+            )
+            if claimed != 1:
+                # A rotated token came back: it was stolen or replayed. Revoke the whole family.
+                reused = True
+                RefreshToken.update(revoked_at=now).where(
+                    (RefreshToken.family == row.family) & RefreshToken.revoked_at.is_null()
+                ).execute()
+            else:
+                user = User.get_or_none(User.id == row.user_id)
+                if user is None:
+                    raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+                new_refresh = self._new_refresh_token(user.id, row.family, now)
+        if reused:
+            log.warning("refresh token reuse detected; token family revoked", extra={"user_id": row.user_id})
+            raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+        return self._tokens(user, new_refresh)
+
+    def logout(self, principal: Principal, refresh_token: str) -> None:
+        require(refresh_token, "refresh_token")
+        check_length(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
+        now = self._clock.now()
+        with write_transaction(self._db):
+            row = RefreshToken.get_or_none(
+                (RefreshToken.token_hash == token_digest(refresh_token))
+                & (RefreshToken.user == principal.user_id)
+            )
+            # Idempotent, and silent about tokens that are not the caller's.
+            if row is not None:
+                RefreshToken.update(revoked_at=now).where(
+                    (RefreshToken.family == row.family) & RefreshToken.revoked_at.is_null()
+                ).execute()
+
+    def authenticate(self, access_token: str) -> Principal:
+        """Check an access token, including that the user exists and the token predates no password change."""
+        claims = self._access.decode(access_token)
+        version = User.select(User.token_version).where(User.id == claims.user_id).scalar()
+        if version is None or version != claims.token_version:
+            raise invalid_token()
+        return Principal(user_id=claims.user_id)
+
+    # --- passwords -----------------------------------------------------------------------
+
+    def change_password(self, principal: Principal, current_password: str, new_password: str) -> IssuedTokens:
+        require(current_password, "current_password")
+        check_length(current_password, "current_password", MAX_PASSWORD_LENGTH)
+        check_password(new_password, "new_password")
+        user = User.get_or_none(User.id == principal.user_id)
+        if user is None:
+            raise invalid_token()
+        if not self._hasher.verify(current_password, user.password_hash):
+            raise InvalidArgument.for_field(
+                "current_password", "does not match the current password", "WRONG_PASSWORD"
+            )
+        new_hash = self._hasher.hash(new_password)
+        now = self._clock.now()
+        with write_transaction(self._db):
+            updated = (
+                User.update(password_hash=new_hash, token_version=User.token_version + 1)
+                # Guards against a concurrent change: only the version we checked may be replaced.
+                .where((User.id == user.id) & (User.token_version == user.token_version))
+                .execute()
+            )
+            if updated != 1:
+                raise FailedPrecondition("CONCURRENT_UPDATE", "the password was changed concurrently; retry")
+            self._revoke_sessions(user.id, now)
+            outbox_id = queue_email("password_changed", user.email, {}, now)
+            refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+        self._dispatcher.dispatch([outbox_id])
+        return self._tokens(User.get_by_id(user.id), refresh)
+
+    def request_password_reset(self, email: str) -> None:
+        """Queue a reset email when the address has an account; the caller cannot tell which happened."""
+        email, email_key = normalize_email(email)
+        now = self._clock.now()
+        user = User.get_or_none(User.email_key == email_key)
+        if user is None:
+            return
+        token = random_token()
+        with write_transaction(self._db):
+            PasswordResetToken.create(
+                user=user.id,
+                token_hash=token_digest(token),
+                created_at=now,
+                expires_at=now + timedelta(seconds=self._reset_ttl),
+            )
+            outbox_id = queue_email(
+                "password_reset",
+                user.email,
+                {"token": token, "expires_minutes": self._reset_ttl // 60},
+                now,
+            )
+        self._dispatcher.dispatch([outbox_id])
+
+    def reset_password(self, token: str, new_password: str) -> None:
+        require(token, "token")
+        check_length(token, "token", MAX_TOKEN_LENGTH)
+        check_password(new_password, "new_password")
+        invalid = InvalidArgument.for_field("token", "is invalid, expired or already used", "RESET_TOKEN_INVALID")
+        now = self._clock.now()
+        row = PasswordResetToken.get_or_none(PasswordResetToken.token_hash == token_digest(token))
+        if row is None or row.used_at is not None or row.expires_at <= now:
+            raise invalid
+        new_hash = self._hasher.hash(new_password)
+        with write_transaction(self._db):
+            # Single use even under concurrency: only one confirm can flip used_at.
+            consumed = (
+                PasswordResetToken.update(used_at=now)
+                .where((PasswordResetToken.id == row.id) & PasswordResetToken.used_at.is_null())
+                .execute()
+            )
+            if consumed != 1:
+                raise invalid
+            # Any other outstanding reset link dies with this one.
+            PasswordResetToken.update(used_at=now).where(
+                (PasswordResetToken.user == row.user_id) & PasswordResetToken.used_at.is_null()
+            ).execute()
+            User.update(password_hash=new_hash, token_version=User.token_version + 1).where(
+                User.id == row.user_id
+            ).execute()
+            self._revoke_sessions(row.user_id, now)
+            user = User.get_by_id(row.user_id)
+            outbox_id = queue_email("password_changed", user.email, {}, now)
+        self._dispatcher.dispatch([outbox_id])
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _usable_code(self, code: str, now: datetime, lock: bool = False) -> ReferralCode:
+        query = ReferralCode.select().where(ReferralCode.code == code)
+        if lock and is_postgres(self._db):
+            query = query.for_update("FOR SHARE")
+        row = query.first()
+        if row is None:
+            raise InvalidArgument.for_field("referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN")
+        if not row.is_active or row.expires_at <= now:
+            raise FailedPrecondition("REFERRAL_CODE_EXPIRED", "this referral code has expired or was withdrawn")
+        return row
+
+    def _new_refresh_token(self, user_id: int, family: str, now: datetime) -> str:
+        token = random_token()
+        RefreshToken.create(
+            user=user_id,
+            family=family,
+            token_hash=token_digest(token),
+            created_at=now,
+            expires_at=now + timedelta(seconds=self._refresh_ttl),
+        )
+        return token
+
+    def _revoke_sessions(self, user_id: int, now: datetime) -> None:
+        RefreshToken.update(revoked_at=now).where(
+            (RefreshToken.user == user_id) & RefreshToken.revoked_at.is_null()
+        ).execute()
+
+    def _tokens(self, user: User, refresh_token: str) -> IssuedTokens:
+        return IssuedTokens(
+            user_id=user.id,
+            access_token=self._access.issue(user.id, user.token_version),
+            expires_in=self._access.ttl_seconds,
+            refresh_token=refresh_token,
+            refresh_expires_in=self._refresh_ttl,
+        )

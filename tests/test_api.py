@@ -1,0 +1,484 @@
+"""The gRPC API end to end on a real server and channel, on PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+
+import grpc
+import jwt
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.models import PasswordResetToken, ReferralCode, RefreshToken, User
+
+from conftest import TEST_JWT_SECRET, FakeClock, make_settings
+from grpc_helpers import Api, bearer, expect_error, in_days, running_api, ts
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api(database_url: str, clock: FakeClock) -> Iterator[Api]:
+    with running_api(make_settings(database_url=database_url), clock=clock) as api:
+        yield api
+
+
+def login(api: Api, email: str, password: str = PASSWORD) -> auth_pb.AuthTokens:
+    return api.auth.Login(auth_pb.LoginRequest(email=email, password=password))
+
+
+def create_code(api: Api, token: str, clock: FakeClock, days: float = 30) -> ref_pb.ReferralCode:
+    request = ref_pb.CreateReferralCodeRequest(expires_at=in_days(clock, days))
+    return api.referrals.CreateReferralCode(request, metadata=bearer(token))
+
+
+def lookup(api: Api, email: str) -> ref_pb.GetReferralCodeByEmailResponse:
+    return api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email=email))
+
+
+# --- registration and login ------------------------------------------------------------------
+
+
+def test_register_returns_tokens_and_stores_a_bcrypt_hash(api: Api) -> None:
+    tokens = api.register("Alice@Example.COM")
+    assert tokens.user_id > 0
+    assert tokens.token_type == "Bearer"
+    assert tokens.expires_in == 900
+    assert tokens.refresh_token and tokens.refresh_expires_in == 30 * 86400
+    claims = jwt.decode(tokens.access_token, TEST_JWT_SECRET, algorithms=["HS256"], audience="referral-api")
+    assert claims["sub"] == str(tokens.user_id)
+    assert claims["iss"] == "referral-grpc"
+    assert claims["exp"] - claims["iat"] == 900
+    user = User.get_by_id(tokens.user_id)
+    # email-validator lower-cases the domain; the key used for uniqueness is all lower case.
+    assert user.email == "Alice@example.com"
+    assert user.email_key == "alice@example.com"
+    assert user.password_hash.startswith("$2b$04$")
+    assert PASSWORD not in user.password_hash
+    welcome = api.outbox("welcome")
+    assert [row.recipient for row in welcome] == ["Alice@example.com"]
+
+
+def test_email_is_unique_case_insensitively(api: Api) -> None:
+    api.register("bob@example.com")
+    err = expect_error(api.register, "BOB@Example.com")
+    assert err.code == grpc.StatusCode.ALREADY_EXISTS
+    assert err.reason == "EMAIL_TAKEN"
+    assert User.select().count() == 1
+
+
+def test_login_accepts_any_case_and_hides_which_part_was_wrong(api: Api) -> None:
+    registered = api.register("carol@example.com")
+    assert login(api, "CAROL@example.com").user_id == registered.user_id
+    wrong_password = expect_error(login, api, "carol@example.com", "not the password")
+    unknown_email = expect_error(login, api, "nobody@example.com", PASSWORD)
+    for err in (wrong_password, unknown_email):
+        assert err.code == grpc.StatusCode.UNAUTHENTICATED
+        assert err.reason == "INVALID_CREDENTIALS"
+    assert wrong_password.message == unknown_email.message
+
+
+@pytest.mark.parametrize(
+    ("email", "password", "field"),
+    [
+        ("not-an-email", PASSWORD, "email"),
+        ("", PASSWORD, "email"),
+        ("a\x00b@example.com", PASSWORD, "email"),
+        ("x" * 250 + "@example.com", PASSWORD, "email"),
+        ("dave@example.com", "short", "password"),
+        ("dave@example.com", "p" * 129, "password"),
+    ],
+)
+def test_register_rejects_bad_input_with_field_violations(api: Api, email: str, password: str, field: str) -> None:
+    err = expect_error(api.register, email, password)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.fields
+    assert err.reason
+    assert User.select().count() == 0
+
+
+def test_long_passwords_are_not_truncated_at_72_bytes(api: Api) -> None:
+    long_password = "é" * 40 + "A"  # 81 bytes in UTF-8
+    api.register("erin@example.com", long_password)
+    assert login(api, "erin@example.com", long_password).user_id
+    # Same first 72 bytes, different tail: bcrypt alone would accept it.
+    err = expect_error(login, api, "erin@example.com", "é" * 40 + "B")
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unicode_passphrases_are_accepted(api: Api) -> None:
+    passphrase = "пароль из нескольких слов 🔑 and more"
+    api.register("frank@example.com", passphrase)
+    assert login(api, "frank@example.com", passphrase).access_token
+
+
+# --- access tokens ---------------------------------------------------------------------------
+
+
+def _forge(claims: dict[str, object], key: str = TEST_JWT_SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=alg)
+
+
+def test_bad_access_tokens_are_unauthenticated(api: Api, clock: FakeClock) -> None:
+    tokens = api.register("gina@example.com")
+    good = jwt.decode(tokens.access_token, options={"verify_signature": False})
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps(good).encode()).rstrip(b"=")
+    bad_tokens = {
+        "missing": None,
+        "malformed": "not.a.jwt",
+        "forged": _forge(good, key="another-key-that-is-long-enough-32b!"),
+        "alg none": (header + b"." + body + b".").decode(),
+        "wrong audience": _forge({**good, "aud": "someone-else"}),
+        "wrong issuer": _forge({**good, "iss": "someone-else"}),
+        "no exp": _forge({k: v for k, v in good.items() if k != "exp"}),
+        "no sub": _forge({k: v for k, v in good.items() if k != "sub"}),
+        "future nbf": _forge({**good, "nbf": good["iat"] + 3600}),
+        "not an access token": _forge({**good, "typ": "refresh"}),
+        "refresh token as bearer": tokens.refresh_token,
+    }
+    request = ref_pb.ListReferralsRequest()
+    for name, token in bad_tokens.items():
+        metadata = bearer(token) if token else ()
+        err = expect_error(api.referrals.ListReferrals, request, metadata=metadata)
+        assert err.code == grpc.StatusCode.UNAUTHENTICATED, name
+        assert err.message == "missing or invalid access token", name
+    assert api.referrals.ListReferrals(request, metadata=bearer(tokens.access_token)).referrals == []
+    clock.advance(minutes=15, seconds=1)
+    err = expect_error(api.referrals.ListReferrals, request, metadata=bearer(tokens.access_token))
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_token_of_a_deleted_user_is_rejected(api: Api) -> None:
+    tokens = api.register("hank@example.com")
+    User.delete().where(User.id == tokens.user_id).execute()
+    err = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- password change and reset ---------------------------------------------------------------
+
+
+def test_change_password_requires_the_current_one_and_revokes_old_tokens(api: Api) -> None:
+    tokens = api.register("ivy@example.com")
+    change = api.auth.ChangePassword
+    wrong = expect_error(
+        change,
+        auth_pb.ChangePasswordRequest(current_password="wrong password", new_password="a new passphrase"),
+        metadata=bearer(tokens.access_token),
+    )
+    assert wrong.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "current_password" in wrong.fields
+    unauthenticated = expect_error(
+        change, auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a new passphrase")
+    )
+    assert unauthenticated.code == grpc.StatusCode.UNAUTHENTICATED
+
+    fresh = change(
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a new passphrase"),
+        metadata=bearer(tokens.access_token),
+    )
+    assert fresh.access_token != tokens.access_token
+    old = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    assert old.code == grpc.StatusCode.UNAUTHENTICATED
+    api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(fresh.access_token))
+    assert expect_error(login, api, "ivy@example.com", PASSWORD).code == grpc.StatusCode.UNAUTHENTICATED
+    assert login(api, "ivy@example.com", "a new passphrase").user_id == tokens.user_id
+    # The refresh token issued before the change is revoked too.
+    refresh = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token))
+    assert refresh.code == grpc.StatusCode.UNAUTHENTICATED
+    assert [row.recipient for row in api.outbox("password_changed")] == ["ivy@example.com"]
+
+
+def test_password_reset_is_two_steps_single_use_and_private(api: Api, clock: FakeClock) -> None:
+    tokens = api.register("jack@example.com")
+    unknown = api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="nobody@example.com"))
+    known = api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="JACK@example.com"))
+    assert unknown == known == auth_pb.RequestPasswordResetResponse()
+    assert [row.recipient for row in api.outbox("password_reset")] == ["jack@example.com"]
+    token = api.reset_token_for("jack@example.com")
+    # Only the hash is stored.
+    assert PasswordResetToken.select().where(PasswordResetToken.token_hash == token).count() == 0
+    # Asking for a reset changes nothing until it is confirmed.
+    assert login(api, "jack@example.com").user_id == tokens.user_id
+
+    api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password="brand new secret"))
+    assert login(api, "jack@example.com", "brand new secret").user_id == tokens.user_id
+    assert expect_error(login, api, "jack@example.com").code == grpc.StatusCode.UNAUTHENTICATED
+    reused = expect_error(
+        api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=token, new_password="another secret!")
+    )
+    assert reused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token" in reused.fields
+    old = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    assert old.code == grpc.StatusCode.UNAUTHENTICATED
+
+    api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="jack@example.com"))
+    late = api.reset_token_for("jack@example.com")
+    clock.advance(minutes=30, seconds=1)
+    expired = expect_error(
+        api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=late, new_password="too late anyway")
+    )
+    assert expired.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert login(api, "jack@example.com", "brand new secret").user_id == tokens.user_id
+
+
+def test_reset_with_a_bad_new_password_keeps_the_token(api: Api) -> None:
+    api.register("kate@example.com")
+    api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="kate@example.com"))
+    token = api.reset_token_for("kate@example.com")
+    err = expect_error(api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=token, new_password="short"))
+    assert "new_password" in err.fields
+    api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password="long enough now"))
+
+
+# --- refresh tokens --------------------------------------------------------------------------
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
+    first = api.register("liam@example.com")
+    second = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token))
+    assert second.refresh_token != first.refresh_token
+    assert second.user_id == first.user_id
+    reuse = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token))
+    assert reuse.code == grpc.StatusCode.UNAUTHENTICATED
+    # The thief's replay killed the legitimate holder's newer token too.
+    after = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=second.refresh_token))
+    assert after.code == grpc.StatusCode.UNAUTHENTICATED
+    assert RefreshToken.select().where(RefreshToken.revoked_at.is_null()).count() == 0
+
+
+def test_logout_revokes_the_refresh_token(api: Api) -> None:
+    tokens = api.register("mia@example.com")
+    api.auth.Logout(auth_pb.LogoutRequest(refresh_token=tokens.refresh_token), metadata=bearer(tokens.access_token))
+    err = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token))
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- referral codes --------------------------------------------------------------------------
+
+
+def test_create_rotate_lookup_and_delete_a_code(api: Api, clock: FakeClock) -> None:
+    owner = api.register("nina@example.com")
+    first = create_code(api, owner.access_token, clock)
+    assert len(first.code) == CODE_LENGTH and set(first.code) <= set(ALPHABET)
+    assert first.expires_at.ToDatetime() == (clock.now() + timedelta(days=30)).replace(tzinfo=None)
+    assert first.created_at.ToDatetime() == clock.now().replace(tzinfo=None)
+    assert lookup(api, "NINA@example.com").code == first.code
+
+    second = create_code(api, owner.access_token, clock, days=60)
+    assert second.code != first.code
+    assert lookup(api, "nina@example.com").code == second.code
+    rows = {row.code: row.is_active for row in ReferralCode.select()}
+    assert rows == {first.code: False, second.code: True}
+
+    api.referrals.DeleteReferralCode(ref_pb.DeleteReferralCodeRequest(), metadata=bearer(owner.access_token))
+    assert ReferralCode.select().where(ReferralCode.is_active == True).count() == 0  # noqa: E712
+    gone = expect_error(lookup, api, "nina@example.com")
+    assert gone.code == grpc.StatusCode.NOT_FOUND
+    again = expect_error(
+        api.referrals.DeleteReferralCode, ref_pb.DeleteReferralCodeRequest(), metadata=bearer(owner.access_token)
+    )
+    assert again.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_lookup_is_not_found_alike_for_unknown_missing_and_expired(api: Api, clock: FakeClock) -> None:
+    no_code = api.register("omar@example.com")
+    expiring = api.register("pia@example.com")
+    assert no_code.user_id
+    create_code(api, expiring.access_token, clock, days=1)
+    assert lookup(api, "pia@example.com").code
+    clock.advance(days=1)
+    errors = [expect_error(lookup, api, email) for email in ("nobody@example.com", "omar@example.com", "pia@example.com")]
+    assert {e.code for e in errors} == {grpc.StatusCode.NOT_FOUND}
+    assert len({e.message for e in errors}) == 1
+    assert len({e.reason for e in errors}) == 1
+    bad = expect_error(lookup, api, "not an email")
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "email" in bad.fields
+
+
+@pytest.mark.parametrize(
+    ("days", "reason"), [(-1, "EXPIRY_IN_PAST"), (0, "EXPIRY_IN_PAST"), (366, "EXPIRY_TOO_FAR")]
+)
+def test_code_expiry_must_be_in_the_future_within_the_horizon(
+    api: Api, clock: FakeClock, days: int, reason: str
+) -> None:
+    owner = api.register("quinn@example.com")
+    err = expect_error(create_code, api, owner.access_token, clock, days)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.reason == reason
+    assert "expires_at" in err.fields
+    assert ReferralCode.select().count() == 0
+
+
+def test_code_expiry_is_required_and_sane(api: Api, clock: FakeClock) -> None:
+    owner = api.register("rita@example.com")
+    missing = expect_error(
+        api.referrals.CreateReferralCode, ref_pb.CreateReferralCodeRequest(), metadata=bearer(owner.access_token)
+    )
+    assert missing.code == grpc.StatusCode.INVALID_ARGUMENT and "expires_at" in missing.fields
+    absurd = ref_pb.CreateReferralCodeRequest()
+    absurd.expires_at.seconds = 2**62
+    huge = expect_error(api.referrals.CreateReferralCode, absurd, metadata=bearer(owner.access_token))
+    assert huge.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_register_with_a_code_links_the_referrer(api: Api, clock: FakeClock) -> None:
+    owner = api.register("sam@example.com")
+    code = create_code(api, owner.access_token, clock).code
+    friend = api.register("tom@example.com", code=code.lower())
+    assert User.get_by_id(friend.user_id).referrer_id == owner.user_id
+    joined = api.outbox("referral_joined")
+    assert [row.recipient for row in joined] == ["sam@example.com"]
+    assert "tom@example.com" not in joined[0].payload  # masked
+
+
+def test_register_with_unknown_or_expired_code_creates_nobody(api: Api, clock: FakeClock) -> None:
+    owner = api.register("uma@example.com")
+    unknown = expect_error(api.register, "vic@example.com", PASSWORD, "ABCDEFGHJK")
+    assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT and "referral_code" in unknown.fields
+    malformed = expect_error(api.register, "vic@example.com", PASSWORD, "nope!")
+    assert malformed.code == grpc.StatusCode.INVALID_ARGUMENT and "referral_code" in malformed.fields
+    code = create_code(api, owner.access_token, clock, days=1).code
+    clock.advance(days=2)
+    expired = expect_error(api.register, "vic@example.com", PASSWORD, code)
+    assert expired.code == grpc.StatusCode.FAILED_PRECONDITION
+    owner = login(api, "uma@example.com")
+    fresh = create_code(api, owner.access_token, clock).code
+    api.referrals.DeleteReferralCode(ref_pb.DeleteReferralCodeRequest(), metadata=bearer(owner.access_token))
+    withdrawn = expect_error(api.register, "vic@example.com", PASSWORD, fresh)
+    assert withdrawn.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert User.select().count() == 1
+
+
+# --- listing referrals -----------------------------------------------------------------------
+
+
+def test_list_referrals_pages_newest_first_only_mine(api: Api, clock: FakeClock) -> None:
+    owner = api.register("walt@example.com")
+    other = api.register("xena@example.com")
+    code = create_code(api, owner.access_token, clock).code
+    other_code = create_code(api, other.access_token, clock).code
+    emails = []
+    for i in range(5):
+        clock.advance(seconds=1)
+        emails.append(f"friend{i}@example.com")
+        api.register(emails[-1], code=code)
+    api.register("stranger@example.com", code=other_code)
+
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(page_size=2, page_token=token), metadata=bearer(owner.access_token)
+        )
+        pages += 1
+        assert len(page.referrals) <= 2
+        seen += [r.email for r in page.referrals]
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3
+    assert seen == list(reversed(emails))
+    first = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(owner.access_token))
+    assert first.referrals[0].registered_at.ToDatetime() == clock.now().replace(tzinfo=None) - timedelta(seconds=0)
+
+
+def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
+    owner = api.register("yuri@example.com")
+    other = api.register("zoe@example.com")
+    code = create_code(api, owner.access_token, clock).code
+    for i in range(3):
+        clock.advance(seconds=1)
+        api.register(f"r{i}@example.com", code=code)
+    page = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(page_size=1), metadata=bearer(owner.access_token))
+    token = page.next_page_token
+    assert token
+    negative = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(page_size=-1), metadata=bearer(owner.access_token)
+    )
+    assert negative.code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in negative.fields
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    for bad in (tampered, "garbage", "x" * 600):
+        err = expect_error(
+            api.referrals.ListReferrals,
+            ref_pb.ListReferralsRequest(page_token=bad),
+            metadata=bearer(owner.access_token),
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.fields
+    # Someone else's cursor is not valid for me.
+    stolen = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(page_token=token), metadata=bearer(other.access_token)
+    )
+    assert stolen.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_page_size_is_clamped_to_100(api: Api, clock: FakeClock) -> None:
+    owner = api.register("abe@example.com")
+    now = clock.now()
+    User.insert_many(
+        [
+            {"email": f"bulk{i}@example.com", "email_key": f"bulk{i}@example.com", "password_hash": "x",
+             "referrer": owner.user_id, "created_at": now - timedelta(seconds=i)}
+            for i in range(120)
+        ]
+    ).execute()
+    page = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(page_size=1000), metadata=bearer(owner.access_token))
+    assert len(page.referrals) == 100
+    assert page.next_page_token
+    default = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(owner.access_token))
+    assert len(default.referrals) == 50
+    rest = api.referrals.ListReferrals(
+        ref_pb.ListReferralsRequest(page_size=100, page_token=page.next_page_token), metadata=bearer(owner.access_token)
+    )
+    assert len(rest.referrals) == 20 and rest.next_page_token == ""
+
+
+# --- health, reflection, errors --------------------------------------------------------------
+
+
+def test_health_and_reflection(api: Api) -> None:
+    health = health_pb2_grpc.HealthStub(api.channel)
+    for service in ("", "referral.v1.AuthService", "referral.v1.ReferralService"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    responses = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"referral.v1.AuthService", "referral.v1.ReferralService", "grpc.health.v1.Health"} <= names
+
+
+def test_errors_carry_error_info_with_domain(api: Api) -> None:
+    api.register("ben@example.com")
+    err = expect_error(api.register, "ben@example.com")
+    status = err.reason
+    assert status == "EMAIL_TAKEN"
+
+
+def test_request_id_is_echoed(api: Api) -> None:
+    _, call = api.auth.RequestPasswordReset.with_call(
+        auth_pb.RequestPasswordResetRequest(email="cy@example.com"), metadata=(("x-request-id", "req-123"),)
+    )
+    assert ("x-request-id", "req-123") in tuple(call.initial_metadata())
+
+
+def test_timestamps_are_utc(api: Api, clock: FakeClock) -> None:
+    owner = api.register("dan@example.com")
+    code = create_code(api, owner.access_token, clock, days=2)
+    row = ReferralCode.get(ReferralCode.code == code.code)
+    assert row.expires_at.utcoffset() == timedelta(0)
+    assert row.expires_at == clock.now() + timedelta(days=2)
+    assert ts(row.expires_at) == code.expires_at
