@@ -1,0 +1,351 @@
+"""Cache of active codes by email: Redis with generation-guarded fills, or a bounded in-process map."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from referral_grpc.breaker import CircuitBreaker
+from referral_grpc.domain.ports import CachedCode, CacheRead, CodeCache
+from referral_grpc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Redis key layout (every key has a TTL; `{prefix}` is REDIS_KEY_PREFIX, default "referral:"):
+#
+#   {prefix}code:{email_key}     "CODE|2026-05-01T12:00:00+00:00": the public code and its expiry, nothing
+#                                else. TTL = min(CACHE_TTL_SECONDS, time left until the code expires).
+#   {prefix}codegen:{email_key}  integer generation, INCRed by every invalidation (a missing key reads as
+#                                "0"). TTL = GENERATION_TTL_SECONDS, refreshed by every invalidation.
+#
+# `email_key` is the canonical (lower-cased) email. A fill is a compare-and-set: it writes the code key
+# only if the generation key still holds the value read before the database lookup, so a slow reader
+# cannot put back a code that an invalidation has already replaced.
+CODE_KEY = "{prefix}code:{email_key}"
+GENERATION_KEY = "{prefix}codegen:{email_key}"
+# Must outlast the slowest read-then-fill (a lookup's deadline, seconds): if a generation key expired in
+# between, the reader's token could match again ("0") and a stale fill would be accepted.
+GENERATION_TTL_SECONDS = 24 * 3600
+DEFAULT_MAX_ENTRIES = 10_000
+# Invalidations that could not reach Redis, replayed (per process) before the next operation that can.
+MAX_PENDING_INVALIDATIONS = 10_000
+
+_FILL_SCRIPT = """
+local current = redis.call('GET', KEYS[1]) or '0'
+if current ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+_UNAVAILABLE = CacheRead(value=None, generation=None)
+
+
+class InstrumentedCodeCache(CodeCache, Protocol):
+    """A CodeCache that also reports counters for metrics and can release its connections."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: hits, misses (incl. skipped reads), errors, bypassed (breaker open)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def entry_ttl_ms(value: CachedCode, now: datetime, ttl_seconds: int) -> int:
+    """Milliseconds an entry may live: the configured TTL cut to the code's remaining life (<= 0: skip)."""
+    left_ms = (value.expires_at - now) // timedelta(milliseconds=1)
+    return min(ttl_seconds * 1000, left_ms)
+
+
+def encode_entry(value: CachedCode) -> str:
+    return f"{value.code}|{value.expires_at.astimezone(UTC).isoformat()}"
+
+
+def decode_entry(raw: str) -> CachedCode | None:
+    """The cached code, or None for a value this version cannot read (then it is a miss and gets refilled)."""
+    code, _, expires = raw.rpartition("|")
+    try:
+        expires_at = datetime.fromisoformat(expires)
+    except ValueError:
+        return None
+    if not code or expires_at.tzinfo is None:
+        return None
+    return CachedCode(code=code, expires_at=expires_at)
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = {"hits": 0, "misses": 0, "errors": 0, "bypassed": 0}
+
+    def bump(self, name: str) -> None:
+        with self._lock:
+            self._values[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class RedisCodeCache:
+    """The shared cache for every server process, built with `from_settings`.
+
+    No method raises because of Redis: a failed or slow call (socket timeouts of
+    REDIS_SOCKET_TIMEOUT, no retries) counts as a miss or a skipped write, and after a few
+    failures the circuit breaker skips Redis entirely until a probe succeeds.
+
+    Freshness while Redis is unreachable: an invalidation that fails is remembered and replayed
+    before this process uses Redis again, so this process never reads an entry it failed to
+    invalidate. Other processes may still read such an entry until the replay or until its TTL
+    ends, whichever comes first: CACHE_TTL_SECONDS bounds how stale a code can be served after an
+    outage (and never past the code's own expiry). The same bound applies if the pending list
+    overflows (MAX_PENDING_INVALIDATIONS) or the process exits before Redis comes back.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        key_prefix: str,
+        ttl_seconds: int,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._ttl_seconds = ttl_seconds
+        self._breaker = breaker or CircuitBreaker()
+        self._fill_script = client.register_script(_FILL_SCRIPT)
+        self._counters = _Counters()
+        self._lock = threading.Lock()
+        # email_key -> sequence number of the failed invalidation; the number lets a replay
+        # forget only the failures it has covered, not one that happened while it ran.
+        self._pending: dict[str, int] = {}
+        self._sequence = itertools.count()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, breaker: CircuitBreaker | None = None) -> RedisCodeCache:
+        timeout = settings.redis_socket_timeout
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # redis-py 8 retries 10 times with backoff by default: seconds per call with Redis down.
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        return cls(
+            client,
+            key_prefix=settings.redis_key_prefix,
+            ttl_seconds=settings.cache_ttl_seconds,
+            breaker=breaker,
+        )
+
+    def code_key(self, email_key: str) -> str:
+        return CODE_KEY.format(prefix=self._prefix, email_key=email_key)
+
+    def generation_key(self, email_key: str) -> str:
+        return GENERATION_KEY.format(prefix=self._prefix, email_key=email_key)
+
+    def get(self, email_key: str, now: datetime) -> CacheRead:
+        if not self._admit(email_key):
+            self._counters.bump("misses")
+            return _UNAVAILABLE
+        try:
+            # One MGET reads the entry and the generation atomically.
+            raw, generation = self._client.mget([self.code_key(email_key), self.generation_key(email_key)])
+        except Exception as exc:
+            self._failed("get", exc)
+            self._counters.bump("misses")
+            return _UNAVAILABLE
+        self._breaker.record_success()
+        value = decode_entry(str(raw)) if raw is not None else None
+        if value is None or value.expires_at <= now:
+            self._counters.bump("misses")
+            return CacheRead(value=None, generation=str(generation or "0"))
+        self._counters.bump("hits")
+        return CacheRead(value=value, generation=str(generation or "0"))
+
+    def fill(self, email_key: str, generation: str | None, value: CachedCode, now: datetime) -> None:
+        ttl_ms = entry_ttl_ms(value, now, self._ttl_seconds)
+        if generation is None or ttl_ms <= 0 or not self._admit(email_key):
+            return
+        try:
+            self._fill_script(
+                keys=[self.generation_key(email_key), self.code_key(email_key)],
+                args=[generation, encode_entry(value), ttl_ms],
+            )
+        except Exception as exc:
+            self._failed("fill", exc)
+            return
+        self._breaker.record_success()
+
+    def invalidate(self, email_key: str) -> None:
+        sequence = next(self._sequence)
+        if not self._admit(None):
+            self._remember(email_key, sequence)
+            return
+        try:
+            self._invalidate_keys([email_key])
+        except Exception as exc:
+            self._failed("invalidate", exc)
+            self._remember(email_key, sequence)
+            return
+        self._breaker.record_success()
+        with self._lock:
+            if self._pending.get(email_key, sequence) < sequence:
+                del self._pending[email_key]
+
+    def stats(self) -> dict[str, int]:
+        return self._counters.snapshot()
+
+    def pending_invalidations(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _invalidate_keys(self, email_keys: list[str]) -> None:
+        # MULTI/EXEC: the generation moves on and the entry goes in one step, so a reader sees
+        # either the old entry with the old generation or neither.
+        pipe = self._client.pipeline(transaction=True)
+        for email_key in email_keys:
+            generation_key = self.generation_key(email_key)
+            pipe.incr(generation_key)
+            pipe.expire(generation_key, GENERATION_TTL_SECONDS)
+            pipe.delete(self.code_key(email_key))
+        pipe.execute()
+
+    def _admit(self, email_key: str | None) -> bool:
+        """Whether to use Redis now: not while the breaker is open or failed invalidations cannot be replayed.
+
+        True means the caller must report the outcome to the breaker (it may be the half-open probe).
+        """
+        if not self._breaker.allow():
+            self._counters.bump("bypassed")
+            return False
+        with self._lock:
+            pending = dict(self._pending)
+        if pending:
+            try:
+                self._invalidate_keys(list(pending))
+            except Exception as exc:
+                self._failed("replay of invalidations", exc)
+                return False
+            with self._lock:
+                for pending_key, sequence in pending.items():
+                    if self._pending.get(pending_key) == sequence:
+                        del self._pending[pending_key]
+            log.info("cache: replayed %d invalidations that failed while Redis was unavailable", len(pending))
+        if email_key is not None and email_key in self._pending:
+            # An invalidation of this very key failed after our replay started: Redis is failing
+            # again, and its entry must not be read or refilled until a replay succeeds.
+            self._breaker.record_failure()
+            return False
+        return True
+
+    def _remember(self, email_key: str, sequence: int) -> None:
+        with self._lock:
+            self._pending.pop(email_key, None)
+            if len(self._pending) >= MAX_PENDING_INVALIDATIONS:
+                dropped = next(iter(self._pending))
+                del self._pending[dropped]
+                log.warning("cache: too many failed invalidations; one entry may stay stale until its TTL")
+            self._pending[email_key] = sequence
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self._breaker.record_failure()
+        self._counters.bump("errors")
+        log.warning(
+            "cache: Redis %s failed, serving from the database: %s: %s", operation, type(exc).__name__, exc
+        )
+
+
+class InProcessCodeCache:
+    """The embedded-mode cache (no REDIS_URL): the same semantics as Redis, in one process's memory.
+
+    Only correct when a single process serves requests: another process would not see this one's
+    invalidations. Entries expire on the injected monotonic clock; both maps are bounded by
+    `max_entries` (least recently used entries go first; 0 disables caching).
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: int,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_seconds = ttl_seconds
+        self._max_entries = max_entries
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[CachedCode, float]] = OrderedDict()
+        self._generations: OrderedDict[str, int] = OrderedDict()
+        # Generations come from one counter; a key whose generation was evicted reads as the highest
+        # evicted generation, so a reader that saw an older value can never match it again.
+        self._last_generation = 0
+        self._forgotten_generation = 0
+        self._counters = _Counters()
+
+    def get(self, email_key: str, now: datetime) -> CacheRead:
+        with self._lock:
+            generation = str(self._generations.get(email_key, self._forgotten_generation))
+            entry = self._entries.get(email_key)
+            if entry is not None and (entry[1] <= self._monotonic() or entry[0].expires_at <= now):
+                del self._entries[email_key]
+                entry = None
+            if entry is not None:
+                self._entries.move_to_end(email_key)
+        self._counters.bump("misses" if entry is None else "hits")
+        return CacheRead(value=None if entry is None else entry[0], generation=generation)
+
+    def fill(self, email_key: str, generation: str | None, value: CachedCode, now: datetime) -> None:
+        ttl_ms = entry_ttl_ms(value, now, self._ttl_seconds)
+        if generation is None or ttl_ms <= 0 or self._max_entries <= 0:
+            return
+        with self._lock:
+            if str(self._generations.get(email_key, self._forgotten_generation)) != generation:
+                return
+            self._entries[email_key] = (value, self._monotonic() + ttl_ms / 1000)
+            self._entries.move_to_end(email_key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def invalidate(self, email_key: str) -> None:
+        with self._lock:
+            self._last_generation += 1
+            self._generations[email_key] = self._last_generation
+            self._generations.move_to_end(email_key)
+            self._entries.pop(email_key, None)
+            while len(self._generations) > self._max_entries:
+                _, evicted = self._generations.popitem(last=False)
+                self._forgotten_generation = max(self._forgotten_generation, evicted)
+
+    def stats(self) -> dict[str, int]:
+        return self._counters.snapshot()
+
+    def close(self) -> None:
+        return None
+
+
+def make_code_cache(settings: Settings, *, breaker: CircuitBreaker | None = None) -> InstrumentedCodeCache:
+    """Redis when REDIS_URL is set, else the in-process cache (off when several processes serve)."""
+    if settings.redis_url:
+        return RedisCodeCache.from_settings(settings, breaker=breaker)
+    if settings.server_processes > 1:
+        # Each process would keep its own copy and miss the others' invalidations.
+        log.warning("cache: SERVER_PROCESSES > 1 without REDIS_URL: code lookups are not cached")
+        return InProcessCodeCache(settings.cache_ttl_seconds, max_entries=0)
+    return InProcessCodeCache(settings.cache_ttl_seconds)

@@ -1,0 +1,545 @@
+"""The code cache against the real Redis and in process: freshness, TTLs, races, and Redis outages."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import selectors
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from referral_grpc.breaker import CircuitBreaker
+from referral_grpc.cache import (
+    GENERATION_TTL_SECONDS,
+    InProcessCodeCache,
+    InstrumentedCodeCache,
+    RedisCodeCache,
+    make_code_cache,
+)
+from referral_grpc.domain.ports import CachedCode, CacheRead
+from referral_grpc.settings import Settings
+from tests.conftest import make_settings
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+EMAIL = "ada@example.com"
+CACHE_TTL = 300
+RESET_AFTER = 5.0
+
+
+class FakeMonotonic:
+    """A monotonic clock the test moves by hand, so TTLs and the breaker's reset need no sleeping."""
+
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += seconds
+
+
+class FlakyRedis:
+    """A loopback TCP endpoint before the real Redis: forwards, hangs up at once, or never answers."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.mode = "forward"
+        self.accepted = 0
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.02)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def set_mode(self, mode: str) -> None:
+        """Switch behaviour; an outage also cuts the connections the client already holds in its pool."""
+        self.mode = mode
+        if mode != "forward":
+            with self._lock:
+                for sock in self._sockets:
+                    with contextlib.suppress(OSError):  # already closed by its pump
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=2)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            with self._lock:
+                self._sockets.append(conn)
+            if self.mode == "refuse":
+                conn.close()
+            elif self.mode == "forward":
+                upstream = socket.create_connection(self._target)
+                with self._lock:
+                    self._sockets.append(upstream)
+                thread = threading.Thread(target=self._pump, args=(conn, upstream), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            # "blackhole": keep the connection open and never read or write.
+
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        peer = {client: upstream, upstream: client}
+        with selectors.DefaultSelector() as selector:
+            selector.register(client, selectors.EVENT_READ)
+            selector.register(upstream, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.02):
+                    source: socket.socket = key.fileobj  # type: ignore[assignment]
+                    try:
+                        data = source.recv(65536)
+                        if data:
+                            peer[source].sendall(data)
+                            continue
+                    except OSError:
+                        pass
+                    client.close()
+                    upstream.close()
+                    return
+
+
+@pytest.fixture
+def monotonic() -> FakeMonotonic:
+    return FakeMonotonic()
+
+
+@pytest.fixture
+def redis_settings(redis_url: str, key_prefix: str) -> Settings:
+    return make_settings(redis_url=redis_url, redis_key_prefix=key_prefix, cache_ttl_seconds=CACHE_TTL)
+
+
+def redis_cache(settings: Settings, monotonic: FakeMonotonic) -> RedisCodeCache:
+    breaker = CircuitBreaker(failure_threshold=3, reset_after=RESET_AFTER, monotonic=monotonic)
+    return RedisCodeCache.from_settings(settings, breaker=breaker)
+
+
+@pytest.fixture(params=["redis", "in_process"])
+def cache(
+    request: pytest.FixtureRequest, redis_settings: Settings, monotonic: FakeMonotonic
+) -> Iterator[InstrumentedCodeCache]:
+    built: InstrumentedCodeCache
+    if request.param == "redis":
+        built = redis_cache(redis_settings, monotonic)
+    else:
+        built = InProcessCodeCache(CACHE_TTL, monotonic=monotonic)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def flaky_redis(redis_url: str) -> Iterator[FlakyRedis]:
+    target = urlsplit(redis_url)
+    proxy = FlakyRedis((target.hostname or "127.0.0.1", target.port or 6379))
+    yield proxy
+    proxy.close()
+
+
+def code(name: str = "ABCD2345", valid_for: timedelta = timedelta(days=30)) -> CachedCode:
+    return CachedCode(code=name, expires_at=NOW + valid_for)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def timed_get(cache: InstrumentedCodeCache) -> tuple[CacheRead, float]:
+    started = time.perf_counter()
+    read = cache.get(EMAIL, NOW)
+    return read, time.perf_counter() - started
+
+
+# Semantics shared by both implementations.
+
+
+def test_miss_then_fill_then_hit(cache: InstrumentedCodeCache) -> None:
+    first = cache.get(EMAIL, NOW)
+    assert first.value is None
+    assert first.generation == "0"
+
+    cache.fill(EMAIL, first.generation, code(), NOW)
+
+    assert cache.get(EMAIL, NOW) == CacheRead(value=code(), generation="0")
+    assert cache.get("someone-else@example.com", NOW).value is None
+    assert cache.stats() == {"hits": 1, "misses": 2, "errors": 0, "bypassed": 0}
+
+
+def test_invalidate_makes_the_next_get_a_miss(cache: InstrumentedCodeCache) -> None:
+    cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+
+    cache.invalidate(EMAIL)
+
+    after = cache.get(EMAIL, NOW)
+    assert after.value is None
+    assert after.generation not in (None, "0")
+    cache.fill(EMAIL, after.generation, code("NEW33333"), NOW)
+    assert cache.get(EMAIL, NOW).value == code("NEW33333")
+
+
+def test_slow_reader_cannot_write_back_a_value_older_than_an_invalidation(
+    cache: InstrumentedCodeCache,
+) -> None:
+    slow_reader = cache.get(EMAIL, NOW)
+    cache.invalidate(EMAIL)  # a rotation commits while the slow reader is in the database
+
+    cache.fill(EMAIL, slow_reader.generation, code("OLD22222"), NOW)
+
+    assert cache.get(EMAIL, NOW).value is None
+
+
+def test_fill_without_generation_is_skipped(cache: InstrumentedCodeCache) -> None:
+    cache.fill(EMAIL, None, code(), NOW)
+
+    assert cache.get(EMAIL, NOW).value is None
+
+
+def test_entry_is_a_miss_once_its_code_has_expired(cache: InstrumentedCodeCache) -> None:
+    read = cache.get(EMAIL, NOW)
+    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(hours=1)), NOW)
+
+    assert cache.get(EMAIL, NOW + timedelta(minutes=59)).value == code(valid_for=timedelta(hours=1))
+    assert cache.get(EMAIL, NOW + timedelta(hours=1)).value is None
+    assert cache.get(EMAIL, NOW + timedelta(hours=2)).value is None
+
+
+def test_code_with_no_time_left_is_not_stored(cache: InstrumentedCodeCache) -> None:
+    read = cache.get(EMAIL, NOW)
+
+    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(0)), NOW)
+    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(microseconds=500)), NOW)
+
+    # Asked with an earlier `now`, a stored entry would still be a hit.
+    assert cache.get(EMAIL, NOW - timedelta(days=1)).value is None
+
+
+def test_racing_readers_and_writers_never_serve_a_code_older_than_the_last_invalidation(
+    cache: InstrumentedCodeCache,
+) -> None:
+    lock = threading.Lock()
+    database = {"version": 0}
+    invalidated = {"version": 0}  # the newest version whose invalidate() has returned
+    writers_done = threading.Event()
+
+    def writer(rounds: int) -> None:
+        for _ in range(rounds):
+            with lock:
+                database["version"] += 1
+                version = database["version"]
+            time.sleep(random.choice((0, 0.0002)))
+            cache.invalidate(EMAIL)
+            with lock:
+                invalidated["version"] = max(invalidated["version"], version)
+            time.sleep(0.0005)
+
+    def reader() -> int:
+        stale_fills_possible = 0
+        while not writers_done.is_set():
+            with lock:
+                must_see = invalidated["version"]
+            read = cache.get(EMAIL, NOW)
+            if read.value is not None:
+                assert int(read.value.code.removeprefix("V")) >= must_see
+                time.sleep(0.0001)  # requests arrive spaced out, not in a GIL-holding loop
+                continue
+            with lock:
+                version = database["version"]
+            time.sleep(random.uniform(0, 0.001))  # a slow reader widens the race window
+            with lock:
+                stale_fills_possible += database["version"] > version
+            cache.fill(EMAIL, read.generation, code(f"V{version}"), NOW)
+        return stale_fills_possible
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        readers = [pool.submit(reader) for _ in range(6)]
+        writers = [pool.submit(writer, 150) for _ in range(2)]
+        for future in writers:
+            future.result()
+        writers_done.set()
+        stale_fills_attempted = sum(future.result() for future in readers)
+
+    final = cache.get(EMAIL, NOW).value
+    assert final is None or final.code == f"V{database['version']}"
+    assert cache.stats()["hits"] > 0
+    assert stale_fills_attempted > 0  # the race was really exercised
+
+
+# Redis specifics: key layout, TTLs, generation keys.
+
+
+def test_entry_ttl_never_outlives_the_code(
+    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, monotonic)
+    try:
+        cache.fill("soon@example.com", "0", code(valid_for=timedelta(seconds=10)), NOW)
+        cache.fill("later@example.com", "0", code(valid_for=timedelta(days=30)), NOW)
+    finally:
+        cache.close()
+
+    assert 9_000 < redis_client.pttl(f"{key_prefix}code:soon@example.com") <= 10_000
+    later_ttl = redis_client.pttl(f"{key_prefix}code:later@example.com")
+    assert (CACHE_TTL - 1) * 1000 < later_ttl <= CACHE_TTL * 1000
+
+
+def test_key_layout_holds_only_public_data_and_every_key_has_a_ttl(
+    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, monotonic)
+    try:
+        cache.invalidate(EMAIL)
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+    finally:
+        cache.close()
+
+    keys = sorted(key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}*"))
+    assert keys == [f"{key_prefix}code:{EMAIL}", f"{key_prefix}codegen:{EMAIL}"]
+    assert redis_client.get(f"{key_prefix}code:{EMAIL}") == b"ABCD2345|2026-05-31T12:00:00+00:00"
+    assert redis_client.get(f"{key_prefix}codegen:{EMAIL}") == b"1"
+    assert 0 < redis_client.ttl(f"{key_prefix}codegen:{EMAIL}") <= GENERATION_TTL_SECONDS
+    assert all(redis_client.pttl(key) > 0 for key in keys)
+
+
+def test_expired_entry_still_held_by_redis_is_a_miss(
+    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, monotonic)
+    try:
+        cache.fill(EMAIL, "0", code(valid_for=timedelta(hours=1)), NOW)
+
+        later = cache.get(EMAIL, NOW + timedelta(hours=2))
+    finally:
+        cache.close()
+
+    assert later == CacheRead(value=None, generation="0")
+    assert redis_client.exists(f"{key_prefix}code:{EMAIL}") == 1
+
+
+def test_missing_generation_key_reads_as_zero(
+    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, monotonic)
+    try:
+        cache.invalidate(EMAIL)
+        before_expiry = cache.get(EMAIL, NOW)
+        redis_client.delete(f"{key_prefix}codegen:{EMAIL}")  # as if its TTL had run out
+
+        after_expiry = cache.get(EMAIL, NOW)
+        cache.fill(EMAIL, before_expiry.generation, code("OLD22222"), NOW)
+        stale_refused = cache.get(EMAIL, NOW).value
+        cache.fill(EMAIL, after_expiry.generation, code("NEW33333"), NOW)
+        refilled = cache.get(EMAIL, NOW).value
+    finally:
+        cache.close()
+
+    assert before_expiry.generation == "1"
+    assert after_expiry.generation == "0"
+    assert stale_refused is None
+    assert refilled == code("NEW33333")
+
+
+def test_undecodable_entry_is_a_miss_and_gets_replaced(
+    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    redis_client.set(f"{key_prefix}code:{EMAIL}", "garbage-from-another-version", ex=60)
+    cache = redis_cache(redis_settings, monotonic)
+    try:
+        read = cache.get(EMAIL, NOW)
+        cache.fill(EMAIL, read.generation, code(), NOW)
+        refilled = cache.get(EMAIL, NOW).value
+    finally:
+        cache.close()
+
+    assert read == CacheRead(value=None, generation="0")
+    assert refilled == code()
+
+
+# Redis down or slow: fail fast, never raise, recover by itself.
+
+
+def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, monotonic: FakeMonotonic) -> None:
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_key_prefix=key_prefix)
+    cache = redis_cache(settings, monotonic)
+    try:
+        first, first_seconds = timed_get(cache)
+        failing = [timed_get(cache) for _ in range(2)]
+        cache.fill(EMAIL, "0", code(), NOW)
+        cache.invalidate(EMAIL)
+        open_reads = [timed_get(cache) for _ in range(200)]
+    finally:
+        cache.close()
+
+    assert first == CacheRead(value=None, generation=None)
+    assert first_seconds < 0.5
+    assert all(read == first and seconds < 0.5 for read, seconds in failing)
+    assert all(read == first for read, _ in open_reads)
+    # No network I/O: well under a millisecond each (the bound on the slowest allows a busy machine).
+    assert statistics.median(seconds for _, seconds in open_reads) < 0.001
+    assert max(seconds for _, seconds in open_reads) < 0.05
+    assert cache.stats() == {"hits": 0, "misses": 203, "errors": 3, "bypassed": 202}
+
+
+def test_unresponsive_redis_fails_within_the_socket_timeout_then_breaker_stops_connecting(
+    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis
+) -> None:
+    flaky_redis.set_mode("blackhole")
+    settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix, redis_socket_timeout=0.1)
+    cache = redis_cache(settings, monotonic)
+    try:
+        failing = [timed_get(cache) for _ in range(3)]
+        connections_when_opened = flaky_redis.accepted
+        cache.invalidate(EMAIL)
+        open_reads = [timed_get(cache) for _ in range(200)]
+        time.sleep(0.05)  # let any connection attempt reach the accept loop
+    finally:
+        cache.close()
+
+    assert all(read == CacheRead(value=None, generation=None) for read, _ in failing + open_reads)
+    assert all(0.05 < seconds < 0.5 for _, seconds in failing)
+    # No network I/O: well under a millisecond each (the bound on the slowest allows a busy machine).
+    assert statistics.median(seconds for _, seconds in open_reads) < 0.001
+    assert max(seconds for _, seconds in open_reads) < 0.05
+    assert connections_when_opened >= 1
+    assert flaky_redis.accepted == connections_when_opened
+    assert cache.stats()["errors"] == 3
+
+
+def test_breaker_probes_again_after_its_reset_interval_and_recovers(
+    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis
+) -> None:
+    settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix)
+    cache = redis_cache(settings, monotonic)
+    try:
+        flaky_redis.set_mode("refuse")
+        down = [cache.get(EMAIL, NOW) for _ in range(3)]
+        flaky_redis.set_mode("forward")
+        still_open = cache.get(EMAIL, NOW)
+        monotonic.advance(RESET_AFTER)
+        probe = cache.get(EMAIL, NOW)
+        cache.fill(EMAIL, probe.generation, code(), NOW)
+        recovered = cache.get(EMAIL, NOW)
+    finally:
+        cache.close()
+
+    assert down == [CacheRead(value=None, generation=None)] * 3
+    assert still_open == CacheRead(value=None, generation=None)
+    assert probe == CacheRead(value=None, generation="0")
+    assert recovered == CacheRead(value=code(), generation="0")
+
+
+def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
+    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis, redis_client: redis.Redis
+) -> None:
+    settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix)
+    cache = redis_cache(settings, monotonic)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+        flaky_redis.set_mode("refuse")
+        cache.invalidate(EMAIL)  # the rotation committed, but Redis is unreachable
+        during = [cache.get(EMAIL, NOW) for _ in range(3)]  # the breaker opens
+        cache.invalidate(EMAIL)  # skipped without I/O while open, remembered
+        flaky_redis.set_mode("forward")
+        monotonic.advance(RESET_AFTER)
+
+        after = cache.get(EMAIL, NOW)
+        pending_after = cache.pending_invalidations()
+    finally:
+        cache.close()
+
+    assert during == [CacheRead(value=None, generation=None)] * 3
+    assert after == CacheRead(value=None, generation="1")
+    assert pending_after == 0
+    assert redis_client.exists(f"{key_prefix}code:{EMAIL}") == 0
+
+
+# In-process specifics: monotonic TTL, bounded size, factory.
+
+
+def test_in_process_entry_expires_on_the_monotonic_clock(monotonic: FakeMonotonic) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, monotonic=monotonic)
+    cache.fill("soon@example.com", "0", code(valid_for=timedelta(seconds=10)), NOW)
+    cache.fill("later@example.com", "0", code(valid_for=timedelta(days=30)), NOW)
+
+    monotonic.advance(9.9)
+    assert cache.get("soon@example.com", NOW).value is not None
+    monotonic.advance(0.2)
+    assert cache.get("soon@example.com", NOW).value is None
+    monotonic.advance(CACHE_TTL - 10.1 - 0.1)
+    assert cache.get("later@example.com", NOW).value is not None
+    monotonic.advance(0.2)
+    assert cache.get("later@example.com", NOW).value is None
+
+
+def test_in_process_cache_evicts_least_recently_used_entries(monotonic: FakeMonotonic) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=monotonic)
+    for name in ("a", "b"):
+        cache.fill(f"{name}@example.com", "0", code(), NOW)
+    cache.get("a@example.com", NOW)
+
+    cache.fill("c@example.com", "0", code(), NOW)
+
+    assert [cache.get(f"{name}@example.com", NOW).value is not None for name in "abc"] == [True, False, True]
+
+
+def test_in_process_evicted_generation_still_refuses_a_stale_fill(monotonic: FakeMonotonic) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=monotonic)
+    slow_reader = cache.get(EMAIL, NOW)
+    cache.invalidate(EMAIL)
+    cache.invalidate("b@example.com")
+    cache.invalidate("c@example.com")  # pushes EMAIL's generation out of the bounded map
+
+    cache.fill(EMAIL, slow_reader.generation, code("OLD22222"), NOW)
+
+    assert cache.get(EMAIL, NOW).value is None
+
+
+def test_factory_picks_redis_when_configured(redis_settings: Settings) -> None:
+    cache = make_code_cache(redis_settings)
+    try:
+        assert isinstance(cache, RedisCodeCache)
+    finally:
+        cache.close()
+
+
+def test_factory_uses_the_in_process_cache_when_embedded() -> None:
+    cache = make_code_cache(make_settings())
+    cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+
+    assert isinstance(cache, InProcessCodeCache)
+    assert cache.get(EMAIL, NOW).value == code()
+
+
+def test_factory_does_not_cache_in_process_when_several_processes_serve() -> None:
+    cache = make_code_cache(make_settings(server_processes=2))
+    cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+
+    assert cache.get(EMAIL, NOW).value is None
