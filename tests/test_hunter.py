@@ -1,0 +1,558 @@
+"""HunterVerifier against a real loopback HTTP server: policy, failure modes, timeouts, breaker, re-check."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import peewee as pw
+import pytest
+from conftest import make_settings
+from hunter_stub import HunterStub
+
+from referral_grpc.breaker import CircuitBreaker
+from referral_grpc.db import init_database
+from referral_grpc.domain.ports import EmailVerification, NoEmailVerification
+from referral_grpc.hunter import (
+    DEFAULT_FAILURE_THRESHOLD,
+    ERROR_RESULT,
+    MAX_BODY_BYTES,
+    HunterVerifier,
+    make_email_verifier,
+    recheck_user_email,
+    users_needing_recheck,
+)
+from referral_grpc.migrate import run_migrations
+from referral_grpc.models import User
+from referral_grpc.settings import Settings
+
+API_KEY = "stub-hunter-key-7f3a9c41d2"
+# The timeout tests use short timeouts to stay fast; everything else keeps the defaults
+# (1 s / 2 s), so a loaded machine cannot turn a slow success into a failure.
+SHORT_TIMEOUT = 0.3
+SHORT_TIMEOUTS = {"hunter_connect_timeout": SHORT_TIMEOUT, "hunter_read_timeout": SHORT_TIMEOUT}
+# Loopback plus a busy 2-core machine: generous headroom over the configured timeout.
+SLACK = 0.7
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
+@pytest.fixture
+def stub() -> Iterator[HunterStub]:
+    with HunterStub(api_key=API_KEY) as server:
+        yield server
+
+
+def hunter_settings(url: str, **overrides: object) -> Settings:
+    return make_settings(**{"hunter_url": url, "hunter_api_key": API_KEY, **overrides})
+
+
+@pytest.fixture
+def make_verifier(stub: HunterStub) -> Iterator[Callable[..., HunterVerifier]]:
+    made: list[HunterVerifier] = []
+
+    def make(breaker: CircuitBreaker | None = None, **overrides: object) -> HunterVerifier:
+        verifier = HunterVerifier(hunter_settings(stub.url, **overrides), breaker=breaker)
+        made.append(verifier)
+        return verifier
+
+    yield make
+    for verifier in made:
+        verifier.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def timed(verifier: HunterVerifier, email: str) -> tuple[EmailVerification, float]:
+    started = time.monotonic()
+    result = verifier.verify(email)
+    return result, time.monotonic() - started
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "accepted"),
+    [
+        ("valid", True),
+        ("invalid", False),
+        ("accept_all", True),
+        # The old system turned gmail users away as "webmail": they are real people.
+        ("webmail", True),
+        ("disposable", False),
+        ("unknown", True),
+    ],
+)
+def test_hunter_status_decides_the_signup(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], status: str, accepted: bool
+) -> None:
+    stub.set_answer("someone@gmail.com", status)
+    result = make_verifier().verify("someone@gmail.com")
+    assert result == EmailVerification(status=status, accepted=accepted, checked=True)
+    assert stub.request_count == 1
+
+
+def test_disposable_is_accepted_when_configured(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    stub.set_default("disposable")
+    result = make_verifier(hunter_reject_disposable="false").verify("x@mailinator.com")
+    assert result == EmailVerification(status="disposable", accepted=True, checked=True)
+
+
+def test_answers_are_per_email(stub: HunterStub, make_verifier: Callable[..., HunterVerifier]) -> None:
+    stub.set_default("valid")
+    stub.set_answer("bad@example.com", "invalid")
+    verifier = make_verifier()
+    assert verifier.verify("bad@example.com").accepted is False
+    assert verifier.verify("good@example.com").accepted is True
+
+
+# --- failures: the signup proceeds, the address is re-checked later -------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"http_status": 429}, id="429-rate-limited"),
+        pytest.param({"http_status": 403}, id="403-forbidden"),
+        pytest.param({"http_status": 402}, id="402-no-credits"),
+        pytest.param({"http_status": 500}, id="500"),
+        pytest.param({"http_status": 503, "body": "<html>bad gateway</html>"}, id="503-html"),
+        pytest.param({"body": b'{"data": {"status": "valid"'}, id="malformed-json"),
+        pytest.param({"body": b"\xff\xfe not json"}, id="binary-garbage"),
+        pytest.param({"body": b""}, id="empty-body"),
+        pytest.param({"body": b'["valid"]'}, id="json-list"),
+        pytest.param({"body": b'{"data": null}'}, id="no-data"),
+        pytest.param({"body": b'{"data": {"status": 1}}'}, id="status-not-a-string"),
+        pytest.param({"status": "mystery"}, id="unknown-status"),
+        pytest.param({"body": b" " * (MAX_BODY_BYTES + 1)}, id="oversized-body"),
+    ],
+)
+def test_unusable_answers_give_an_unchecked_pass(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], answer: dict[str, object]
+) -> None:
+    stub.set_default(**answer)  # type: ignore[arg-type]
+    verifier = make_verifier()
+    result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT == EmailVerification(status="error", accepted=True, checked=False)
+    assert stub.request_count == 1
+    assert elapsed < SLACK
+    assert verifier.stats()["errors"] == 1
+
+
+def test_wrong_api_key_gives_an_unchecked_pass(stub: HunterStub) -> None:
+    verifier = HunterVerifier(hunter_settings(stub.url, hunter_api_key="not-the-right-key"))
+    assert verifier.verify("user@example.com") == ERROR_RESULT
+    assert stub.request_count == 1
+    verifier.close()
+
+
+def test_connection_refused_gives_an_unchecked_pass_at_once() -> None:
+    verifier = HunterVerifier(hunter_settings(f"http://127.0.0.1:{closed_port()}"))
+    result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT
+    assert elapsed < SLACK
+    assert verifier.stats() == {"calls": 1, "errors": 1, "short_circuited": 0, "breaker_open": 0}
+    verifier.close()
+
+
+def test_slow_answer_is_abandoned_at_the_read_timeout(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    stub.set_default("valid", delay=5.0)
+    result, elapsed = timed(make_verifier(**SHORT_TIMEOUTS), "user@example.com")
+    assert result == ERROR_RESULT
+    assert SHORT_TIMEOUT <= elapsed < SHORT_TIMEOUT + SLACK
+    assert stub.request_count == 1
+
+
+def test_unanswered_connect_is_abandoned_at_the_connect_timeout() -> None:
+    # A listener whose accept queue is full: Linux drops further SYNs, so connect() hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    verifier = HunterVerifier(
+        hunter_settings(f"http://127.0.0.1:{port}", hunter_connect_timeout=SHORT_TIMEOUT)
+    )
+    try:
+        result, elapsed = timed(verifier, "user@example.com")
+    finally:
+        verifier.close()
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert result == ERROR_RESULT
+    assert SHORT_TIMEOUT <= elapsed < SHORT_TIMEOUT + SLACK
+
+
+def test_default_timeouts_bound_a_hanging_hunter(stub: HunterStub) -> None:
+    settings = make_settings(hunter_url=stub.url, hunter_api_key=API_KEY)
+    assert (settings.hunter_connect_timeout, settings.hunter_read_timeout) == (1.0, 2.0)
+    stub.set_default("valid", delay=10.0)
+    verifier = HunterVerifier(settings)
+    result, elapsed = timed(verifier, "user@example.com")
+    verifier.close()
+    assert result == ERROR_RESULT
+    assert 2.0 <= elapsed < 2.0 + SLACK
+
+
+def test_redirects_are_not_followed_so_the_key_stays_home(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    with HunterStub() as elsewhere:
+        stub.set_default(
+            http_status=302, body=b"", headers={"Location": f"{elsewhere.url}/v2/email-verifier"}
+        )
+        assert make_verifier().verify("user@example.com") == ERROR_RESULT
+        assert elsewhere.request_count == 0
+
+
+def test_verify_never_raises_on_an_unencodable_address(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = make_verifier()
+    with caplog.at_level(logging.ERROR, logger="referral_grpc.hunter"):
+        assert verifier.verify("\udc80@example.com") == ERROR_RESULT
+    assert "unexpected error" in caplog.text
+    assert verifier.stats()["errors"] == 1
+
+
+# --- what goes over the wire ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "email",
+    ["first+tag@example.com", "a&b=c@example.com", "o'neil%20x@example.com", "jöhn.dœ@exämple.com"],
+)
+def test_email_arrives_intact_and_key_travels_in_a_header(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], email: str
+) -> None:
+    assert make_verifier().verify(email).status == "valid"
+    [request] = stub.requests
+    assert request.path == "/v2/email-verifier"
+    assert request.query == {"email": [email]}
+    assert request.headers["x-api-key"] == API_KEY
+    assert "api_key" not in request.raw_query
+    assert API_KEY not in request.raw_query
+
+
+def test_plus_is_percent_encoded(stub: HunterStub, make_verifier: Callable[..., HunterVerifier]) -> None:
+    make_verifier().verify("first+tag@example.com")
+    # A bare "+" would be read back as a space by any form decoder.
+    assert stub.requests[0].raw_query == "email=first%2Btag%40example.com"
+
+
+def test_one_connection_is_kept_alive_per_thread(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    verifier = make_verifier()
+    for n in range(5):
+        assert verifier.verify(f"user{n}@example.com").checked
+    assert len({request.client for request in stub.requests}) == 1
+
+
+def test_concurrent_verifications(stub: HunterStub, make_verifier: Callable[..., HunterVerifier]) -> None:
+    stub.set_default("webmail", delay=0.02)
+    verifier = make_verifier()
+    results: list[EmailVerification] = []
+    lock = threading.Lock()
+
+    def work(thread: int) -> None:
+        for n in range(5):
+            result = verifier.verify(f"t{thread}.{n}@gmail.com")
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [EmailVerification("webmail", True, True)] * 40
+    assert stub.request_count == 40
+    assert {request.email for request in stub.requests} == {
+        f"t{t}.{n}@gmail.com" for t in range(8) for n in range(5)
+    }
+    assert verifier.stats() == {"calls": 40, "errors": 0, "short_circuited": 0, "breaker_open": 0}
+
+
+def test_the_key_and_the_address_never_reach_the_logs(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = make_verifier(**SHORT_TIMEOUTS)
+    with caplog.at_level(logging.DEBUG):
+        stub.set_answer("ok.person@example.com", "valid")
+        stub.set_answer("failing.person@example.com", http_status=500)
+        stub.set_answer("slow.person@example.com", delay=2.0)
+        verifier.verify("ok.person@example.com")
+        verifier.verify("failing.person@example.com")
+        verifier.verify("slow.person@example.com")
+    # urllib3 logs every request line at DEBUG: the key must not be in it.
+    assert any(
+        r.name.startswith("urllib3") and "/v2/email-verifier" in r.getMessage() for r in caplog.records
+    )
+    assert API_KEY not in caplog.text
+    warnings = [r for r in caplog.records if r.name == "referral_grpc.hunter"]
+    assert len(warnings) == 2
+    assert all("example.com" in r.getMessage() and "person" not in r.getMessage() for r in warnings)
+    assert API_KEY not in repr(verifier)
+    assert API_KEY not in repr(hunter_settings(stub.url))
+
+
+# --- circuit breaker ------------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_and_recovers(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeMonotonic()
+    verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=3, reset_after=30.0, monotonic=clock))
+    caplog.set_level(logging.INFO, logger="referral_grpc.hunter")
+    stub.set_default(http_status=500)
+    for _ in range(3):
+        assert verifier.verify("user@example.com") == ERROR_RESULT
+    assert stub.request_count == 3
+    assert "3 consecutive failures; calls paused" in caplog.text
+    caplog.clear()
+
+    # Open: answered at once, nothing reaches Hunter.
+    for _ in range(5):
+        result, elapsed = timed(verifier, "user@example.com")
+        assert result == ERROR_RESULT
+        assert elapsed < 0.05
+    assert stub.request_count == 3
+    assert verifier.stats() == {"calls": 3, "errors": 3, "short_circuited": 5, "breaker_open": 1}
+
+    # Still open just before reset_after.
+    clock.value += 29.9
+    assert verifier.verify("user@example.com") == ERROR_RESULT
+    assert stub.request_count == 3
+
+    # After reset_after one probe goes through; Hunter is back, so the breaker closes.
+    clock.value += 0.2
+    stub.set_default("valid")
+    assert verifier.verify("user@example.com") == EmailVerification("valid", True, True)
+    assert stub.request_count == 4
+    assert verifier.verify("other@example.com").status == "valid"
+    assert stub.request_count == 5
+    assert verifier.stats() == {"calls": 5, "errors": 3, "short_circuited": 6, "breaker_open": 0}
+    # Open and short-circuited calls log nothing each; recovery is said once.
+    assert [r.getMessage() for r in caplog.records] == ["hunter: answering again; calls resumed"]
+
+
+def test_failed_probe_opens_the_breaker_again(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    clock = FakeMonotonic()
+    verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock))
+    stub.set_default(http_status=429)
+    verifier.verify("a@example.com")
+    verifier.verify("a@example.com")
+    clock.value += 10.0
+    assert verifier.verify("a@example.com") == ERROR_RESULT
+    assert stub.request_count == 3
+    # One failed probe is enough to re-open, for another full reset_after.
+    assert verifier.verify("a@example.com") == ERROR_RESULT
+    clock.value += 9.0
+    assert verifier.verify("a@example.com") == ERROR_RESULT
+    assert stub.request_count == 3
+
+
+def test_success_resets_the_failure_count(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=3, reset_after=30.0))
+    stub.set_answer("down@example.com", http_status=503)
+    for _ in range(4):
+        verifier.verify("down@example.com")
+        verifier.verify("down@example.com")
+        assert verifier.verify("up@example.com").checked
+    assert stub.request_count == 12
+    assert verifier.stats()["breaker_open"] == 0
+
+
+@pytest.mark.parametrize("code", [202, 400, 451])
+def test_no_verdict_for_one_address_does_not_trip_the_breaker(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], code: int
+) -> None:
+    clock = FakeMonotonic()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock)
+    verifier = make_verifier(breaker=breaker)
+    stub.set_default(http_status=code)
+    for _ in range(4):
+        assert verifier.verify("slow.domain@example.com") == ERROR_RESULT
+    assert stub.request_count == 4
+    assert not breaker.is_open
+
+    # Nor does it leave a half-open breaker stuck waiting for a verdict on its probe.
+    stub.set_default(http_status=500)
+    verifier.verify("a@example.com")
+    verifier.verify("a@example.com")
+    assert breaker.is_open
+    clock.value += 10.0
+    stub.set_default(http_status=code)
+    verifier.verify("a@example.com")
+    assert not breaker.is_open
+    assert stub.request_count == 7
+
+
+def test_default_breaker_opens_after_the_default_threshold(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    stub.set_default(http_status=500)
+    verifier = make_verifier()
+    for _ in range(DEFAULT_FAILURE_THRESHOLD + 3):
+        verifier.verify("user@example.com")
+    assert stub.request_count == DEFAULT_FAILURE_THRESHOLD
+    assert verifier.stats()["breaker_open"] == 1
+
+
+# --- switched off without a key -------------------------------------------------------------------
+
+
+def test_without_a_key_verification_is_off_and_said_once(
+    stub: HunterStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="referral_grpc.hunter"):
+        verifier = make_email_verifier(make_settings(hunter_url=stub.url))
+        results = [verifier.verify(f"user{n}@example.com") for n in range(3)]
+    assert isinstance(verifier, NoEmailVerification)
+    assert results == [EmailVerification(status="unchecked", accepted=True, checked=False)] * 3
+    assert stub.request_count == 0
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "disabled" in record.getMessage()
+
+
+def test_with_a_key_verification_is_on(stub: HunterStub, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="referral_grpc.hunter"):
+        verifier = make_email_verifier(hunter_settings(stub.url))
+    assert isinstance(verifier, HunterVerifier)
+    assert verifier.verify("user@example.com").checked
+    assert API_KEY not in caplog.text
+    verifier.close()
+
+
+def test_hunter_verifier_refuses_to_run_without_a_key() -> None:
+    with pytest.raises(ValueError, match="HUNTER_API_KEY"):
+        HunterVerifier(make_settings())
+
+
+# --- re-check -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[pw.Database]:
+    database = init_database(make_settings(database_url=database_url))
+    run_migrations(database)
+    yield database
+    if hasattr(database, "close_all"):
+        database.close_all()
+    else:
+        database.close()
+
+
+SIGNUP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def make_user(email: str, *, recheck: bool) -> int:
+    user = User.create(
+        email=email,
+        email_key=email.lower(),
+        password_hash="not-a-real-hash",
+        created_at=SIGNUP,
+        email_status="error" if recheck else "valid",
+        email_recheck=recheck,
+    )
+    return int(user.id)
+
+
+@pytest.mark.usefixtures("db")
+def test_recheck_stores_the_verdict_or_keeps_the_mark(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    ok = make_user("ok@example.com", recheck=True)
+    bad = make_user("bad@example.com", recheck=True)
+    down = make_user("down@example.com", recheck=True)
+    settled = make_user("settled@example.com", recheck=False)
+    stub.set_answer("bad@example.com", "invalid")
+    stub.set_answer("down@example.com", http_status=503)
+    verifier = make_verifier()
+    now = SIGNUP + timedelta(hours=1)
+
+    assert users_needing_recheck(10) == [ok, bad, down]
+    assert users_needing_recheck(2) == [ok, bad]
+
+    assert recheck_user_email(ok, verifier, now) == "valid"
+    assert recheck_user_email(bad, verifier, now) == "invalid"
+    assert recheck_user_email(down, verifier, now) == "error"
+    # Nothing to do: no Hunter call for a settled user or a missing one.
+    assert recheck_user_email(settled, verifier, now) is None
+    assert recheck_user_email(999_999, verifier, now) is None
+    assert stub.request_count == 3
+
+    rows = {u.id: (u.email_status, u.email_checked_at, u.email_recheck) for u in User.select()}
+    assert rows[ok] == ("valid", now, False)
+    assert rows[bad] == ("invalid", now, False)
+    assert rows[down] == ("error", None, True)
+    assert rows[settled] == ("valid", None, False)
+    assert users_needing_recheck(10) == [down]
+
+    # Hunter is back: the remaining user is settled too.
+    stub.set_answer("down@example.com", "accept_all")
+    assert recheck_user_email(down, verifier, now + timedelta(hours=1)) == "accept_all"
+    assert users_needing_recheck(10) == []
+
+
+@pytest.mark.usefixtures("db")
+def test_recheck_with_verification_off_keeps_the_mark() -> None:
+    user_id = make_user("someone@example.com", recheck=True)
+    assert recheck_user_email(user_id, NoEmailVerification(), SIGNUP) == "unchecked"
+    user = User.get_by_id(user_id)
+    assert (user.email_status, user.email_checked_at, user.email_recheck) == ("error", None, True)
+
+
+class EmailChangingVerifier:
+    """Answers `valid`, but the user's address changes while Hunter is being asked."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+
+    def verify(self, email: str) -> EmailVerification:
+        User.update(email="new@example.com", email_key="new@example.com").where(
+            User.id == self.user_id
+        ).execute()
+        return EmailVerification(status="valid", accepted=True, checked=True)
+
+
+@pytest.mark.usefixtures("db")
+def test_recheck_does_not_store_a_verdict_on_an_old_address() -> None:
+    user_id = make_user("old@example.com", recheck=True)
+    recheck_user_email(user_id, EmailChangingVerifier(user_id), SIGNUP)
+    user = User.get_by_id(user_id)
+    assert (user.email, user.email_status, user.email_recheck) == ("new@example.com", "error", True)
