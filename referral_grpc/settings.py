@@ -158,6 +158,26 @@ class Settings:
     envoy_port: int = 8080
     envoy_admin_port: int = 9901
 
+    # Per-account throttles (referral_grpc/throttle.py): at most N attempts per window of W seconds.
+    login_max_failures: int = 5
+    login_failure_window: int = 900
+    reset_max_requests: int = 3
+    reset_request_window: int = 3600
+    lookup_max_requests: int = 60
+    lookup_window: int = 60
+    # Per rule, the in-process counters (used alongside Redis, alone without it) keep this many accounts.
+    throttle_max_local_keys: int = 100_000
+    # Every accepted RequestPasswordReset lasts at least this long, registered email or not, so its
+    # latency does not reveal which; it must exceed the slowest normal known-email path (DB writes).
+    reset_request_min_seconds: float = 0.1
+
+    # Operations: on SIGTERM, report NOT_SERVING this long (still serving) so Envoy's health check
+    # notices before the listener closes; then in-flight RPCs get GRPC_GRACE_SECONDS.
+    shutdown_drain_seconds: float = 2.0
+    # Background `SELECT 1` that flips the gRPC health status (0 = off), and how long it may take.
+    health_probe_interval: float = 1.0
+    health_probe_timeout: float = 1.0
+
     @property
     def production(self) -> bool:
         return self.environment == "production"
@@ -275,6 +295,21 @@ class Settings:
             metrics_port=_int(env, "METRICS_PORT", 0, minimum=0, maximum=65535),
             envoy_port=_int(env, "ENVOY_PORT", 8080, minimum=0, maximum=65535),
             envoy_admin_port=_int(env, "ENVOY_ADMIN_PORT", 9901, minimum=0, maximum=65535),
+            login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
+            login_failure_window=_int(env, "LOGIN_FAILURE_WINDOW", 900, minimum=1, maximum=86_400),
+            reset_max_requests=_int(env, "RESET_MAX_REQUESTS", 3, minimum=1, maximum=1000),
+            reset_request_window=_int(env, "RESET_REQUEST_WINDOW", 3600, minimum=1, maximum=86_400),
+            lookup_max_requests=_int(env, "LOOKUP_MAX_REQUESTS", 60, minimum=1, maximum=1_000_000),
+            lookup_window=_int(env, "LOOKUP_WINDOW", 60, minimum=1, maximum=86_400),
+            throttle_max_local_keys=_int(
+                env, "THROTTLE_MAX_LOCAL_KEYS", 100_000, minimum=100, maximum=10_000_000
+            ),
+            reset_request_min_seconds=_float(
+                env, "RESET_REQUEST_MIN_SECONDS", 0.1, minimum=0.0, maximum=10.0
+            ),
+            shutdown_drain_seconds=_float(env, "SHUTDOWN_DRAIN_SECONDS", 2.0, minimum=0.0, maximum=300.0),
+            health_probe_interval=_float(env, "HEALTH_PROBE_INTERVAL", 1.0, minimum=0.0, maximum=300.0),
+            health_probe_timeout=_float(env, "HEALTH_PROBE_TIMEOUT", 1.0, minimum=0.05, maximum=60.0),
         )
 
     def ensure_local_dirs(self) -> None:
