@@ -60,8 +60,11 @@ generate: $(VENV)/.dev-stamp
 	# Envoy's descriptor set: its own protoc call, with google.rpc details for rich errors.
 	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=gateway/referral.pb \
 		$(PROTOS) google/rpc/error_details.proto google/rpc/status.proto
-	$(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/protoc-gen-openapi --openapi_out=gateway $(PROTOS)
-	$(PY) -m gateway.openapi.docker_config
+	# OpenAPI 3.1 from the google.api.http rules; run-plugin starts the plugin with the venv's Python.
+	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
+		--openapi_out=gateway $(PROTOS)
+	# docker-compose's Envoy config, rendered from gateway/envoy.yaml.
+	$(PY) -m referral_grpc.stack docker-config gateway/envoy.docker.yaml
 
 check-generated: generate
 	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)
@@ -71,9 +74,10 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1
 
 lint: $(VENV)/.dev-stamp $(BUF)
-	$(VENV)/bin/ruff format --check referral_grpc tests gateway
-	$(VENV)/bin/ruff check referral_grpc tests gateway
+	$(VENV)/bin/ruff format --check referral_grpc tests gateway gateway/openapi/protoc-gen-openapi
+	$(VENV)/bin/ruff check referral_grpc tests gateway gateway/openapi/protoc-gen-openapi
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict gateway/openapi/protoc-gen-openapi
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	$(PY) -m referral_grpc validate-gateway

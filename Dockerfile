@@ -1,0 +1,28 @@
+# The image of the gRPC server, the email worker and the one-shot migrations (docker-compose.yml picks
+# the command). Envoy runs from the official envoyproxy/envoy image instead.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# migrations/ stays in the working directory: `referral-grpc migrate` looks for it there.
+COPY pyproject.toml README.md ./
+COPY referral_grpc ./referral_grpc
+COPY migrations ./migrations
+RUN pip install . \
+    && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin referral
+
+# Never root at run time; the image holds no state (PostgreSQL and Redis do).
+USER 10001:10001
+
+ENV ENVIRONMENT=production \
+    GRPC_HOST=0.0.0.0 \
+    GRPC_PORT=50051 \
+    LOG_FORMAT=json
+EXPOSE 50051
+
+CMD ["referral-grpc", "serve"]

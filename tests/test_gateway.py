@@ -1,0 +1,778 @@
+"""REST and gRPC through a real Envoy in front of a real server process on PostgreSQL; the stack; compose."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg2
+import pytest
+import requests
+import yaml
+from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database, make_settings
+from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from jsonschema import Draft202012Validator
+
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.stack import (
+    PROJECT_ROOT,
+    Address,
+    docker_envoy_config,
+    envoy_binary,
+    render_envoy_config,
+    validate_config_file,
+    validate_gateway,
+)
+
+PASSWORD = "correct horse battery"
+GATEWAY = PROJECT_ROOT / "gateway"
+DOCUMENT: dict[str, Any] = json.loads((GATEWAY / "openapi.json").read_text())
+TOKEN_KEYS = {"user_id", "access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
+
+
+# --- fixtures and helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def database(pg_server_url: str) -> Iterator[str]:
+    url = create_pg_database(pg_server_url)
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture(scope="module")
+def env(database: str) -> dict[str, str]:
+    values = server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(values)
+    return values
+
+
+@pytest.fixture(scope="module")
+def backend(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Address]:
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as (_, address):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def envoy(backend: Address, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    with running_envoy([backend], tmp_path_factory.mktemp("envoy")) as running:
+        yield running
+
+
+@dataclass
+class Rest:
+    """A REST client of the gateway; every answer must be JSON."""
+
+    base: str
+    session: requests.Session
+
+    def call(self, method: str, path: str, *, token: str = "", **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        response = self.session.request(method, self.base + path, headers=headers, timeout=15, **kwargs)
+        assert response.headers["content-type"] == "application/json", (response.status_code, response.text)
+        return response
+
+    def ok(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.call(method, path, **kwargs)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def register(self, email: str, password: str = PASSWORD, code: str = "") -> dict[str, Any]:
+        body = {"email": email, "password": password} | ({"referral_code": code} if code else {})
+        tokens: dict[str, Any] = self.ok("POST", "/auth/register", json=body)
+        return tokens
+
+
+@pytest.fixture(scope="module")
+def rest(envoy: Envoy) -> Iterator[Rest]:
+    with requests.Session() as session:
+        yield Rest(envoy.url, session)
+
+
+def new_email(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:10]}@example.com"
+
+
+def in_days(days: int) -> str:
+    moment = datetime.now(UTC).replace(microsecond=0) + timedelta(days=days)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> datetime:
+    assert value.endswith("Z"), value
+    return datetime.fromisoformat(value)
+
+
+def validate(schema: dict[str, Any], instance: Any) -> None:
+    """Validate against a schema of the OpenAPI document (JSON Schema 2020-12, $refs into components)."""
+    root = {**schema, "components": DOCUMENT["components"]}
+    Draft202012Validator(root, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(instance)
+
+
+STATUS_SCHEMA = {"$ref": "#/components/schemas/Status"}
+
+
+def assert_status(response: requests.Response, http_status: int, grpc_code: int) -> dict[str, Any]:
+    """The one error shape: google.rpc.Status JSON with the matching gRPC code."""
+    assert response.status_code == http_status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"code", "message", "details"}, body
+    assert body["code"] == grpc_code, body
+    assert isinstance(body["message"], str) and body["message"]
+    validate(STATUS_SCHEMA, body)
+    return body
+
+
+def detail(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = [d for d in body["details"] if d["@type"] == f"type.googleapis.com/google.rpc.{kind}"]
+    assert len(found) == 1, body
+    return found[0]
+
+
+def assert_tokens(tokens: dict[str, Any], user_id: str | None = None) -> None:
+    assert set(tokens) == TOKEN_KEYS
+    assert re.fullmatch(r"[1-9][0-9]*", tokens["user_id"])
+    if user_id is not None:
+        assert tokens["user_id"] == user_id
+    assert tokens["token_type"] == "Bearer"
+    assert tokens["expires_in"] == 900
+    assert tokens["refresh_expires_in"] == 30 * 24 * 3600
+    assert tokens["access_token"].count(".") == 2
+    assert len(tokens["refresh_token"]) >= 32
+
+
+def reset_token(database: str, email: str) -> str:
+    with psycopg2.connect(database) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT payload FROM email_outbox WHERE recipient = %s AND kind = 'password_reset' "
+            "ORDER BY id DESC LIMIT 1",
+            (email,),
+        )
+        row = cur.fetchone()
+    conn.close()
+    assert row is not None, f"no reset email for {email}"
+    return str(json.loads(row[0])["token"])
+
+
+# --- REST happy paths --------------------------------------------------------------------------------
+
+
+def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
+    alice = new_email("alice")
+    registered = rest.register(alice)
+    assert_tokens(registered)
+    logged_in = rest.ok("POST", "/auth/login", json={"email": alice.upper(), "password": PASSWORD})
+    assert_tokens(logged_in, registered["user_id"])
+    token = logged_in["access_token"]
+
+    expires_at = in_days(30)
+    code = rest.ok("POST", "/referral/code", token=token, json={"expires_at": expires_at})
+    assert set(code) == {"code", "expires_at", "created_at"}
+    assert re.fullmatch(r"[A-Z0-9]{10}", code["code"])
+    assert code["expires_at"] == expires_at
+    assert abs(parse_time(code["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+
+    looked_up = rest.ok("GET", "/referral/code/by-email", params={"email": alice})
+    assert looked_up == {"code": code["code"], "expires_at": expires_at}
+
+    # An empty list is [] and an empty token "" (always_print_primitive_fields).
+    assert rest.ok("GET", "/referral/referrals", token=token) == {"referrals": [], "next_page_token": ""}
+
+    bob = new_email("bob")
+    friend = rest.register(bob, "another long password", code=code["code"].lower())
+    assert_tokens(friend)
+    assert friend["user_id"] != registered["user_id"]
+
+    listing = rest.ok("GET", "/referral/referrals", token=token)
+    assert listing["next_page_token"] == ""
+    [referral] = listing["referrals"]
+    assert set(referral) == {"user_id", "email", "registered_at"}
+    assert referral["user_id"] == friend["user_id"]
+    assert referral["email"] == bob
+    assert abs(parse_time(referral["registered_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+
+    assert rest.ok("DELETE", "/referral/code", token=token) == {}
+    assert_status(rest.call("GET", "/referral/code/by-email", params={"email": alice}), 404, 5)
+
+
+def test_password_change_reset_refresh_and_logout(rest: Rest, database: str) -> None:
+    email = new_email("carol")
+    first = rest.register(email)
+
+    changed = rest.ok(
+        "POST",
+        "/auth/change_password",
+        token=first["access_token"],
+        json={"current_password": PASSWORD, "new_password": "a brand new secret"},
+    )
+    assert_tokens(changed, first["user_id"])
+    # Tokens issued before the change stop working.
+    assert_status(rest.call("GET", "/referral/referrals", token=first["access_token"]), 401, 16)
+    assert_status(rest.call("POST", "/auth/refresh", json={"refresh_token": first["refresh_token"]}), 401, 16)
+
+    assert rest.ok("POST", "/auth/reset_password", json={"email": email}) == {}
+    # Same answer for an unknown address.
+    assert rest.ok("POST", "/auth/reset_password", json={"email": new_email("nobody")}) == {}
+    token = reset_token(database, email)
+    confirm = {"token": token, "new_password": "reset to this one"}
+    assert rest.ok("POST", "/auth/reset_password/confirm", json=confirm) == {}
+    # Single use.
+    assert_status(rest.call("POST", "/auth/reset_password/confirm", json=confirm), 400, 3)
+    assert_status(rest.call("POST", "/auth/login", json={"email": email, "password": PASSWORD}), 401, 16)
+    logged_in = rest.ok("POST", "/auth/login", json={"email": email, "password": "reset to this one"})
+
+    refreshed = rest.ok("POST", "/auth/refresh", json={"refresh_token": logged_in["refresh_token"]})
+    assert_tokens(refreshed, first["user_id"])
+    assert refreshed["refresh_token"] != logged_in["refresh_token"]
+    assert rest.ok("GET", "/referral/referrals", token=refreshed["access_token"])["referrals"] == []
+
+    body = {"refresh_token": refreshed["refresh_token"]}
+    assert_status(rest.call("POST", "/auth/logout", json=body), 401, 16)
+    assert rest.ok("POST", "/auth/logout", token=refreshed["access_token"], json=body) == {}
+    assert_status(rest.call("POST", "/auth/refresh", json=body), 401, 16)
+
+
+def test_pagination_tokens_round_trip_through_rest(rest: Rest) -> None:
+    owner = rest.register(new_email("owner"))
+    token = owner["access_token"]
+    code = rest.ok("POST", "/referral/code", token=token, json={"expires_at": in_days(10)})["code"]
+    emails = [new_email(f"friend{i}") for i in range(5)]
+    for email in emails:
+        rest.register(email, code=code)
+
+    pages, page_token = [], ""
+    while True:
+        params: dict[str, str | int] = {"page_size": 2} | ({"page_token": page_token} if page_token else {})
+        page = rest.ok("GET", "/referral/referrals", token=token, params=params)
+        pages.append([referral["email"] for referral in page["referrals"]])
+        page_token = page["next_page_token"]
+        if not page_token:
+            break
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [email for page in pages for email in page] == emails[::-1]
+
+    bad = assert_status(
+        rest.call("GET", "/referral/referrals", token=token, params={"page_token": "x"}), 400, 3
+    )
+    assert detail(bad, "BadRequest")["field_violations"][0]["field"] == "page_token"
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def test_service_errors_are_status_json_with_details(rest: Rest) -> None:
+    bad = assert_status(
+        rest.call("POST", "/auth/register", json={"email": "nope", "password": "short"}), 400, 3
+    )
+    fields = {v["field"] for v in detail(bad, "BadRequest")["field_violations"]}
+    assert "email" in fields
+    assert detail(bad, "ErrorInfo")["domain"] == "referral.v1"
+
+    missing = assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
+    assert detail(missing, "ErrorInfo")["reason"]
+    assert_status(rest.call("GET", "/referral/referrals", token="not.a.jwt"), 401, 16)
+    assert_status(
+        rest.call("GET", "/referral/referrals", headers={"Authorization": "Basic dXNlcjpwdw=="}), 401, 16
+    )
+
+    unknown = assert_status(
+        rest.call("GET", "/referral/code/by-email", params={"email": new_email("x")}), 404, 5
+    )
+    assert detail(unknown, "ErrorInfo")["reason"]
+
+    email = new_email("dup")
+    rest.register(email)
+    taken = assert_status(
+        rest.call("POST", "/auth/register", json={"email": email, "password": PASSWORD}), 409, 6
+    )
+    assert detail(taken, "ErrorInfo")["reason"]
+
+    login = rest.call("POST", "/auth/login", json={"email": email, "password": "wrong password"})
+    assert_status(login, 401, 16)
+
+
+LARGE_BODY = json.dumps({"email": "a@example.com", "password": "x" * 70_000})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "http_status", "grpc_code"),
+    [
+        pytest.param("GET", "/no/such/path", None, 404, 5, id="unknown-path"),
+        pytest.param("GET", "/auth/login", None, 404, 5, id="wrong-method"),
+        pytest.param("POST", "/auth/login", '{"email": "a@b.c",', 400, 3, id="bad-json"),
+        pytest.param("POST", "/auth/login", '{"email": 5}', 400, 3, id="wrong-json-type"),
+        pytest.param("POST", "/referral/code", '{"expires_at": "tomorrow"}', 400, 3, id="bad-timestamp"),
+        pytest.param("GET", "/referral/referrals?page_size=many", None, 400, 3, id="bad-integer-query"),
+        pytest.param("GET", "/referral/referrals?colour=red", None, 400, 3, id="unknown-query-param"),
+        pytest.param("POST", "/auth/register", LARGE_BODY, 413, 8, id="body-too-large"),
+    ],
+)
+def test_errors_envoy_makes_itself_have_the_same_json_shape(
+    rest: Rest, method: str, path: str, body: str | None, http_status: int, grpc_code: int
+) -> None:
+    response = rest.call(
+        method, path, data=body, headers={"content-type": "application/json"} if body else {}
+    )
+    assert_status(response, http_status, grpc_code)
+
+
+def test_backend_down_is_503_json_for_rest_and_unavailable_for_grpc(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with (
+        running_server(env, tmp_path / "server.log") as (server, address),
+        running_envoy([address], tmp_path) as envoy,
+        requests.Session() as session,
+    ):
+        rest = Rest(envoy.url, session)
+        assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
+        server.stop(timeout=15)
+        down = assert_status(rest.call("GET", "/referral/referrals"), 503, 14)
+        assert down["details"] == []
+        with grpc.insecure_channel(f"127.0.0.1:{envoy.port}") as channel:
+            stub = referral_service_pb2_grpc.ReferralServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email="a@b.c"), timeout=5)
+        # Native gRPC keeps Envoy's own answer: no JSON inside grpc-message.
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not raised.value.details().startswith("{")
+
+
+def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
+    """The server sheds RPCs beyond GRPC_MAX_CONCURRENT_RPCS with RESOURCE_EXHAUSTED: REST sees 429."""
+    limited = {**env, "GRPC_MAX_CONCURRENT_RPCS": "1", "BCRYPT_ROUNDS": "10"}
+    with (
+        running_server(limited, tmp_path / "server.log") as (_, address),
+        running_envoy([address], tmp_path) as envoy,
+    ):
+        statuses: list[tuple[int, dict[str, Any]]] = []
+        for _attempt in range(3):
+            barrier = threading.Barrier(8)
+
+            def register(barrier: threading.Barrier = barrier) -> None:
+                with requests.Session() as session:
+                    barrier.wait()
+                    response = Rest(envoy.url, session).call(
+                        "POST", "/auth/register", json={"email": new_email("crowd"), "password": PASSWORD}
+                    )
+                    statuses.append((response.status_code, response.json()))
+
+            threads = [threading.Thread(target=register) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if any(code == 429 for code, _ in statuses):
+                break
+        shed = [body for code, body in statuses if code == 429]
+        assert shed, statuses
+        assert shed[0]["code"] == 8 and set(shed[0]) == {"code", "message", "details"}
+        assert {code for code, _ in statuses} <= {200, 429}
+
+
+# --- native gRPC through the same port ---------------------------------------------------------------
+
+
+def test_native_grpc_through_the_envoy_port(rest: Rest, envoy: Envoy) -> None:
+    email = new_email("grpc")
+    tokens = rest.register(email)
+    rest.ok("POST", "/referral/code", token=tokens["access_token"], json={"expires_at": in_days(5)})
+
+    target = f"127.0.0.1:{envoy.port}"
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", target, "list"], capture_output=True, text=True, timeout=30
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert {"referral.v1.AuthService", "referral.v1.ReferralService", "grpc.health.v1.Health"} <= set(
+        listed.stdout.split()
+    )
+    called = subprocess.run(
+        [grpcurl, "-plaintext", "-d", json.dumps({"email": email}), target,
+         "referral.v1.ReferralService/GetReferralCodeByEmail"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+    assert re.fullmatch(r"[A-Z0-9]{10}", json.loads(called.stdout)["code"])
+
+    with grpc.insecure_channel(target) as channel:
+        auth = auth_service_pb2_grpc.AuthServiceStub(channel)
+        reply = auth.Login(auth_pb.LoginRequest(email=email, password=PASSWORD), timeout=10)
+        assert str(reply.user_id) == tokens["user_id"]
+        referrals = referral_service_pb2_grpc.ReferralServiceStub(channel)
+        page = referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(),
+            metadata=[("authorization", f"Bearer {reply.access_token}")],
+            timeout=10,
+        )
+        assert list(page.referrals) == []
+        with pytest.raises(grpc.RpcError) as raised:
+            auth.Register(auth_pb.RegisterRequest(email="nope", password=PASSWORD), timeout=10)
+    # Rich error details pass through Envoy untouched.
+    status = rpc_status.from_call(raised.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad_request = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad_request) for d in status.details)
+    assert bad_request.field_violations[0].field == "email"
+
+
+# --- the OpenAPI document and the docs page ----------------------------------------------------------
+
+
+def test_openapi_json_is_served_and_equals_the_committed_file(rest: Rest) -> None:
+    response = rest.session.get(rest.base + "/openapi.json", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == (GATEWAY / "openapi.json").read_bytes()
+
+
+@pytest.mark.parametrize("path", ["/docs", "/swagger"])
+def test_docs_page_and_its_bundled_assets_load(rest: Rest, path: str) -> None:
+    page = rest.session.get(rest.base + path, timeout=10)
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert 'url: "/openapi.json"' in page.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "no CDN: assets are bundled"
+    assets = re.findall(r"""(?:src|href)="(/docs/[^"]+)""", page.text)
+    expected_types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    assert {Path(asset).suffix for asset in assets} == set(expected_types)
+    for asset in assets:
+        response = rest.session.get(rest.base + asset, timeout=10)
+        assert response.status_code == 200, asset
+        assert response.headers["content-type"].startswith(expected_types[Path(asset).suffix])
+        assert response.content == (GATEWAY / asset.removeprefix("/")).read_bytes()
+
+
+def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    return {
+        op["operationId"]: (verb, path, op)
+        for path, item in DOCUMENT["paths"].items()
+        for verb, op in item.items()
+    }
+
+
+def test_every_documented_operation_answers_as_documented(rest: Rest, database: str) -> None:
+    """A valid call of each operation in the document: 200 with a body that validates against its schema;
+    and a failing call of each: an error status with the documented error schema."""
+    owner_email, friend_email = new_email("spec-owner"), new_email("spec-friend")
+    state: dict[str, Any] = {}
+
+    def remember(key: str) -> Callable[[Any], None]:
+        return lambda body: state.__setitem__(key, body)
+
+    def token() -> str:
+        return str(state["owner"]["access_token"])
+
+    credentials = {"email": owner_email, "password": PASSWORD}
+    steps: list[tuple[str, Callable[[], dict[str, Any]], Callable[[Any], None] | None]] = [
+        ("AuthService_Register", lambda: {"json": credentials}, remember("owner")),
+        ("AuthService_Login", lambda: {"json": credentials}, remember("owner")),
+        ("ReferralService_CreateReferralCode", lambda: {"token": token(), "json": {"expires_at": in_days(3)}},
+         remember("code")),
+        ("ReferralService_GetReferralCodeByEmail", lambda: {"params": {"email": owner_email}}, None),
+        ("ReferralService_ListReferrals", lambda: {"token": token(), "params": {"page_size": 10}}, None),
+        ("ReferralService_DeleteReferralCode", lambda: {"token": token()}, None),
+        ("AuthService_RefreshToken", lambda: {"json": {"refresh_token": state["owner"]["refresh_token"]}},
+         remember("owner")),
+        ("AuthService_ChangePassword",
+         lambda: {"token": token(), "json": {"current_password": PASSWORD, "new_password": "second one"}},
+         remember("owner")),
+        ("AuthService_RequestPasswordReset", lambda: {"json": {"email": owner_email}}, None),
+        ("AuthService_ResetPassword",
+         lambda: {"json": {"token": reset_token(database, owner_email), "new_password": PASSWORD}}, None),
+        ("AuthService_Logout", lambda: {"json": {"refresh_token": state["friend"]["refresh_token"]},
+                                        "token": state["friend"]["access_token"]}, None),
+    ]  # fmt: skip
+    state["friend"] = rest.register(friend_email)
+    operations = _operations()
+    assert {name for name, _, _ in steps} == set(operations), "every documented operation is exercised"
+
+    for name, make_request, keep in steps:
+        verb, path, operation = operations[name]
+        response = rest.call(verb.upper(), path, **make_request())
+        assert response.status_code == 200, (name, response.text)
+        validate(operation["responses"]["200"]["content"]["application/json"]["schema"], response.json())
+        if keep is not None:
+            keep(response.json())
+
+    for name, (verb, path, operation) in operations.items():
+        # No token for protected operations, an empty body or missing parameter for public ones.
+        response = rest.call(verb.upper(), path, json={} if "requestBody" in operation else None)
+        assert 400 <= response.status_code < 500, (name, response.status_code)
+        assert ("security" in operation) == (response.status_code == 401), (name, response.text)
+        error_schema = DOCUMENT["components"]["responses"]["Error"]["content"]["application/json"]["schema"]
+        validate(error_schema, response.json())
+
+
+def test_schemathesis_finds_no_response_that_breaks_the_document(rest: Rest, tmp_path: Path) -> None:
+    """Fuzzing every documented operation (fixed seed, few examples): no 5xx, every status, content type,
+    header and body as documented. Request validation is stricter than the document says (lengths live
+    in comments), so rejected valid-looking input is not a failure here."""
+    tokens = rest.register(new_email("fuzz"))
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            str(GATEWAY / "openapi.json"),
+            "--url",
+            rest.base,
+            "--header",
+            f"Authorization: Bearer {tokens['access_token']}",
+            "--checks",
+            checks + ",response_headers_conformance",
+            "--phases",
+            "coverage,fuzzing",
+            "--max-examples",
+            "5",
+            "--seed",
+            "20261126",
+            "--workers",
+            "1",
+            "--generation-database",
+            "none",
+            "--no-color",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ generated, \d+ passed", result.stdout), result.stdout[-2000:]
+
+
+# --- the Envoy configs, `make run`, docker-compose ----------------------------------------------------
+
+
+def test_every_envoy_config_validates() -> None:
+    settings = make_settings(envoy_port=18080, envoy_admin_port=19901, server_processes=3, grpc_port=50100)
+    assert validate_gateway(settings) == 0
+
+
+def test_rendering_changes_addresses_structurally() -> None:
+    config = render_envoy_config(
+        listen=("127.0.0.1", 1234),
+        admin=("127.0.0.1", 5678),
+        backends=[("127.0.0.1", 7001), ("127.0.0.1", 7002)],
+        files_root=Path("/srv/referral"),
+    )
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 5678}
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["port_value"] == 1234
+    [cluster] = config["static_resources"]["clusters"]
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [7001, 7002]
+    text = json.dumps(config)
+    assert '"proto_descriptor": "/srv/referral/gateway/referral.pb"' in text
+    assert '"filename": "/srv/referral/gateway/openapi.json"' in text
+    # The source is untouched and the docker variant is what `make generate` wrote.
+    assert "1234" not in (GATEWAY / "envoy.yaml").read_text()
+    assert (GATEWAY / "envoy.docker.yaml").read_text() == docker_envoy_config()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[str]
+    rest_url: str
+    output: list[str]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """`python -m referral_grpc run` with embedded defaults (SQLite, SQLite Huey), two server processes,
+    every port picked by the OS, and no JWT_SECRET (the stack makes one up and shares it)."""
+    env = {key: value for key, value in os.environ.items() if key != "JWT_SECRET"}
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'referral.db'}",
+        HUEY_SQLITE_PATH=str(tmp_path / "huey.db"),
+        BCRYPT_ROUNDS="4",
+        GRPC_PORT="0",
+        ENVOY_PORT="0",
+        ENVOY_ADMIN_PORT="0",
+        SERVER_PROCESSES="2",
+        GRPC_GRACE_SECONDS="2",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "referral_grpc", "run"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    up = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if "Ctrl-C stops everything" in line:
+                up.set()
+        up.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert up.wait(60) and process.poll() is None, "".join(output)
+        match = re.search(r"REST\s+(http://127\.0\.0\.1:\d+)", "".join(output))
+        assert match, "".join(output)
+        yield Stack(process, match.group(1), output)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_make_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> None:
+    text = "".join(stack.output)
+    for label in ("API docs", "gRPC", "Envoy admin"):
+        assert label in text
+    children = _children(stack.process.pid)
+    assert len(children) == 4  # two servers, the worker, Envoy
+    with requests.Session() as session:
+        rest = Rest(stack.rest_url, session)
+        tokens = rest.register(new_email("stack"))
+        # Round-robin over both server processes: both accept the token (one shared dev secret).
+        for _ in range(6):
+            assert rest.ok("GET", "/referral/referrals", token=tokens["access_token"])["referrals"] == []
+        assert session.get(stack.rest_url + "/docs", timeout=10).status_code == 200
+
+    stack.process.send_signal(signal.SIGTERM)
+    assert stack.process.wait(timeout=60) == 0, "".join(stack.output)
+    assert not [pid for pid in children if _alive(pid)]
+    assert "SIGTERM: stopping the stack" in "".join(stack.output)
+
+
+def test_make_run_exits_non_zero_when_a_child_dies(stack: Stack) -> None:
+    children = _children(stack.process.pid)
+    os.kill(children[0], signal.SIGKILL)
+    assert stack.process.wait(timeout=60) == 1
+    assert "exited with code -9: stopping the stack" in "".join(stack.output)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def test_server_processes_share_nothing_but_envoy(tmp_path: Path, env: dict[str, str]) -> None:
+    """SERVER_PROCESSES gives consecutive ports, each its own Envoy endpoint, health-checked on its own."""
+    with (
+        running_server(env, tmp_path / "a.log", name="a") as (_, first),
+        running_server(env, tmp_path / "b.log", name="b") as (second_process, second),
+        running_envoy([first, second], tmp_path) as envoy,
+    ):
+        first_key, second_key = (f"{host}:{port}" for host, port in (first, second))
+        assert envoy.backend_health() == {first_key: "healthy", second_key: "healthy"}
+        second_process.stop(timeout=15)
+        deadline = time.monotonic() + 20
+        while envoy.backend_health()[second_key] == "healthy" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert envoy.backend_health()[first_key] == "healthy"
+        assert envoy.backend_health()[second_key] != "healthy"
+        with requests.Session() as session:
+            rest = Rest(envoy.url, session)
+            for _ in range(4):
+                assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
+
+
+COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+
+
+def test_docker_compose_services_are_complete_and_hold_no_secrets() -> None:
+    services = COMPOSE["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "server", "worker", "envoy"}
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        if name != "migrate":
+            assert service["healthcheck"]["test"][0] == "CMD", name
+    assert services["postgres"]["image"] == "postgres:15"
+    assert services["redis"]["image"] == "redis:7"
+    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("server", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["build"] == "."
+    assert services["envoy"]["depends_on"]["server"]["condition"] == "service_healthy"
+
+    for name in ("migrate", "server", "worker"):
+        environment = services[name]["environment"]
+        assert environment["ENVIRONMENT"] == "production"
+        for secret in ("JWT_SECRET", "PASSWORD_PEPPER"):
+            assert environment[secret] == f"${{{secret}:?set {secret}}}", (name, secret)
+        assert "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}" in environment["DATABASE_URL"]
+    assert (
+        services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+        == "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+    )
+    # Published admin port: loopback only.
+    assert "127.0.0.1:9901:9901" in services["envoy"]["ports"]
+
+
+def test_docker_compose_envoy_matches_the_package_and_its_mounted_config_validates() -> None:
+    envoy = COMPOSE["services"]["envoy"]
+    version = subprocess.run([str(envoy_binary()), "--version"], capture_output=True, text=True, check=True)
+    package_version = re.search(r"/(\d+\.\d+\.\d+)/", version.stdout)
+    assert package_version
+    assert envoy["image"] == f"envoyproxy/envoy:v{package_version.group(1)}"
+    for volume in envoy["volumes"]:
+        host = volume.split(":")[0]
+        assert (PROJECT_ROOT / host).exists(), host
+    assert "./gateway:/etc/envoy/gateway:ro" in envoy["volumes"]
+    config_arg = envoy["command"][envoy["command"].index("-c") + 1]
+    assert envoy["working_dir"] == "/etc/envoy" and config_arg == "gateway/envoy.docker.yaml"
+    ok, output = validate_config_file(PROJECT_ROOT / config_arg, cwd=PROJECT_ROOT)
+    assert ok, output
+    docker = yaml.safe_load((PROJECT_ROOT / config_arg).read_text())
+    listen = docker["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listen == {"address": "0.0.0.0", "port_value": 8080}  # noqa: S104 - inside the container
+    cluster = docker["static_resources"]["clusters"][0]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "server", "port_value": 50051}
+
+
+def test_dockerfile_runs_the_project_as_non_root() -> None:
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install \.", dockerfile, re.MULTILINE)
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in {"root", "0"}
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[1] == "*" and "!referral_grpc/" in ignored and "!migrations/" in ignored

@@ -1,0 +1,302 @@
+"""gateway/openapi/protoc-gen-openapi run through protoc: a valid OpenAPI 3.1 document true to the protos."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import google.api
+import pytest
+from google.api import annotations_pb2
+from openapi_spec_validator import validate
+
+from referral_grpc.api.interceptors import PUBLIC_METHODS
+from referral_grpc.gen import auth_service_pb2, referral_service_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = ROOT / "gateway" / "openapi" / "run-plugin"
+COMMITTED = ROOT / "gateway" / "openapi.json"
+GOOGLEAPIS = Path(next(iter(google.api.__path__))).parent.parent
+PROTOS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "proto" / "referral" / "v1").glob("*.proto"))
+
+
+def run_plugin(out: Path, protos: list[str], include: str = "proto", options: str = "") -> dict[str, Any]:
+    """protoc (in the project root) with the plugin as the Makefile runs it; returns the document."""
+    out.mkdir(parents=True, exist_ok=True)
+    opt = [f"--openapi_opt={options}"] if options else []
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{include}",
+            f"-I{GOOGLEAPIS}",
+            f"--plugin=protoc-gen-openapi={PLUGIN}",
+            f"--openapi_out={out}",
+            *opt,
+            *protos,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OPENAPI_PLUGIN_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads((out / "openapi.json").read_text())
+    return document
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("openapi")
+    return run_plugin(out, PROTOS), out / "openapi.json"
+
+
+@pytest.fixture(scope="module")
+def document(generated: tuple[dict[str, Any], Path]) -> dict[str, Any]:
+    return generated[0]
+
+
+def http_rules() -> dict[tuple[str, str], str]:
+    """(verb, path) -> full method name, read from the compiled descriptors (independently of the plugin)."""
+    rules = {}
+    for module in (auth_service_pb2, referral_service_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                rule = method.GetOptions().Extensions[annotations_pb2.http]
+                verb = rule.WhichOneof("pattern")
+                rules[(verb, getattr(rule, verb))] = method.full_name
+    return rules
+
+
+def schema_of(document: dict[str, Any], name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = document["components"]["schemas"][name]
+    return schema
+
+
+def test_plugin_output_is_valid_openapi_31_and_equals_the_committed_file(
+    generated: tuple[dict[str, Any], Path],
+) -> None:
+    document, path = generated
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    assert path.read_bytes() == COMMITTED.read_bytes(), "gateway/openapi.json is stale: run make generate"
+
+
+def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]) -> None:
+    documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
+    rules = http_rules()
+    assert documented == set(rules)
+    assert len(rules) == 11
+    operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
+    assert len(set(operation_ids)) == len(operation_ids)
+    assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
+    assert document["paths"]["/referral/referrals"]["get"]["tags"] == ["ReferralService"]
+
+
+def test_get_and_delete_fields_are_query_parameters_with_proto_names(document: dict[str, Any]) -> None:
+    by_email = document["paths"]["/referral/code/by-email"]["get"]
+    assert by_email["parameters"] == [
+        {
+            "name": "email",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": (
+                "The email address of the code's owner, in any letter case (at most 254 characters)."
+            ),
+            "required": True,
+        }
+    ]
+    assert "requestBody" not in by_email
+    listing = document["paths"]["/referral/referrals"]["get"]["parameters"]
+    assert [(p["name"], p["in"], p["schema"], p.get("required", False)) for p in listing] == [
+        ("page_size", "query", {"type": "integer", "format": "int32"}, False),
+        ("page_token", "query", {"type": "string"}, False),
+    ]
+    delete = document["paths"]["/referral/code"]["delete"]
+    assert "parameters" not in delete and "requestBody" not in delete
+
+
+def test_bodies_use_proto_field_names_required_from_field_behavior(document: dict[str, Any]) -> None:
+    register = document["paths"]["/auth/register"]["post"]
+    assert register["requestBody"] == {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RegisterRequest"}}},
+    }
+    request = schema_of(document, "RegisterRequest")
+    assert list(request["properties"]) == ["email", "password", "referral_code"]
+    assert request["required"] == ["email", "password"]
+    assert "validated, normalised" in request["properties"]["email"]["description"]
+    assert schema_of(document, "ChangePasswordRequest")["required"] == ["current_password", "new_password"]
+    create = schema_of(document, "CreateReferralCodeRequest")
+    assert create["properties"]["expires_at"]["type"] == "string"
+    assert create["properties"]["expires_at"]["format"] == "date-time"
+    assert create["required"] == ["expires_at"]
+
+
+def test_response_schemas_match_what_envoy_prints(document: dict[str, Any]) -> None:
+    ok = document["paths"]["/auth/login"]["post"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AuthTokens"}
+    tokens = schema_of(document, "AuthTokens")
+    # int64 is a JSON string; OUTPUT_ONLY is readOnly; always_print_primitive_fields prints every field.
+    assert tokens["properties"]["user_id"]["type"] == "string"
+    assert tokens["properties"]["user_id"]["format"] == "int64"
+    assert tokens["properties"]["expires_in"]["type"] == "integer"
+    assert all(prop["readOnly"] for prop in tokens["properties"].values())
+    assert tokens["required"] == list(tokens["properties"])
+    code = schema_of(document, "ReferralCode")
+    assert code["properties"]["created_at"] == {
+        "type": "string",
+        "format": "date-time",
+        "description": "The moment the code was created.",
+        "readOnly": True,
+    }
+    # A message field is only printed when set: not required.
+    assert code["required"] == ["code"]
+    page = schema_of(document, "ListReferralsResponse")
+    assert page["properties"]["referrals"]["type"] == "array"
+    assert page["properties"]["referrals"]["items"] == {"$ref": "#/components/schemas/Referral"}
+    assert page["required"] == ["referrals", "next_page_token"]
+    assert schema_of(document, "LogoutResponse")["properties"] == {}
+
+
+def test_errors_are_google_rpc_status(document: dict[str, Any]) -> None:
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert operation["responses"]["4XX"] == {"$ref": "#/components/responses/Error"}
+            assert operation["responses"]["5XX"] == {"$ref": "#/components/responses/Error"}
+    error = document["components"]["responses"]["Error"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/Status"}
+    status = schema_of(document, "Status")
+    assert status["required"] == ["code", "message", "details"]
+    assert status["properties"]["details"]["items"] == {"$ref": "#/components/schemas/Any"}
+    assert schema_of(document, "Any")["required"] == ["@type"]
+
+
+def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]) -> None:
+    assert document["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "AuthTokens.access_token, sent as `Authorization: Bearer <access_token>`.",
+    }
+    # The server's interceptor enforces the public list; the document must say the same.
+    server_public = {name.strip("/").replace("/", ".") for name in PUBLIC_METHODS if "referral.v1" in name}
+    rules = http_rules()
+    for path, item in document["paths"].items():
+        for verb, operation in item.items():
+            public = rules[(verb, path)] in server_public
+            assert operation.get("security") == (None if public else [{"bearerAuth": []}]), (verb, path)
+    assert len(server_public) == 6
+
+
+def test_descriptions_come_from_proto_comments(document: dict[str, Any]) -> None:
+    login = document["paths"]["/auth/login"]["post"]
+    assert login["summary"] == "Login exchanges an email and password for a fresh set of tokens."
+    assert "same UNAUTHENTICATED error" in login["description"]
+    tags = {tag["name"]: tag["description"] for tag in document["tags"]}
+    assert tags["ReferralService"].startswith("ReferralService manages referral codes")
+
+
+SYNTHETIC = """
+syntax = "proto3";
+package demo.v2;
+import "google/api/annotations.proto";
+import "google/api/field_behavior.proto";
+import "google/protobuf/duration.proto";
+
+// Shelves hold books.
+service ShelfService {
+  // GetBook returns one book.
+  rpc GetBook(GetBookRequest) returns (Book) {
+    option (google.api.http) = {
+      get: "/v2/{name=shelves/*/books/*}"
+      additional_bindings {get: "/v2/books/{name}"}
+    };
+  }
+  // UpdateBook replaces the book.
+  rpc UpdateBook(UpdateBookRequest) returns (Book) {
+    option (google.api.http) = {patch: "/v2/{book.name=shelves/*/books/*}" body: "book"};
+  }
+  // Not exposed over REST.
+  rpc Internal(GetBookRequest) returns (Book);
+}
+
+enum Genre {
+  GENRE_UNSPECIFIED = 0;
+  GENRE_POETRY = 1;
+}
+
+message Filter {
+  string author = 1;
+  repeated Genre genres = 2;
+}
+
+message GetBookRequest {
+  string name = 1 [(google.api.field_behavior) = REQUIRED];
+  Filter filter = 2;
+  uint64 revision = 3;
+}
+
+message UpdateBookRequest {
+  Book book = 1 [(google.api.field_behavior) = REQUIRED];
+}
+
+// A book.
+message Book {
+  // The resource name.
+  string name = 1 [(google.api.field_behavior) = IDENTIFIER];
+  Genre genre = 2;
+  map<string, int64> counts = 3;
+  google.protobuf.Duration loan = 4;
+  bytes cover = 5;
+  optional double rating = 6;
+  Book sequel = 7;
+}
+"""
+
+
+def test_generic_mappings_on_a_synthetic_api(tmp_path: Path) -> None:
+    protos = tmp_path / "protos"
+    (protos / "demo" / "v2").mkdir(parents=True)
+    (protos / "demo" / "v2" / "shelf.proto").write_text(SYNTHETIC)
+    document = run_plugin(
+        tmp_path / "out", ["demo/v2/shelf.proto"], include=str(protos), options="title=Demo,version=2.1"
+    )
+    validate(document)
+    assert document["info"]["title"] == "Demo" and document["info"]["version"] == "2.1"
+    assert set(document["paths"]) == {"/v2/{name}", "/v2/books/{name}", "/v2/{book.name}"}
+    get = document["paths"]["/v2/{name}"]["get"]
+    assert get["operationId"] == "ShelfService_GetBook"
+    assert document["paths"]["/v2/books/{name}"]["get"]["operationId"] == "ShelfService_GetBook_1"
+    params = {(p["name"], p["in"]): p for p in get["parameters"]}
+    assert set(params) == {
+        ("name", "path"),
+        ("filter.author", "query"),
+        ("filter.genres", "query"),
+        ("revision", "query"),
+    }
+    assert params[("filter.genres", "query")]["schema"] == {
+        "type": "array",
+        "items": {"type": "string", "enum": ["GENRE_UNSPECIFIED", "GENRE_POETRY"]},
+    }
+    assert params[("revision", "query")]["schema"]["type"] == "string"
+    update = document["paths"]["/v2/{book.name}"]["patch"]
+    assert update["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Book"
+    }
+    assert [p["name"] for p in update["parameters"]] == ["book.name"]
+    book = schema_of(document, "Book")["properties"]
+    assert book["counts"]["additionalProperties"]["type"] == "string"
+    assert book["loan"]["type"] == "string" and book["loan"]["pattern"].endswith("s$")
+    assert book["cover"] == {"type": "string", "contentEncoding": "base64"}
+    assert book["sequel"] == {"$ref": "#/components/schemas/Book"}
+    # Book is only ever a response of GetBook, but UpdateBook also sends it: nothing is forced required.
+    assert "required" not in schema_of(document, "Book")
+    assert "securitySchemes" in document["components"]
