@@ -1,0 +1,252 @@
+"""The task queue: the Huey instance with its tasks, the outbox relay, and the worker process that runs them.
+
+Run it with `python -m referral_grpc worker` (`run_worker(settings)`): Huey's consumer plus the outbox
+relay. `huey_consumer referral_grpc.tasks.huey` also runs the tasks, but without the relay, so emails
+whose enqueue failed or whose task was lost would wait for a worker that has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import redis
+from huey import Huey
+from huey.consumer import Consumer
+from huey.storage import RedisStorage, SqliteStorage
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .db import init_database
+from .domain.ports import Clock, EmailVerifier, SystemClock
+from .mailer import Mailer, make_mailer
+from .models import database
+from .outbox import DeliveryConfig, deliver, relay_pending
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Tasks are addressed by these names (Huey prefixes the module), never by the Python objects:
+# an instance built in the gRPC server enqueues what the worker's instance runs.
+DELIVER_EMAIL = "deliver_email"
+RECHECK_EMAIL = "recheck_email"
+
+_RELAY_BATCH = 100
+_RECHECK_BATCH = 100
+
+
+class TaskQueue(Huey):  # type: ignore[misc]
+    """A Huey instance with the service's tasks registered, bound to one Settings."""
+
+    def __init__(self, settings: Settings, name: str, storage_class: type, **storage_kwargs: Any) -> None:
+        # Results are never read: storing them would only fill Redis.
+        super().__init__(name, results=False, utc=True, storage_class=storage_class, **storage_kwargs)
+        self.settings = settings
+        self.clock: Clock = SystemClock()
+        self.delivery_config = DeliveryConfig.from_settings(settings)
+        self._mailer: Mailer | None = None
+        self._verifier: EmailVerifier | None = None
+        self._lock = threading.Lock()
+        self.deliver_email = self.task(name=DELIVER_EMAIL)(self._deliver_email)
+        self.recheck_email = self.task(name=RECHECK_EMAIL)(self._recheck_email)
+        # For `huey_consumer`, which knows nothing of run_worker: bind the models in each worker thread.
+        self.on_startup(name="bind_database")(self._ensure_database)
+
+    def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None:
+        """Queue `deliver_email(outbox_id)`, after `delay` seconds if given; raises when the queue is down."""
+        self.enqueue(self.deliver_email.s(outbox_id, delay=delay))
+
+    def enqueue_recheck(self, user_id: int) -> None:
+        self.enqueue(self.recheck_email.s(user_id))
+
+    @property
+    def mailer(self) -> Mailer:
+        with self._lock:
+            if self._mailer is None:
+                self._mailer = make_mailer(self.settings)
+            return self._mailer
+
+    def _ensure_database(self) -> None:
+        with self._lock:
+            if database.obj is None:
+                init_database(self.settings)
+
+    def _deliver_email(self, outbox_id: int) -> None:
+        with database.connection_context():
+            result = deliver(outbox_id, mailer=self.mailer, config=self.delivery_config, clock=self.clock)
+        # Scheduled only now, after the attempt committed: a retry must not run ahead of its own record.
+        if result.retry_in is not None:
+            try:
+                self.enqueue_delivery(outbox_id, delay=result.retry_in)
+            except Exception as exc:
+                log.warning("Could not schedule the retry of email %d, the relay will: %s", outbox_id, exc)
+
+    def _recheck_email(self, user_id: int) -> None:
+        # Imported here: the verifier and its HTTP client are only needed when a re-check runs.
+        from . import hunter
+
+        with self._lock:
+            if self._verifier is None:
+                self._verifier = hunter.make_email_verifier(self.settings)
+            verifier = self._verifier
+        with database.connection_context():
+            status = hunter.recheck_user_email(user_id, verifier, self.clock.now())
+        if status is not None:
+            log.info("Email of user %d re-checked: %s", user_id, status)
+
+
+def create_huey(settings: Settings) -> TaskQueue:
+    """RedisHuey when REDIS_URL is set; otherwise SqliteHuey in HUEY_SQLITE_PATH (the embedded setup).
+
+    The queue's name comes from REDIS_KEY_PREFIX, so deployments sharing a Redis keep separate queues.
+    """
+    name = f"{settings.redis_key_prefix}tasks"
+    if settings.redis_url:
+        pool = redis.ConnectionPool.from_url(
+            settings.redis_url,
+            # The dispatcher runs in request threads: an unreachable Redis must fail fast, and the
+            # relay sends later. Reads wait longer than the consumer's 1 s blocking pop.
+            socket_connect_timeout=1.0,
+            socket_timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
+        )
+        return TaskQueue(settings, name, RedisStorage, connection_pool=pool)
+    settings.ensure_local_dirs()
+    return TaskQueue(settings, name, SqliteStorage, filename=settings.huey_sqlite_path)
+
+
+class _Consumer(Consumer):  # type: ignore[misc]
+    def __init__(self, huey: TaskQueue, *, handle_signals: bool, **options: Any) -> None:
+        super().__init__(huey, **options)
+        self._handle_signals = handle_signals
+        # Huey interrupts running tasks on SIGTERM; a `docker stop` or systemd stop must let the
+        # running delivery finish, as Ctrl-C does. A second signal still forces the exit.
+        self._signal_actions[signal.SIGINT] = (False, True)
+        self._signal_actions[signal.SIGTERM] = (False, True)
+
+    def _set_signal_handlers(self) -> None:
+        # Signal handlers can only be set from the main thread; an embedded worker leaves them alone.
+        if self._handle_signals:
+            super()._set_signal_handlers()
+
+
+class Worker:
+    """The consumer threads plus the outbox relay: everything the worker process runs."""
+
+    def __init__(self, settings: Settings, queue: TaskQueue | None = None) -> None:
+        self.settings = settings
+        self.queue = queue if queue is not None else create_huey(settings)
+        self._stop = threading.Event()
+        self._relay = threading.Thread(target=self._relay_loop, name="outbox-relay", daemon=True)
+        self._consumer: _Consumer | None = None
+
+    def _make_consumer(self, *, handle_signals: bool) -> _Consumer:
+        return _Consumer(
+            self.queue,
+            handle_signals=handle_signals,
+            workers=self.settings.worker_threads,
+            # Re-checks are enqueued by the relay loop; no periodic tasks.
+            periodic=False,
+            # SqliteHuey is polled: an idle worker still looks at least once a second.
+            max_delay=1.0,
+            scheduler_interval=1,
+        )
+
+    def start(self) -> None:
+        """Run in background threads (tests, or a worker embedded in another process)."""
+        self._consumer = self._make_consumer(handle_signals=False)
+        self._consumer.start()
+        self._relay.start()
+
+    def stop(self) -> None:
+        """Stop taking tasks, let running ones finish, and return when they have."""
+        self._stop.set()
+        if self._relay.ident is not None:
+            self._relay.join()
+        if self._consumer is not None:
+            self._consumer.stop(graceful=True)
+
+    def run(self) -> None:
+        """Run in the foreground until SIGINT or SIGTERM; running tasks finish before it returns."""
+        consumer = self._make_consumer(handle_signals=True)
+        self._relay.start()
+        try:
+            consumer.run()
+        finally:
+            self._stop.set()
+            self._relay.join()
+
+    def relay_once(self) -> int:
+        """Enqueue every pending row that is due (see referral_grpc.outbox); return how many."""
+        lease = timedelta(seconds=self.settings.outbox_lease)
+        total = 0
+        try:
+            with database.connection_context():
+                while True:
+                    count = relay_pending(self.queue, self.queue.clock.now(), lease, _RELAY_BATCH)
+                    total += count
+                    if count < _RELAY_BATCH:
+                        break
+        except Exception as exc:
+            log.warning("Outbox relay pass failed, next in %ss: %s", self.settings.outbox_relay_interval, exc)
+        if total:
+            log.info("Outbox relay enqueued %d email(s)", total)
+        return total
+
+    def enqueue_rechecks(self) -> int:
+        """Enqueue a Hunter re-check for users whose address could not be verified at signup."""
+        try:
+            from . import hunter
+
+            with database.connection_context():
+                user_ids = hunter.users_needing_recheck(_RECHECK_BATCH)
+            for user_id in user_ids:
+                self.queue.enqueue_recheck(user_id)
+        except Exception as exc:
+            log.warning("Could not enqueue email re-checks: %s", exc)
+            return 0
+        return len(user_ids)
+
+    def _relay_loop(self) -> None:
+        next_recheck = time.monotonic()
+        while not self._stop.is_set():
+            self.relay_once()
+            if time.monotonic() >= next_recheck:
+                self.enqueue_rechecks()
+                next_recheck = time.monotonic() + self.settings.hunter_recheck_interval
+            self._stop.wait(self.settings.outbox_relay_interval)
+
+
+def run_worker(settings: Settings) -> None:
+    """`python -m referral_grpc worker`: consume the queue in the foreground until SIGINT or SIGTERM."""
+    settings.ensure_local_dirs()
+    init_database(settings)
+    worker = Worker(settings)
+    log.info(
+        "Worker started: %d thread(s), %s queue, relay every %ss",
+        settings.worker_threads,
+        "Redis" if settings.redis_url else "SQLite",
+        settings.outbox_relay_interval,
+    )
+    worker.run()
+    log.info("Worker stopped")
+
+
+@functools.cache
+def _default_huey() -> TaskQueue:
+    return create_huey(Settings.from_env())
+
+
+def __getattr__(name: str) -> Any:
+    # `huey`, `deliver_email` and `recheck_email` are built on first use, not at import: importing this
+    # module (the server does, for create_huey) must not read the environment or create var/huey.db.
+    if name == "huey":
+        return _default_huey()
+    if name in (DELIVER_EMAIL, RECHECK_EMAIL):
+        return getattr(_default_huey(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
