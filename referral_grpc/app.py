@@ -10,10 +10,12 @@ import peewee as pw
 from .db import init_database
 from .domain.auth import AuthService
 from .domain.passwords import PasswordHasher
-from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
+from .domain.ports import CachedCode, Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
 from .domain.referrals import ReferralService
 from .domain.tokens import AccessTokens, PageTokens
+from .domain.validation import normalize_email
 from .settings import Settings
+from .throttle import Limits, Rule, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,40 @@ class App:
     dispatcher: EmailDispatcher
     auth: AuthService
     referrals: ReferralService
+    throttle: Throttle
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
         if not isinstance(self.db, pw.SqliteDatabase) and not self.db.is_closed():
             self.db.close()
+
+
+class LookupThrottledReferralService(ReferralService):
+    """ReferralService whose public lookup by email is throttled per target email, against enumeration.
+
+    A wrapper only because referrals.py had another owner when the throttle landed: the check belongs
+    at the top of ReferralService.get_code_by_email.
+    """
+
+    def __init__(
+        self,
+        *,
+        db: pw.Database,
+        clock: Clock,
+        cache: CodeCache,
+        page_tokens: PageTokens,
+        max_horizon_days: int,
+        throttle: Throttle,
+        rule: Rule,
+    ) -> None:
+        super().__init__(db, clock, cache, page_tokens, max_horizon_days)
+        self._throttle = throttle
+        self._lookup_rule = rule
+
+    def get_code_by_email(self, email: str) -> CachedCode:
+        _, email_key = normalize_email(email)
+        self._throttle.hit(self._lookup_rule, email_key)
+        return super().get_code_by_email(email)
 
 
 def build_app(
@@ -42,6 +73,7 @@ def build_app(
     cache: CodeCache | None = None,
     verifier: EmailVerifier | None = None,
     dispatcher: EmailDispatcher | None = None,
+    throttle: Throttle | None = None,
 ) -> App:
     """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
     from .cache import make_code_cache
@@ -56,6 +88,8 @@ def build_app(
     cache = cache if cache is not None else make_code_cache(settings)
     verifier = verifier if verifier is not None else make_email_verifier(settings)
     dispatcher = dispatcher if dispatcher is not None else make_dispatcher(settings, clock)
+    throttle = throttle if throttle is not None else Throttle.from_settings(settings, clock)
+    limits = Limits.from_settings(settings)
     hasher = PasswordHasher(settings.bcrypt_rounds, settings.password_pepper, settings.hash_concurrency)
     access = AccessTokens(
         settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.access_token_ttl, clock
@@ -69,12 +103,17 @@ def build_app(
         reset_token_ttl=settings.reset_token_ttl,
         verifier=verifier,
         dispatcher=dispatcher,
+        throttle=throttle,
+        limits=limits,
+        reset_request_min_seconds=settings.reset_request_min_seconds,
     )
-    referrals = ReferralService(
+    referrals = LookupThrottledReferralService(
         db=db,
         clock=clock,
         cache=cache,
         page_tokens=PageTokens(settings.jwt_secret),
         max_horizon_days=settings.code_max_horizon_days,
+        throttle=throttle,
+        rule=limits.lookup,
     )
-    return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals)
+    return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle)

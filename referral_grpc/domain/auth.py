@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,18 +13,19 @@ import peewee as pw
 from ..db import is_postgres, write_transaction
 from ..models import PasswordResetToken, ReferralCode, RefreshToken, User
 from ..outbox import queue_email
+from ..throttle import Limits, Throttle
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier
 from .tokens import AccessTokens, invalid_token, random_token, token_digest
 from .validation import (
-    MAX_PASSWORD_LENGTH,
     MAX_TOKEN_LENGTH,
-    check_length,
     check_password,
+    check_password_input,
+    check_printable,
+    check_token,
     normalize_email,
-    require,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class AuthService:
         reset_token_ttl: int,
         verifier: EmailVerifier,
         dispatcher: EmailDispatcher,
+        throttle: Throttle,
+        limits: Limits,
+        reset_request_min_seconds: float,
     ) -> None:
         self._db = db
         self._clock = clock
@@ -74,12 +79,17 @@ class AuthService:
         self._reset_ttl = reset_token_ttl
         self._verifier = verifier
         self._dispatcher = dispatcher
+        self._throttle = throttle
+        self._limits = limits
+        self._reset_min_seconds = reset_request_min_seconds
 
     # --- sign-in -------------------------------------------------------------------------
 
     def register(self, email: str, password: str, referral_code: str = "") -> IssuedTokens:
         email, email_key = normalize_email(email)
         check_password(password, "password")
+        # Before normalize_code strips: "\x1f" alone must not silently become "no code".
+        check_printable(referral_code, "referral_code", "REFERRAL_CODE_INVALID")
         code = normalize_code(referral_code) if referral_code.strip() else None
         now = self._clock.now()
         if User.select().where(User.email_key == email_key).exists():
@@ -131,22 +141,24 @@ class AuthService:
 
     def login(self, email: str, password: str) -> IssuedTokens:
         _, email_key = normalize_email(email)
-        require(password, "password")
-        check_length(password, "password", MAX_PASSWORD_LENGTH)
+        check_password_input(password, "password")
+        # Counted before the password is checked (see referral_grpc/throttle.py): parallel guesses
+        # cannot overrun the limit, and a throttled account refuses even the right password.
+        self._throttle.hit(self._limits.login, email_key)
         user = User.get_or_none(User.email_key == email_key)
         if user is None:
             self._hasher.verify_dummy(password)
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
         if not self._hasher.verify(password, user.password_hash):
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
+        self._throttle.clear(self._limits.login, email_key)
         now = self._clock.now()
         with write_transaction(self._db):
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
         return self._tokens(user, refresh)
 
     def refresh(self, refresh_token: str) -> IssuedTokens:
-        require(refresh_token, "refresh_token")
-        check_length(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
+        check_token(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
         now = self._clock.now()
         digest = token_digest(refresh_token)
         reused = False
@@ -177,8 +189,7 @@ class AuthService:
         return self._tokens(user, new_refresh)
 
     def logout(self, principal: Principal, refresh_token: str) -> None:
-        require(refresh_token, "refresh_token")
-        check_length(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
+        check_token(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
         now = self._clock.now()
         with write_transaction(self._db):
             row = RefreshToken.get_or_none(
@@ -202,16 +213,18 @@ class AuthService:
     # --- passwords -----------------------------------------------------------------------
 
     def change_password(self, principal: Principal, current_password: str, new_password: str) -> IssuedTokens:
-        require(current_password, "current_password")
-        check_length(current_password, "current_password", MAX_PASSWORD_LENGTH)
+        check_password_input(current_password, "current_password")
         check_password(new_password, "new_password")
         user = User.get_or_none(User.id == principal.user_id)
         if user is None:
             raise invalid_token()
+        # A stolen access token must not become a password-guessing oracle: same counter as Login.
+        self._throttle.hit(self._limits.login, user.email_key)
         if not self._hasher.verify(current_password, user.password_hash):
             raise InvalidArgument.for_field(
                 "current_password", "does not match the current password", "WRONG_PASSWORD"
             )
+        self._throttle.clear(self._limits.login, user.email_key)
         new_hash = self._hasher.hash(new_password)
         now = self._clock.now()
         with write_transaction(self._db):
@@ -230,8 +243,29 @@ class AuthService:
         return self._tokens(User.get_by_id(user.id), refresh)
 
     def request_password_reset(self, email: str) -> None:
-        """Queue a reset email when the address has an account; the caller cannot tell which happened."""
-        email, email_key = normalize_email(email)
+        """Queue a reset email when the address has an account; the caller cannot tell which happened.
+
+        Same answer, same throttle and the same minimum duration either way: an unknown email returns
+        after one SELECT while a known one writes a token and an outbox row, so both are padded to
+        RESET_REQUEST_MIN_SECONDS.
+        """
+        _, email_key = normalize_email(email)
+        self._throttle.hit(self._limits.reset, email_key)
+        started = time.monotonic()
+        try:
+            self._issue_reset_token(email_key)
+        finally:
+            elapsed = time.monotonic() - started
+            if elapsed < self._reset_min_seconds:
+                time.sleep(self._reset_min_seconds - elapsed)
+            elif self._reset_min_seconds > 0:
+                log.warning(
+                    "RequestPasswordReset took %.0f ms, over RESET_REQUEST_MIN_SECONDS: "
+                    "its latency may tell registered emails apart",
+                    elapsed * 1000,
+                )
+
+    def _issue_reset_token(self, email_key: str) -> None:
         now = self._clock.now()
         user = User.get_or_none(User.email_key == email_key)
         if user is None:
@@ -253,10 +287,11 @@ class AuthService:
         self._dispatcher.dispatch([outbox_id])
 
     def reset_password(self, token: str, new_password: str) -> None:
-        require(token, "token")
-        check_length(token, "token", MAX_TOKEN_LENGTH)
+        check_token(token, "token", MAX_TOKEN_LENGTH)
         check_password(new_password, "new_password")
-        invalid = InvalidArgument.for_field("token", "is invalid, expired or already used", "RESET_TOKEN_INVALID")
+        invalid = InvalidArgument.for_field(
+            "token", "is invalid, expired or already used", "RESET_TOKEN_INVALID"
+        )
         now = self._clock.now()
         row = PasswordResetToken.get_or_none(PasswordResetToken.token_hash == token_digest(token))
         if row is None or row.used_at is not None or row.expires_at <= now:
@@ -291,9 +326,13 @@ class AuthService:
             query = query.for_update("FOR SHARE")
         row = query.first()
         if row is None:
-            raise InvalidArgument.for_field("referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN")
+            raise InvalidArgument.for_field(
+                "referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN"
+            )
         if not row.is_active or row.expires_at <= now:
-            raise FailedPrecondition("REFERRAL_CODE_EXPIRED", "this referral code has expired or was withdrawn")
+            raise FailedPrecondition(
+                "REFERRAL_CODE_EXPIRED", "this referral code has expired or was withdrawn"
+            )
         return row
 
     def _new_refresh_token(self, user_id: int, family: str, now: datetime) -> str:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import unicodedata
+from functools import cache
+from importlib import resources
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError
+
+# From its module: mypy (follow_imports=skip) takes the package's `validate_email` for the submodule.
+from email_validator.validate_email import validate_email
 
 from .errors import FieldViolation, InvalidArgument
 
@@ -15,9 +20,25 @@ MAX_TOKEN_LENGTH = 128
 MAX_PAGE_TOKEN_LENGTH = 512
 MAX_CODE_INPUT_LENGTH = 32
 
+# Only what copy-paste commonly adds around an address: any other control character is refused, not
+# stripped (str.strip() would silently drop \x1c-\x1f and friends).
+_SURROUNDING_WHITESPACE = " \t\r\n"
+
 
 def _has_control_characters(value: str) -> bool:
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in value)
+
+
+@cache
+def _common_passwords() -> frozenset[str]:
+    """The shipped list (data/common-passwords.txt, see its NOTICE): lower-case, 8 to 128 characters."""
+    text = resources.files("referral_grpc").joinpath("data/common-passwords.txt").read_text(encoding="utf-8")
+    return frozenset(line for line in text.splitlines() if line)
+
+
+def is_common_password(password: str) -> bool:
+    """Case-insensitive; NFKC first, so full-width or ligature look-alikes of a listed password match too."""
+    return unicodedata.normalize("NFKC", password).strip().lower() in _common_passwords()
 
 
 def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
@@ -25,11 +46,13 @@ def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
 
     email-validator does the RFC work (no DNS lookups: deliverability is Hunter's job).
     """
-    value = raw.strip()
+    value = raw.strip(_SURROUNDING_WHITESPACE)
     if not value:
         raise InvalidArgument.for_field(field, "is required", "EMAIL_REQUIRED")
     if len(value) > MAX_EMAIL_LENGTH:
-        raise InvalidArgument.for_field(field, f"must be at most {MAX_EMAIL_LENGTH} characters", "EMAIL_INVALID")
+        raise InvalidArgument.for_field(
+            field, f"must be at most {MAX_EMAIL_LENGTH} characters", "EMAIL_INVALID"
+        )
     if _has_control_characters(value):
         raise InvalidArgument.for_field(field, "must not contain control characters", "EMAIL_INVALID")
     try:
@@ -41,7 +64,7 @@ def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
 
 
 def check_password(password: str, field: str) -> None:
-    """Length rules only (NIST SP 800-63B): no composition rules, any Unicode."""
+    """NIST SP 800-63B: length rules and a common-password blocklist; no composition rules, any Unicode."""
     length = len(password)
     if length < MIN_PASSWORD_LENGTH:
         raise InvalidArgument.for_field(
@@ -51,6 +74,18 @@ def check_password(password: str, field: str) -> None:
         raise InvalidArgument.for_field(
             field, f"must be at most {MAX_PASSWORD_LENGTH} characters", "PASSWORD_TOO_LONG"
         )
+    if "\x00" in password:
+        raise InvalidArgument.for_field(field, "must not contain NUL characters", "PASSWORD_INVALID")
+    if is_common_password(password):
+        raise InvalidArgument.for_field(
+            field, "is one of the most common passwords: choose another one", "PASSWORD_TOO_COMMON"
+        )
+
+
+def check_password_input(password: str, field: str) -> None:
+    """A password to check against a stored one: present and bounded; NUL can never match, so refuse it."""
+    require(password, field)
+    check_length(password, field, MAX_PASSWORD_LENGTH)
     if "\x00" in password:
         raise InvalidArgument.for_field(field, "must not contain NUL characters", "PASSWORD_INVALID")
 
@@ -67,3 +102,16 @@ def check_length(value: str, field: str, maximum: int) -> None:
 def require(value: str, field: str) -> None:
     if not value:
         raise InvalidArgument.for_field(field, "is required", "FIELD_REQUIRED")
+
+
+def check_printable(value: str, field: str, reason: str = "FIELD_INVALID") -> None:
+    """Refuse control and format characters (NUL, ESC, bidi overrides...) in identifiers and tokens."""
+    if _has_control_characters(value):
+        raise InvalidArgument.for_field(field, "must not contain control characters", reason)
+
+
+def check_token(value: str, field: str, maximum: int) -> None:
+    """An opaque token from us: required, bounded, and printable (ours are URL-safe base64)."""
+    require(value, field)
+    check_length(value, field, maximum)
+    check_printable(value, field)

@@ -1,0 +1,652 @@
+"""Abuse resistance: per-account throttles, reset timing, common passwords, input bounds, no 500s."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import grpc
+import pytest
+import redis
+from conftest import FakeClock, make_settings
+from grpc_helpers import Api, bearer, expect_error, in_days, running_api
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from referral_grpc.breaker import CircuitBreaker
+from referral_grpc.domain.errors import ResourceExhausted
+from referral_grpc.domain.validation import (
+    MAX_CODE_INPUT_LENGTH,
+    MAX_EMAIL_LENGTH,
+    MAX_PAGE_TOKEN_LENGTH,
+    MAX_PASSWORD_LENGTH,
+    MAX_TOKEN_LENGTH,
+)
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.models import ALL_MODELS, PasswordResetToken
+from referral_grpc.throttle import THROTTLED_REASON, Rule, Throttle
+
+PASSWORD = "correct horse battery"
+FULLWIDTH_ILOVEYOU = "".join(chr(ord(ch) + 0xFEE0) for ch in "iloveyou")  # NFKC folds it back
+COMMON_PASSWORDS = Path(__file__).parents[1] / "referral_grpc" / "data" / "common-passwords.txt"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
+    # No reset padding here: only test_reset_request_timing measures it.
+    with running_api(make_settings(database_url=sqlite_url, reset_request_min_seconds=0), clock=clock) as api:
+        yield api
+
+
+def login(api: Api, email: str, password: str = PASSWORD) -> auth_pb.AuthTokens:
+    return api.auth.Login(auth_pb.LoginRequest(email=email, password=password))
+
+
+def request_reset(api: Api, email: str) -> auth_pb.RequestPasswordResetResponse:
+    return api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email=email))
+
+
+def lookup(api: Api, email: str) -> ref_pb.GetReferralCodeByEmailResponse:
+    return api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email=email))
+
+
+def row_counts() -> dict[str, int]:
+    return {model.__name__: model.select().count() for model in ALL_MODELS}
+
+
+# --- failed logins ---------------------------------------------------------------------------
+
+
+def test_failed_logins_are_throttled_per_account_and_alike_for_unknown_emails(
+    api: Api, clock: FakeClock
+) -> None:
+    api.register("victim@example.com")
+    api.register("bystander@example.com")
+    throttled = []
+    for email in ("victim@example.com", "nobody@example.com"):
+        for _ in range(5):
+            assert expect_error(login, api, email, "wrong guess!").code == grpc.StatusCode.UNAUTHENTICATED
+        # The sixth attempt is refused before the password is looked at: even the right one.
+        throttled.append(expect_error(login, api, email, PASSWORD))
+    for err in throttled:
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.reason == THROTTLED_REASON
+        assert err.retry_delay == 900
+    assert throttled[0].message == throttled[1].message
+    # The counter is the account's, whatever the letter case; other accounts are untouched.
+    assert expect_error(login, api, "VICTIM@Example.com").code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert login(api, "bystander@example.com").user_id
+
+    clock.advance(minutes=10)
+    assert expect_error(login, api, "victim@example.com").retry_delay == 300
+    clock.advance(minutes=5)
+    assert login(api, "victim@example.com").user_id
+
+
+def test_a_successful_login_clears_the_failure_count(api: Api) -> None:
+    """The policy limits consecutive failures (NIST SP 800-63B 5.2.2)."""
+    api.register("typo@example.com")
+    for _ in range(2):
+        for _ in range(4):
+            expect_error(login, api, "typo@example.com", "fat fingers")
+        assert login(api, "typo@example.com").user_id
+    for _ in range(5):
+        expect_error(login, api, "typo@example.com", "fat fingers")
+    assert expect_error(login, api, "typo@example.com").code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_invalid_login_input_is_rejected_without_counting(api: Api) -> None:
+    api.register("careful@example.com")
+    for _ in range(10):
+        assert expect_error(login, api, "careful@example.com", "").code == grpc.StatusCode.INVALID_ARGUMENT
+    assert login(api, "careful@example.com").user_id
+
+
+def test_change_password_guesses_share_the_login_throttle(api: Api) -> None:
+    tokens = api.register("stolen@example.com")
+    change = api.auth.ChangePassword
+    for _ in range(5):
+        wrong = expect_error(
+            change,
+            auth_pb.ChangePasswordRequest(
+                current_password="a guess at it", new_password="a fresh passphrase"
+            ),
+            metadata=bearer(tokens.access_token),
+        )
+        assert wrong.reason == "WRONG_PASSWORD"
+    refused = expect_error(
+        change,
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a fresh passphrase"),
+        metadata=bearer(tokens.access_token),
+    )
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert expect_error(login, api, "stolen@example.com").code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --- password reset requests and lookups ------------------------------------------------------
+
+
+def test_reset_requests_are_throttled_alike_for_known_and_unknown_emails(api: Api, clock: FakeClock) -> None:
+    api.register("forgetful@example.com")
+    refusals = []
+    for email in ("forgetful@example.com", "stranger@example.com"):
+        for _ in range(3):
+            assert request_reset(api, email) == auth_pb.RequestPasswordResetResponse()
+        refusals.append(expect_error(request_reset, api, email))
+    assert [(e.code, e.reason, e.message, e.retry_delay) for e in refusals] == [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, THROTTLED_REASON, refusals[0].message, 3600)
+    ] * 2
+    # The mailbox got three links, not one per request.
+    assert len(api.outbox("password_reset")) == 3
+    clock.advance(hours=1)
+    request_reset(api, "forgetful@example.com")
+    assert len(api.outbox("password_reset")) == 4
+
+
+def test_lookups_by_email_are_throttled_per_target(api: Api, clock: FakeClock) -> None:
+    owner = api.register("popular@example.com")
+    api.referrals.CreateReferralCode(
+        ref_pb.CreateReferralCodeRequest(expires_at=in_days(clock, 30)), metadata=bearer(owner.access_token)
+    )
+    for email in ("popular@example.com", "ghost@example.com"):
+        for _ in range(60):
+            try:
+                lookup(api, email)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+        refused = expect_error(lookup, api, email)
+        assert (refused.code, refused.reason, refused.retry_delay) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            THROTTLED_REASON,
+            60,
+        )
+    assert expect_error(lookup, api, "other@example.com").code == grpc.StatusCode.NOT_FOUND
+    clock.advance(seconds=60)
+    assert lookup(api, "popular@example.com").code
+
+
+# --- the throttle's storage: Redis shared, process memory when Redis fails ---------------------
+
+
+RULE = Rule("test", limit=3, window=60)
+
+
+def hits_allowed(throttle: Throttle, key: str, attempts: int) -> int:
+    allowed = 0
+    for _ in range(attempts):
+        try:
+            throttle.hit(RULE, key)
+            allowed += 1
+        except ResourceExhausted:
+            pass
+    return allowed
+
+
+def redis_throttle(url: str, clock: FakeClock, **overrides: Any) -> Throttle:
+    """A throttle built as the server builds it: from settings, with their short Redis timeouts."""
+    breaker = overrides.pop("breaker", None)
+    return Throttle.from_settings(make_settings(redis_url=url, **overrides), clock, breaker=breaker)
+
+
+def test_counts_are_shared_through_redis_and_every_key_expires(
+    redis_url: str, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    clock = FakeClock()
+    # Two throttles on one Redis: two server processes.
+    first, second = (redis_throttle(redis_url, clock, redis_key_prefix=key_prefix) for _ in range(2))
+    assert hits_allowed(first, "shared@example.com", 2) == 2
+    assert hits_allowed(second, "shared@example.com", 2) == 1
+    with pytest.raises(ResourceExhausted):
+        first.hit(RULE, "shared@example.com")
+    keys = list(redis_client.scan_iter(match=f"{key_prefix}*"))
+    assert len(keys) == 1
+    assert b"shared" not in keys[0]  # emails are hashed in key names
+    assert 0 < redis_client.pttl(keys[0]) <= 60_000
+    clock.advance(seconds=60)
+    assert hits_allowed(second, "shared@example.com", 1) == 1
+    first.close()
+    second.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_throttle_keeps_counting_in_memory_when_redis_is_down() -> None:
+    throttle = redis_throttle(f"redis://127.0.0.1:{closed_port()}/0", FakeClock())
+    started = time.monotonic()
+    assert hits_allowed(throttle, "down@example.com", 20) == 3
+    assert time.monotonic() - started < 1.0
+    throttle.close()
+
+
+class Blackhole:
+    """A TCP server that accepts connections and never answers: Redis hung, not down."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_throttle_keeps_counting_in_memory_when_redis_hangs() -> None:
+    hole = Blackhole()
+    try:
+        throttle = redis_throttle(
+            f"redis://127.0.0.1:{hole.port}/0",
+            FakeClock(),
+            redis_socket_timeout=0.05,
+            breaker=CircuitBreaker(3, reset_after=60),
+        )
+        started = time.monotonic()
+        assert hits_allowed(throttle, "hung@example.com", 20) == 3
+        # Three timeouts open the breaker; after that Redis is not waited for at all.
+        assert time.monotonic() - started < 1.0
+        throttle.close()
+    finally:
+        hole.close()
+
+
+class SwitchableProxy:
+    """A TCP proxy to the real Redis that the test can cut (connections reset) and restore."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.up = True
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            sock.close()
+
+    def cut(self) -> None:
+        self.up = False
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.conns.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.sock.close()
+
+
+def test_attempts_counted_during_an_outage_still_count_when_redis_returns(
+    redis_url: str, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    proxy = SwitchableProxy(urlparse(redis_url).port or 6379)
+    throttle = redis_throttle(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        FakeClock(),
+        redis_key_prefix=key_prefix,
+        redis_socket_timeout=0.5,
+        # reset_after=0: every call after a failure probes Redis again at once.
+        breaker=CircuitBreaker(1, reset_after=0.0),
+    )
+    try:
+        throttle.hit(RULE, "flappy@example.com")
+        proxy.cut()
+        throttle.hit(RULE, "flappy@example.com")
+        throttle.hit(RULE, "flappy@example.com")
+        proxy.up = True
+        # Redis alone has seen 1 attempt; this process has seen 3, and the larger count wins.
+        with pytest.raises(ResourceExhausted):
+            throttle.hit(RULE, "flappy@example.com")
+        assert len(list(redis_client.scan_iter(match=f"{key_prefix}*"))) == 1  # Redis is in use again
+    finally:
+        throttle.close()
+        proxy.close()
+
+
+# --- RequestPasswordReset timing ---------------------------------------------------------------
+
+
+def test_reset_request_timing_does_not_reveal_registered_emails(pg_url: str) -> None:
+    floor = 0.04
+    overrides = {"reset_request_min_seconds": floor, "reset_max_requests": 1000}
+    with running_api(make_settings(database_url=pg_url, **overrides), clock=FakeClock()) as api:
+        api.register("registered@example.com")
+        emails = ["registered@example.com", "unregistered@example.com"]
+        for email in emails:  # warm-up: connections, statement caches
+            request_reset(api, email)
+        samples: dict[str, list[float]] = {email: [] for email in emails}
+        for _ in range(20):
+            for email in emails:
+                started = time.perf_counter()
+                assert request_reset(api, email) == auth_pb.RequestPasswordResetResponse()
+                samples[email].append(time.perf_counter() - started)
+        known, unknown = (statistics.median(samples[email]) for email in emails)
+        assert PasswordResetToken.select().count() == 21  # the known path really did its writes
+    print(f"reset medians: known {known * 1000:.2f} ms, unknown {unknown * 1000:.2f} ms")
+    assert known >= floor and unknown >= floor
+    assert abs(known - unknown) < 0.002
+
+
+# --- passwords -------------------------------------------------------------------------------
+
+
+def test_the_shipped_common_password_list_is_usable() -> None:
+    entries = COMMON_PASSWORDS.read_text(encoding="utf-8").splitlines()
+    assert len(entries) > 8000
+    assert all(8 <= len(p) <= MAX_PASSWORD_LENGTH and p == p.lower() and p.isprintable() for p in entries)
+    assert {"password", "iloveyou", "qwertyuiop", "password1"} <= set(entries)
+
+
+@pytest.mark.parametrize(
+    "password", ["password1", "PassWord1", "QWERTYUIOP", FULLWIDTH_ILOVEYOU, " trustno1 "]
+)
+def test_common_passwords_are_refused_in_any_case(api: Api, password: str) -> None:
+    err = expect_error(api.register, "common@example.com", password)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.reason == "PASSWORD_TOO_COMMON"
+    assert set(err.fields) == {"password"}
+    assert row_counts()["User"] == 0
+
+
+def test_common_passwords_are_refused_on_change_and_reset(api: Api) -> None:
+    tokens = api.register("changer@example.com")
+    changed = expect_error(
+        api.auth.ChangePassword,
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="Sunshine1"),
+        metadata=bearer(tokens.access_token),
+    )
+    request_reset(api, "changer@example.com")
+    reset = expect_error(
+        api.auth.ResetPassword,
+        auth_pb.ResetPasswordRequest(
+            token=api.reset_token_for("changer@example.com"), new_password="baseball"
+        ),
+    )
+    for err in (changed, reset):
+        assert err.reason == "PASSWORD_TOO_COMMON"
+        assert set(err.fields) == {"new_password"}
+    assert login(api, "changer@example.com").user_id
+
+
+@pytest.mark.parametrize(
+    "passphrase",
+    [
+        "x" * MAX_PASSWORD_LENGTH,
+        "the quick brown fox jumps over the lazy dog, twice, and then naps " + "z" * 62,
+        "密码是一句很长的话",
+        "🔑🐉🌊🔥 emoji only is fine 🎉",
+        "עברית עם כיוון \u202e and a bidi override",
+        "e\u0301e\u0301e\u0301e\u0301 combining accents",
+        "tab\tand escape\x1b are ordinary characters",
+    ],
+)
+def test_long_and_unicode_passphrases_are_accepted(api: Api, passphrase: str) -> None:
+    assert len(passphrase) <= MAX_PASSWORD_LENGTH
+    api.register("unicode@example.com", passphrase)
+    assert login(api, "unicode@example.com", passphrase).user_id
+
+
+# --- length bounds and control characters ------------------------------------------------------
+
+
+def email_of_length(n: int) -> str:
+    """A syntactically valid address of exactly n characters (n >= 70): 64-character local part."""
+    domain_len = n - 65
+    labels = []
+    while domain_len > 67:
+        labels.append("b" * 63)
+        domain_len -= 64
+    labels.append("c" * (domain_len - 4) + ".com")
+    address = "a" * 64 + "@" + ".".join(labels)
+    assert len(address) == n
+    return address
+
+
+TOKEN = "A" * 43  # the shape of our tokens: 32 random bytes, URL-safe base64
+
+
+@dataclass(frozen=True)
+class Field:
+    rpc: str
+    field: str
+    maximum: int
+    build: Callable[[str], Any]
+    authenticated: bool = False
+
+
+FIELDS = [
+    Field(
+        "Register", "email", MAX_EMAIL_LENGTH, lambda v: auth_pb.RegisterRequest(email=v, password=PASSWORD)
+    ),
+    Field(
+        "Register",
+        "password",
+        MAX_PASSWORD_LENGTH,
+        lambda v: auth_pb.RegisterRequest(email="n@x.io", password=v),
+    ),
+    Field(
+        "Register",
+        "referral_code",
+        MAX_CODE_INPUT_LENGTH,
+        lambda v: auth_pb.RegisterRequest(email="n@x.io", password=PASSWORD, referral_code=v),
+    ),
+    Field("Login", "email", MAX_EMAIL_LENGTH, lambda v: auth_pb.LoginRequest(email=v, password=PASSWORD)),
+    Field(
+        "Login", "password", MAX_PASSWORD_LENGTH, lambda v: auth_pb.LoginRequest(email="n@x.io", password=v)
+    ),
+    Field(
+        "RefreshToken",
+        "refresh_token",
+        MAX_TOKEN_LENGTH,
+        lambda v: auth_pb.RefreshTokenRequest(refresh_token=v),
+    ),
+    Field(
+        "Logout", "refresh_token", MAX_TOKEN_LENGTH, lambda v: auth_pb.LogoutRequest(refresh_token=v), True
+    ),
+    Field(
+        "RequestPasswordReset",
+        "email",
+        MAX_EMAIL_LENGTH,
+        lambda v: auth_pb.RequestPasswordResetRequest(email=v),
+    ),
+    Field(
+        "ResetPassword",
+        "token",
+        MAX_TOKEN_LENGTH,
+        lambda v: auth_pb.ResetPasswordRequest(token=v, new_password=PASSWORD),
+    ),
+    Field(
+        "ResetPassword",
+        "new_password",
+        MAX_PASSWORD_LENGTH,
+        lambda v: auth_pb.ResetPasswordRequest(token=TOKEN, new_password=v),
+    ),
+    Field(
+        "ChangePassword",
+        "current_password",
+        MAX_PASSWORD_LENGTH,
+        lambda v: auth_pb.ChangePasswordRequest(current_password=v, new_password="another passphrase"),
+        True,
+    ),
+    Field(
+        "ChangePassword",
+        "new_password",
+        MAX_PASSWORD_LENGTH,
+        lambda v: auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password=v),
+        True,
+    ),
+    Field(
+        "GetReferralCodeByEmail",
+        "email",
+        MAX_EMAIL_LENGTH,
+        lambda v: ref_pb.GetReferralCodeByEmailRequest(email=v),
+    ),
+    Field(
+        "ListReferrals",
+        "page_token",
+        MAX_PAGE_TOKEN_LENGTH,
+        lambda v: ref_pb.ListReferralsRequest(page_token=v),
+        True,
+    ),
+]
+
+# Which fields refuse which control characters. Passwords take any Unicode (NIST SP 800-63B) but NUL,
+# which no stored password can contain; everything else is an identifier or one of our tokens.
+CONTROL_CHARACTERS = ["\x00", "\x1b", "\u202e"]
+PASSWORD_FIELDS = {"password", "new_password", "current_password"}
+
+
+def too_long(field: Field) -> str:
+    if field.field == "email":
+        return email_of_length(field.maximum + 1)
+    return "x" * (field.maximum + 1)
+
+
+def with_control(field: Field, ch: str) -> str:
+    if field.field == "email":
+        return f"al{ch}ice@example.com"
+    if field.field == "referral_code":
+        return f"ABCDE{ch}FGHJ"
+    if field.field in PASSWORD_FIELDS:
+        return f"a long enough {ch} passphrase"
+    return TOKEN[:20] + ch + TOKEN[20:]
+
+
+def rejected_inputs() -> list[tuple[Field, str, str]]:
+    cases = [(f, "max+1", too_long(f)) for f in FIELDS]
+    for f in FIELDS:
+        for ch in CONTROL_CHARACTERS:
+            if f.field not in PASSWORD_FIELDS or ch == "\x00":
+                cases.append((f, repr(ch), with_control(f, ch)))
+    return cases
+
+
+def stub_for(api: Api, rpc: str) -> Any:
+    return getattr(api.auth, rpc, None) or getattr(api.referrals, rpc)
+
+
+@pytest.fixture
+def api_on_both(database_url: str, clock: FakeClock) -> Iterator[Api]:
+    with running_api(
+        make_settings(database_url=database_url, reset_request_min_seconds=0), clock=clock
+    ) as api:
+        yield api
+
+
+def test_every_string_field_is_bounded_and_refuses_control_characters(api_on_both: Api) -> None:
+    api = api_on_both
+    token = api.register("bounds@example.com").access_token
+    before = row_counts()
+    for field, label, value in rejected_inputs():
+        metadata = bearer(token) if field.authenticated else ()
+        err = expect_error(stub_for(api, field.rpc), field.build(value), metadata=metadata)
+        where = f"{field.rpc}.{field.field} {label}"
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT, where
+        assert list(err.fields) == [field.field], where
+        assert err.reason, where
+        assert row_counts() == before, where
+
+
+def test_documented_maximum_lengths_are_accepted(api: Api) -> None:
+    assert api.register(email_of_length(MAX_EMAIL_LENGTH), "p" * MAX_PASSWORD_LENGTH).user_id
+    assert login(api, email_of_length(MAX_EMAIL_LENGTH), "p" * MAX_PASSWORD_LENGTH).user_id
+    # A 32-character code is a malformed code, not a too-long field.
+    err = expect_error(api.register, "code@example.com", PASSWORD, "A" * MAX_CODE_INPUT_LENGTH)
+    assert err.reason == "REFERRAL_CODE_UNKNOWN"
+    refresh = expect_error(
+        api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token="t" * MAX_TOKEN_LENGTH)
+    )
+    assert refresh.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_no_input_makes_the_server_fail(api: Api) -> None:
+    """Arbitrary text in every string field: errors are always ones a client can act on."""
+    token = api.register("fuzz@example.com").access_token
+    texts = st.one_of(st.text(max_size=40), st.text(min_size=100, max_size=600), st.just("x" * 70_000))
+    calls = [
+        lambda a, b, c: api.auth.Register(auth_pb.RegisterRequest(email=a, password=b, referral_code=c)),
+        lambda a, b, c: api.auth.Login(auth_pb.LoginRequest(email=a, password=b)),
+        lambda a, b, c: api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=a)),
+        lambda a, b, c: api.auth.Logout(auth_pb.LogoutRequest(refresh_token=a), metadata=bearer(token)),
+        lambda a, b, c: api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email=a)),
+        lambda a, b, c: api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=a, new_password=b)),
+        lambda a, b, c: api.auth.ChangePassword(
+            auth_pb.ChangePasswordRequest(current_password=a, new_password=b), metadata=bearer(token)
+        ),
+        lambda a, b, c: api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email=a)),
+        lambda a, b, c: api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(page_token=a, page_size=len(b) - 3), metadata=bearer(token)
+        ),
+        # Metadata values are printable ASCII by the gRPC spec: the client refuses anything else.
+        lambda a, b, c: api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(),
+            metadata=(("authorization", "".join(x for x in b if " " <= x <= "~")),),
+        ),
+    ]
+
+    @settings(
+        max_examples=250,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(st.sampled_from(range(len(calls))), texts, texts, texts)
+    def call_anything(which: int, a: str, b: str, c: str) -> None:
+        try:
+            calls[which](a, b, c)
+        except grpc.RpcError as err:
+            assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+                which,
+                err.details(),
+            )
+
+    call_anything()
