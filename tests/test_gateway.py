@@ -310,6 +310,14 @@ def test_service_errors_are_status_json_with_details(rest: Rest) -> None:
     login = rest.call("POST", "/auth/login", json={"email": email, "password": "wrong password"})
     assert_status(login, 401, 16)
 
+    # Per-account throttle: three reset requests per hour, the fourth is refused with a retry delay.
+    for _ in range(3):
+        assert rest.ok("POST", "/auth/reset_password", json={"email": email}) == {}
+    throttled = assert_status(rest.call("POST", "/auth/reset_password", json={"email": email}), 429, 8)
+    assert detail(throttled, "ErrorInfo")["reason"] == "TOO_MANY_ATTEMPTS"
+    delay = detail(throttled, "RetryInfo")["retry_delay"]
+    assert re.fullmatch(r"[0-9]+(\.[0-9]+)?s", delay) and 0 < float(delay[:-1]) <= 3600
+
 
 LARGE_BODY = json.dumps({"email": "a@example.com", "password": "x" * 70_000})
 
