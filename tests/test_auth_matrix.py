@@ -1,0 +1,236 @@
+"""Default deny for every RPC in the descriptors, and the full rejection matrix for access tokens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import importlib
+import json
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from conftest import TEST_JWT_SECRET, FakeClock, make_settings
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import Api, bearer, rich_error, running_api
+
+import referral_grpc.gen
+from referral_grpc.api.interceptors import PUBLIC_METHODS
+from referral_grpc.domain.tokens import INVALID_TOKEN_MESSAGE
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.models import User
+
+PASSWORD = "correct horse battery"
+
+# The RPCs of our services that answer without an access token. Adding one here is a security
+# decision: it must also be added to PUBLIC_METHODS, and the test below checks the two agree.
+PUBLIC_RPCS = {
+    "/referral.v1.AuthService/Register",
+    "/referral.v1.AuthService/Login",
+    "/referral.v1.AuthService/RefreshToken",
+    "/referral.v1.AuthService/RequestPasswordReset",
+    "/referral.v1.AuthService/ResetPassword",
+    "/referral.v1.ReferralService/GetReferralCodeByEmail",
+}
+
+
+def all_methods() -> dict[str, MethodDescriptor]:
+    """Every RPC of every service in the generated code, by its gRPC path: new ones included."""
+    methods = {}
+    for module_info in pkgutil.iter_modules(referral_grpc.gen.__path__):
+        if not module_info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"referral_grpc.gen.{module_info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                methods[f"/{service.full_name}/{method.name}"] = method
+    return methods
+
+
+METHODS = all_methods()
+PROTECTED = sorted(path for path in METHODS if path not in PUBLIC_RPCS)
+
+
+def call(api: Api, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.StatusCode:
+    """Call any RPC with an empty request over the real channel; return the status code."""
+    method = METHODS[path]
+    request = message_factory.GetMessageClass(method.input_type)()
+    response_class = message_factory.GetMessageClass(method.output_type)
+    kinds = {
+        (False, False): api.channel.unary_unary,
+        (False, True): api.channel.unary_stream,
+        (True, False): api.channel.stream_unary,
+        (True, True): api.channel.stream_stream,
+    }
+    stub = kinds[(method.client_streaming, method.server_streaming)](
+        path,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    argument = iter([request]) if method.client_streaming else request
+    try:
+        result = stub(argument, metadata=metadata, timeout=10)
+        if method.server_streaming:
+            list(result)
+    except grpc.RpcError as err:
+        failure = rich_error(err)
+        if failure.code == grpc.StatusCode.UNAUTHENTICATED:
+            # One answer for every kind of rejection: which check failed is for the log only.
+            assert (failure.message, failure.reason) == (INVALID_TOKEN_MESSAGE, "INVALID_TOKEN"), path
+        return failure.code
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
+    with running_api(make_settings(database_url=sqlite_url, reset_request_min_seconds=0), clock=clock) as api:
+        yield api
+
+
+# --- default deny ------------------------------------------------------------------------------
+
+
+def test_the_allowlist_is_exactly_the_servers_public_methods() -> None:
+    services = {path.split("/")[1] for path in METHODS}
+    assert {"referral.v1.AuthService", "referral.v1.ReferralService"} <= services
+    ours = {path for path in PUBLIC_METHODS if path.split("/")[1] in services}
+    assert ours == PUBLIC_RPCS
+    assert set(METHODS) >= PUBLIC_RPCS
+
+
+def test_every_rpc_without_credentials_is_unauthenticated_unless_allowlisted(api: Api) -> None:
+    answers = {path: call(api, path) for path in METHODS}
+    assert {path for path, code in answers.items() if code != grpc.StatusCode.UNAUTHENTICATED} == PUBLIC_RPCS
+    # Public RPCs fail on the empty request's content, not on a missing token.
+    assert {answers[path] for path in PUBLIC_RPCS} == {grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def test_health_check_is_public(api: Api) -> None:
+    assert "/grpc.health.v1.Health/Check" in PUBLIC_METHODS
+    response = health_pb2_grpc.HealthStub(api.channel).Check(health_pb2.HealthCheckRequest())
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- the access-token rejection matrix ---------------------------------------------------------
+
+
+@dataclass
+class Victim:
+    api: Api
+    clock: FakeClock
+    email: str
+    tokens: auth_pb.AuthTokens
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        return dict(jwt.decode(self.tokens.access_token, options={"verify_signature": False}))
+
+
+def b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def hand_made(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) -> str:
+    """A JWT built by hand, for headers PyJWT would not produce; HMAC-SHA256 signed when `key` is given."""
+    signing_input = b64(json.dumps(header).encode()) + b"." + b64(json.dumps(claims).encode())
+    signature = b64(hmac.new(key, signing_input, hashlib.sha256).digest()) if key else b""
+    return (signing_input + b"." + signature).decode()
+
+
+def forge(claims: dict[str, Any], key: str = TEST_JWT_SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def without(claims: dict[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in claims.items() if k != name}
+
+
+def now(v: Victim) -> int:
+    return int(v.clock.now().timestamp())
+
+
+def reset_token(v: Victim) -> str:
+    v.api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email=v.email))
+    return v.api.reset_token_for(v.email)
+
+
+def deleted_users_token(v: Victim) -> str:
+    User.delete().where(User.id == v.tokens.user_id).execute()
+    return v.tokens.access_token
+
+
+def token_before_password_change(v: Victim) -> str:
+    v.api.auth.ChangePassword(
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a changed passphrase"),
+        metadata=bearer(v.tokens.access_token),
+    )
+    return v.tokens.access_token
+
+
+def token_before_password_reset(v: Victim) -> str:
+    token = reset_token(v)
+    v.api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password="a reset passphrase"))
+    return v.tokens.access_token
+
+
+Metadata = tuple[tuple[str, str], ...]
+# name -> the metadata to present, built from a freshly registered user.
+REJECTED: dict[str, Callable[[Victim], Metadata]] = {
+    "no authorization header": lambda v: (),
+    "empty bearer": lambda v: (("authorization", "Bearer "),),
+    "another scheme": lambda v: (("authorization", f"Basic {v.tokens.access_token}"),),
+    "not a JWT": lambda v: bearer("not.a.jwt"),
+    "alg none": lambda v: bearer(hand_made({"alg": "none", "typ": "JWT"}, v.claims, None)),
+    "alg HS512 with our key": lambda v: bearer(forge(v.claims, algorithm="HS512")),
+    "RS256 header, HMAC signature": lambda v: bearer(
+        hand_made({"alg": "RS256", "typ": "JWT"}, v.claims, TEST_JWT_SECRET.encode())
+    ),
+    "bad signature": lambda v: bearer(forge(v.claims, key="another-key-that-is-at-least-32-bytes")),
+    "missing exp": lambda v: bearer(forge(without(v.claims, "exp"))),
+    "past exp": lambda v: bearer(forge({**v.claims, "exp": now(v) - 1})),
+    "exp is now": lambda v: bearer(forge({**v.claims, "exp": now(v)})),
+    "future nbf": lambda v: bearer(forge({**v.claims, "nbf": now(v) + 3600})),
+    "wrong iss": lambda v: bearer(forge({**v.claims, "iss": "someone-else"})),
+    "wrong aud": lambda v: bearer(forge({**v.claims, "aud": "another-api"})),
+    "missing sub": lambda v: bearer(forge(without(v.claims, "sub"))),
+    "sub not a user id": lambda v: bearer(forge({**v.claims, "sub": "admin"})),
+    "another token type": lambda v: bearer(forge({**v.claims, "typ": "refresh"})),
+    "refresh token as access token": lambda v: bearer(v.tokens.refresh_token),
+    "reset token as access token": lambda v: bearer(reset_token(v)),
+    "token of a deleted user": lambda v: bearer(deleted_users_token(v)),
+    "token from before a password change": lambda v: bearer(token_before_password_change(v)),
+    "token from before a password reset": lambda v: bearer(token_before_password_reset(v)),
+}
+
+
+@pytest.fixture
+def victim(api: Api, clock: FakeClock) -> Victim:
+    email = "victim@example.com"
+    return Victim(api, clock, email, api.register(email, PASSWORD))
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_rejected_access_tokens(victim: Victim, case: str) -> None:
+    metadata = REJECTED[case](victim)
+    for path in PROTECTED:
+        assert call(victim.api, path, metadata) == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+def test_a_valid_access_token_passes_every_protected_rpc(victim: Victim) -> None:
+    """The matrix's control: the same calls with the genuine token get past authentication."""
+    for path in PROTECTED:
+        assert (
+            call(victim.api, path, bearer(victim.tokens.access_token)) != grpc.StatusCode.UNAUTHENTICATED
+        ), path
