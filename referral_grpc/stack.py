@@ -151,7 +151,6 @@ class Child:
         args: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
         output: IO[str] | None = None,
         ready: re.Pattern[str] | None = None,
     ) -> None:
@@ -164,7 +163,6 @@ class Child:
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and Envoy, fixed arguments
             list(args),
             env=dict(env) if env is not None else None,
-            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -483,6 +481,8 @@ def main(settings: Settings) -> int:
     if migrate.wait(timeout=300) != 0:
         print("migrations failed: not starting the stack", file=sys.stderr)
         return 1
+    if stop.event.is_set():
+        return 0
 
     envoy: Envoy | None = None
     servers: list[Child] = []
