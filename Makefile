@@ -9,7 +9,7 @@ GOOGLEAPIS = $$($(PY) -c 'import google.api, os; print(os.path.dirname(os.path.d
 PROTOC = $(PY) -m grpc_tools.protoc -I proto -I $(GOOGLEAPIS)
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: help install run serve worker migrate test test-slow generate check-generated lint fmt bench bench-smoke clean
+.PHONY: help install run serve worker migrate test test-slow generate check-generated lint fmt bench bench-smoke bench-tools clean
 
 help:
 	@echo "make run        run the whole stack (gRPC :50051, REST :8080) with embedded defaults"
@@ -86,10 +86,19 @@ fmt: $(VENV)/.dev-stamp
 	$(VENV)/bin/ruff format referral_grpc tests gateway
 	$(VENV)/bin/ruff check --fix referral_grpc tests gateway
 
-bench: $(VENV)/.dev-stamp
+# Load generators come from Debian (wrk, nghttp2-client's h2load); py-spy from the dev extra.
+bench-tools:
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
+		{ $$(test "$$(id -u)" = 0 || echo sudo) apt-get update -qq && \
+		  $$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y -qq wrk nghttp2-client; }
+
+# The whole benchmark (a few minutes; BENCH_ARGS="--soak 300 --profile" for the full soak and a profile).
+# It writes bench/RESULTS.md. Its own database (referral_bench), Redis prefix (bench:) and free ports.
+bench: $(VENV)/.dev-stamp bench-tools
 	$(PY) -m bench $(BENCH_ARGS)
 
-bench-smoke: $(VENV)/.dev-stamp
+# About 2 s per scenario on small data: proves the stack and every scenario work; asserts no timing.
+bench-smoke: $(VENV)/.dev-stamp bench-tools
 	$(PY) -m bench --smoke
 
 clean:

@@ -1,0 +1,1 @@
+"""Benchmark of the production-shaped stack (`make bench`): Envoy, N server processes, PostgreSQL, Redis."""

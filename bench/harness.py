@@ -1,0 +1,319 @@
+"""The stack under test: a bench database, server processes and Envoy on free ports, RSS sampling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import psycopg2
+import redis
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from referral_grpc.stack import PROJECT_ROOT, Address, dump_envoy_config, envoy_binary, render_envoy_config
+
+PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
+BENCH_DATABASE = os.environ.get("BENCH_DATABASE", "referral_bench")
+BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+BENCH_KEY_PREFIX = "bench:"
+# A bench-only direct_response route: what Envoy alone costs (the proxy ceiling).
+NOOP_PATH = "/bench/noop"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+START_TIMEOUT = 60.0
+
+
+def _admin_pg(url: str) -> Any:
+    conn = psycopg2.connect(f"{url}/postgres")
+    conn.autocommit = True
+    return conn
+
+
+def recreate_database(server_url: str = PG_SERVER_URL, name: str = BENCH_DATABASE) -> str:
+    """Drop and create the bench database (never the tests' or `make run`'s); return its URL."""
+    conn = _admin_pg(server_url)
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return f"{server_url}/{name}"
+
+
+def flush_redis_prefix(client: redis.Redis, prefix: str = BENCH_KEY_PREFIX) -> int:
+    """Delete every key under the bench prefix (cold cache); other prefixes are left alone."""
+    deleted = 0
+    batch: list[str] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+def count_redis_keys(client: redis.Redis, pattern: str) -> int:
+    return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+
+
+def bench_descriptor_set(path: Path) -> Path:
+    """gateway/referral.pb plus grpc.health.v1, so the health check is reachable as transcoded REST."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(
+        (PROJECT_ROOT / "gateway" / "referral.pb").read_bytes()
+    )
+    health = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(health)
+    files.file.append(health)
+    path.write_bytes(files.SerializeToString())
+    return path
+
+
+def bench_envoy_config(backends: Sequence[Address], descriptor: Path) -> dict[str, Any]:
+    """gateway/envoy.yaml on free ports, plus two bench-only ceilings changed structurally.
+
+    - a direct_response route at NOOP_PATH (Envoy alone, no upstream): the proxy ceiling;
+    - the transcoder also maps grpc.health.v1.Health (auto_mapping: POST /grpc.health.v1.Health/Check):
+      the cheapest transcoded RPC, the REST RPC ceiling.
+    Everything else (access log, transcoder options, retries, health checks) is the production file.
+    """
+    config = render_envoy_config(
+        listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), backends=backends, files_root=PROJECT_ROOT
+    )
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    no_transcoder = next(r["typed_per_filter_config"] for r in routes if "typed_per_filter_config" in r)
+    routes.insert(
+        0,
+        {
+            "match": {"path": NOOP_PATH},
+            "direct_response": {"status": 200, "body": {"inline_string": "{}"}},
+            "typed_per_filter_config": no_transcoder,
+        },
+    )
+    for http_filter in manager["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
+            transcoder = http_filter["typed_config"]
+            transcoder["proto_descriptor"] = str(descriptor)
+            transcoder["services"] = [*transcoder["services"], HEALTH_SERVICE]
+            transcoder["auto_mapping"] = True
+    return config
+
+
+class BenchEnvoy:
+    """Envoy with its stdout (the access log) going straight to a file: no Python pump in the way."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, concurrency: int | None) -> None:
+        self.config_path = workdir / "envoy.yaml"
+        self.config_path.write_text(
+            dump_envoy_config(config, "# Rendered by bench from gateway/envoy.yaml.\n")
+        )
+        self.access_log = workdir / "envoy-access.log"
+        self._admin_path = workdir / "envoy-admin-address"
+        self._admin_path.unlink(missing_ok=True)
+        args = [
+            str(envoy_binary()),
+            "-c",
+            str(self.config_path),
+            "--disable-hot-restart",
+            "--admin-address-path",
+            str(self._admin_path),
+            "--log-level",
+            "warning",
+        ]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        self._log: IO[bytes] = self.access_log.open("ab")
+        self._stderr: IO[bytes] = (workdir / "envoy-stderr.log").open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 - Envoy from our venv, fixed arguments
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._stderr, cwd=PROJECT_ROOT
+        )
+        self.admin_url = ""
+        self.port = 0
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        import json
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.process.returncode}; see envoy-stderr.log")
+            if self._admin_path.is_file() and self._admin_path.read_text().strip():
+                self.admin_url = "http://" + self._admin_path.read_text().strip()
+                try:
+                    with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:  # noqa: S310
+                        ready = r.status == 200
+                except OSError:
+                    ready = False
+                if ready:
+                    with urllib.request.urlopen(  # noqa: S310 - loopback admin
+                        f"{self.admin_url}/listeners?format=json", timeout=1
+                    ) as r:
+                        listener = json.loads(r.read())["listener_statuses"][0]
+                    self.port = int(listener["local_address"]["socket_address"]["port_value"])
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("envoy was not ready in time")
+
+    def wait_backends_healthy(self, expected: int, timeout: float = START_TIMEOUT) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=1) as r:  # noqa: S310
+                body = r.read().decode()
+            flags = [
+                line.rsplit("::", 1)[1]
+                for line in body.splitlines()
+                if line.startswith("referral_grpc::") and "::health_flags::" in line
+            ]
+            if len(flags) == expected and all(f == "healthy" for f in flags):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("envoy saw no healthy backends in time")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self._stderr.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Servers:
+    """N `python -m referral_grpc serve` processes, each on its own port, output straight to a file.
+
+    Separate ports, one Envoy endpoint each (as `make run` does): grpc sets SO_REUSEPORT, but a shared
+    port balances connections, and Envoy keeps few long-lived HTTP/2 connections upstream.
+    """
+
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    addresses: list[Address] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(address: Address, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"{address[0]}:{address[1]}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}; see servers.log")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"server on {address} did not serve in time")
+
+
+def start_servers(env: dict[str, str], count: int, log: IO[bytes], servers: Servers | None = None) -> Servers:
+    """Start `count` more server processes (into `servers` if given) and wait until each serves."""
+    servers = servers or Servers()
+    try:
+        for _ in range(count):
+            address = ("127.0.0.1", free_port())
+            process = subprocess.Popen(
+                [sys.executable, "-m", "referral_grpc", "serve"],
+                env={**env, "GRPC_HOST": address[0], "GRPC_PORT": str(address[1])},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+            servers.processes.append(process)
+            servers.addresses.append(address)
+            _wait_serving(address, process)
+    except BaseException:
+        servers.stop()
+        raise
+    return servers
+
+
+def run_migrations(env: dict[str, str]) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "referral_grpc", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (VmRSS), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+class RssSampler:
+    """Samples the RSS of some processes once a second in a daemon thread."""
+
+    def __init__(self, pids: Sequence[int], interval: float = 1.0) -> None:
+        self._pids = list(pids)
+        self._interval = interval
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while True:
+            self.samples.append((time.monotonic() - started, [rss_kib(pid) for pid in self._pids]))
+            if self._stop.wait(self._interval):
+                return

@@ -1,0 +1,485 @@
+"""The benchmark run: start the stack, seed, run every scenario, sample RSS, profile, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO
+from urllib.parse import quote
+
+import redis
+from grpc_health.v1 import health_pb2
+
+from referral_grpc.domain.passwords import PasswordHasher
+from referral_grpc.gen import referral_service_pb2
+from referral_grpc.stack import PROJECT_ROOT
+
+from . import harness, load, profile, report, seed
+from .grpcload import write_bodies
+from .load import LoadResult
+
+
+@dataclass(frozen=True)
+class Options:
+    smoke: bool
+    seconds: float
+    soak: float
+    connections: int
+    processes: int
+    compare_processes: bool
+    bcrypt_rounds: int
+    envoy_concurrency: int | None
+    log_level: str
+    profile: bool
+    write_results: bool
+    big_owner: int
+    lookup_users: int
+    login_users: int
+
+    @classmethod
+    def build(cls, *, smoke: bool, **values: object) -> Options:
+        if smoke:
+            values.update(seconds=2.0, soak=2.0, profile=False, compare_processes=True)
+            values.update(big_owner=20_000, lookup_users=5_000, login_users=4, write_results=False)
+        return cls(smoke=smoke, **values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Context:
+    options: Options
+    workdir: Path
+    env: dict[str, str]
+    database_url: str
+    jwt_secret: str
+    redis: redis.Redis
+    servers: harness.Servers
+    descriptor: Path
+    server_log: IO[bytes]
+    envoy: harness.BenchEnvoy | None = None
+    rows: list[report.Row] = field(default_factory=list)
+    facts: dict[str, object] = field(default_factory=dict)
+
+    def start_envoy(self, processes: int) -> harness.BenchEnvoy:
+        if self.envoy is not None:
+            self.envoy.stop()
+        config = harness.bench_envoy_config(self.servers.addresses[:processes], self.descriptor)
+        self.envoy = harness.BenchEnvoy(config, self.workdir, self.options.envoy_concurrency)
+        self.envoy.wait_ready()
+        self.envoy.wait_backends_healthy(processes)
+        return self.envoy
+
+    @property
+    def url(self) -> str:
+        assert self.envoy is not None
+        return self.envoy.url
+
+    @property
+    def target(self) -> str:
+        assert self.envoy is not None
+        return f"127.0.0.1:{self.envoy.port}"
+
+    def add(
+        self, name: str, proto: str, connections: int, result: LoadResult, ceiling: str, note: str = ""
+    ) -> None:
+        self.rows.append(report.Row(name, proto, connections, result, ceiling, note))
+        print(report.format_row(self.rows[-1]), flush=True)
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _stack(options: Options) -> Iterator[Context]:
+    workdir = PROJECT_ROOT / "var" / "bench" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir.mkdir(parents=True, exist_ok=True)
+    jwt_secret, pepper = secrets.token_hex(32), secrets.token_hex(32)
+    database_url = harness.recreate_database()
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "production",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": harness.BENCH_REDIS_URL,
+        "REDIS_KEY_PREFIX": harness.BENCH_KEY_PREFIX,
+        "JWT_SECRET": jwt_secret,
+        "PASSWORD_PEPPER": pepper,
+        "BCRYPT_ROUNDS": str(options.bcrypt_rounds),
+        "GRPC_HOST": "127.0.0.1",
+        # INFO is the production default: it includes the server's own access log line per RPC.
+        "LOG_LEVEL": options.log_level,
+        # Lookups are throttled per target email (60/min by default); the bench looks one email up
+        # thousands of times a second. The throttle still runs (its Redis call is part of the cost).
+        "LOOKUP_MAX_REQUESTS": "1000000",
+        "LOG_FORMAT": "json",
+        "HUEY_SQLITE_PATH": str(workdir / "huey.db"),
+    }
+    _say(f"workdir {workdir}; database {database_url}")
+    harness.run_migrations(env)
+    client = redis.Redis.from_url(harness.BENCH_REDIS_URL, decode_responses=True)
+    harness.flush_redis_prefix(client)
+    with (workdir / "servers.log").open("ab") as server_log:
+        servers = harness.start_servers(env, options.processes, server_log)
+        context = Context(
+            options=options,
+            workdir=workdir,
+            env=env,
+            database_url=database_url,
+            jwt_secret=jwt_secret,
+            redis=client,
+            servers=servers,
+            server_log=server_log,
+            descriptor=harness.bench_descriptor_set(workdir / "bench.pb"),
+        )
+        context.facts["pepper"] = pepper
+        try:
+            yield context
+        finally:
+            if context.envoy is not None:
+                context.envoy.stop()
+            servers.stop()
+            client.close()
+
+
+def _rest_lookup_path(email: str) -> str:
+    return f"/referral/code/by-email?email={quote(email, safe='')}"
+
+
+GRPC_LOOKUP = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+GRPC_HEALTH = "/grpc.health.v1.Health/Check"
+
+
+def _lookup_body(email: str) -> bytes:
+    return referral_service_pb2.GetReferralCodeByEmailRequest(email=email).SerializeToString()
+
+
+def _python_grpc_load(ctx: Context, method: str, bodies: list[bytes], seconds: float) -> LoadResult:
+    path = write_bodies(ctx.workdir / "grpc-bodies.bin", bodies)
+    started = load.envoy_time()
+    proc = subprocess.run(  # noqa: S603 - our own interpreter
+        [
+            sys.executable,
+            "-m",
+            "bench.grpcload",
+            ctx.target,
+            method,
+            str(path),
+            "--connections",
+            str(ctx.options.connections),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    data = json.loads(proc.stdout)
+    return LoadResult(
+        requests=data["requests"],
+        seconds=data["seconds"],
+        p50_ms=data["p50_ms"],
+        p99_ms=data["p99_ms"],
+        status_errors=data["errors"],
+        started=started,
+        ended=load.envoy_time(),
+        path_prefix=method,
+    )
+
+
+def run(options: Options) -> int:
+    load.require_tools()
+    seconds, conns = options.seconds, options.connections
+    with _stack(options) as ctx:
+        hasher = PasswordHasher(options.bcrypt_rounds, str(ctx.facts["pepper"]), 1)
+        real_hash = hasher.hash(seed.BENCH_PASSWORD)
+        bcrypt_s = seed.bcrypt_seconds(hasher, real_hash)
+        ctx.facts["bcrypt_seconds"] = bcrypt_s
+        plan = seed.SeedPlan(options.lookup_users, options.login_users, (1_000, options.big_owner))
+        _say(f"seeding {plan} ...")
+        seeded = seed.seed(ctx.database_url, plan, real_hash)
+        ctx.facts["seed_seconds"] = seeded.seconds
+        _say(
+            f"seeded in {seeded.seconds:.1f} s; bcrypt cost {options.bcrypt_rounds}: {bcrypt_s * 1000:.0f} ms"
+        )
+        ctx.start_envoy(options.processes)
+        with harness.RssSampler(ctx.servers.pids) as whole_run_rss:
+            _scenarios(ctx, seeded, seconds, conns)
+            if options.compare_processes:
+                _compare_processes(ctx, seconds, conns)
+            _soak(ctx, seeded)
+            if options.profile:
+                profile_text = profile.profile_servers(
+                    ctx.servers.pids, ctx.workdir, lambda: _hit_rest_load(ctx, max(seconds, 10), conns)
+                )
+                ctx.facts["profile"] = profile_text
+                print(profile_text)
+        ctx.facts["rss_whole_run"] = report.rss_summary(whole_run_rss.samples)
+        assert ctx.envoy is not None
+        ctx.envoy.stop()
+        counts = load.access_log_errors(ctx.envoy.access_log, [row.result for row in ctx.rows])
+        for row, (_, failed) in zip(ctx.rows, counts, strict=True):
+            row.logged_errors = failed
+        ctx.envoy = None
+        machine = report.machine_description(ctx.database_url, ctx.redis)
+        table = report.render(ctx.rows, ctx.facts, options, machine)
+        print()
+        print(table)
+        if options.write_results:
+            report.write_results(PROJECT_ROOT / "bench" / "RESULTS.md", table)
+            _say("wrote bench/RESULTS.md")
+        broken = [row.name for row in ctx.rows if row.result.requests == 0]
+        if broken:
+            _say(f"scenarios that completed no request: {', '.join(broken)}")
+            return 1
+    return 0
+
+
+def _hit_rest_load(ctx: Context, seconds: float, conns: int) -> LoadResult:
+    path = _rest_lookup_path(seed.lookup_email(0))
+    return load.run_wrk(
+        ctx.url + path, load.static_script(), connections=conns, seconds=seconds, path_prefix="/referral/code"
+    )
+
+
+def _hit_grpc_load(ctx: Context, seconds: float, conns: int) -> LoadResult:
+    return load.run_h2load(
+        ctx.url + GRPC_LOOKUP,
+        connections=conns,
+        seconds=seconds,
+        body=load.grpc_frame(_lookup_body(seed.lookup_email(0))),
+        path_prefix=GRPC_LOOKUP,
+    )
+
+
+def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) -> None:
+    opts = ctx.options
+    procs = f"{opts.processes}p"
+    # Warm-up: connections, code paths, the one cached entry; not measured.
+    _hit_rest_load(ctx, 2, conns)
+
+    # 1. Ceilings.
+    ctx.add(
+        "ceiling: Envoy direct_response (proxy only)",
+        "REST",
+        conns,
+        load.run_wrk(
+            ctx.url + harness.NOOP_PATH,
+            load.static_script(),
+            connections=conns,
+            seconds=seconds,
+            path_prefix=harness.NOOP_PATH,
+        ),
+        "-",
+    )
+    ctx.add(
+        f"ceiling: Health/Check transcoded ({procs})",
+        "REST",
+        conns,
+        load.run_wrk(
+            ctx.url + GRPC_HEALTH,
+            load.static_script("POST", "{}"),
+            connections=conns,
+            seconds=seconds,
+            path_prefix=GRPC_HEALTH,
+        ),
+        "-",
+    )
+    ctx.add(
+        f"ceiling: Health/Check ({procs})",
+        "gRPC",
+        conns,
+        load.run_h2load(
+            ctx.url + GRPC_HEALTH,
+            connections=conns,
+            seconds=seconds,
+            body=load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
+            path_prefix=GRPC_HEALTH,
+        ),
+        "-",
+    )
+
+    # 2. Cache hit: one email, cached after its first lookup.
+    ctx.add(f"lookup, cache hit ({procs})", "REST", conns, _hit_rest_load(ctx, seconds, conns), "REST")
+    ctx.add(f"lookup, cache hit ({procs})", "gRPC", conns, _hit_grpc_load(ctx, seconds, conns), "gRPC")
+
+    # 3. Cold cache: every request a different user, cache flushed first.
+    users = opts.lookup_users
+    half = users // 2
+    lines = load.write_request_lines(
+        ctx.workdir / "cold.tsv", ((_rest_lookup_path(seed.lookup_email(i)), "", "") for i in range(half))
+    )
+    harness.flush_redis_prefix(ctx.redis)
+    cold = load.run_wrk(
+        ctx.url,
+        load.cycle_script("GET", lines, 1),
+        connections=conns,
+        seconds=seconds,
+        path_prefix="/referral/code",
+    )
+    filled = harness.count_redis_keys(ctx.redis, f"{harness.BENCH_KEY_PREFIX}code:*")
+    ctx.add(f"lookup, cold cache ({procs})", "REST", conns, cold, "REST", _cold_note(cold, filled))
+    harness.flush_redis_prefix(ctx.redis)
+    bodies = [_lookup_body(seed.lookup_email(i)) for i in range(half, users)]
+    cold_grpc = _python_grpc_load(ctx, GRPC_LOOKUP, bodies, seconds)
+    filled = harness.count_redis_keys(ctx.redis, f"{harness.BENCH_KEY_PREFIX}code:*")
+    ctx.add(
+        f"lookup, cold cache ({procs})",
+        "gRPC",
+        conns,
+        cold_grpc,
+        "gRPC",
+        _cold_note(cold_grpc, filled) + "; Python aio client",
+    )
+
+    # 4. ListReferrals, first and deep page, 1k and big owners; tokens through Login.
+    owners = sorted(seeded.owner_ids)
+    tokens = seed.login_all(ctx.target, [seed.owner_email(n) for n in owners])
+    for count, token in zip(owners, tokens, strict=True):
+        owner_id = seeded.owner_ids[count]
+        depth = count * 9 // 10
+        page_token = seed.deep_page_token(ctx.database_url, ctx.jwt_secret, owner_id, depth)
+        rows, more = seed.check_page(ctx.target, token, page_token)
+        if rows != 50 or not more:
+            raise RuntimeError(f"the deep page token of owner{count} does not give a full page")
+        label = f"{count:,}" if count < 1_000_000 else f"{count // 1_000_000}M"
+        for page, query in (("first page", ""), (f"page at row {depth:,}", f"?page_token={page_token}")):
+            result = load.run_wrk(
+                ctx.url + "/referral/referrals" + query,
+                load.static_script(headers={"authorization": f"Bearer {token}"}),
+                connections=conns,
+                seconds=seconds,
+                path_prefix="/referral/referrals",
+            )
+            ctx.add(f"ListReferrals {label} referrals, {page}", "REST", conns, result, "REST")
+
+    # 5. CreateReferralCode: many users, each rotating its code; tokens through Login.
+    emails = [seed.login_email(i) for i in range(opts.login_users)]
+    user_tokens = seed.login_all(ctx.target, emails)
+    expires = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = json.dumps({"expires_at": expires})
+    lines = load.write_request_lines(
+        ctx.workdir / "create.tsv", (("/referral/code", t, body) for t in user_tokens)
+    )
+    create = load.run_wrk(
+        ctx.url,
+        load.cycle_script("POST", lines, 1),
+        connections=conns,
+        seconds=seconds,
+        path_prefix="/referral/code",
+    )
+    ctx.add(f"CreateReferralCode, {len(user_tokens)} users rotating", "REST", conns, create, "REST")
+
+    # 6. Login vs the bcrypt ceiling, and lookup latency while logins saturate the CPU.
+    _logins(ctx, seconds)
+
+
+def _cold_note(result: LoadResult, filled: int) -> str:
+    return f"{filled:,} distinct users filled ({filled / max(1, result.requests):.0%} of requests missed)"
+
+
+def _logins(ctx: Context, seconds: float) -> None:
+    cores = os.cpu_count() or 1
+    bcrypt_s = float(str(ctx.facts["bcrypt_seconds"]))
+    ceiling = cores / bcrypt_s
+    ctx.facts["login_ceiling"] = ceiling
+    login_conns = max(4, 2 * cores * ctx.options.processes)
+    login_seconds = max(seconds, 10.0) if not ctx.options.smoke else seconds
+    body = json.dumps({"email": seed.login_email(0), "password": seed.BENCH_PASSWORD})
+    login_script = load.static_script("POST", body)
+    # A fixed-rate probe (open loop): its latency shows what logins do to other requests, not how
+    # closed-loop clients share the CPU.
+    probe_rate, probe_conns = 200, 4
+    probe_url = ctx.url + _rest_lookup_path(seed.lookup_email(0))
+
+    def probe(duration: float) -> LoadResult:
+        return load.run_h2load(
+            probe_url,
+            connections=probe_conns,
+            seconds=duration,
+            grpc=False,
+            rps_per_connection=probe_rate / probe_conns,
+            path_prefix="/referral/code",
+        )
+
+    idle = probe(seconds)
+    ctx.add(f"lookup probe {probe_rate}/s, idle", "REST", probe_conns, idle, "-")
+    ctx.add(
+        f"Login, {login_conns} conns (bcrypt cost {ctx.options.bcrypt_rounds})",
+        "REST",
+        login_conns,
+        load.run_wrk(
+            ctx.url + "/auth/login",
+            login_script,
+            connections=login_conns,
+            seconds=login_seconds,
+            path_prefix="/auth/login",
+        ),
+        "bcrypt",
+    )
+    results: dict[str, LoadResult] = {}
+
+    def login_load() -> None:
+        results["login"] = load.run_wrk(
+            ctx.url + "/auth/login",
+            login_script,
+            connections=login_conns,
+            seconds=login_seconds + 2,
+            path_prefix="/auth/login",
+        )
+
+    _in_background(login_load, lambda: time.sleep(1.0) or results.__setitem__("probe", probe(login_seconds)))
+    ctx.add(f"lookup probe {probe_rate}/s, during logins", "REST", probe_conns, results["probe"], "probe")
+    ctx.add("Login, during the probe", "REST", login_conns, results["login"], "bcrypt")
+
+
+def _in_background(background: Callable[[], None], foreground: Callable[[], object]) -> None:
+    import threading
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    foreground()
+    thread.join()
+
+
+def _compare_processes(ctx: Context, seconds: float, conns: int) -> None:
+    other = 1 if ctx.options.processes > 1 else 2
+    if other > len(ctx.servers.processes):
+        harness.start_servers(ctx.env, other - len(ctx.servers.processes), ctx.server_log, ctx.servers)
+    ctx.start_envoy(other)
+    _hit_rest_load(ctx, 2, conns)
+    ctx.add(f"lookup, cache hit ({other}p)", "REST", conns, _hit_rest_load(ctx, seconds, conns), "REST")
+    ctx.add(f"lookup, cache hit ({other}p)", "gRPC", conns, _hit_grpc_load(ctx, seconds, conns), "gRPC")
+    ctx.start_envoy(ctx.options.processes)
+
+
+def _soak(ctx: Context, seeded: seed.Seeded) -> None:
+    """A mixed load for --soak seconds while the servers' RSS is sampled every second."""
+    opts = ctx.options
+    owner = min(seeded.owner_ids)
+    token = seed.login_all(ctx.target, [seed.owner_email(owner)])[0]
+    rows: list[tuple[str, str, str]] = []
+    for i in range(opts.lookup_users):
+        rows.append((_rest_lookup_path(seed.lookup_email(i)), "", ""))
+        if i % 4 == 0:
+            rows.append(("/referral/referrals", token, ""))
+    lines = load.write_request_lines(ctx.workdir / "soak.tsv", rows)
+    pids = ctx.servers.pids[: opts.processes]
+    with harness.RssSampler(pids) as sampler:
+        result = load.run_wrk(
+            ctx.url,
+            load.cycle_script("GET", lines, 1),
+            connections=opts.connections,
+            seconds=opts.soak,
+            path_prefix="/referral",
+        )
+    ctx.facts["rss_soak"] = report.rss_summary(sampler.samples)
+    ctx.add(f"soak {opts.soak:.0f} s: mixed lookups + lists", "REST", opts.connections, result, "REST")
