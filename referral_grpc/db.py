@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import peewee as pw
+import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 from playhouse.pool import PooledPostgresqlDatabase
 
+from .domain.errors import DeadlineExceeded
 from .models import database
 from .settings import ConfigError, Settings
+
+# time.monotonic() by which the current request must be done, or None: set by the API interceptor
+# from the caller's gRPC deadline. It lives here, not in the API layer, so the domain's transactions
+# honour it while the domain still imports nothing from grpc.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 def make_database(settings: Settings) -> pw.Database:
@@ -35,12 +50,10 @@ def make_database(settings: Settings) -> pw.Database:
         options = "-c timezone=UTC"
         if settings.db_statement_timeout_ms:
             options += f" -c statement_timeout={settings.db_statement_timeout_ms}"
-        return PooledPostgresqlDatabase(
-            unquote(url.path.lstrip("/")) or "postgres",
-            user=unquote(url.username) if url.username else None,
-            password=unquote(url.password) if url.password else None,
-            host=url.hostname or "127.0.0.1",
-            port=url.port or 5432,
+        params = _postgres_params(settings)
+        pool: pw.Database = PooledPostgresqlDatabase(
+            params.pop("dbname"),
+            **params,
             # One connection per server worker thread; a bounded wait when all are busy.
             max_connections=settings.db_pool_size,
             timeout=settings.db_pool_timeout,
@@ -48,7 +61,19 @@ def make_database(settings: Settings) -> pw.Database:
             connect_timeout=2,
             options=options,
         )
+        return pool
     raise ConfigError("DATABASE_URL must start with sqlite:///, postgresql:// or postgres://")
+
+
+def _postgres_params(settings: Settings) -> dict[str, Any]:
+    url = urlparse(settings.database_url)
+    return {
+        "dbname": unquote(url.path.lstrip("/")) or "postgres",
+        "user": unquote(url.username) if url.username else None,
+        "password": unquote(url.password) if url.password else None,
+        "host": url.hostname or "127.0.0.1",
+        "port": url.port or 5432,
+    }
 
 
 def init_database(settings: Settings) -> pw.Database:
@@ -62,12 +87,148 @@ def is_postgres(db: pw.Database) -> bool:
     return isinstance(db, pw.PostgresqlDatabase)
 
 
+@contextmanager
+def request_deadline(seconds: float | None) -> Iterator[None]:
+    """Within the block, transactions must commit within `seconds` from now (None: no deadline)."""
+    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the current request's deadline, or None without one."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def check_deadline() -> None:
+    """Raise DeadlineExceeded when the caller has stopped waiting: work done now is wasted."""
+    remaining = time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise _deadline_exceeded()
+
+
+def _deadline_exceeded() -> DeadlineExceeded:
+    return DeadlineExceeded("DEADLINE_EXCEEDED", "the request deadline passed before it could finish")
+
+
+# PostgreSQL's statement timer and our monotonic clock disagree by a few milliseconds.
+_TIMER_SLACK = 0.05
+
+
+def _cancelled_by_deadline(exc: BaseException) -> bool:
+    """A statement cancelled by our SET LOCAL statement_timeout is the deadline, not a database fault."""
+    remaining = time_remaining()
+    return isinstance(exc, pw.OperationalError) and remaining is not None and remaining <= _TIMER_SLACK
+
+
+class _DeadlineTransaction:
+    """A write transaction that never commits after the request's deadline.
+
+    The caller has already been told DEADLINE_EXCEEDED by then, so a late commit would be a change
+    the client believes failed (and may retry). On PostgreSQL every statement is also bounded by
+    the time left (SET LOCAL statement_timeout), so a blocked statement cannot outlive the deadline.
+    """
+
+    def __init__(self, db: pw.Database) -> None:
+        self._db = db
+        self._atomic = db.atomic("IMMEDIATE") if isinstance(db, pw.SqliteDatabase) else db.atomic()
+
+    def __enter__(self) -> Any:
+        check_deadline()
+        transaction = self._atomic.__enter__()
+        remaining = time_remaining()
+        if remaining is not None and is_postgres(self._db):
+            try:
+                # 0 would mean "no limit": a deadline that is about to pass gets 1 ms.
+                timeout_ms = max(1, math.ceil(remaining * 1000))
+                self._db.execute_sql(f"SET LOCAL statement_timeout = {timeout_ms}")  # type: ignore[no-untyped-call]
+            except BaseException as exc:
+                self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+        return transaction
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self._atomic.__exit__(exc_type, exc, tb)  # rolls back
+            if _cancelled_by_deadline(exc):
+                raise _deadline_exceeded() from exc
+            return
+        remaining = time_remaining()
+        if remaining is not None and remaining <= 0:
+            late = _deadline_exceeded()
+            self._atomic.__exit__(DeadlineExceeded, late, None)  # rolls back instead of committing
+            raise late
+        try:
+            self._atomic.__exit__(None, None, None)  # commits
+        except pw.OperationalError as failed:
+            if _cancelled_by_deadline(failed):
+                raise _deadline_exceeded() from failed
+            raise
+
+
 def write_transaction(db: pw.Database) -> Any:
-    """A transaction that will write.
+    """A transaction that will write, bounded by the request's deadline (see request_deadline).
 
     On SQLite it takes the write lock up front (BEGIN IMMEDIATE): a deferred transaction that
     reads first and writes later can fail with SQLITE_BUSY instead of waiting its turn.
     """
-    if isinstance(db, pw.SqliteDatabase):
-        return db.atomic("IMMEDIATE")
-    return db.atomic()
+    return _DeadlineTransaction(db)
+
+
+class DatabaseProbe:
+    """`SELECT 1` on a connection of its own, for the server's health status.
+
+    Not from the pool: a pool exhausted by busy RPCs is not an unhealthy database, and the probe
+    must not wait for a pooled connection. The PostgreSQL connection is kept between checks and
+    opened again once when it fails, so the first check after a database restart already succeeds.
+    """
+
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._conn: Any = None
+
+    def check(self) -> None:
+        """Return if the database answers; raise (psycopg2.Error, sqlite3.Error) if it does not."""
+        if self._settings.is_sqlite:
+            path = self._settings.database_url.split(":///", 1)[-1]
+            conn = sqlite3.connect(path, timeout=self._timeout)
+            try:
+                # Touches the file, unlike a bare SELECT 1.
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+            return
+        try:
+            self._select_one()
+        except psycopg2.Error:
+            self.close()
+            self._select_one()
+
+    def _select_one(self) -> None:
+        if self._conn is None:
+            params = _postgres_params(self._settings)
+            timeout_ms = max(1, math.ceil(self._timeout * 1000))
+            self._conn = psycopg2.connect(
+                **params,
+                # libpq rounds up to whole seconds, and treats 1 as 2.
+                connect_timeout=max(1, math.ceil(self._timeout)),
+                options=f"-c statement_timeout={timeout_ms}",
+                application_name="referral-grpc-health",
+            )
+            self._conn.autocommit = True
+        with self._conn.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # A broken connection has nothing left to release.
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()

@@ -1,48 +1,126 @@
-"""Logging: text for developers, one JSON object per line in production, request id on every line."""
+"""Logging: text for developers, JSON lines in production, the request id on every line, secrets redacted."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
+from typing import IO, Any
 
 from .settings import Settings
 
+# Set by the API interceptor for the duration of one RPC; "-" outside requests.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-class _RequestIdFilter(logging.Filter):
+REDACTED = "[redacted]"
+
+# Order matters: whole tokens first, so the email and key=value rules never see half a JWT.
+_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # A JWT (header.payload.signature, base64url): an access token wherever it appears.
+    (re.compile(r"\beyJ[\w-]+\.[\w-]+\.[\w-]*"), REDACTED),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[\w\-.~+/=]+"), rf"\1 {REDACTED}"),
+    # bcrypt hashes: peewee's query log would show them on every password change.
+    (re.compile(r"\$2[abxy]?\$\d{2}\$[./A-Za-z0-9]{53}"), REDACTED),
+    # Credentials in URLs: postgresql://user:pass@host, redis://:pass@host, https://u:p@host.
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):[^\s@/]*@"), rf"\1:{REDACTED}@"),
+    # key=value (DSNs, query strings, repr) and "key": "value" (JSON, e.g. an outbox payload in the SQL log).
+    (
+        re.compile(
+            r"""(?ix)
+            (["']?\b[\w-]*(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|pepper)
+            ["']?\s*[:=]\s*)
+            (?:"[^"]*"|'[^']*'|[^\s,;&)}\]]+)
+            """
+        ),
+        rf"\1{REDACTED}",
+    ),
+)
+_EMAIL = re.compile(r"\b([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*(@|%40)((?:[A-Za-z0-9\-]+\.)+[A-Za-z]{2,})\b")
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+
+
+def redact(text: str) -> str:
+    """`text` with secrets replaced and emails masked (a***@example.com)."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return _EMAIL.sub(r"\1***\2\3", text)
+
+
+def _redact_value(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
+
+
+class RedactingFilter(logging.Filter):
+    """Renders each record's message, traceback and string extras, then redacts them in place.
+
+    On a handler it covers every logger, including peewee's query log and third-party libraries
+    that put API keys in URLs: nothing reaches the formatter unredacted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._formatter = logging.Formatter()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        from .api.interceptors import request_id
-
         record.request_id = request_id.get()
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        # The formatter would render exc_info again only when exc_text is empty; it is not now.
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS:
+                setattr(record, key, _redact_value(value))
         return True
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields passed with `extra=` become top-level keys."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
-        if record.exc_info:
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in entry:
+                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = record.stack_info
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
+def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
+    """The handler `configure_logging` installs: redacting, with the request id, text or JSON."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RedactingFilter())
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
+    return handler
+
+
+def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(settings, stream)]
     root.setLevel(settings.log_level)
-    # peewee logs every query at DEBUG, with parameters: never let it reach production logs.
+    # peewee logs every query at DEBUG, with parameters: redacted, but too noisy and too close to
+    # user data for production logs. Turn it on by hand when debugging a query.
     logging.getLogger("peewee").setLevel(logging.INFO)

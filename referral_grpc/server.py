@@ -1,10 +1,12 @@
-"""create_server: the grpc server with servicers, health, reflection, interceptors and graceful stop."""
+"""create_server: gRPC server with servicers, health, reflection, interceptors, metrics, graceful stop."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
 
@@ -15,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from .api.interceptors import ApiInterceptor
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
+from .db import DatabaseProbe
 from .gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
+from .metrics import Metrics, MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,91 @@ SERVICE_NAMES = (
 )
 
 
-class Server:
-    """A running gRPC server and its health servicer."""
+class DatabaseHealth:
+    """Probes the database every `interval` seconds and reports each change of its answer.
 
-    def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer, port: int) -> None:
+    Each probe runs on a thread of its own and counts as failed after `timeout`, so a database that
+    stops answering (not just refusing) is noticed too. A probe still stuck is not started again.
+    """
+
+    def __init__(
+        self, probe: DatabaseProbe, interval: float, timeout: float, on_change: Callable[[bool], None]
+    ) -> None:
+        self._probe = probe
+        self._interval = interval
+        self._timeout = timeout
+        self._on_change = on_change
+        self._stopping = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="db-health", daemon=True)
+        self._stuck: threading.Thread | None = None
+        self.healthy: bool | None = None
+
+    def start(self) -> None:
+        """Probe once before returning (so a server with its database down starts NOT_SERVING), then loop."""
+        self.check()
+        self._loop.start()
+
+    def check(self) -> bool:
+        healthy = self._probe_once()
+        if healthy != self.healthy:
+            if self.healthy is not None or not healthy:
+                log.warning(
+                    "database %s", "reachable again" if healthy else "unreachable: reporting NOT_SERVING"
+                )
+            self.healthy = healthy
+            self._on_change(healthy)
+        return healthy
+
+    def _probe_once(self) -> bool:
+        if self._stuck is not None and self._stuck.is_alive():
+            return False
+        outcome: list[bool] = []
+
+        def run() -> None:
+            try:
+                self._probe.check()
+                outcome.append(True)
+            except Exception as exc:
+                log.debug("database probe failed: %s", type(exc).__name__)
+
+        worker = threading.Thread(target=run, name="db-probe", daemon=True)
+        worker.start()
+        worker.join(self._timeout)
+        if worker.is_alive():
+            self._stuck = worker
+            return False
+        self._stuck = None
+        return bool(outcome)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self.check()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._loop.is_alive():
+            self._loop.join()
+        if self._stuck is None or not self._stuck.is_alive():
+            self._probe.close()
+
+
+class Server:
+    """A running gRPC server, its health servicer, metrics and database health probe."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.Server,
+        health_servicer: health.HealthServicer,
+        port: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.port = port
+        self.metrics = metrics or Metrics()
+        self.database_health: DatabaseHealth | None = None
+        self._lock = threading.Lock()
+        self._shutting_down = False
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -40,9 +122,23 @@ class Server:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
 
-    def stop(self, grace: float) -> None:
-        """Graceful stop: report NOT_SERVING first so balancers drain us, then let in-flight RPCs finish."""
+    def _database_changed(self, healthy: bool) -> None:
+        self.metrics.database_up.set(1 if healthy else 0)
+        self.set_serving(healthy)  # ignored by the health servicer once shutdown began
+
+    def begin_shutdown(self) -> None:
+        """Report NOT_SERVING for good (balancers stop sending new RPCs) while still serving."""
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
         self.health.enter_graceful_shutdown()
+        if self.database_health is not None:
+            self.database_health.stop()
+
+    def stop(self, grace: float) -> None:
+        """NOT_SERVING first; then new RPCs are refused and in-flight ones get `grace` seconds to finish."""
+        self.begin_shutdown()
         self.grpc_server.stop(grace).wait()
 
 
@@ -51,9 +147,12 @@ def create_server(app: App, address: str | None = None) -> Server:
     settings = app.settings
     address = address or f"{settings.grpc_host}:{settings.grpc_port}"
     max_bytes = settings.grpc_max_message_bytes
+    metrics = Metrics(cache=app.cache, db=app.db, clock=app.clock)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"),
-        interceptors=[ApiInterceptor(app.auth.authenticate, app.release_connection)],
+        interceptors=[
+            ApiInterceptor(app.auth.authenticate, app.release_connection, observe=metrics.observe_rpc)
+        ],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -75,24 +174,65 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     port = server.add_insecure_port(address)
     server.start()
-    running = Server(server, health_servicer, port)
+    running = Server(server, health_servicer, port, metrics)
     running.set_serving(True)
+    if settings.health_probe_interval > 0:
+        running.database_health = DatabaseHealth(
+            DatabaseProbe(settings, settings.health_probe_timeout),
+            settings.health_probe_interval,
+            settings.health_probe_timeout,
+            running._database_changed,
+        )
+        running.database_health.start()
     return running
 
 
+def _wait_interruptibly(event: threading.Event, timeout: float | None = None) -> None:
+    """Event.wait in short slices.
+
+    The kernel may deliver SIGTERM to any thread (grpc's, bcrypt's); Python runs the handler only
+    when the main thread next executes bytecode, which a single unbounded wait never does.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not event.is_set():
+        left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        if left <= 0:
+            return
+        event.wait(left)
+
+
 def serve(app: App) -> int:
-    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, keep serving briefly, stop with a grace period.
+
+    A second signal skips the rest of the drain delay (an impatient operator, or a supervisor
+    escalating); the grace period for in-flight RPCs still applies.
+    """
+    settings = app.settings
     server = create_server(app)
+    metrics_http: MetricsServer | None = None
+    if settings.metrics_port:
+        metrics_http = MetricsServer(server.metrics.registry, settings.grpc_host, settings.metrics_port)
+        log.info("serving metrics on http://%s:%d/metrics", settings.grpc_host, metrics_http.port)
     stopping = threading.Event()
+    hurry = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            hurry.set()
+            return
         log.info("received %s: draining", signal.Signals(signum).name)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving gRPC on %s:%d", app.settings.grpc_host, server.port)
-    stopping.wait()
-    server.stop(app.settings.grpc_grace_seconds)
+    log.info("serving gRPC on %s:%d", settings.grpc_host, server.port)
+    _wait_interruptibly(stopping)
+    server.begin_shutdown()
+    # Still serving: Envoy keeps sending until its health check sees NOT_SERVING.
+    _wait_interruptibly(hurry, settings.shutdown_drain_seconds)
+    log.info("stopping: in-flight RPCs have %.0f s", settings.grpc_grace_seconds)
+    server.stop(settings.grpc_grace_seconds)
+    if metrics_http is not None:
+        metrics_http.close()
     log.info("stopped")
     return 0

@@ -13,12 +13,16 @@ import grpc
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 
+from ..db import check_deadline, request_deadline
 from ..domain import errors
 from ..domain.auth import Principal
 from ..domain.tokens import invalid_token
-from .errors import abort, internal_status
+from ..logging_setup import request_id
+from .errors import abort, code_for, internal_status
 
 log = logging.getLogger("referral_grpc.rpc")
+# One line per RPC; its own logger so operators can route or silence it.
+access_log = logging.getLogger("referral_grpc.access")
 
 # Only these methods may be called without an access token. Everything else, including any
 # RPC added later, requires one: tests/test_auth_matrix.py enumerates the descriptors to prove it.
@@ -38,10 +42,16 @@ PUBLIC_METHODS = frozenset(
     }
 )
 
+# Balancers check health every second or so: an INFO line for each would drown the access log.
+QUIET_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 MAX_REQUEST_ID_LENGTH = 128
+# grpc reports a call without a deadline as one with centuries left.
+_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
+
+RpcObserver = Callable[[str, str, float], None]
 
 
 def current_principal() -> Principal:
@@ -63,10 +73,21 @@ def _bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
 
 def _incoming_request_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
     for key, value in metadata:
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LENGTH:
-            if value.isprintable():
-                return value
+        if (
+            key == "x-request-id"
+            and isinstance(value, str)
+            and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
+            and value.isprintable()
+        ):
+            return value
     return uuid.uuid4().hex
+
+
+def _deadline_seconds(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_SECONDS:
+        return None
+    return float(remaining)
 
 
 def translate(exc: Exception) -> errors.DomainError | None:
@@ -79,15 +100,19 @@ def translate(exc: Exception) -> errors.DomainError | None:
 
 
 class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Request id, deadline, authentication, error translation, access log and metrics for unary RPCs."""
+
     def __init__(
         self,
         authenticate: Callable[[str], Principal],
         release_connection: Callable[[], None],
         public_methods: frozenset[str] = PUBLIC_METHODS,
+        observe: RpcObserver | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._release_connection = release_connection
         self._public = public_methods
+        self._observe = observe
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
@@ -106,6 +131,7 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
         public = method in self._public
+        access_level = logging.DEBUG if method in QUIET_METHODS else logging.INFO
 
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             metadata = tuple(context.invocation_metadata() or ())
@@ -113,29 +139,50 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             rid_token = request_id.set(rid)
             principal_token = _principal.set(None)
             started = time.perf_counter()
-            context.send_initial_metadata((("x-request-id", rid),))
-            failure: errors.DomainError | None = None
+            code = grpc.StatusCode.OK
             try:
-                if not public:
-                    _principal.set(self._authenticate(_bearer_token(metadata)))
-                return behavior(request, context)
-            except errors.DomainError as exc:
-                failure = exc
-            except Exception as exc:
-                failure = translate(exc)
-                if failure is None:
-                    log.exception("unhandled error in %s", method)
-                    context.abort_with_status(internal_status())
-                else:
-                    log.warning("%s failed: %s", method, type(exc).__name__)
+                # Sent before any work, so the caller sees the id on errors as well as on success.
+                context.send_initial_metadata((("x-request-id", rid),))
+                with request_deadline(_deadline_seconds(context)):
+                    failure: errors.DomainError | None = None
+                    try:
+                        # Queued behind other RPCs until the caller gave up: do not start the work.
+                        check_deadline()
+                        if not public:
+                            _principal.set(self._authenticate(_bearer_token(metadata)))
+                        return behavior(request, context)
+                    except errors.DomainError as exc:
+                        failure = exc
+                    except Exception as exc:
+                        failure = translate(exc)
+                        if failure is None:
+                            code = grpc.StatusCode.INTERNAL
+                            log.exception("unhandled error in %s", method)
+                            context.abort_with_status(internal_status())
+                        log.warning("%s failed: %s", method, type(exc).__name__)
+                    finally:
+                        self._release_connection()
+                    assert failure is not None  # every path without one has returned or aborted
+                    code = code_for(failure)
+                    abort(context, failure)
             finally:
-                self._release_connection()
+                elapsed = time.perf_counter() - started
+                if self._observe is not None:
+                    self._observe(method, code.name, elapsed)
+                access_log.log(
+                    access_level,
+                    "%s %s %.1fms",
+                    method,
+                    code.name,
+                    elapsed * 1000,
+                    extra={
+                        "rpc_method": method,
+                        "grpc_code": code.name,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
                 _principal.reset(principal_token)
                 request_id.reset(rid_token)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %.1fms", method, (time.perf_counter() - started) * 1000)
-            assert failure is not None
-            abort(context, failure)
 
         return wrapper
 
