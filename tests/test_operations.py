@@ -1,0 +1,286 @@
+"""Operations: structured, redacted logs with request ids and an access line; Prometheus metrics over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from conftest import TEST_JWT_SECRET, FakeClock, make_settings
+from grpc_helpers import Api, bearer, expect_error, in_days, running_api
+from prometheus_client.parser import text_string_to_metric_families
+
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.logging_setup import configure_logging, redact
+from referral_grpc.metrics import MetricsServer
+
+REGISTER = "/referral.v1.AuthService/Register"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging replaces the root handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    peewee = logging.getLogger("peewee")
+    peewee_level = peewee.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    peewee.setLevel(peewee_level)
+
+
+def call(method: Any, request: Any, rid: str, token: str = "") -> Any:
+    metadata = (("x-request-id", rid), *(bearer(token) if token else ()))
+    return method(request, metadata=metadata)
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+
+def test_logs_carry_request_ids_and_never_secrets_or_plain_emails(pg_url: str, restore_logging: None) -> None:
+    pepper = os.urandom(24).hex()
+    settings = make_settings(
+        database_url=pg_url, log_level="debug", log_format="json", password_pepper=pepper
+    )
+    email, typed_email = "alice.wonder@example.com", "Alice.Wonder@Example.com"
+    first, second, third = "first correct horse", "second correct horse", "third correct horse"
+    with running_api(settings) as api:
+        stream = io.StringIO()
+        configure_logging(settings, stream)
+        # The query log is off by default; turned on, it must still show no secrets.
+        query_log = logging.getLogger("peewee")
+        query_log.setLevel(logging.DEBUG)
+
+        registered = call(
+            api.auth.Register, auth_pb.RegisterRequest(email=typed_email, password=first), "r-reg"
+        )
+        bad = expect_error(
+            call, api.auth.Login, auth_pb.LoginRequest(email=email, password="wrong pw!!"), "r-bad"
+        )
+        assert bad.code == grpc.StatusCode.UNAUTHENTICATED
+        logged_in = call(api.auth.Login, auth_pb.LoginRequest(email=email, password=first), "r-login")
+        refreshed = call(
+            api.auth.RefreshToken,
+            auth_pb.RefreshTokenRequest(refresh_token=logged_in.refresh_token),
+            "r-refresh",
+        )
+        call(api.auth.RequestPasswordReset, auth_pb.RequestPasswordResetRequest(email=email), "r-reset-req")
+        query_log.setLevel(logging.INFO)  # the test's own query is not part of any request
+        reset_token = api.reset_token_for("Alice.Wonder@example.com")
+        query_log.setLevel(logging.DEBUG)
+        call(
+            api.auth.ResetPassword,
+            auth_pb.ResetPasswordRequest(token=reset_token, new_password=second),
+            "r-reset",
+        )
+        relogged = call(api.auth.Login, auth_pb.LoginRequest(email=email, password=second), "r-login2")
+        changed = call(
+            api.auth.ChangePassword,
+            auth_pb.ChangePasswordRequest(current_password=second, new_password=third),
+            "r-change",
+            relogged.access_token,
+        )
+        dup = expect_error(
+            call, api.auth.Register, auth_pb.RegisterRequest(email=email, password=first), "r-dup"
+        )
+        assert dup.code == grpc.StatusCode.ALREADY_EXISTS
+        forged = expect_error(
+            call, api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), "r-forged", "not.a-valid.jwt"
+        )
+        assert forged.code == grpc.StatusCode.UNAUTHENTICATED
+        output = stream.getvalue()
+
+    lines = [json.loads(line) for line in output.splitlines()]
+    secrets = [
+        first,
+        second,
+        third,
+        "wrong pw!!",
+        reset_token,
+        TEST_JWT_SECRET,
+        pepper,
+        *(t.access_token for t in (registered, logged_in, refreshed, relogged, changed)),
+        *(t.refresh_token for t in (registered, logged_in, refreshed, relogged, changed)),
+    ]
+    for secret in secrets:
+        assert secret not in output
+    assert email not in output.lower()
+    assert "$2b$" not in output  # bcrypt hashes from the query log
+    # The query log really ran and carried the email, masked: redaction, not silence, kept it out.
+    sql = [line for line in lines if line["logger"] == "peewee"]
+    assert any("INSERT" in line["message"] for line in sql)
+    assert "a***@example.com" in output
+
+    sent = {
+        "r-reg",
+        "r-bad",
+        "r-login",
+        "r-refresh",
+        "r-reset-req",
+        "r-reset",
+        "r-login2",
+        "r-change",
+        "r-dup",
+    }
+    sent.add("r-forged")
+    # Every line was logged while serving one of our requests, and says which.
+    assert {line["request_id"] for line in lines} == sent
+    access = {line["request_id"]: line for line in lines if line["logger"] == "referral_grpc.access"}
+    assert set(access) == sent
+    assert all(line["level"] == "INFO" for line in access.values())
+    assert access["r-reg"]["rpc_method"] == REGISTER
+    assert access["r-reg"]["grpc_code"] == "OK"
+    assert access["r-bad"]["grpc_code"] == "UNAUTHENTICATED"
+    assert access["r-dup"]["grpc_code"] == "ALREADY_EXISTS"
+    assert access["r-forged"]["rpc_method"] == "/referral.v1.ReferralService/ListReferrals"
+    assert all(line["duration_ms"] > 0 for line in access.values())
+
+
+def test_request_id_comes_back_on_errors_and_is_made_up_when_missing(database_url: str) -> None:
+    with running_api(make_settings(database_url=database_url)) as api:
+        with pytest.raises(grpc.RpcError) as failed:
+            api.auth.Login.with_call(
+                auth_pb.LoginRequest(email="nobody@example.com", password="whatever it is"),
+                metadata=(("x-request-id", "err-42"),),
+            )
+        error: Any = failed.value
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ("x-request-id", "err-42") in tuple(error.initial_metadata())
+
+        _, call_info = api.auth.RequestPasswordReset.with_call(
+            auth_pb.RequestPasswordResetRequest(email="nobody@example.com")
+        )
+        made_up = dict(call_info.initial_metadata())["x-request-id"]
+        assert len(made_up) == 32 and made_up != "err-42"
+
+
+def test_info_level_keeps_the_access_line_and_drops_the_query_log(
+    sqlite_url: str, restore_logging: None
+) -> None:
+    settings = make_settings(database_url=sqlite_url, log_format="text")
+    with running_api(settings) as api:
+        stream = io.StringIO()
+        configure_logging(settings, stream)
+        call(
+            api.auth.Register,
+            auth_pb.RegisterRequest(email="bo@example.com", password="long enough pw"),
+            "t-1",
+        )
+        output = stream.getvalue()
+    lines = output.splitlines()
+    assert len(lines) == 1, output
+    assert "INFO referral_grpc.access [t-1] /referral.v1.AuthService/Register OK" in lines[0]
+    assert lines[0].endswith("ms")
+
+
+def test_tracebacks_are_redacted_too(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(make_settings(log_format="json"), stream)
+    log = logging.getLogger("referral_grpc.test")
+    try:
+        raise RuntimeError("connect failed for postgresql://app:hunter2pw@db/referral as eve@example.org")
+    except RuntimeError:
+        log.exception("could not connect with password=%s", "s3cr3t-value")
+    entry = json.loads(stream.getvalue())
+    text = json.dumps(entry)
+    for secret in ("hunter2pw", "s3cr3t-value", "eve@example.org"):
+        assert secret not in text
+    assert "postgresql://app:[redacted]@db/referral" in entry["exception"]
+    assert "e***@example.org" in entry["exception"]
+    assert entry["message"] == "could not connect with password=[redacted]"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Authorization: Bearer abc.DEF-123_x", "Authorization: Bearer [redacted]"),
+        ("token Bearer abc.DEF-123_x sent", "token Bearer [redacted] sent"),
+        ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl end", "jwt [redacted] end"),
+        ("dsn host=db password=pa55 user=app", "dsn host=db password=[redacted] user=app"),
+        ("postgresql://app:pa55@db:5432/x", "postgresql://app:[redacted]@db:5432/x"),
+        ("redis://:pa55@cache:6379/0", "redis://:[redacted]@cache:6379/0"),
+        (
+            "GET /v2/email-verifier?email=bob%40example.com&api_key=K3Y",
+            "GET /v2/email-verifier?email=b***%40example.com&api_key=[redacted]",
+        ),
+        (
+            'payload {"token": "RAW-TOKEN", "expires_minutes": 30}',
+            'payload {"token": [redacted], "expires_minutes": 30}',
+        ),
+        ("hash $2b$12$" + "a" * 53 + " stored", "hash [redacted] stored"),
+        ("Mail to Carol.Smith+x@Mail.Example.co.uk", "Mail to C***@Mail.Example.co.uk"),
+        ("PASSWORD_PEPPER is required in production", "PASSWORD_PEPPER is required in production"),
+    ],
+)
+def test_redaction_patterns(raw: str, expected: str) -> None:
+    assert redact(raw) == expected
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_endpoint_reports_rpcs_latency_cache_and_outbox(database_url: str) -> None:
+    clock = FakeClock()
+    with running_api(make_settings(database_url=database_url), clock=clock) as api:
+        metrics_http = MetricsServer(api.server.metrics.registry, "127.0.0.1", 0)
+        try:
+            _run_metered_rpcs(api, clock)
+            clock.advance(seconds=90)
+            samples = scrape(metrics_http.port)
+        finally:
+            metrics_http.close()
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("referral_rpc_requests_total", method=REGISTER, code="OK") == 2
+    assert value("referral_rpc_requests_total", method=REGISTER, code="ALREADY_EXISTS") == 1
+    lookup = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+    assert value("referral_rpc_requests_total", method=lookup, code="OK") == 2
+    assert value("referral_rpc_requests_total", method=lookup, code="NOT_FOUND") == 1
+    assert value("referral_rpc_duration_seconds_count", method=REGISTER) == 3
+    assert value("referral_rpc_duration_seconds_bucket", method=REGISTER, le="+Inf") == 3
+    assert 0 < value("referral_rpc_duration_seconds_sum", method=REGISTER) < 30
+    # Sub-millisecond buckets, which the default histogram lacks, for the cheap lookups.
+    assert ("referral_rpc_duration_seconds_bucket", (("le", "0.0005"), ("method", lookup))) in samples
+    # Lookups of owner's email: a miss that fills the cache, then a hit; the unknown email misses.
+    assert value("referral_cache_hits_total") == 1
+    assert value("referral_cache_misses_total") == 2
+    assert value("referral_cache_hit_ratio") == pytest.approx(1 / 3)
+    # Two welcome emails wait (NoDispatch sends nothing), both written 90 s before the scrape.
+    assert value("referral_email_outbox_pending") == 2
+    assert value("referral_email_outbox_lag_seconds") == pytest.approx(90)
+    assert value("referral_database_up") == 1
+
+
+def _run_metered_rpcs(api: Api, clock: FakeClock) -> None:
+    owner = api.register("owner@example.com")
+    api.register("friend@example.com")
+    expect_error(api.register, "owner@example.com")
+    api.referrals.CreateReferralCode(
+        ref_pb.CreateReferralCodeRequest(expires_at=in_days(clock, 5)), metadata=bearer(owner.access_token)
+    )
+    for email in ("owner@example.com", "owner@example.com", "stranger@example.com"):
+        try:
+            api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email=email))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
