@@ -17,6 +17,11 @@ progress on SQLite) deliveries that arrive early leave the row alone and the rel
 Exactly once, except in one window: if the process dies after the SMTP server accepted the message
 but before the "sent" mark commits, the row is still pending and is sent again after the lease.
 Every attempt at a row carries the same Message-ID, so receivers can drop such a duplicate.
+(On SQLite the claim is the lease itself, so OUTBOX_LEASE must also outlast one send; SMTP_TIMEOUT
+bounds each step of it.)
+
+Scrubbing rewrites the row; the old row version can survive on disk until PostgreSQL's vacuum or
+SQLite's page reuse overwrites it.
 """
 
 from __future__ import annotations
