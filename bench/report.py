@@ -177,6 +177,8 @@ def machine_description(database_url: str, redis_client: redis.Redis) -> list[st
         f"- Envoy {envoy[0] if envoy else '?'}, PostgreSQL {pg},"
         f" Redis {redis_client.info('server')['redis_version']}",
         f"- {_version(['wrk', '-v'])}; {_version(['h2load', '--version'])}",
+        # Anything else running (other test suites) takes cores from the stack: read the numbers with it.
+        f"- load average at the end (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in os.getloadavg())}",
     ]
 
 
