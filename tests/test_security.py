@@ -53,15 +53,22 @@ def api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
 
 
 def login(api: Api, email: str, password: str = PASSWORD) -> auth_pb.AuthTokens:
-    return api.auth.Login(auth_pb.LoginRequest(email=email, password=password))
+    tokens: auth_pb.AuthTokens = api.auth.Login(auth_pb.LoginRequest(email=email, password=password))
+    return tokens
 
 
 def request_reset(api: Api, email: str) -> auth_pb.RequestPasswordResetResponse:
-    return api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email=email))
+    response: auth_pb.RequestPasswordResetResponse = api.auth.RequestPasswordReset(
+        auth_pb.RequestPasswordResetRequest(email=email)
+    )
+    return response
 
 
 def lookup(api: Api, email: str) -> ref_pb.GetReferralCodeByEmailResponse:
-    return api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email=email))
+    found: ref_pb.GetReferralCodeByEmailResponse = api.referrals.GetReferralCodeByEmail(
+        ref_pb.GetReferralCodeByEmailRequest(email=email)
+    )
+    return found
 
 
 def row_counts() -> dict[str, int]:

@@ -162,8 +162,13 @@ class ReferralMachine(RuleBasedStateMachine):
                 continue
             found = self.api.referrals.GetReferralCodeByEmail(request)
             assert found.code == active.code
-            row = ReferralCode.get(ReferralCode.code == found.code)
-            assert row.is_active and row.expires_at > now and row.user_id == person.user_id
+            live = ReferralCode.select().where(
+                (ReferralCode.code == found.code)
+                & (ReferralCode.user == person.user_id)
+                & (ReferralCode.is_active == True)  # noqa: E712
+                & (ReferralCode.expires_at > now)
+            )
+            assert live.exists()
 
     @invariant()
     def referral_lists_match_successful_registrations(self) -> None:
