@@ -15,13 +15,14 @@ The policy (OWASP ASVS 5.0 V6.3 and NIST SP 800-63B 5.2.2, which limit *consecut
 * Reset requests and code lookups count every call.
 * Time comes from the injected Clock (tests move a FakeClock instead of sleeping).
 
-Storage. Every attempt is counted in process memory; with REDIS_URL it is also counted in Redis, shared
-by every server process, and the larger of the two counts decides. When Redis is down or slow (socket
-timeouts of REDIS_SOCKET_TIMEOUT, no retries, then a circuit breaker that skips it) the process keeps
-throttling on its own counts, and attempts made during an outage still count once Redis is back: the
-throttle never fails open. During an outage each of N server processes allows `limit` attempts, so the
-bound is N x limit. The in-memory map keeps THROTTLE_MAX_LOCAL_KEYS accounts per rule; beyond that the
-windows that end soonest are forgotten first.
+Storage. With REDIS_URL the counts live in Redis, shared by every server process. Each process also
+remembers, per key, the last count Redis gave it and the attempts Redis could not count; an attempt's
+count is Redis's answer plus those missed attempts. So when Redis is down or slow (socket timeouts of
+REDIS_SOCKET_TIMEOUT, no retries, then a circuit breaker that skips it) a process goes on counting from
+where Redis last was, and the attempts made during the outage still count once Redis is back: the
+throttle never fails open. (During an outage N server processes count separately: at most N x limit.)
+Without REDIS_URL every attempt is a "missed" one: the counts are the process's own. The in-memory map
+keeps THROTTLE_MAX_LOCAL_KEYS accounts per rule; beyond that the windows that end soonest go first.
 
 Redis key layout (`{prefix}` is REDIS_KEY_PREFIX; every key expires with its window):
 
@@ -110,7 +111,10 @@ def _epoch_ms(now: datetime) -> int:
 
 
 class _LocalWindows:
-    """One rule's windows in process memory, oldest window first (so also the first to end)."""
+    """One rule's windows in process memory, oldest window first (so also the first to end).
+
+    An entry is [window start, attempts Redis did not count, last count Redis gave].
+    """
 
     def __init__(self, window_ms: int, max_keys: int) -> None:
         self._window_ms = window_ms
@@ -118,16 +122,20 @@ class _LocalWindows:
         self._lock = threading.Lock()
         self._windows: OrderedDict[str, list[int]] = OrderedDict()
 
-    def hit(self, digest: str, now_ms: int) -> _Window:
+    def record(self, digest: str, now_ms: int, shared: _Window | None) -> _Window:
+        """Record one attempt that Redis counted as `shared`, or could not count (None)."""
         with self._lock:
             self._forget_ended(now_ms)
             entry = self._windows.get(digest)
             if entry is None:
-                entry = self._windows[digest] = [now_ms, 0]
+                entry = self._windows[digest] = [now_ms, 0, 0]
                 if len(self._windows) > self._max_keys:
                     self._windows.popitem(last=False)
-            entry[1] += 1
-            return _Window(attempts=entry[1], start_ms=entry[0])
+            if shared is None:
+                entry[1] += 1
+                return _Window(attempts=entry[2] + entry[1], start_ms=entry[0])
+            entry[2] = shared.attempts
+            return _Window(attempts=shared.attempts + entry[1], start_ms=shared.start_ms)
 
     def clear(self, digest: str) -> None:
         with self._lock:
@@ -194,16 +202,12 @@ class Throttle:
         now_ms = _epoch_ms(self._clock.now())
         digest = _digest(key)
         window_ms = rule.window * 1000
-        windows = [self._local_windows(rule).hit(digest, now_ms)]
         shared = self._shared_hit(rule, digest, now_ms, window_ms)
-        if shared is not None:
-            windows.append(shared)
-        over = [w for w in windows if w.attempts > rule.limit]
-        if not over:
+        window = self._local_windows(rule).record(digest, now_ms, shared)
+        if window.attempts <= rule.limit:
             return
-        ends_ms = max(w.start_ms + window_ms for w in over)
         # Whole seconds, at least one: clients (and HTTP Retry-After through Envoy) expect them.
-        retry_after = max(1, math.ceil((ends_ms - now_ms) / 1000))
+        retry_after = max(1, math.ceil((window.start_ms + window_ms - now_ms) / 1000))
         log.info("throttled: %s limit reached", rule.name, extra={"throttle_key": digest[:12]})
         raise ResourceExhausted(THROTTLED_REASON, THROTTLED_MESSAGE, retry_after=retry_after)
 

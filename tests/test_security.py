@@ -229,6 +229,16 @@ def test_counts_are_shared_through_redis_and_every_key_expires(
     second.close()
 
 
+def test_a_clear_in_one_process_clears_the_count_for_all(redis_url: str, key_prefix: str) -> None:
+    clock = FakeClock()
+    first, second = (redis_throttle(redis_url, clock, redis_key_prefix=key_prefix) for _ in range(2))
+    assert hits_allowed(second, "roaming@example.com", 2) == 2
+    first.clear(RULE, "roaming@example.com")  # a successful login served by the other process
+    assert hits_allowed(second, "roaming@example.com", 4) == 3
+    first.close()
+    second.close()
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -349,7 +359,7 @@ def test_attempts_counted_during_an_outage_still_count_when_redis_returns(
         throttle.hit(RULE, "flappy@example.com")
         throttle.hit(RULE, "flappy@example.com")
         proxy.up = True
-        # Redis alone has seen 1 attempt; this process has seen 3, and the larger count wins.
+        # Redis has counted 2 attempts (before and after the outage), plus the 2 it missed: 4 > 3.
         with pytest.raises(ResourceExhausted):
             throttle.hit(RULE, "flappy@example.com")
         assert len(list(redis_client.scan_iter(match=f"{key_prefix}*"))) == 1  # Redis is in use again
