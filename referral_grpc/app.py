@@ -10,12 +10,11 @@ import peewee as pw
 from .db import init_database
 from .domain.auth import AuthService
 from .domain.passwords import PasswordHasher
-from .domain.ports import CachedCode, Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
+from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
 from .domain.referrals import ReferralService
 from .domain.tokens import AccessTokens, PageTokens
-from .domain.validation import normalize_email
 from .settings import Settings
-from .throttle import Limits, Rule, Throttle
+from .throttle import Limits, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +35,6 @@ class App:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
         if not isinstance(self.db, pw.SqliteDatabase) and not self.db.is_closed():
             self.db.close()
-
-
-class LookupThrottledReferralService(ReferralService):
-    """ReferralService whose public lookup by email is throttled per target email, against enumeration.
-
-    A wrapper only because referrals.py had another owner when the throttle landed: the check belongs
-    at the top of ReferralService.get_code_by_email.
-    """
-
-    def __init__(
-        self,
-        *,
-        db: pw.Database,
-        clock: Clock,
-        cache: CodeCache,
-        page_tokens: PageTokens,
-        max_horizon_days: int,
-        throttle: Throttle,
-        rule: Rule,
-    ) -> None:
-        super().__init__(db, clock, cache, page_tokens, max_horizon_days)
-        self._throttle = throttle
-        self._lookup_rule = rule
-
-    def get_code_by_email(self, email: str) -> CachedCode:
-        _, email_key = normalize_email(email)
-        self._throttle.hit(self._lookup_rule, email_key)
-        return super().get_code_by_email(email)
 
 
 def build_app(
@@ -107,13 +78,14 @@ def build_app(
         limits=limits,
         reset_request_min_seconds=settings.reset_request_min_seconds,
     )
-    referrals = LookupThrottledReferralService(
+    # Lookups by email are rate-limited per client address by Envoy (gateway/envoy.yaml), not per
+    # target email here: a per-target limit cannot stop enumeration (each guess is a new email) and
+    # would throttle everyone looking up one popular referrer's code.
+    referrals = ReferralService(
         db=db,
         clock=clock,
         cache=cache,
         page_tokens=PageTokens(settings.jwt_secret),
         max_horizon_days=settings.code_max_horizon_days,
-        throttle=throttle,
-        rule=limits.lookup,
     )
     return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle)

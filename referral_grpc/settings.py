@@ -94,7 +94,8 @@ class Settings:
     environment: str = "development"
     debug: bool = False
 
-    database_url: str = DEFAULT_DATABASE_URL
+    # May carry a password: kept out of repr() so it never reaches a log line.
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     db_pool_size: int = 16
     db_pool_timeout: float = 2.0
     db_statement_timeout_ms: int = 5000
@@ -121,7 +122,7 @@ class Settings:
     reset_token_ttl: int = 1800
     public_base_url: str = ""
 
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)
     redis_key_prefix: str = "referral:"
     cache_ttl_seconds: int = 300
     redis_socket_timeout: float = 0.1
@@ -163,8 +164,6 @@ class Settings:
     login_failure_window: int = 900
     reset_max_requests: int = 3
     reset_request_window: int = 3600
-    lookup_max_requests: int = 60
-    lookup_window: int = 60
     # Per rule, the in-process counters (used alongside Redis, alone without it) keep this many accounts.
     throttle_max_local_keys: int = 100_000
     # Every accepted RequestPasswordReset lasts at least this long, registered email or not, so its
@@ -299,8 +298,6 @@ class Settings:
             login_failure_window=_int(env, "LOGIN_FAILURE_WINDOW", 900, minimum=1, maximum=86_400),
             reset_max_requests=_int(env, "RESET_MAX_REQUESTS", 3, minimum=1, maximum=1000),
             reset_request_window=_int(env, "RESET_REQUEST_WINDOW", 3600, minimum=1, maximum=86_400),
-            lookup_max_requests=_int(env, "LOOKUP_MAX_REQUESTS", 60, minimum=1, maximum=1_000_000),
-            lookup_window=_int(env, "LOOKUP_WINDOW", 60, minimum=1, maximum=86_400),
             throttle_max_local_keys=_int(
                 env, "THROTTLE_MAX_LOCAL_KEYS", 100_000, minimum=100, maximum=10_000_000
             ),

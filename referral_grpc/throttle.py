@@ -1,4 +1,4 @@
-"""Per-account throttles (failed logins, reset requests, code lookups), shared in Redis, never failing open.
+"""Per-account throttles (failed logins, reset requests), shared in Redis, never failing open.
 
 The policy (OWASP ASVS 5.0 V6.3 and NIST SP 800-63B 5.2.2, which limit *consecutive* failed attempts):
 
@@ -12,7 +12,7 @@ The policy (OWASP ASVS 5.0 V6.3 and NIST SP 800-63B 5.2.2, which limit *consecut
   and while throttled even the right password is refused (a correct guess is no oracle). A successful
   login clears the counter, so what is limited is consecutive failures: an attacker without the password
   gets at most `limit` guesses per window, plus `limit - 1` more after each successful login of the owner.
-* Reset requests and code lookups count every call.
+* Reset requests count every call.
 * Time comes from the injected Clock (tests move a FakeClock instead of sleeping).
 
 Storage. With REDIS_URL the counts live in Redis, shared by every server process. Each process also
@@ -85,14 +85,12 @@ class Limits:
 
     login: Rule
     reset: Rule
-    lookup: Rule
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(
             login=Rule("login", settings.login_max_failures, settings.login_failure_window),
             reset=Rule("reset", settings.reset_max_requests, settings.reset_request_window),
-            lookup=Rule("lookup", settings.lookup_max_requests, settings.lookup_window),
         )
 
 

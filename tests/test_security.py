@@ -164,28 +164,6 @@ def test_reset_requests_are_throttled_alike_for_known_and_unknown_emails(api: Ap
     assert len(api.outbox("password_reset")) == 4
 
 
-def test_lookups_by_email_are_throttled_per_target(api: Api, clock: FakeClock) -> None:
-    owner = api.register("popular@example.com")
-    api.referrals.CreateReferralCode(
-        ref_pb.CreateReferralCodeRequest(expires_at=in_days(clock, 30)), metadata=bearer(owner.access_token)
-    )
-    for email in ("popular@example.com", "ghost@example.com"):
-        for _ in range(60):
-            try:
-                lookup(api, email)
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.NOT_FOUND
-        refused = expect_error(lookup, api, email)
-        assert (refused.code, refused.reason, refused.retry_delay) == (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            THROTTLED_REASON,
-            60,
-        )
-    assert expect_error(lookup, api, "other@example.com").code == grpc.StatusCode.NOT_FOUND
-    clock.advance(seconds=60)
-    assert lookup(api, "popular@example.com").code
-
-
 # --- the throttle's storage: Redis shared, process memory when Redis fails ---------------------
 
 

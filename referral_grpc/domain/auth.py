@@ -142,10 +142,12 @@ class AuthService:
     def login(self, email: str, password: str) -> IssuedTokens:
         _, email_key = normalize_email(email)
         check_password_input(password, "password")
-        # Counted before the password is checked (see referral_grpc/throttle.py): parallel guesses
-        # cannot overrun the limit, and a throttled account refuses even the right password.
-        self._throttle.hit(self._limits.login, email_key)
+        # Read first: when the database is down the attempt fails before it is counted, so an
+        # outage cannot lock accounts. Counted before the password is checked (see
+        # referral_grpc/throttle.py): parallel guesses cannot overrun the limit, and a throttled
+        # account refuses even the right password.
         user = User.get_or_none(User.email_key == email_key)
+        self._throttle.hit(self._limits.login, email_key)
         if user is None:
             self._hasher.verify_dummy(password)
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
