@@ -30,10 +30,9 @@ def run_migrations(db: pw.Database) -> list[str]:
     """Apply every pending migration; return the names applied."""
     router = Router(db, migrate_dir=migrations_dir(), logger=log)
     if is_postgres(db):
-        db.execute_sql("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))  # type: ignore[no-untyped-call]
     try:
         return list(router.run())
     finally:
         if is_postgres(db):
-            db.execute_sql("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
-
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))  # type: ignore[no-untyped-call]

@@ -11,7 +11,7 @@ import peewee as pw
 database = pw.DatabaseProxy()
 
 
-class UTCDateTimeField(pw.Field):  # type: ignore[misc]
+class UTCDateTimeField(pw.Field):
     """A timezone-aware UTC timestamp: TIMESTAMPTZ on PostgreSQL, sortable ISO-8601 text on SQLite."""
 
     field_type = "TIMESTAMPTZ"
@@ -30,14 +30,13 @@ class UTCDateTimeField(pw.Field):  # type: ignore[misc]
     def python_value(self, value: Any) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        parsed: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
 
 
-class BaseModel(pw.Model):  # type: ignore[misc]
+class BaseModel(pw.Model):
     class Meta:
         database = database
         legacy_table_names = False
@@ -53,6 +52,7 @@ class User(BaseModel):
     # Bumped on every password change or reset; access tokens carry it, so older ones stop working.
     token_version = pw.IntegerField(default=0)
     referrer = pw.ForeignKeyField("self", null=True, on_delete="SET NULL", backref="referrals", index=False)
+    referrer_id: int | None  # peewee's accessor for the raw column, declared for type checkers
     created_at = UTCDateTimeField()
     # Hunter's verdict on the address ("unchecked" when verification is off).
     email_status = pw.CharField(max_length=20, default="unchecked")
@@ -71,6 +71,7 @@ class User(BaseModel):
 class ReferralCode(BaseModel):
     id = pw.BigAutoField()
     user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="codes", index=False)
+    user_id: int
     # Stored upper-case; input is upper-cased before comparison.
     code = pw.CharField(max_length=16, unique=True)
     created_at = UTCDateTimeField()
@@ -95,6 +96,7 @@ ReferralCode.add_index(ReferralCode.index(ReferralCode.user, ReferralCode.create
 class PasswordResetToken(BaseModel):
     id = pw.BigAutoField()
     user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="reset_tokens")
+    user_id: int
     # SHA-256 of the token: the token itself is only ever in the email.
     token_hash = pw.CharField(max_length=64, unique=True)
     created_at = UTCDateTimeField()
@@ -108,6 +110,7 @@ class PasswordResetToken(BaseModel):
 class RefreshToken(BaseModel):
     id = pw.BigAutoField()
     user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="refresh_tokens")
+    user_id: int
     # Every rotation stays in its family; reuse of a rotated token revokes the family.
     family = pw.CharField(max_length=32, index=True)
     token_hash = pw.CharField(max_length=64, unique=True)

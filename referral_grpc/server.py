@@ -164,8 +164,13 @@ def create_server(app: App, address: str | None = None) -> Server:
         # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing forever.
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.auth), server)
-    referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(ReferralServicer(app.referrals), server)
+    # The generated *_pb2_grpc modules carry no type stubs.
+    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        AuthServicer(app.auth), server
+    )
+    referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ReferralServicer(app.referrals), server
+    )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

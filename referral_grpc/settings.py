@@ -237,9 +237,7 @@ class Settings:
             database_url=_str(env, "DATABASE_URL") or DEFAULT_DATABASE_URL,
             db_pool_size=_int(env, "DB_POOL_SIZE", grpc_max_workers, minimum=1, maximum=1024),
             db_pool_timeout=_float(env, "DB_POOL_TIMEOUT", 2.0, minimum=0.0, maximum=60.0),
-            db_statement_timeout_ms=_int(
-                env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=0, maximum=3_600_000
-            ),
+            db_statement_timeout_ms=_int(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=0, maximum=3_600_000),
             jwt_secret=jwt_secret,
             jwt_secret_generated=generated,
             jwt_issuer=_str(env, "JWT_ISSUER", "referral-grpc") or "referral-grpc",

@@ -10,16 +10,15 @@ from datetime import timedelta
 import grpc
 import jwt
 import pytest
+from conftest import TEST_JWT_SECRET, FakeClock, make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import Api, bearer, expect_error, in_days, running_api, ts
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.models import PasswordResetToken, ReferralCode, RefreshToken, User
-
-from conftest import TEST_JWT_SECRET, FakeClock, make_settings
-from grpc_helpers import Api, bearer, expect_error, in_days, running_api, ts
 
 PASSWORD = "correct horse battery"
 
@@ -101,7 +100,9 @@ def test_login_accepts_any_case_and_hides_which_part_was_wrong(api: Api) -> None
         ("dave@example.com", "p" * 129, "password"),
     ],
 )
-def test_register_rejects_bad_input_with_field_violations(api: Api, email: str, password: str, field: str) -> None:
+def test_register_rejects_bad_input_with_field_violations(
+    api: Api, email: str, password: str, field: str
+) -> None:
     err = expect_error(api.register, email, password)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.fields
@@ -164,7 +165,9 @@ def test_bad_access_tokens_are_unauthenticated(api: Api, clock: FakeClock) -> No
 def test_token_of_a_deleted_user_is_rejected(api: Api) -> None:
     tokens = api.register("hank@example.com")
     User.delete().where(User.id == tokens.user_id).execute()
-    err = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    err = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token)
+    )
     assert err.code == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -191,13 +194,17 @@ def test_change_password_requires_the_current_one_and_revokes_old_tokens(api: Ap
         metadata=bearer(tokens.access_token),
     )
     assert fresh.access_token != tokens.access_token
-    old = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    old = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token)
+    )
     assert old.code == grpc.StatusCode.UNAUTHENTICATED
     api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(fresh.access_token))
     assert expect_error(login, api, "ivy@example.com", PASSWORD).code == grpc.StatusCode.UNAUTHENTICATED
     assert login(api, "ivy@example.com", "a new passphrase").user_id == tokens.user_id
     # The refresh token issued before the change is revoked too.
-    refresh = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token))
+    refresh = expect_error(
+        api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token)
+    )
     assert refresh.code == grpc.StatusCode.UNAUTHENTICATED
     assert [row.recipient for row in api.outbox("password_changed")] == ["ivy@example.com"]
 
@@ -222,7 +229,9 @@ def test_password_reset_is_two_steps_single_use_and_private(api: Api, clock: Fak
     )
     assert reused.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "token" in reused.fields
-    old = expect_error(api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token))
+    old = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(tokens.access_token)
+    )
     assert old.code == grpc.StatusCode.UNAUTHENTICATED
 
     api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="jack@example.com"))
@@ -239,7 +248,9 @@ def test_reset_with_a_bad_new_password_keeps_the_token(api: Api) -> None:
     api.register("kate@example.com")
     api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="kate@example.com"))
     token = api.reset_token_for("kate@example.com")
-    err = expect_error(api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=token, new_password="short"))
+    err = expect_error(
+        api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=token, new_password="short")
+    )
     assert "new_password" in err.fields
     api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password="long enough now"))
 
@@ -252,17 +263,23 @@ def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
     second = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token))
     assert second.refresh_token != first.refresh_token
     assert second.user_id == first.user_id
-    reuse = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token))
+    reuse = expect_error(
+        api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token)
+    )
     assert reuse.code == grpc.StatusCode.UNAUTHENTICATED
     # The thief's replay killed the legitimate holder's newer token too.
-    after = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=second.refresh_token))
+    after = expect_error(
+        api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=second.refresh_token)
+    )
     assert after.code == grpc.StatusCode.UNAUTHENTICATED
     assert RefreshToken.select().where(RefreshToken.revoked_at.is_null()).count() == 0
 
 
 def test_logout_revokes_the_refresh_token(api: Api) -> None:
     tokens = api.register("mia@example.com")
-    api.auth.Logout(auth_pb.LogoutRequest(refresh_token=tokens.refresh_token), metadata=bearer(tokens.access_token))
+    api.auth.Logout(
+        auth_pb.LogoutRequest(refresh_token=tokens.refresh_token), metadata=bearer(tokens.access_token)
+    )
     err = expect_error(api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token))
     assert err.code == grpc.StatusCode.UNAUTHENTICATED
 
@@ -289,7 +306,9 @@ def test_create_rotate_lookup_and_delete_a_code(api: Api, clock: FakeClock) -> N
     gone = expect_error(lookup, api, "nina@example.com")
     assert gone.code == grpc.StatusCode.NOT_FOUND
     again = expect_error(
-        api.referrals.DeleteReferralCode, ref_pb.DeleteReferralCodeRequest(), metadata=bearer(owner.access_token)
+        api.referrals.DeleteReferralCode,
+        ref_pb.DeleteReferralCodeRequest(),
+        metadata=bearer(owner.access_token),
     )
     assert again.code == grpc.StatusCode.NOT_FOUND
 
@@ -301,7 +320,10 @@ def test_lookup_is_not_found_alike_for_unknown_missing_and_expired(api: Api, clo
     create_code(api, expiring.access_token, clock, days=1)
     assert lookup(api, "pia@example.com").code
     clock.advance(days=1)
-    errors = [expect_error(lookup, api, email) for email in ("nobody@example.com", "omar@example.com", "pia@example.com")]
+    errors = [
+        expect_error(lookup, api, email)
+        for email in ("nobody@example.com", "omar@example.com", "pia@example.com")
+    ]
     assert {e.code for e in errors} == {grpc.StatusCode.NOT_FOUND}
     assert len({e.message for e in errors}) == 1
     assert len({e.reason for e in errors}) == 1
@@ -326,7 +348,9 @@ def test_code_expiry_must_be_in_the_future_within_the_horizon(
 def test_code_expiry_is_required_and_sane(api: Api, clock: FakeClock) -> None:
     owner = api.register("rita@example.com")
     missing = expect_error(
-        api.referrals.CreateReferralCode, ref_pb.CreateReferralCodeRequest(), metadata=bearer(owner.access_token)
+        api.referrals.CreateReferralCode,
+        ref_pb.CreateReferralCodeRequest(),
+        metadata=bearer(owner.access_token),
     )
     assert missing.code == grpc.StatusCode.INVALID_ARGUMENT and "expires_at" in missing.fields
     absurd = ref_pb.CreateReferralCodeRequest()
@@ -394,7 +418,9 @@ def test_list_referrals_pages_newest_first_only_mine(api: Api, clock: FakeClock)
     assert pages == 3
     assert seen == list(reversed(emails))
     first = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(owner.access_token))
-    assert first.referrals[0].registered_at.ToDatetime() == clock.now().replace(tzinfo=None) - timedelta(seconds=0)
+    assert first.referrals[0].registered_at.ToDatetime() == clock.now().replace(tzinfo=None) - timedelta(
+        seconds=0
+    )
 
 
 def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
@@ -404,11 +430,15 @@ def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
     for i in range(3):
         clock.advance(seconds=1)
         api.register(f"r{i}@example.com", code=code)
-    page = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(page_size=1), metadata=bearer(owner.access_token))
+    page = api.referrals.ListReferrals(
+        ref_pb.ListReferralsRequest(page_size=1), metadata=bearer(owner.access_token)
+    )
     token = page.next_page_token
     assert token
     negative = expect_error(
-        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(page_size=-1), metadata=bearer(owner.access_token)
+        api.referrals.ListReferrals,
+        ref_pb.ListReferralsRequest(page_size=-1),
+        metadata=bearer(owner.access_token),
     )
     assert negative.code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in negative.fields
     tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
@@ -421,7 +451,9 @@ def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.fields
     # Someone else's cursor is not valid for me.
     stolen = expect_error(
-        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(page_token=token), metadata=bearer(other.access_token)
+        api.referrals.ListReferrals,
+        ref_pb.ListReferralsRequest(page_token=token),
+        metadata=bearer(other.access_token),
     )
     assert stolen.code == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -431,18 +463,26 @@ def test_page_size_is_clamped_to_100(api: Api, clock: FakeClock) -> None:
     now = clock.now()
     User.insert_many(
         [
-            {"email": f"bulk{i}@example.com", "email_key": f"bulk{i}@example.com", "password_hash": "x",
-             "referrer": owner.user_id, "created_at": now - timedelta(seconds=i)}
+            {
+                "email": f"bulk{i}@example.com",
+                "email_key": f"bulk{i}@example.com",
+                "password_hash": "x",
+                "referrer": owner.user_id,
+                "created_at": now - timedelta(seconds=i),
+            }
             for i in range(120)
         ]
     ).execute()
-    page = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(page_size=1000), metadata=bearer(owner.access_token))
+    page = api.referrals.ListReferrals(
+        ref_pb.ListReferralsRequest(page_size=1000), metadata=bearer(owner.access_token)
+    )
     assert len(page.referrals) == 100
     assert page.next_page_token
     default = api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(owner.access_token))
     assert len(default.referrals) == 50
     rest = api.referrals.ListReferrals(
-        ref_pb.ListReferralsRequest(page_size=100, page_token=page.next_page_token), metadata=bearer(owner.access_token)
+        ref_pb.ListReferralsRequest(page_size=100, page_token=page.next_page_token),
+        metadata=bearer(owner.access_token),
     )
     assert len(rest.referrals) == 20 and rest.next_page_token == ""
 
@@ -456,7 +496,9 @@ def test_health_and_reflection(api: Api) -> None:
         response = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
-    responses = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    responses = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in responses[0].list_services_response.service}
     assert {"referral.v1.AuthService", "referral.v1.ReferralService", "grpc.health.v1.Health"} <= names
 

@@ -51,7 +51,9 @@ def test_parallel_creates_leave_exactly_one_active_code(api: Api, clock: FakeClo
     active = list(ReferralCode.select().where(ReferralCode.is_active == True))  # noqa: E712
     assert len(active) == 1
     assert ReferralCode.select().count() == PARALLEL
-    lookup = api.referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email="racer@example.com"))
+    lookup = api.referrals.GetReferralCodeByEmail(
+        ref_pb.GetReferralCodeByEmailRequest(email="racer@example.com")
+    )
     assert lookup.code == active[0].code
 
 
@@ -78,7 +80,9 @@ def test_a_reset_token_is_consumed_once(api: Api) -> None:
     api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="resetter@example.com"))
     token = api.reset_token_for("resetter@example.com")
     results = race(
-        lambda i: api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password=f"new password {i}")),
+        lambda i: api.auth.ResetPassword(
+            auth_pb.ResetPasswordRequest(token=token, new_password=f"new password {i}")
+        ),
         n=10,
     )
     ok = [i for i, r in enumerate(results) if not isinstance(r, grpc.RpcError)]

@@ -41,7 +41,9 @@ def test_migrations_match_models(backend: str, pg_server_url: str, tmp_path: obj
         assert migrated_schema == _schema(from_models)
         from_models.close()
         # The one-active-code guarantee is in the database, not in Python.
-        assert ("referral_codes_one_active_per_user", ("user_id",), True) in migrated_schema["referral_codes"]["indexes"]  # type: ignore[index]
+        assert ("referral_codes_one_active_per_user", ("user_id",), True) in migrated_schema[
+            "referral_codes"
+        ]["indexes"]  # type: ignore[index]
     finally:
         if backend == "postgres":
             for url in urls:

@@ -206,9 +206,7 @@ def run_machine(api: Api, clock: FakeClock, examples: int, steps: int) -> None:
 
 def machine_settings(database_url: str) -> Settings:
     # Invariants look every user up after every step: far above the anti-enumeration limit.
-    return make_settings(
-        database_url=database_url, reset_request_min_seconds=0
-    )
+    return make_settings(database_url=database_url, reset_request_min_seconds=0)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def auth_tokens(tokens: IssuedTokens) -> auth_service_pb2.AuthTokens:
     return auth_service_pb2.AuthTokens(
         user_id=tokens.user_id,
         access_token=tokens.access_token,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 - the OAuth token type, not a secret
         expires_in=tokens.expires_in,
         refresh_token=tokens.refresh_token,
         refresh_expires_in=tokens.refresh_expires_in,

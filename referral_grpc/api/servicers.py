@@ -14,12 +14,14 @@ pb_auth = auth_service_pb2
 pb_ref = referral_service_pb2
 
 
-class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     def __init__(self, auth: AuthService) -> None:
         self._auth = auth
 
     def Register(self, request: pb_auth.RegisterRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
-        return convert.auth_tokens(self._auth.register(request.email, request.password, request.referral_code))
+        return convert.auth_tokens(
+            self._auth.register(request.email, request.password, request.referral_code)
+        )
 
     def Login(self, request: pb_auth.LoginRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         return convert.auth_tokens(self._auth.login(request.email, request.password))
@@ -48,11 +50,13 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):  # type: ignore[m
     def ChangePassword(
         self, request: pb_auth.ChangePasswordRequest, context: grpc.ServicerContext
     ) -> pb_auth.AuthTokens:
-        tokens = self._auth.change_password(current_principal(), request.current_password, request.new_password)
+        tokens = self._auth.change_password(
+            current_principal(), request.current_password, request.new_password
+        )
         return convert.auth_tokens(tokens)
 
 
-class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):  # type: ignore[misc]
+class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):
     def __init__(self, referrals: ReferralService) -> None:
         self._referrals = referrals
 
@@ -79,12 +83,16 @@ class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):  # ty
         self, request: pb_ref.GetReferralCodeByEmailRequest, context: grpc.ServicerContext
     ) -> pb_ref.GetReferralCodeByEmailResponse:
         code = self._referrals.get_code_by_email(request.email)
-        return pb_ref.GetReferralCodeByEmailResponse(code=code.code, expires_at=convert.timestamp(code.expires_at))
+        return pb_ref.GetReferralCodeByEmailResponse(
+            code=code.code, expires_at=convert.timestamp(code.expires_at)
+        )
 
     def ListReferrals(
         self, request: pb_ref.ListReferralsRequest, context: grpc.ServicerContext
     ) -> pb_ref.ListReferralsResponse:
-        page = self._referrals.list_referrals(current_principal().user_id, request.page_size, request.page_token)
+        page = self._referrals.list_referrals(
+            current_principal().user_id, request.page_size, request.page_token
+        )
         return pb_ref.ListReferralsResponse(
             referrals=[
                 pb_ref.Referral(

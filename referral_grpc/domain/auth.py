@@ -188,6 +188,7 @@ class AuthService:
         if reused:
             log.warning("refresh token reuse detected; token family revoked", extra={"user_id": row.user_id})
             raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+        assert user is not None
         return self._tokens(user, new_refresh)
 
     def logout(self, principal: Principal, refresh_token: str) -> None:
@@ -325,8 +326,9 @@ class AuthService:
     def _usable_code(self, code: str, now: datetime, lock: bool = False) -> ReferralCode:
         query = ReferralCode.select().where(ReferralCode.code == code)
         if lock and is_postgres(self._db):
-            query = query.for_update("FOR SHARE")
-        row = query.first()
+            # peewee passes a string through as the locking clause; its stubs only know bool.
+            query = query.for_update("FOR SHARE")  # type: ignore[arg-type]
+        row: ReferralCode | None = query.first()
         if row is None:
             raise InvalidArgument.for_field(
                 "referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN"

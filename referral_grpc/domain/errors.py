@@ -28,9 +28,7 @@ class DomainError(Exception):
 
 
 class InvalidArgument(DomainError):
-    def __init__(
-        self, reason: str, message: str, field_violations: Sequence[FieldViolation] = ()
-    ) -> None:
+    def __init__(self, reason: str, message: str, field_violations: Sequence[FieldViolation] = ()) -> None:
         super().__init__(reason, message)
         self.field_violations = tuple(field_violations)
 

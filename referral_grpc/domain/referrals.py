@@ -157,7 +157,7 @@ class ReferralService:
         query = User.select(User.id, User.email_key).where(User.id == user_id)
         if is_postgres(self._db):
             query = query.for_update()
-        user = query.first()
+        user: User | None = query.first()
         if user is None:
             raise NotFound("USER_NOT_FOUND", "the account no longer exists")
         return user
