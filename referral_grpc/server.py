@@ -151,7 +151,12 @@ def create_server(app: App, address: str | None = None) -> Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"),
         interceptors=[
-            ApiInterceptor(app.auth.authenticate, app.release_connection, observe=metrics.observe_rpc)
+            ApiInterceptor(
+                app.auth.authenticate,
+                app.release_connection,
+                observe=metrics.observe_rpc,
+                access_log=settings.access_log,
+            )
         ],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
@@ -230,7 +235,8 @@ def serve(app: App) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving gRPC on %s:%d", settings.grpc_host, server.port)
+    # Logged at WARNING so it shows at every LOG_LEVEL: `make run` and the tests wait for this line.
+    log.warning("serving gRPC on %s:%d", settings.grpc_host, server.port)
     _wait_interruptibly(stopping)
     server.begin_shutdown()
     # Still serving: Envoy keeps sending until its health check sees NOT_SERVING.

@@ -154,6 +154,8 @@ class Settings:
 
     log_level: str = "INFO"
     log_format: str = "text"
+    # One INFO line per RPC; Envoy's access log may make it redundant at high request rates.
+    access_log: bool = True
     metrics_port: int = 0
 
     envoy_port: int = 8080
@@ -289,6 +291,7 @@ class Settings:
             hunter_read_timeout=_float(env, "HUNTER_READ_TIMEOUT", 2.0, minimum=0.01, maximum=60.0),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
             log_format=_choice(env, "LOG_FORMAT", "json" if production else "text", ("json", "text")),
+            access_log=_bool(env, "ACCESS_LOG", True),
             metrics_port=_int(env, "METRICS_PORT", 0, minimum=0, maximum=65535),
             envoy_port=_int(env, "ENVOY_PORT", 8080, minimum=0, maximum=65535),
             envoy_admin_port=_int(env, "ENVOY_ADMIN_PORT", 9901, minimum=0, maximum=65535),

@@ -108,7 +108,9 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         release_connection: Callable[[], None],
         public_methods: frozenset[str] = PUBLIC_METHODS,
         observe: RpcObserver | None = None,
+        access_log: bool = True,
     ) -> None:
+        self._access_log = access_log
         self._authenticate = authenticate
         self._release_connection = release_connection
         self._public = public_methods
@@ -169,18 +171,19 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 elapsed = time.perf_counter() - started
                 if self._observe is not None:
                     self._observe(method, code.name, elapsed)
-                access_log.log(
-                    access_level,
-                    "%s %s %.1fms",
-                    method,
-                    code.name,
-                    elapsed * 1000,
-                    extra={
-                        "rpc_method": method,
-                        "grpc_code": code.name,
-                        "duration_ms": round(elapsed * 1000, 2),
-                    },
-                )
+                if self._access_log:
+                    access_log.log(
+                        access_level,
+                        "%s %s %.1fms",
+                        method,
+                        code.name,
+                        elapsed * 1000,
+                        extra={
+                            "rpc_method": method,
+                            "grpc_code": code.name,
+                            "duration_ms": round(elapsed * 1000, 2),
+                        },
+                    )
                 _principal.reset(principal_token)
                 request_id.reset(rid_token)
 

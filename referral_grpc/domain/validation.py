@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 from email_validator import EmailNotValidError
@@ -55,12 +55,20 @@ def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
         )
     if _has_control_characters(value):
         raise InvalidArgument.for_field(field, "must not contain control characters", "EMAIL_INVALID")
-    try:
-        result = validate_email(value, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise InvalidArgument.for_field(field, str(exc), "EMAIL_INVALID") from None
-    normalized = result.normalized
+    normalized, problem = _validate_email(value)
+    if problem:
+        raise InvalidArgument.for_field(field, problem, "EMAIL_INVALID")
     return normalized, normalized.lower()
+
+
+@lru_cache(maxsize=16384)
+def _validate_email(value: str) -> tuple[str, str]:
+    """(normalised address, "") or ("", what is wrong). Memoised: a pure function that costs ~45 us,
+    on the hot path of every lookup by email."""
+    try:
+        return validate_email(value, check_deliverability=False).normalized, ""
+    except EmailNotValidError as exc:
+        return "", str(exc)
 
 
 def check_password(password: str, field: str) -> None:
