@@ -13,7 +13,8 @@ BUF := .tools/node_modules/.bin/buf
 
 help:
 	@echo "make run        run the whole stack (gRPC :50051, REST :8080) with embedded defaults"
-	@echo "make test       run the test suite (needs PostgreSQL and Redis on 127.0.0.1)"
+	@echo "make test       generated-code check, lint, and the test suite (needs PostgreSQL and Redis on 127.0.0.1)"
+	@echo "make test-slow  the slow fault tests (PostgreSQL restart, graceful shutdown under load)"
 	@echo "make generate   regenerate Python stubs, Envoy descriptor set and OpenAPI from proto/"
 	@echo "make lint       ruff, mypy --strict, buf lint, envoy --mode validate"
 	@echo "make bench      run the benchmark and print the results table"
@@ -42,7 +43,9 @@ worker: $(VENV)/.run-stamp
 migrate: $(VENV)/.run-stamp
 	$(PY) -m referral_grpc migrate
 
+# What CI runs: generated files in sync with proto/, lint, then the suite (slow fault tests excluded).
 test: $(VENV)/.dev-stamp
+	$(MAKE) --no-print-directory check-generated lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.dev-stamp
@@ -74,8 +77,8 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1
 
 lint: $(VENV)/.dev-stamp $(BUF)
-	$(VENV)/bin/ruff format --check referral_grpc tests gateway gateway/openapi/protoc-gen-openapi
-	$(VENV)/bin/ruff check referral_grpc tests gateway gateway/openapi/protoc-gen-openapi
+	$(VENV)/bin/ruff format --check referral_grpc tests gateway bench gateway/openapi/protoc-gen-openapi
+	$(VENV)/bin/ruff check referral_grpc tests gateway bench gateway/openapi/protoc-gen-openapi
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict gateway/openapi/protoc-gen-openapi
 	$(BUF) lint
@@ -83,8 +86,8 @@ lint: $(VENV)/.dev-stamp $(BUF)
 	$(PY) -m referral_grpc validate-gateway
 
 fmt: $(VENV)/.dev-stamp
-	$(VENV)/bin/ruff format referral_grpc tests gateway
-	$(VENV)/bin/ruff check --fix referral_grpc tests gateway
+	$(VENV)/bin/ruff format referral_grpc tests gateway bench
+	$(VENV)/bin/ruff check --fix referral_grpc tests gateway bench
 
 # Load generators come from Debian (wrk, nghttp2-client's h2load); py-spy from the dev extra.
 bench-tools:
