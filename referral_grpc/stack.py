@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -36,6 +38,7 @@ SERVER_READY = re.compile(r"serving gRPC on (\S+):(\d+)")
 _FILE_KEYS = frozenset({"filename", "proto_descriptor"})
 _LISTENER = "api"
 _CLUSTER = "referral_grpc"
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 DOCKER_BACKEND: Address = ("server", 50051)
 # Inside the container every interface is the container network's; compose decides what the host sees.
 CONTAINER_ANY = "0.0.0.0"  # noqa: S104
@@ -90,6 +93,73 @@ def _absolute_files(node: Any, root: Path) -> None:
             _absolute_files(item, root)
 
 
+@dataclass(frozen=True)
+class TokenBucket:
+    """A per-client limit of one route family: `burst` requests at once, then `per_fill` more every
+    `fill_interval` seconds (Envoy's max_tokens, tokens_per_fill, fill_interval)."""
+
+    burst: int
+    per_fill: int
+    fill_interval: float
+
+    @classmethod
+    def from_envoy(cls, bucket: Mapping[str, Any]) -> TokenBucket:
+        interval = str(bucket["fill_interval"])
+        if not interval.endswith("s"):
+            raise ValueError(f"fill_interval {interval!r} is not in seconds")
+        return cls(int(bucket["max_tokens"]), int(bucket.get("tokens_per_fill", 1)), float(interval[:-1]))
+
+    def to_envoy(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.burst,
+            "tokens_per_fill": self.per_fill,
+            "fill_interval": f"{self.fill_interval:g}s",
+        }
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds until the next token at the latest: what HTTP Retry-After can say."""
+        return max(1, math.ceil(self.fill_interval))
+
+
+def _connection_manager(config: dict[str, Any]) -> dict[str, Any]:
+    listener = _named(config["static_resources"]["listeners"], _LISTENER, "listener")
+    manager: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager
+
+
+def rate_limited_routes(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route name -> its per-client LocalRateLimit config (the dicts inside `config`, not copies)."""
+    limited = {}
+    for host in _connection_manager(config)["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            limit = route.get("typed_per_filter_config", {}).get(RATE_LIMIT_FILTER)
+            if limit is not None:
+                limited[route["name"]] = limit
+    return limited
+
+
+def _set_token_bucket(limit: dict[str, Any], bucket: TokenBucket) -> None:
+    """One bucket per client address and the same for the (addressless) default; retry-after to match."""
+    [descriptor] = limit["descriptors"]
+    descriptor["token_bucket"] = bucket.to_envoy()
+    limit["token_bucket"] = bucket.to_envoy()
+    for header in limit["response_headers_to_add"]:
+        if header["header"]["key"] == "retry-after":
+            header["header"]["value"] = str(bucket.retry_after)
+
+
+def _without_rate_limits(config: dict[str, Any]) -> None:
+    manager = _connection_manager(config)
+    manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != RATE_LIMIT_FILTER]
+    for host in manager["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            per_filter = route.get("typed_per_filter_config", {})
+            per_filter.pop(RATE_LIMIT_FILTER, None)
+            if "typed_per_filter_config" in route and not per_filter:
+                del route["typed_per_filter_config"]
+
+
 def render_envoy_config(
     *,
     listen: Address,
@@ -97,11 +167,17 @@ def render_envoy_config(
     backends: Sequence[Address],
     files_root: Path | None = None,
     source: dict[str, Any] | None = None,
+    rate_limits: bool = True,
+    token_buckets: Mapping[str, TokenBucket] | None = None,
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with other addresses: the listener, the admin, the gRPC backend endpoints.
 
     With `files_root`, the files the config names (descriptor, OpenAPI, docs) become absolute paths
     under it, so Envoy can run from any working directory.
+
+    The per-client rate limits of the public routes are the file's unless `rate_limits` is false
+    (no local_ratelimit at all: load tests and test clients all come from one loopback address) or
+    `token_buckets` replaces some of them by route name (tests use small limits).
     """
     if not backends:
         raise ValueError("at least one backend is needed")
@@ -113,6 +189,17 @@ def render_envoy_config(
     cluster["load_assignment"]["endpoints"] = [
         {"lb_endpoints": [{"endpoint": {"address": _socket_address(backend)}} for backend in backends]}
     ]
+    if token_buckets:
+        if not rate_limits:
+            raise ValueError("token_buckets given with rate_limits off")
+        limited = rate_limited_routes(config)
+        unknown = set(token_buckets) - set(limited)
+        if unknown:
+            raise ValueError(f"no rate-limited route named {sorted(unknown)}; there are {sorted(limited)}")
+        for name, bucket in token_buckets.items():
+            _set_token_bucket(limited[name], bucket)
+    if not rate_limits:
+        _without_rate_limits(config)
     if files_root is not None:
         _absolute_files(config, files_root)
     return config

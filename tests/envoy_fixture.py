@@ -14,11 +14,12 @@ from referral_grpc.stack import (
     Address,
     Child,
     Envoy,
+    TokenBucket,
     render_envoy_config,
     start_server,
 )
 
-__all__ = ["Envoy", "running_envoy", "running_server", "server_env"]
+__all__ = ["Envoy", "TokenBucket", "running_envoy", "running_server", "server_env"]
 
 
 def server_env(**values: str) -> dict[str, str]:
@@ -67,14 +68,24 @@ def running_envoy(
     *,
     wait_healthy: bool = True,
     concurrency: int = 1,
+    rate_limits: bool = False,
+    token_buckets: Mapping[str, TokenBucket] | None = None,
 ) -> Iterator[Envoy]:
     """Envoy from gateway/envoy.yaml in front of `backends`; listener and admin on free ports.
 
     Ready means admin says LIVE (listener bound) and, with `wait_healthy`, every backend passed the gRPC
     health check. `envoy.url` is the REST and gRPC base; the config and log stay in `workdir`.
+
+    The per-client rate limits are off unless asked for: every test client is 127.0.0.1, one client
+    to Envoy, and tests register and log in far more often than a person would.
     """
     config = render_envoy_config(
-        listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), backends=backends, files_root=PROJECT_ROOT
+        listen=("127.0.0.1", 0),
+        admin=("127.0.0.1", 0),
+        backends=backends,
+        files_root=PROJECT_ROOT,
+        rate_limits=rate_limits,
+        token_buckets=token_buckets,
     )
     with (workdir / "envoy.log").open("a") as output:
         envoy = Envoy(config, workdir, output=output, concurrency=concurrency)

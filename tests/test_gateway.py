@@ -721,6 +721,77 @@ def test_server_processes_share_nothing_but_envoy(tmp_path: Path, env: dict[str,
                 assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
 
 
+def test_a_draining_server_leaves_the_rotation_before_it_stops(tmp_path: Path, env: dict[str, str]) -> None:
+    """SIGTERM: NOT_SERVING for the default drain (2 s), then stop. Envoy's health check must eject the
+    process while it still serves, so requests under way all along see no error at all."""
+    default_drain = {key: value for key, value in env.items() if key != "SHUTDOWN_DRAIN_SECONDS"}
+    assert make_settings().shutdown_drain_seconds == 2.0
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def steady_load(url: str) -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                answers.append(session.get(url + "/referral/referrals", timeout=10).status_code)
+
+    with (
+        running_server(default_drain, tmp_path / "a.log", name="a") as (_, first),
+        running_server(default_drain, tmp_path / "b.log", name="b") as (draining, second),
+        running_envoy([first, second], tmp_path) as envoy,
+    ):
+        second_key = f"{second[0]}:{second[1]}"
+        load = threading.Thread(target=steady_load, args=(envoy.url,))
+        load.start()
+        try:
+            signalled = time.monotonic()
+            draining.send(signal.SIGTERM)
+            while envoy.backend_health()[second_key] == "healthy" and time.monotonic() - signalled < 10:
+                time.sleep(0.05)
+            ejected_after = time.monotonic() - signalled
+            still_serving = draining.poll() is None
+            flags = envoy.backend_health()[second_key]
+            assert draining.wait(timeout=20) == 0
+            time.sleep(0.3)  # and a little traffic after it is gone
+        finally:
+            stop.set()
+            load.join()
+        retries = requests.get(
+            f"{envoy.admin_url}/stats?filter=^cluster.referral_grpc.upstream_rq_retry$", timeout=5
+        )
+    assert "failed_active_hc" in flags, flags
+    # The health check runs every second: ejected within one interval plus one check, which leaves
+    # the 2 s drain half a second of margin. (It runs right after Envoy saw the backend healthy, so
+    # this is close to the worst phase.)
+    assert still_serving and ejected_after < 1.5, ejected_after
+    # Every request was served (401: no token), and none needed a retry: nothing was sent to the
+    # process once it stopped taking RPCs.
+    assert len(answers) > 20 and set(answers) == {401}, sorted(set(answers))
+    assert retries.text.strip() == "cluster.referral_grpc.upstream_rq_retry: 0", retries.text
+
+
+def test_requests_for_a_dead_process_go_to_another_before_the_health_check_notices(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A crashed process is ejected only after two failed checks (timeouts and refused connections are
+    counted); meanwhile a request Envoy cannot connect it to is retried on another process."""
+    with (
+        running_server(env, tmp_path / "a.log", name="a") as (_, first),
+        running_server(env, tmp_path / "b.log", name="b") as (crashed, second),
+        running_envoy([first, second], tmp_path) as envoy,
+        requests.Session() as session,
+    ):
+        crashed.stop(signal.SIGKILL, timeout=5)
+        time.sleep(0.1)  # Envoy sees its connections close; a request already sent there is not retried
+        rest = Rest(envoy.url, session)
+        for _ in range(6):  # round robin: half of them are meant for the dead one
+            assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
+        assert envoy.backend_health()[f"{second[0]}:{second[1]}"] == "healthy"
+        retries = session.get(
+            f"{envoy.admin_url}/stats?filter=^cluster.referral_grpc.upstream_rq_retry$", timeout=5
+        )
+    assert int(retries.text.split(":")[1]) >= 1, retries.text
+
+
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
 
 
