@@ -86,8 +86,13 @@ def bench_envoy_config(backends: Sequence[Address], descriptor: Path) -> dict[st
       the cheapest transcoded RPC, the REST RPC ceiling.
     Everything else (access log, transcoder options, retries, health checks) is the production file.
     """
+    # Per-client rate limits off: every bench client is 127.0.0.1, and the limits are not what is measured.
     config = render_envoy_config(
-        listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), backends=backends, files_root=PROJECT_ROOT
+        listen=("127.0.0.1", 0),
+        admin=("127.0.0.1", 0),
+        backends=backends,
+        files_root=PROJECT_ROOT,
+        rate_limits=False,
     )
     listener = config["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import redis
 from conftest import FakeClock, make_settings
-from grpc_helpers import Api, bearer, expect_error, in_days, running_api
+from grpc_helpers import Api, bearer, expect_error, running_api
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
