@@ -148,6 +148,9 @@ def create_server(app: App, address: str | None = None) -> Server:
     address = address or f"{settings.grpc_host}:{settings.grpc_port}"
     max_bytes = settings.grpc_max_message_bytes
     metrics = Metrics(cache=app.cache, db=app.db, clock=app.clock)
+    blocking_pool = futures.ThreadPoolExecutor(
+        max_workers=settings.grpc_blocking_workers, thread_name_prefix="rpc-blocking"
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"),
         interceptors=[
@@ -156,6 +159,7 @@ def create_server(app: App, address: str | None = None) -> Server:
                 app.release_connection,
                 observe=metrics.observe_rpc,
                 access_log=settings.access_log,
+                blocking_pool=blocking_pool,
             )
         ],
         options=[

@@ -466,3 +466,24 @@ def test_no_request_fails_through_envoy_while_a_server_is_replaced(tmp_path: Pat
     failed = [o for o in outcomes if o.code != grpc.StatusCode.OK]
     assert not failed, failed
     assert during > 20  # the load really ran across the handover
+
+
+def test_a_login_flood_does_not_take_the_threads_cheap_rpcs_need(sqlite_url: str) -> None:
+    """Password hashing runs on its own pool: with ONE main thread, lookups still answer at once
+    while logins keep every hashing slot busy."""
+    settings = make_settings(
+        database_url=sqlite_url, grpc_max_workers=1, bcrypt_rounds=12, password_hash_concurrency=1
+    )
+    with running_api(settings) as api:
+        api.register("flood@example.com", "correct horse battery")
+        login = auth_pb.LoginRequest(email="flood@example.com", password="correct horse battery")
+        with ThreadPoolExecutor(4) as pool:
+            logins = [pool.submit(api.auth.Login, login, timeout=30) for _ in range(4)]
+            time.sleep(0.1)  # the logins are in: one hashing, three queued for the hashing slot
+            assert not any(f.done() for f in logins)
+            lookups = [timed(lambda: lookup(api, "nobody@example.com")) for _ in range(5)]
+            assert not all(f.done() for f in logins)  # the flood was still going during the lookups
+            assert all(f.result().access_token for f in logins)
+    assert {code for code, _ in lookups} == {grpc.StatusCode.NOT_FOUND}
+    # One bcrypt at cost 12 takes ~0.3 s; behind four of them a lookup would wait over a second.
+    assert max(elapsed for _, elapsed in lookups) < 0.25

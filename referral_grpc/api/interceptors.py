@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -39,6 +40,18 @@ PUBLIC_METHODS = frozenset(
         "/grpc.health.v1.Health/List",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+# RPCs that spend most of their time blocked without the GIL (bcrypt; Hunter on Register; the padded
+# reset request): they run on the server's blocking pool, so they never hold the main pool's threads.
+BLOCKING_METHODS = frozenset(
+    {
+        "/referral.v1.AuthService/Register",
+        "/referral.v1.AuthService/Login",
+        "/referral.v1.AuthService/ChangePassword",
+        "/referral.v1.AuthService/ResetPassword",
+        "/referral.v1.AuthService/RequestPasswordReset",
     }
 )
 
@@ -109,12 +122,16 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         public_methods: frozenset[str] = PUBLIC_METHODS,
         observe: RpcObserver | None = None,
         access_log: bool = True,
+        blocking_pool: futures.ThreadPoolExecutor | None = None,
     ) -> None:
         self._access_log = access_log
+        self._blocking_pool = blocking_pool
         self._authenticate = authenticate
         self._release_connection = release_connection
         self._public = public_methods
         self._observe = observe
+        # Wrapped handlers by (method, original handler): built once, not on every call.
+        self._wrapped: dict[tuple[str, int], Any] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
@@ -125,11 +142,21 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if handler is not None and details.method not in self._public:
                 return _deny_handler()
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(details.method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        key = (details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            behavior = self._wrap(details.method, handler.unary_unary)
+            if self._blocking_pool is not None and details.method in BLOCKING_METHODS:
+                # grpc runs a behavior carrying this attribute on that pool instead of the server's own.
+                behavior.experimental_thread_pool = self._blocking_pool
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            # The original handler is kept alive by the server's registry, so its id stays unique.
+            self._wrapped[key] = wrapped
+        return wrapped
 
     def _wrap(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
         public = method in self._public
