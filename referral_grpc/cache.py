@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from referral_grpc.breaker import CircuitBreaker
 from referral_grpc.domain.ports import CachedCode, CacheRead, CodeCache
+from referral_grpc.redis_client import fail_fast_redis
 from referral_grpc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -135,17 +134,8 @@ class RedisCodeCache:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, breaker: CircuitBreaker | None = None) -> RedisCodeCache:
-        timeout = settings.redis_socket_timeout
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # redis-py 8 retries 10 times with backoff by default: seconds per call with Redis down.
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
         return cls(
-            client,
+            fail_fast_redis(settings),
             key_prefix=settings.redis_key_prefix,
             ttl_seconds=settings.cache_ttl_seconds,
             breaker=breaker,

@@ -43,12 +43,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .breaker import CircuitBreaker
 from .domain.errors import ResourceExhausted
 from .domain.ports import Clock
+from .redis_client import fail_fast_redis
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -176,17 +175,7 @@ class Throttle:
     def from_settings(
         cls, settings: Settings, clock: Clock, *, breaker: CircuitBreaker | None = None
     ) -> Throttle:
-        client = None
-        if settings.redis_url:
-            timeout = settings.redis_socket_timeout
-            client = redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # redis-py 8 retries 10 times with backoff by default: seconds per call with Redis down.
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=True,
-            )
+        client = fail_fast_redis(settings) if settings.redis_url else None
         return cls(
             clock,
             client=client,
