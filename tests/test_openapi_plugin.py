@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from google.api import annotations_pb2
 from openapi_spec_validator import validate
 
 from referral_grpc.api.interceptors import PUBLIC_METHODS
+from referral_grpc.domain import validation as limits
+from referral_grpc.domain.errors import InvalidArgument
 from referral_grpc.gen import auth_service_pb2, referral_service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +110,7 @@ def test_get_and_delete_fields_are_query_parameters_with_proto_names(document: d
         {
             "name": "email",
             "in": "query",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "minLength": 1, "maxLength": 254, "format": "idn-email"},
             "description": (
                 "The email address of the code's owner, in any letter case (at most 254 characters)."
             ),
@@ -116,8 +120,8 @@ def test_get_and_delete_fields_are_query_parameters_with_proto_names(document: d
     assert "requestBody" not in by_email
     listing = document["paths"]["/referral/referrals"]["get"]["parameters"]
     assert [(p["name"], p["in"], p["schema"], p.get("required", False)) for p in listing] == [
-        ("page_size", "query", {"type": "integer", "format": "int32"}, False),
-        ("page_token", "query", {"type": "string"}, False),
+        ("page_size", "query", {"type": "integer", "format": "int32", "minimum": 0}, False),
+        ("page_token", "query", {"type": "string", "maxLength": 512}, False),
     ]
     delete = document["paths"]["/referral/code"]["delete"]
     assert "parameters" not in delete and "requestBody" not in delete
@@ -202,6 +206,163 @@ def test_descriptions_come_from_proto_comments(document: dict[str, Any]) -> None
     assert "same UNAUTHENTICATED error" in login["description"]
     tags = {tag["name"]: tag["description"] for tag in document["tags"]}
     assert tags["ReferralService"].startswith("ReferralService manages referral codes")
+
+
+# --- input limits: written once in the proto comments, turned into JSON Schema by the plugin ---------
+
+
+def request_fields(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The schema of every field a client sends, by "<operationId>.<field>" (parameters and body)."""
+    fields = {}
+    for item in document["paths"].values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                fields[f"{operation['operationId']}.{parameter['name']}"] = parameter["schema"]
+            if "requestBody" in operation:
+                body = operation["requestBody"]["content"]["application/json"]["schema"]
+                if "$ref" in body:
+                    body = schema_of(document, body["$ref"].rsplit("/", 1)[1])
+                for name, schema in body["properties"].items():
+                    fields[f"{operation['operationId']}.{name}"] = schema
+    return fields
+
+
+def test_every_request_string_and_integer_states_its_limits(document: dict[str, Any]) -> None:
+    """The convention is the only source of the limits: a field without one in its comment fails here."""
+    for name, schema in request_fields(document).items():
+        if schema["type"] == "string" and schema.get("format") != "date-time":
+            assert "maxLength" in schema, f'{name}: its proto comment must say "at most N characters"'
+        if schema["type"] == "integer":
+            assert "minimum" in schema, f'{name}: its proto comment must say "N or more"'
+
+
+NO_NUL = "^[^\\u0000]*$"
+NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+LIMIT_KEYWORDS = {"minLength", "maxLength", "pattern", "format", "minimum", "maximum"}
+
+
+def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any]) -> None:
+    email = {"minLength": 1, "maxLength": limits.MAX_EMAIL_LENGTH, "format": "idn-email"}
+    password = {"minLength": 1, "maxLength": limits.MAX_PASSWORD_LENGTH, "pattern": NO_NUL}
+    new_password = {
+        "minLength": limits.MIN_PASSWORD_LENGTH,
+        "maxLength": limits.MAX_PASSWORD_LENGTH,
+        "pattern": NO_NUL,
+    }
+    token = {"minLength": 1, "maxLength": limits.MAX_TOKEN_LENGTH, "pattern": NO_CONTROL}
+    expected = {
+        "AuthService_Register.email": email,
+        "AuthService_Register.password": new_password,
+        "AuthService_Register.referral_code": {
+            "maxLength": limits.MAX_CODE_INPUT_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "AuthService_Login.email": email,
+        "AuthService_Login.password": password,
+        "AuthService_RefreshToken.refresh_token": token,
+        "AuthService_Logout.refresh_token": token,
+        "AuthService_RequestPasswordReset.email": email,
+        "AuthService_ResetPassword.token": token,
+        "AuthService_ResetPassword.new_password": new_password,
+        "AuthService_ChangePassword.current_password": password,
+        "AuthService_ChangePassword.new_password": new_password,
+        "ReferralService_CreateReferralCode.expires_at": {"format": "date-time"},
+        "ReferralService_GetReferralCodeByEmail.email": email,
+        "ReferralService_ListReferrals.page_size": {"format": "int32", "minimum": 0},
+        "ReferralService_ListReferrals.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+    }
+    fields = request_fields(document)
+    assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"
+    for name, keywords in expected.items():
+        assert {k: v for k, v in fields[name].items() if k in LIMIT_KEYWORDS} == keywords, name
+
+
+def test_the_documented_control_characters_are_ones_the_server_refuses() -> None:
+    """NO_CONTROL is exactly Unicode's Cc; the server refuses those (and the rest of category C)."""
+    for codepoint in range(0x100):
+        character = chr(codepoint)
+        documented_ok = re.search(NO_CONTROL, f"a{character}b") is not None
+        assert documented_ok == (unicodedata.category(character) != "Cc"), hex(codepoint)
+        if not documented_ok:
+            with pytest.raises(InvalidArgument):
+                limits.check_printable(f"a{character}b", "token")
+    assert re.search(NO_NUL, "any Unicode \u202e\uffff") and not re.search(NO_NUL, "a\x00b")
+
+
+CONVENTION = """
+syntax = "proto3";
+package notes.v1;
+import "google/api/annotations.proto";
+import "google/api/field_behavior.proto";
+
+service NoteService {
+  // CreateNote stores a note.
+  rpc CreateNote(CreateNoteRequest) returns (Note) {
+    option (google.api.http) = {post: "/v1/{parent=users/*}/notes" body: "*"};
+  }
+  // ListNotes lists notes.
+  rpc ListNotes(ListNotesRequest) returns (Note) {
+    option (google.api.http) = {get: "/v1/notes"};
+  }
+}
+
+message CreateNoteRequest {
+  // The owner (at most 40 characters).
+  string parent = 1 [(google.api.field_behavior) = REQUIRED];
+  // The text: 2 to 500
+  // characters, no NUL characters.
+  string text = 2 [(google.api.field_behavior) = REQUIRED];
+  // Whom to notify, by email address.
+  repeated string notify = 3;
+  // A label (at most 16 characters, no control characters).
+  string label = 4;
+  // Free text, no limit stated.
+  string extra = 5;
+}
+
+message ListNotesRequest {
+  // How many notes to return (1 or more).
+  int32 page_size = 1;
+}
+
+// A note.
+message Note {
+  // The text (at most 500 characters).
+  string text = 1 [(google.api.field_behavior) = OUTPUT_ONLY];
+}
+"""
+
+
+def test_limit_phrases_become_schema_keywords_on_a_synthetic_api(tmp_path: Path) -> None:
+    protos = tmp_path / "protos"
+    (protos / "notes" / "v1").mkdir(parents=True)
+    (protos / "notes" / "v1" / "notes.proto").write_text(CONVENTION)
+    document = run_plugin(tmp_path / "out", ["notes/v1/notes.proto"], include=str(protos))
+    validate(document)
+    create = document["paths"]["/v1/{parent}/notes"]["post"]
+    # A path parameter keeps its limits (a required string is a non-empty one), not its description.
+    assert create["parameters"][0]["schema"] == {"type": "string", "minLength": 1, "maxLength": 40}
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert body["propertyNames"] == {"minLength": 1}
+    fields = body["properties"]
+    assert fields["text"]["minLength"] == 2 and fields["text"]["maxLength"] == 500
+    assert fields["text"]["pattern"] == NO_NUL
+    assert fields["notify"]["items"] == {"type": "string", "format": "idn-email"}
+    assert fields["label"]["pattern"] == NO_CONTROL and fields["label"]["maxLength"] == 16
+    assert fields["extra"] == {"type": "string", "description": "Free text, no limit stated."}
+    listing = document["paths"]["/v1/notes"]["get"]["parameters"]
+    assert listing == [
+        {
+            "name": "page_size",
+            "in": "query",
+            "schema": {"type": "integer", "format": "int32", "minimum": 1},
+            "description": "How many notes to return (1 or more).",
+        }
+    ]
+    # The phrases mean the same in responses; only request objects carry propertyNames.
+    note = schema_of(document, "Note")
+    assert note["properties"]["text"]["maxLength"] == 500
+    assert "propertyNames" not in note
 
 
 SYNTHETIC = """
