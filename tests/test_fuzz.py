@@ -1,0 +1,253 @@
+"""Schemathesis against gateway/openapi.json through a real Envoy in front of a real server on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database
+from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
+
+from referral_grpc.stack import PROJECT_ROOT
+
+DOCUMENT = PROJECT_ROOT / "gateway" / "openapi.json"
+SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+PASSWORD = "correct horse battery"
+SEED = "20261126"
+# Per operation and phase: the whole module (server and Envoy start included) takes about 20 s here.
+MAX_EXAMPLES = "100"
+
+
+@pytest.fixture(scope="module")
+def envoy(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    database = create_pg_database(pg_server_url)
+    try:
+        env = server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET)
+        migrate(env)
+        workdir = tmp_path_factory.mktemp("fuzz-stack")
+        with (
+            running_server(env, workdir / "server.log") as (_, address),
+            running_envoy([address], workdir) as gw,
+        ):
+            yield gw
+    finally:
+        drop_pg_database(database)
+
+
+@dataclass(frozen=True)
+class Known:
+    """Real values, so that generated requests also reach the success paths and their response schemas."""
+
+    access_token: str
+    email: str
+    page_token: str
+    expires_at: str
+
+
+def known_values(base: str) -> Known:
+    """A user with an active code and two referrals; a second page of them; a valid expiry."""
+
+    def post(path: str, body: dict[str, str], token: str = "") -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = requests.post(base + path, json=body, headers=headers, timeout=15)
+        assert response.status_code == 200, response.text
+        answer: dict[str, str] = response.json()
+        return answer
+
+    email = f"fuzz-{uuid.uuid4().hex[:10]}@example.com"
+    tokens = post("/auth/register", {"email": email, "password": PASSWORD})
+    in_30_days = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
+    code = post("/referral/code", {"expires_at": in_30_days.isoformat()}, tokens["access_token"])["code"]
+    for _ in range(2):
+        friend = f"fuzz-friend-{uuid.uuid4().hex[:10]}@example.com"
+        post("/auth/register", {"email": friend, "password": PASSWORD, "referral_code": code})
+    page = requests.get(
+        base + "/referral/referrals",
+        params={"page_size": 1},
+        headers={"Authorization": f"Bearer {tokens['access_token']}"},
+        timeout=15,
+    ).json()
+    assert page["next_page_token"], page
+    in_7_days = (datetime.now(UTC) + timedelta(days=7)).replace(microsecond=0)
+    return Known(
+        access_token=tokens["access_token"],
+        email=email,
+        page_token=page["next_page_token"],
+        expires_at=in_7_days.isoformat().replace("+00:00", "Z"),
+    )
+
+
+# Every exception below names its operations and says why the check cannot hold there. Statuses other
+# than the listed ones still fail the check; not_a_server_error still fails any 5xx.
+CONFIG = """
+[phases.coverage]
+# The methods tried on every path for unsupported_method, less QUERY (an IETF draft): Envoy's HTTP/1
+# codec refuses QUERY without a body (400) before any route could answer 405.
+unexpected-methods = ["GET", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE"]
+
+# Real values the generator mixes into its own, so that the success paths and their response schemas
+# are fuzzed too: an email with an active code, a valid page token, a valid expiry.
+[dictionaries]
+owner_email = {{ values = [{email}] }}
+page_token = {{ values = [{page_token}] }}
+expires_at = {{ values = [{expires_at}] }}
+
+[[operations]]
+include-operation-id = "AuthService_Register"
+# 400 for input the schema cannot rule out: a password on the common-password blocklist (NIST
+# SP 800-63B), an address email-validator refuses though idn-email allows it (the generator uses
+# special-use domains such as .test), a referral code that does not exist.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = ["AuthService_Login", "AuthService_RequestPasswordReset"]
+# 400 for an address email-validator refuses though idn-email allows it (special-use domains such as
+# .test, which the generator uses).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "ReferralService_GetReferralCodeByEmail"
+parameters = {{ "query.email" = {{ dictionary = "owner_email", probability = 0.5 }} }}
+# 400 for an address email-validator refuses though idn-email allows it (as above).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "ReferralService_ListReferrals"
+parameters = {{ "query.page_token" = {{ dictionary = "page_token", probability = 0.5 }} }}
+# A page token is signed by the server: any other value the schema allows is PAGE_TOKEN_INVALID (400).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "ReferralService_CreateReferralCode"
+parameters = {{ "body.expires_at" = {{ dictionary = "expires_at", probability = 0.5 }} }}
+# The expiry must lie between now and the configured horizon: relative to the clock, not expressible
+# in the schema, so most generated date-times are EXPIRY_IN_PAST or EXPIRY_TOO_FAR (400).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "AuthService_ChangePassword"
+# 400 for a wrong current password (WRONG_PASSWORD: the real one cannot be generated, and must not be:
+# a change would end the session this run uses) and for a new password on the blocklist.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "AuthService_ResetPassword"
+# 400 for a reset token that was never issued (RESET_TOKEN_INVALID: real ones only exist in an email)
+# and for a new password on the blocklist.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = ["AuthService_RefreshToken", "AuthService_Logout"]
+# Tokens are ASCII (URL-safe base64). The server also refuses format, private-use and unassigned
+# characters in them (400), which the document's pattern cannot list (see protoc-gen-openapi): ASCII
+# strings keep every generated value inside what the pattern really describes.
+generation.codec = "ascii"
+"""
+
+# positive_data_acceptance's own default, plus 400.
+ACCEPTED_AND_400 = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
+
+
+def write_config(path: Path, known: Known) -> Path:
+    # JSON strings of ASCII text are valid TOML basic strings.
+    path.write_text(
+        CONFIG.format(
+            email=json.dumps(known.email),
+            page_token=json.dumps(known.page_token),
+            expires_at=json.dumps(known.expires_at),
+            accepted_and_400=json.dumps(ACCEPTED_AND_400),
+        )
+    )
+    return path
+
+
+def schemathesis(base: str, config: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(SCHEMATHESIS),
+            "--config-file",
+            str(config),
+            "run",
+            str(DOCUMENT),
+            "--url",
+            base,
+            "--header",
+            f"Authorization: Bearer {token}",
+            "--seed",
+            SEED,
+            "--max-examples",
+            MAX_EXAMPLES,
+            "--generation-database",
+            "none",
+            "--workers",
+            "1",
+            "--no-color",
+            *args,
+        ],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        # The run takes about 15 s here; a hung one fails instead of stalling CI.
+        timeout=120,
+        check=False,
+    )
+
+
+def test_schemathesis_all_checks_positive_and_negative_data(envoy: Envoy, tmp_path: Path) -> None:
+    """Every check, valid and invalid data, every phase that applies: no 5xx, no response that breaks the
+    document, no 2xx for input the document rules out, no 4xx for input it allows (but the exceptions
+    in CONFIG)."""
+    known = known_values(envoy.url)
+    config = write_config(tmp_path / "schemathesis.toml", known)
+    result = schemathesis(
+        envoy.url,
+        config,
+        known.access_token,
+        "--checks",
+        "all",
+        # The one check left out, for now: Envoy answers a method a path does not have with 404, not
+        # 405. test_undeclared_methods_are_405_with_allow runs it and is expected to fail until then.
+        "--exclude-checks",
+        "unsupported_method",
+        "--mode",
+        "all",
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    operations = sum(len(item) for item in json.loads(DOCUMENT.read_text())["paths"].values())
+    assert re.search(rf"Tested: {operations}\n", result.stdout), result.stdout[-2000:]
+    summary = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert summary is not None and int(summary[1]) > 1000, result.stdout[-2000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Envoy's transcoder answers a method the path does not have with 404 (Could not resolve ... "
+    "to a method), not 405 with Allow. When gateway/envoy.yaml answers 405, drop this mark and the "
+    "--exclude-checks above.",
+)
+def test_undeclared_methods_are_405_with_allow(envoy: Envoy, tmp_path: Path) -> None:
+    known = known_values(envoy.url)
+    config = write_config(tmp_path / "schemathesis.toml", known)
+    result = schemathesis(
+        envoy.url,
+        config,
+        known.access_token,
+        "--checks",
+        "unsupported_method,allow_header_conformance",
+        "--phases",
+        "coverage",
+    )
+    # Not the expected failure (a config error, nothing run): a real failure, not an xfail.
+    if not re.search(r"\d+ generated", result.stdout):
+        raise RuntimeError(result.stdout[-4000:] + result.stderr[-2000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
