@@ -32,7 +32,7 @@ from referral_grpc.domain.validation import (
 )
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.models import ALL_MODELS, PasswordResetToken
+from referral_grpc.models import ALL_MODELS, PasswordResetToken, User
 from referral_grpc.throttle import THROTTLED_REASON, Rule, Throttle
 
 PASSWORD = "correct horse battery"
@@ -645,3 +645,15 @@ def test_no_input_makes_the_server_fail(api: Api) -> None:
             )
 
     call_anything()
+
+
+def test_length_bounds_count_surrounding_spaces(api: Api) -> None:
+    """The documented maximum is on the field as sent: padding cannot smuggle in a longer value."""
+    spaced_code = expect_error(api.register, "pad@example.com", "correct horse battery", " " * 33)
+    assert spaced_code.code == grpc.StatusCode.INVALID_ARGUMENT and "referral_code" in spaced_code.fields
+    longest = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 57 + ".com"
+    assert len(longest) == 254
+    padded = expect_error(api.register, longest + " ", "correct horse battery")
+    assert padded.code == grpc.StatusCode.INVALID_ARGUMENT and "email" in padded.fields
+    assert User.select().count() == 0
+    assert api.register(longest, "correct horse battery").user_id  # the bound itself is fine

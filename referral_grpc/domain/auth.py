@@ -20,7 +20,9 @@ from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier
 from .tokens import AccessTokens, invalid_token, random_token, token_digest
 from .validation import (
+    MAX_CODE_INPUT_LENGTH,
     MAX_TOKEN_LENGTH,
+    check_length,
     check_password,
     check_password_input,
     check_printable,
@@ -90,6 +92,7 @@ class AuthService:
         check_password(password, "password")
         # Before normalize_code strips: "\x1f" alone must not silently become "no code".
         check_printable(referral_code, "referral_code", "REFERRAL_CODE_INVALID")
+        check_length(referral_code, "referral_code", MAX_CODE_INPUT_LENGTH)
         code = normalize_code(referral_code) if referral_code.strip() else None
         now = self._clock.now()
         if User.select().where(User.email_key == email_key).exists():

@@ -19,7 +19,8 @@ def generate_code() -> str:
 def normalize_code(raw: str, field: str = "referral_code") -> str:
     """Upper-case and check a code typed by a user; raises InvalidArgument for malformed input."""
     value = raw.strip().upper()
-    if len(value) > MAX_CODE_INPUT_LENGTH:
+    # The documented bound is on the field as sent, surrounding spaces included.
+    if len(raw) > MAX_CODE_INPUT_LENGTH:
         raise InvalidArgument.for_field(
             field, f"must be at most {MAX_CODE_INPUT_LENGTH} characters", "REFERRAL_CODE_INVALID"
         )

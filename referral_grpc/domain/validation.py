@@ -46,6 +46,11 @@ def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
 
     email-validator does the RFC work (no DNS lookups: deliverability is Hunter's job).
     """
+    # The documented bound is on the field as sent, surrounding spaces included.
+    if len(raw) > MAX_EMAIL_LENGTH:
+        raise InvalidArgument.for_field(
+            field, f"must be at most {MAX_EMAIL_LENGTH} characters", "EMAIL_INVALID"
+        )
     value = raw.strip(_SURROUNDING_WHITESPACE)
     if not value:
         raise InvalidArgument.for_field(field, "is required", "EMAIL_REQUIRED")
