@@ -214,10 +214,6 @@ def test_schemathesis_all_checks_positive_and_negative_data(envoy: Envoy, tmp_pa
         known.access_token,
         "--checks",
         "all",
-        # The one check left out, for now: Envoy answers a method a path does not have with 404, not
-        # 405. test_undeclared_methods_are_405_with_allow runs it and is expected to fail until then.
-        "--exclude-checks",
-        "unsupported_method",
         "--mode",
         "all",
     )
@@ -228,13 +224,6 @@ def test_schemathesis_all_checks_positive_and_negative_data(envoy: Envoy, tmp_pa
     assert summary is not None and int(summary[1]) > 1000, result.stdout[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Envoy's transcoder answers a method the path does not have with 404 (Could not resolve ... "
-    "to a method), not 405 with Allow. When gateway/envoy.yaml answers 405, drop this mark and the "
-    "--exclude-checks above.",
-)
 def test_undeclared_methods_are_405_with_allow(envoy: Envoy, tmp_path: Path) -> None:
     known = known_values(envoy.url)
     config = write_config(tmp_path / "schemathesis.toml", known)
@@ -247,7 +236,5 @@ def test_undeclared_methods_are_405_with_allow(envoy: Envoy, tmp_path: Path) -> 
         "--phases",
         "coverage",
     )
-    # Not the expected failure (a config error, nothing run): a real failure, not an xfail.
-    if not re.search(r"\d+ generated", result.stdout):
-        raise RuntimeError(result.stdout[-4000:] + result.stderr[-2000:])
+    assert re.search(r"\d+ generated", result.stdout), result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -326,7 +326,7 @@ LARGE_BODY = json.dumps({"email": "a@example.com", "password": "x" * 70_000})
     ("method", "path", "body", "http_status", "grpc_code"),
     [
         pytest.param("GET", "/no/such/path", None, 404, 5, id="unknown-path"),
-        pytest.param("GET", "/auth/login", None, 404, 5, id="wrong-method"),
+        pytest.param("GET", "/auth/login", None, 405, 12, id="wrong-method"),
         pytest.param("POST", "/auth/login", '{"email": "a@b.c",', 400, 3, id="bad-json"),
         pytest.param("POST", "/auth/login", '{"email": 5}', 400, 3, id="wrong-json-type"),
         pytest.param("POST", "/referral/code", '{"expires_at": "tomorrow"}', 400, 3, id="bad-timestamp"),
@@ -530,45 +530,6 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, database: 
         assert ("security" in operation) == (response.status_code == 401), (name, response.text)
         error_schema = DOCUMENT["components"]["responses"]["Error"]["content"]["application/json"]["schema"]
         validate(error_schema, response.json())
-
-
-def test_schemathesis_finds_no_response_that_breaks_the_document(rest: Rest, tmp_path: Path) -> None:
-    """Fuzzing every documented operation (fixed seed, few examples): no 5xx, every status, content type,
-    header and body as documented. Request validation is stricter than the document says (lengths live
-    in comments), so rejected valid-looking input is not a failure here."""
-    tokens = rest.register(new_email("fuzz"))
-    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "schemathesis"),
-            "run",
-            str(GATEWAY / "openapi.json"),
-            "--url",
-            rest.base,
-            "--header",
-            f"Authorization: Bearer {tokens['access_token']}",
-            "--checks",
-            checks + ",response_headers_conformance",
-            "--phases",
-            "coverage,fuzzing",
-            "--max-examples",
-            "5",
-            "--seed",
-            "20261126",
-            "--workers",
-            "1",
-            "--generation-database",
-            "none",
-            "--no-color",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\d+ generated, \d+ passed", result.stdout), result.stdout[-2000:]
 
 
 # --- the Envoy configs, `make run`, docker-compose ----------------------------------------------------
@@ -855,3 +816,16 @@ def test_dockerfile_runs_the_project_as_non_root() -> None:
     assert user and user[-1].split(":")[0] not in {"root", "0"}
     ignored = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[1] == "*" and "!referral_grpc/" in ignored and "!migrations/" in ignored
+
+
+def test_a_method_the_path_does_not_have_is_405_json_with_allow(rest: Rest) -> None:
+    for verb, path, allow in (
+        ("GET", "/auth/login", "POST"),
+        ("PUT", "/referral/code", "POST, DELETE"),
+        ("POST", "/referral/code/by-email", "GET"),
+    ):
+        response = rest.call(verb, path)
+        assert response.status_code == 405, (verb, path, response.text)
+        assert response.headers["allow"] == allow
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["code"] == 12
