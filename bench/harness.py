@@ -20,7 +20,15 @@ import redis
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from referral_grpc.stack import PROJECT_ROOT, Address, dump_envoy_config, envoy_binary, render_envoy_config
+from referral_grpc.stack import (
+    PROJECT_ROOT,
+    Address,
+    dump_envoy_config,
+    envoy_binary,
+    render_envoy_config,
+    wait_envoy_backends_healthy,
+    wait_envoy_ready,
+)
 
 PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
 BENCH_DATABASE = os.environ.get("BENCH_DATABASE", "referral_bench")
@@ -147,46 +155,10 @@ class BenchEnvoy:
         self.port = 0
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        import json
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.process.returncode}; see envoy-stderr.log")
-            if self._admin_path.is_file() and self._admin_path.read_text().strip():
-                self.admin_url = "http://" + self._admin_path.read_text().strip()
-                try:
-                    with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:  # noqa: S310
-                        ready = r.status == 200
-                except OSError:
-                    ready = False
-                if ready:
-                    with urllib.request.urlopen(  # noqa: S310 - loopback admin
-                        f"{self.admin_url}/listeners?format=json", timeout=1
-                    ) as r:
-                        listener = json.loads(r.read())["listener_statuses"][0]
-                    self.port = int(listener["local_address"]["socket_address"]["port_value"])
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("envoy was not ready in time")
+        self.admin_url, self.port = wait_envoy_ready(self._admin_path, self.process.poll, timeout)
 
     def wait_backends_healthy(self, expected: int, timeout: float = START_TIMEOUT) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=1) as r:  # noqa: S310
-                body = r.read().decode()
-            flags = [
-                line.rsplit("::", 1)[1]
-                for line in body.splitlines()
-                if line.startswith("referral_grpc::") and "::health_flags::" in line
-            ]
-            if len(flags) == expected and all(f == "healthy" for f in flags):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("envoy saw no healthy backends in time")
+        wait_envoy_backends_healthy(self.admin_url, timeout, expected)
 
     @property
     def url(self) -> str:

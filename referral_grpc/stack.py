@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -387,52 +387,71 @@ class Envoy:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Until admin says LIVE (config loaded, listener bound); reads the admin and listener ports."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.child.poll() is not None:
-                raise StackError(f"envoy exited with code {self.child.poll()} while starting")
-            if self._admin_address_path.is_file() and self._admin_address_path.read_text().strip():
-                self.admin_url = "http://" + self._admin_address_path.read_text().strip()
-                try:
-                    status, body = _get(f"{self.admin_url}/ready")
-                except OSError:
-                    status, body = 0, ""
-                if status == 200 and body.strip() == "LIVE":
-                    self.port = self._listener_port()
-                    return
-            time.sleep(0.05)
-        raise StackError(f"envoy was not ready within {timeout:.0f} s")
-
-    def _listener_port(self) -> int:
-        _, body = _get(f"{self.admin_url}/listeners?format=json")
-        for listener in json.loads(body)["listener_statuses"]:
-            if listener["name"] == _LISTENER:
-                return int(listener["local_address"]["socket_address"]["port_value"])
-        raise StackError("envoy has no api listener")
+        self.admin_url, self.port = wait_envoy_ready(self._admin_address_path, self.child.poll, timeout)
 
     def backend_health(self) -> dict[str, str]:
-        """host:port -> health flags of every backend endpoint ("healthy", "/failed_active_hc", ...)."""
-        _, body = _get(f"{self.admin_url}/clusters")
-        health = {}
-        for line in body.splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == _CLUSTER and parts[2] == "health_flags":
-                health[parts[1]] = parts[3]
-        return health
+        return envoy_backend_health(self.admin_url)
 
-    def wait_backend_healthy(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            health = self.backend_health()
-            if health and all(flags == "healthy" for flags in health.values()):
-                return
-            time.sleep(0.1)
-        raise StackError(
-            f"envoy did not see a healthy backend within {timeout:.0f} s: {self.backend_health()}"
-        )
+    def wait_backend_healthy(self, timeout: float = START_TIMEOUT, expected: int | None = None) -> None:
+        wait_envoy_backends_healthy(self.admin_url, timeout, expected)
 
     def stop(self, timeout: float = 10.0) -> int:
         return self.child.stop(signal.SIGTERM, timeout)
+
+
+def wait_envoy_ready(
+    admin_address_path: Path, exit_code: Callable[[], int | None], timeout: float = START_TIMEOUT
+) -> tuple[str, int]:
+    """Wait until an Envoy started with --admin-address-path says LIVE; (admin URL, API listener port)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exit_code() is not None:
+            raise StackError(f"envoy exited with code {exit_code()} while starting")
+        if admin_address_path.is_file() and admin_address_path.read_text().strip():
+            admin_url = "http://" + admin_address_path.read_text().strip()
+            try:
+                status, body = _get(f"{admin_url}/ready")
+            except OSError:
+                status, body = 0, ""
+            if status == 200 and body.strip() == "LIVE":
+                return admin_url, _listener_port(admin_url)
+        time.sleep(0.05)
+    raise StackError(f"envoy was not ready within {timeout:.0f} s")
+
+
+def _listener_port(admin_url: str) -> int:
+    _, body = _get(f"{admin_url}/listeners?format=json")
+    for listener in json.loads(body)["listener_statuses"]:
+        if listener["name"] == _LISTENER:
+            return int(listener["local_address"]["socket_address"]["port_value"])
+    raise StackError("envoy has no api listener")
+
+
+def envoy_backend_health(admin_url: str) -> dict[str, str]:
+    """host:port -> health flags of every backend endpoint ("healthy", "/failed_active_hc", ...)."""
+    _, body = _get(f"{admin_url}/clusters")
+    health = {}
+    for line in body.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == _CLUSTER and parts[2] == "health_flags":
+            health[parts[1]] = parts[3]
+    return health
+
+
+def wait_envoy_backends_healthy(
+    admin_url: str, timeout: float = START_TIMEOUT, expected: int | None = None
+) -> None:
+    """Until every backend endpoint (and, if given, exactly `expected` of them) is healthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = envoy_backend_health(admin_url)
+        complete = bool(health) and (expected is None or len(health) == expected)
+        if complete and all(flags == "healthy" for flags in health.values()):
+            return
+        time.sleep(0.1)
+    raise StackError(
+        f"envoy did not see a healthy backend within {timeout:.0f} s: {envoy_backend_health(admin_url)}"
+    )
 
 
 def validate_config_file(path: Path, *, cwd: Path | None = None) -> tuple[bool, str]:
