@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the cache-hit rows with the other process count (1 vs 2)",
     )
     parser.add_argument("--bcrypt-rounds", type=int, default=12)
-    parser.add_argument("--envoy-concurrency", type=int, default=None, help="Envoy worker threads")
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="Envoy worker threads (default 1, as `make run`: the 2 cores are better left to the servers; "
+        "0 = one per core)",
+    )
     parser.add_argument("--log-level", default="info", help="servers' LOG_LEVEL (info: production default)")
     parser.add_argument("--access-log", action="store_true", help="servers log a line per RPC too")
     parser.add_argument("--profile", action="store_true", help="py-spy the servers under the cache-hit load")

@@ -164,6 +164,9 @@ class Settings:
     metrics_port: int = 0
 
     envoy_port: int = 8080
+    # Envoy worker threads for `make run` (0: one per core, Envoy's default). One worker proxies tens of
+    # thousands of requests a second; on a small machine the cores are better left to the Python servers.
+    envoy_concurrency: int = 1
     envoy_admin_port: int = 9901
 
     # Per-account throttles (referral_grpc/throttle.py): at most N attempts per window of W seconds.
@@ -305,6 +308,7 @@ class Settings:
             metrics_port=_int(env, "METRICS_PORT", 0, minimum=0, maximum=65535),
             envoy_port=_int(env, "ENVOY_PORT", 8080, minimum=0, maximum=65535),
             envoy_admin_port=_int(env, "ENVOY_ADMIN_PORT", 9901, minimum=0, maximum=65535),
+            envoy_concurrency=_int(env, "ENVOY_CONCURRENCY", 1, minimum=0, maximum=256),
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
             login_failure_window=_int(env, "LOGIN_FAILURE_WINDOW", 900, minimum=1, maximum=86_400),
             reset_max_requests=_int(env, "RESET_MAX_REQUESTS", 3, minimum=1, maximum=1000),

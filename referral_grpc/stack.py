@@ -605,7 +605,11 @@ def main(settings: Settings) -> int:
             servers.append(server)
             addresses.append(address)
         worker = python_child("worker", "worker", env)
-        envoy = Envoy(_local_envoy_config(settings, addresses), Path(workdir.name))
+        envoy = Envoy(
+            _local_envoy_config(settings, addresses),
+            Path(workdir.name),
+            concurrency=settings.envoy_concurrency or None,
+        )
         envoy.wait_ready()
         envoy.wait_backend_healthy()
         _print_urls(settings, envoy, addresses)
