@@ -24,7 +24,7 @@ from referral_grpc.stack import (
     PROJECT_ROOT,
     Address,
     dump_envoy_config,
-    envoy_binary,
+    envoy_command,
     render_envoy_config,
     wait_envoy_backends_healthy,
     wait_envoy_ready,
@@ -134,18 +134,7 @@ class BenchEnvoy:
         self.access_log = workdir / "envoy-access.log"
         self._admin_path = workdir / "envoy-admin-address"
         self._admin_path.unlink(missing_ok=True)
-        args = [
-            str(envoy_binary()),
-            "-c",
-            str(self.config_path),
-            "--disable-hot-restart",
-            "--admin-address-path",
-            str(self._admin_path),
-            "--log-level",
-            "warning",
-        ]
-        if concurrency:
-            args += ["--concurrency", str(concurrency)]
+        args = envoy_command(self.config_path, self._admin_path, "warning", concurrency)
         self._log: IO[bytes] = self.access_log.open("ab")
         self._stderr: IO[bytes] = (workdir / "envoy-stderr.log").open("ab")
         self.process = subprocess.Popen(  # noqa: S603 - Envoy from our venv, fixed arguments

@@ -363,20 +363,7 @@ class Envoy:
         self.config_path.write_text(dump_envoy_config(config, "# Rendered from gateway/envoy.yaml.\n"))
         self._admin_address_path = workdir / "envoy-admin-address"
         self._admin_address_path.unlink(missing_ok=True)
-        args = [
-            str(envoy_binary()),
-            "-c",
-            str(self.config_path),
-            # Several Envoys (tests, a running stack) may share the machine: no shared-memory hot restart.
-            "--disable-hot-restart",
-            # Written once the admin listener is bound: how port 0 is read back.
-            "--admin-address-path",
-            str(self._admin_address_path),
-            "--log-level",
-            log_level,
-        ]
-        if concurrency is not None:
-            args += ["--concurrency", str(concurrency)]
+        args = envoy_command(self.config_path, self._admin_address_path, log_level, concurrency)
         self.child = Child("envoy", args, output=output)
         self.admin_url = ""
         self.port = 0
@@ -397,6 +384,27 @@ class Envoy:
 
     def stop(self, timeout: float = 10.0) -> int:
         return self.child.stop(signal.SIGTERM, timeout)
+
+
+def envoy_command(
+    config_path: Path, admin_address_path: Path, log_level: str = "warning", concurrency: int | None = None
+) -> list[str]:
+    """The Envoy command line shared by `make run`, the tests and the benchmark."""
+    args = [
+        str(envoy_binary()),
+        "-c",
+        str(config_path),
+        # Several Envoys (tests, a running stack) may share the machine: no shared-memory hot restart.
+        "--disable-hot-restart",
+        # Written once the admin listener is bound: how port 0 is read back.
+        "--admin-address-path",
+        str(admin_address_path),
+        "--log-level",
+        log_level,
+    ]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    return args
 
 
 def wait_envoy_ready(
