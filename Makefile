@@ -67,7 +67,7 @@ generate: $(VENV)/.dev-stamp
 	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
 		--openapi_out=gateway $(PROTOS)
 	# docker-compose's Envoy config, rendered from gateway/envoy.yaml.
-	$(PY) -m referral_grpc.stack docker-config gateway/envoy.docker.yaml
+	$(PY) -m referral_grpc.devstack.stack docker-config gateway/envoy.docker.yaml
 
 check-generated: generate
 	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)

@@ -20,7 +20,7 @@ import redis
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from referral_grpc.stack import (
+from referral_grpc.devstack.stack import (
     PROJECT_ROOT,
     Address,
     dump_envoy_config,

@@ -19,9 +19,9 @@ from urllib.parse import quote
 import redis
 from grpc_health.v1 import health_pb2
 
+from referral_grpc.devstack.stack import PROJECT_ROOT
 from referral_grpc.domain.passwords import PasswordHasher
 from referral_grpc.gen import referral_service_pb2
-from referral_grpc.stack import PROJECT_ROOT
 
 from . import harness, load, profile, report, seed
 from .grpcload import write_bodies

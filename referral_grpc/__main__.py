@@ -12,7 +12,7 @@ log = logging.getLogger("referral_grpc")
 
 
 def _configure_logging(settings: Settings) -> None:
-    from .logging_setup import configure_logging
+    from .infra.logs import configure_logging
 
     configure_logging(settings)
 
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(settings)
 
     if args.command == "migrate":
-        from .db import init_database
-        from .migrate import run_migrations
+        from .store.database import init_database
+        from .store.migrate import run_migrations
 
         settings.ensure_local_dirs()
         applied = run_migrations(init_database(settings))
@@ -48,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(build_app(settings))
     if args.command == "worker":
-        from .tasks import run_worker
+        from .infra.tasks import run_worker
 
         run_worker(settings)
         return 0
     if args.command == "run":
-        from .stack import main as run_stack
+        from .devstack.stack import main as run_stack
 
         return run_stack(settings)
-    from .stack import validate_gateway
+    from .devstack.stack import validate_gateway
 
     return validate_gateway(settings)
 

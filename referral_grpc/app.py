@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from .db import init_database
-from .domain.auth import AuthService
+from .domain.auth import AuthService, Limits
 from .domain.passwords import PasswordHasher
-from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, SystemClock
+from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
 from .domain.referrals import ReferralService
 from .domain.tokens import AccessTokens, PageTokens
 from .settings import Settings
-from .throttle import Limits, Throttle
+from .store.database import init_database
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,10 @@ def build_app(
     throttle: Throttle | None = None,
 ) -> App:
     """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
-    from .cache import make_code_cache
-    from .hunter import make_email_verifier
-    from .outbox import make_dispatcher
+    from .infra.cache import make_code_cache
+    from .infra.hunter import make_email_verifier
+    from .infra.outbox import SqlOutbox, make_dispatcher
+    from .infra.throttle import Throttle as RedisThrottle
 
     settings.ensure_local_dirs()
     if settings.jwt_secret_generated:
@@ -59,8 +59,11 @@ def build_app(
     cache = cache if cache is not None else make_code_cache(settings)
     verifier = verifier if verifier is not None else make_email_verifier(settings)
     dispatcher = dispatcher if dispatcher is not None else make_dispatcher(settings, clock)
-    throttle = throttle if throttle is not None else Throttle.from_settings(settings, clock)
-    limits = Limits.from_settings(settings)
+    throttle = throttle if throttle is not None else RedisThrottle.from_settings(settings, clock)
+    limits = Limits(
+        login=Rule("login", settings.login_max_failures, settings.login_failure_window),
+        reset=Rule("reset", settings.reset_max_requests, settings.reset_request_window),
+    )
     hasher = PasswordHasher(settings.bcrypt_rounds, settings.password_pepper, settings.hash_concurrency)
     access = AccessTokens(
         settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.access_token_ttl, clock
@@ -73,6 +76,7 @@ def build_app(
         refresh_token_ttl=settings.refresh_token_ttl,
         reset_token_ttl=settings.reset_token_ttl,
         verifier=verifier,
+        outbox=SqlOutbox(),
         dispatcher=dispatcher,
         throttle=throttle,
         limits=limits,

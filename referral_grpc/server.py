@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from .api.interceptors import ApiInterceptor
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
-from .db import DatabaseProbe
 from .gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
-from .metrics import Metrics, MetricsServer
+from .infra.metrics import Metrics, MetricsServer
+from .store.database import DatabaseProbe
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from referral_grpc.stack import (
+from referral_grpc.devstack.stack import (
     PROJECT_ROOT,
     Address,
     Child,

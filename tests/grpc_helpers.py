@@ -24,10 +24,10 @@ from referral_grpc.gen import (
     auth_service_pb2_grpc,
     referral_service_pb2_grpc,
 )
-from referral_grpc.migrate import run_migrations
-from referral_grpc.models import EmailOutbox
 from referral_grpc.server import Server, create_server
 from referral_grpc.settings import Settings
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import EmailOutbox
 
 
 @dataclass

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PASSWORD = "correct horse battery"
 

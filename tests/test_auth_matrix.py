@@ -25,7 +25,7 @@ import referral_grpc.gen
 from referral_grpc.api.interceptors import PUBLIC_METHODS
 from referral_grpc.domain.tokens import INVALID_TOKEN_MESSAGE
 from referral_grpc.gen import auth_service_pb2 as auth_pb
-from referral_grpc.models import User
+from referral_grpc.store.models import User
 
 PASSWORD = "correct horse battery"
 

@@ -17,15 +17,15 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from referral_grpc.breaker import CircuitBreaker
-from referral_grpc.cache import (
+from referral_grpc.domain.ports import CachedCode, CacheRead
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.cache import (
     GENERATION_TTL_SECONDS,
     InProcessCodeCache,
     InstrumentedCodeCache,
     RedisCodeCache,
     make_code_cache,
 )
-from referral_grpc.domain.ports import CachedCode, CacheRead
 from referral_grpc.settings import Settings
 from tests.conftest import make_settings
 

@@ -13,7 +13,7 @@ from grpc_helpers import Api, bearer, in_days, running_api
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.models import ReferralCode, User
+from referral_grpc.store.models import ReferralCode, User
 
 PARALLEL = 20
 

@@ -21,9 +21,8 @@ from conftest import make_settings
 from hunter_stub import HunterStub
 from smtp_server import ReceivedMessage, SmtpServer, smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
-from referral_grpc.db import init_database
 from referral_grpc.domain.ports import SystemClock
-from referral_grpc.mailer import (
+from referral_grpc.infra.mailer import (
     ConsoleMailer,
     SmtpMailer,
     build_message,
@@ -31,11 +30,12 @@ from referral_grpc.mailer import (
     message_id_for,
     render,
 )
-from referral_grpc.migrate import run_migrations
-from referral_grpc.models import EmailOutbox, User
-from referral_grpc.outbox import DeliveryConfig, HueyDispatcher, outbox_stats, queue_email
+from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, outbox_stats, queue_email
+from referral_grpc.infra.tasks import TaskQueue, Worker, create_huey
 from referral_grpc.settings import Settings
-from referral_grpc.tasks import TaskQueue, Worker, create_huey
+from referral_grpc.store.database import init_database
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import EmailOutbox, User
 
 REPO = Path(__file__).resolve().parent.parent
 SENDER = "Referrals <no-reply@referrals.example.com>"
@@ -60,7 +60,7 @@ WORKER_SCRIPT = (
     "logging.basicConfig(level=logging.INFO, stream=sys.stderr,"
     " format='%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s')\n"
     "from referral_grpc.settings import Settings\n"
-    "from referral_grpc.tasks import run_worker\n"
+    "from referral_grpc.infra.tasks import run_worker\n"
     "run_worker(Settings.from_env())\n"
 )
 
@@ -675,4 +675,4 @@ def test_tasks_are_registered_under_stable_names(tmp_path: Path) -> None:
     queue = create_huey(make_settings(huey_sqlite_path=tmp_path / "huey.db"))
     assert isinstance(queue, TaskQueue)
     names = set(queue._registry._registry)
-    assert names == {"referral_grpc.tasks.deliver_email", "referral_grpc.tasks.recheck_email"}
+    assert names == {"referral_grpc.infra.tasks.deliver_email", "referral_grpc.infra.tasks.recheck_email"}

@@ -26,14 +26,14 @@ from conftest import PG_ADMIN_URL, TEST_JWT_SECRET, make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import Api, bearer, expect_error, running_api, ts
 
-from referral_grpc.db import init_database, request_deadline, write_transaction
-from referral_grpc.domain.errors import DeadlineExceeded
+from referral_grpc.devstack.stack import Child, start_server
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.migrate import run_migrations
-from referral_grpc.models import EmailOutbox, User
-from referral_grpc.stack import Child, start_server
+from referral_grpc.request_context import DeadlineExceeded, request_deadline
+from referral_grpc.store.database import init_database, write_transaction
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import EmailOutbox, User
 
 PASSWORD = "correct horse battery"
 SERVING = health_pb2.HealthCheckResponse.SERVING

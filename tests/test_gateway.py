@@ -28,10 +28,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
 
-from referral_grpc.gen import auth_service_pb2 as auth_pb
-from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
-from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.stack import (
+from referral_grpc.devstack.stack import (
     PROJECT_ROOT,
     Address,
     docker_envoy_config,
@@ -40,6 +37,9 @@ from referral_grpc.stack import (
     validate_config_file,
     validate_gateway,
 )
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from referral_grpc.gen import referral_service_pb2 as ref_pb
 
 PASSWORD = "correct horse battery"
 GATEWAY = PROJECT_ROOT / "gateway"

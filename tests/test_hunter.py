@@ -14,10 +14,9 @@ import pytest
 from conftest import make_settings
 from hunter_stub import HunterStub
 
-from referral_grpc.breaker import CircuitBreaker
-from referral_grpc.db import init_database
 from referral_grpc.domain.ports import EmailVerification, NoEmailVerification
-from referral_grpc.hunter import (
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.hunter import (
     DEFAULT_FAILURE_THRESHOLD,
     ERROR_RESULT,
     MAX_BODY_BYTES,
@@ -26,9 +25,10 @@ from referral_grpc.hunter import (
     recheck_user_email,
     users_needing_recheck,
 )
-from referral_grpc.migrate import run_migrations
-from referral_grpc.models import User
 from referral_grpc.settings import Settings
+from referral_grpc.store.database import init_database
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import User
 
 API_KEY = "stub-hunter-key-7f3a9c41d2"
 # The timeout tests use short timeouts to stay fast; everything else keeps the defaults
@@ -236,7 +236,7 @@ def test_verify_never_raises_on_an_unencodable_address(
     stub: HunterStub, make_verifier: Callable[..., HunterVerifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     verifier = make_verifier()
-    with caplog.at_level(logging.ERROR, logger="referral_grpc.hunter"):
+    with caplog.at_level(logging.ERROR, logger="referral_grpc.infra.hunter"):
         assert verifier.verify("\udc80@example.com") == ERROR_RESULT
     assert "unexpected error" in caplog.text
     assert verifier.stats()["errors"] == 1
@@ -317,7 +317,7 @@ def test_the_key_and_the_address_never_reach_the_logs(
         r.name.startswith("urllib3") and "/v2/email-verifier" in r.getMessage() for r in caplog.records
     )
     assert API_KEY not in caplog.text
-    warnings = [r for r in caplog.records if r.name == "referral_grpc.hunter"]
+    warnings = [r for r in caplog.records if r.name == "referral_grpc.infra.hunter"]
     assert len(warnings) == 2
     assert all("example.com" in r.getMessage() and "person" not in r.getMessage() for r in warnings)
     assert API_KEY not in repr(verifier)
@@ -332,7 +332,7 @@ def test_breaker_opens_after_consecutive_failures_and_recovers(
 ) -> None:
     clock = FakeMonotonic()
     verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=3, reset_after=30.0, monotonic=clock))
-    caplog.set_level(logging.INFO, logger="referral_grpc.hunter")
+    caplog.set_level(logging.INFO, logger="referral_grpc.infra.hunter")
     stub.set_default(http_status=500)
     for _ in range(3):
         assert verifier.verify("user@example.com") == ERROR_RESULT
@@ -438,7 +438,7 @@ def test_default_breaker_opens_after_the_default_threshold(
 def test_without_a_key_verification_is_off_and_said_once(
     stub: HunterStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="referral_grpc.hunter"):
+    with caplog.at_level(logging.DEBUG, logger="referral_grpc.infra.hunter"):
         verifier = make_email_verifier(make_settings(hunter_url=stub.url))
         results = [verifier.verify(f"user{n}@example.com") for n in range(3)]
     assert isinstance(verifier, NoEmailVerification)
@@ -450,7 +450,7 @@ def test_without_a_key_verification_is_off_and_said_once(
 
 
 def test_with_a_key_verification_is_on(stub: HunterStub, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="referral_grpc.hunter"):
+    with caplog.at_level(logging.INFO, logger="referral_grpc.infra.hunter"):
         verifier = make_email_verifier(hunter_settings(stub.url))
     assert isinstance(verifier, HunterVerifier)
     assert verifier.verify("user@example.com").checked

@@ -6,9 +6,9 @@ import peewee as pw
 import pytest
 from conftest import create_pg_database, drop_pg_database, make_settings
 
-from referral_grpc.db import init_database, make_database
-from referral_grpc.migrate import pending_migrations, run_migrations
-from referral_grpc.models import ALL_MODELS, database
+from referral_grpc.store.database import init_database, make_database
+from referral_grpc.store.migrate import pending_migrations, run_migrations
+from referral_grpc.store.models import ALL_MODELS, database
 
 
 def _schema(db: pw.Database) -> dict[str, object]:

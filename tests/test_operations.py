@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.logging_setup import configure_logging, redact
-from referral_grpc.metrics import MetricsServer
+from referral_grpc.infra.logs import configure_logging, redact
+from referral_grpc.infra.metrics import MetricsServer
 
 REGISTER = "/referral.v1.AuthService/Register"
 

@@ -17,10 +17,7 @@ from envoy_fixture import Envoy, TokenBucket, migrate, running_envoy, running_se
 from requests.adapters import HTTPAdapter
 
 from referral_grpc.api.interceptors import PUBLIC_METHODS
-from referral_grpc.gen import auth_service_pb2 as auth_pb
-from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
-from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.stack import (
+from referral_grpc.devstack.stack import (
     PROJECT_ROOT,
     RATE_LIMIT_FILTER,
     dump_envoy_config,
@@ -29,6 +26,9 @@ from referral_grpc.stack import (
     render_envoy_config,
     validate_config_file,
 )
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from referral_grpc.gen import referral_service_pb2 as ref_pb
 
 PASSWORD = "correct horse battery"
 # What the issue asked for, per client address and route family.

@@ -21,7 +21,6 @@ from grpc_helpers import Api, bearer, expect_error, running_api
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from referral_grpc.breaker import CircuitBreaker
 from referral_grpc.domain.errors import ResourceExhausted
 from referral_grpc.domain.validation import (
     MAX_CODE_INPUT_LENGTH,
@@ -32,12 +31,13 @@ from referral_grpc.domain.validation import (
 )
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.models import ALL_MODELS, PasswordResetToken, User
-from referral_grpc.throttle import THROTTLED_REASON, Rule, Throttle
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.throttle import THROTTLED_REASON, Rule, Throttle
+from referral_grpc.store.models import ALL_MODELS, PasswordResetToken, User
 
 PASSWORD = "correct horse battery"
 FULLWIDTH_ILOVEYOU = "".join(chr(ord(ch) + 0xFEE0) for ch in "iloveyou")  # NFKC folds it back
-COMMON_PASSWORDS = Path(__file__).parents[1] / "referral_grpc" / "data" / "common-passwords.txt"
+COMMON_PASSWORDS = Path(__file__).parents[1] / "referral_grpc" / "domain" / "data" / "common-passwords.txt"
 
 
 @pytest.fixture

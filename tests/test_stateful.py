@@ -26,8 +26,8 @@ from hypothesis.stateful import (
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.models import EmailOutbox, ReferralCode, User
 from referral_grpc.settings import Settings
+from referral_grpc.store.models import EmailOutbox, ReferralCode, User
 
 PASSWORD = "correct horse battery"  # grpc_helpers.Api.register's default
 # Emails stay unique across examples: the in-process code cache and the throttles outlive a reset.

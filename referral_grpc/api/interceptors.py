@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import time
 import uuid
@@ -14,11 +13,17 @@ import grpc
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 
-from ..db import check_deadline, request_deadline
 from ..domain import errors
-from ..domain.auth import Principal
 from ..domain.tokens import invalid_token
-from ..logging_setup import request_id
+from ..request_context import (
+    DeadlineExceeded,
+    Principal,
+    caller,
+    check_deadline,
+    current_caller,
+    request_deadline,
+    request_id,
+)
 from .errors import abort, code_for, internal_status
 
 log = logging.getLogger("referral_grpc.rpc")
@@ -58,8 +63,6 @@ BLOCKING_METHODS = frozenset(
 # Balancers check health every second or so: an INFO line for each would drown the access log.
 QUIET_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
-_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
-
 MAX_REQUEST_ID_LENGTH = 128
 # grpc reports a call without a deadline as one with centuries left.
 _NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
@@ -69,7 +72,7 @@ RpcObserver = Callable[[str, str, float], None]
 
 def current_principal() -> Principal:
     """The authenticated caller; only reachable from methods outside PUBLIC_METHODS."""
-    principal = _principal.get()
+    principal = current_caller()
     if principal is None:
         raise invalid_token()
     return principal
@@ -105,6 +108,8 @@ def _deadline_seconds(context: grpc.ServicerContext) -> float | None:
 
 def translate(exc: Exception) -> errors.DomainError | None:
     """Infrastructure failures the caller should retry, as domain errors; None for real bugs."""
+    if isinstance(exc, DeadlineExceeded):
+        return errors.DeadlineExceeded(exc.reason, exc.message)
     if isinstance(exc, MaxConnectionsExceeded):
         return errors.Unavailable("DATABASE_BUSY", "the service is overloaded; retry shortly")
     if isinstance(exc, pw.OperationalError | pw.InterfaceError):
@@ -166,7 +171,6 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             metadata = tuple(context.invocation_metadata() or ())
             rid = _incoming_request_id(metadata)
             rid_token = request_id.set(rid)
-            principal_token = _principal.set(None)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -178,7 +182,8 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         # Queued behind other RPCs until the caller gave up: do not start the work.
                         check_deadline()
                         if not public:
-                            _principal.set(self._authenticate(_bearer_token(metadata)))
+                            with caller(self._authenticate(_bearer_token(metadata))):
+                                return behavior(request, context)
                         return behavior(request, context)
                     except errors.DomainError as exc:
                         failure = exc
@@ -211,7 +216,6 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                             "duration_ms": round(elapsed * 1000, 2),
                         },
                     )
-                _principal.reset(principal_token)
                 request_id.reset(rid_token)
 
         return wrapper

@@ -10,14 +10,13 @@ from datetime import datetime, timedelta
 
 import peewee as pw
 
-from ..db import is_postgres, write_transaction
-from ..models import PasswordResetToken, ReferralCode, RefreshToken, User
-from ..outbox import queue_email
-from ..throttle import Limits, Throttle
+from ..request_context import Principal
+from ..store.database import is_postgres, write_transaction
+from ..store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from .passwords import PasswordHasher
-from .ports import Clock, EmailDispatcher, EmailVerifier
+from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
 from .tokens import AccessTokens, invalid_token, random_token, token_digest
 from .validation import (
     MAX_CODE_INPUT_LENGTH,
@@ -37,10 +36,11 @@ INVALID_REFRESH = "invalid or expired refresh token"
 
 
 @dataclass(frozen=True)
-class Principal:
-    """The authenticated caller of an RPC."""
+class Limits:
+    """The per-account throttle rules the accounts service applies."""
 
-    user_id: int
+    login: Rule
+    reset: Rule
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class AuthService:
         refresh_token_ttl: int,
         reset_token_ttl: int,
         verifier: EmailVerifier,
+        outbox: Outbox,
         dispatcher: EmailDispatcher,
         throttle: Throttle,
         limits: Limits,
@@ -80,6 +81,7 @@ class AuthService:
         self._refresh_ttl = refresh_token_ttl
         self._reset_ttl = reset_token_ttl
         self._verifier = verifier
+        self._outbox = outbox
         self._dispatcher = dispatcher
         self._throttle = throttle
         self._limits = limits
@@ -124,11 +126,11 @@ class AuthService:
                     email_checked_at=now if verification.checked else None,
                     email_recheck=not verification.checked and verification.status != "unchecked",
                 )
-                outbox_ids.append(queue_email("welcome", email, {}, now))
+                outbox_ids.append(self._outbox.queue_email("welcome", email, {}, now))
                 if referrer_id is not None:
                     referrer = User.get_by_id(referrer_id)
                     outbox_ids.append(
-                        queue_email(
+                        self._outbox.queue_email(
                             "referral_joined",
                             referrer.email,
                             {"referee_email_masked": mask_email(email)},
@@ -243,7 +245,7 @@ class AuthService:
             if updated != 1:
                 raise FailedPrecondition("CONCURRENT_UPDATE", "the password was changed concurrently; retry")
             self._revoke_sessions(user.id, now)
-            outbox_id = queue_email("password_changed", user.email, {}, now)
+            outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
         self._dispatcher.dispatch([outbox_id])
         return self._tokens(User.get_by_id(user.id), refresh)
@@ -284,7 +286,7 @@ class AuthService:
                 created_at=now,
                 expires_at=now + timedelta(seconds=self._reset_ttl),
             )
-            outbox_id = queue_email(
+            outbox_id = self._outbox.queue_email(
                 "password_reset",
                 user.email,
                 {"token": token, "expires_minutes": self._reset_ttl // 60},
@@ -321,7 +323,7 @@ class AuthService:
             ).execute()
             self._revoke_sessions(row.user_id, now)
             user = User.get_by_id(row.user_id)
-            outbox_id = queue_email("password_changed", user.email, {}, now)
+            outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
         self._dispatcher.dispatch([outbox_id])
 
     # --- helpers -------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Interfaces of the collaborators the domain is given: clock, cache, email verifier, email dispatch."""
+"""What the domain needs from the outside world: clock, cache, throttle, outbox, email verifier, dispatch.
+
+Adapters in referral_grpc.infra implement these; referral_grpc.app wires them in.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -109,3 +112,32 @@ class NoDispatch:
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """At most `limit` attempts per account key in a window of `window` seconds."""
+
+    name: str
+    limit: int
+    window: int
+
+
+class Throttle(Protocol):
+    """Counts attempts per rule and account key; never fails because its store is down."""
+
+    def hit(self, rule: Rule, key: str) -> None:
+        """Count one attempt for `key`; raise ResourceExhausted when it is over the rule's limit."""
+        ...
+
+    def clear(self, rule: Rule, key: str) -> None:
+        """Forget `key`'s attempts (a successful login)."""
+        ...
+
+
+class Outbox(Protocol):
+    """Emails written in the same transaction as the change that causes them."""
+
+    def queue_email(self, kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
+        """Insert a pending email inside the caller's transaction; return its id for the dispatcher."""
+        ...

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 
 import peewee as pw
 
-from ..db import is_postgres, write_transaction
-from ..models import ReferralCode, User
+from ..store.database import is_postgres, write_transaction
+from ..store.models import ReferralCode, User
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
 from .ports import CachedCode, Clock, CodeCache

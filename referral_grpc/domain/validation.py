@@ -32,7 +32,11 @@ def _has_control_characters(value: str) -> bool:
 @cache
 def _common_passwords() -> frozenset[str]:
     """The shipped list (data/common-passwords.txt, see its NOTICE): lower-case, 8 to 128 characters."""
-    text = resources.files("referral_grpc").joinpath("data/common-passwords.txt").read_text(encoding="utf-8")
+    text = (
+        resources.files("referral_grpc.domain")
+        .joinpath("data/common-passwords.txt")
+        .read_text(encoding="utf-8")
+    )
     return frozenset(line for line in text.splitlines() if line)
 
 

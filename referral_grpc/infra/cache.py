@@ -13,9 +13,9 @@ from typing import Protocol
 
 import redis
 
-from referral_grpc.breaker import CircuitBreaker
 from referral_grpc.domain.ports import CachedCode, CacheRead, CodeCache
-from referral_grpc.redis_client import fail_fast_redis
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.redis_client import fail_fast_redis
 from referral_grpc.settings import Settings
 
 log = logging.getLogger(__name__)

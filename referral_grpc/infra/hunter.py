@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 
 import requests
 
+from ..domain.ports import EmailVerification, EmailVerifier, NoEmailVerification
+from ..settings import Settings
+from ..store.models import User
 from .breaker import CircuitBreaker
-from .domain.ports import EmailVerification, EmailVerifier, NoEmailVerification
-from .models import User
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from string import Template
 from typing import Protocol, TextIO
 from urllib.parse import quote
 
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RenderedEmail:
 
 @cache
 def _template(name: str) -> Template:
-    source = resources.files("referral_grpc") / "templates" / name
+    source = resources.files("referral_grpc.infra") / "templates" / name
     return Template(source.read_text(encoding="utf-8"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import re
@@ -10,10 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from .settings import Settings
-
-# Set by the API interceptor for the duration of one RPC; "-" outside requests.
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from ..request_context import request_id
+from ..settings import Settings
 
 REDACTED = "[redacted]"
 

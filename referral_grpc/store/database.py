@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import sqlite3
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -17,14 +13,9 @@ import peewee as pw
 import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 from playhouse.pool import PooledPostgresqlDatabase
 
-from .domain.errors import DeadlineExceeded
+from ..request_context import DeadlineExceeded, check_deadline, time_remaining
+from ..settings import ConfigError, Settings
 from .models import database
-from .settings import ConfigError, Settings
-
-# time.monotonic() by which the current request must be done, or None: set by the API interceptor
-# from the caller's gRPC deadline. It lives here, not in the API layer, so the domain's transactions
-# honour it while the domain still imports nothing from grpc.
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 def make_database(settings: Settings) -> pw.Database:
@@ -87,33 +78,6 @@ def is_postgres(db: pw.Database) -> bool:
     return isinstance(db, pw.PostgresqlDatabase)
 
 
-@contextmanager
-def request_deadline(seconds: float | None) -> Iterator[None]:
-    """Within the block, transactions must commit within `seconds` from now (None: no deadline)."""
-    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
-
-
-def time_remaining() -> float | None:
-    """Seconds left before the current request's deadline, or None without one."""
-    deadline = _deadline.get()
-    return None if deadline is None else deadline - time.monotonic()
-
-
-def check_deadline() -> None:
-    """Raise DeadlineExceeded when the caller has stopped waiting: work done now is wasted."""
-    remaining = time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise _deadline_exceeded()
-
-
-def _deadline_exceeded() -> DeadlineExceeded:
-    return DeadlineExceeded("DEADLINE_EXCEEDED", "the request deadline passed before it could finish")
-
-
 # PostgreSQL's statement timer and our monotonic clock disagree by a few milliseconds.
 _TIMER_SLACK = 0.05
 
@@ -156,18 +120,18 @@ class _DeadlineTransaction:
         if exc is not None:
             self._atomic.__exit__(exc_type, exc, tb)  # rolls back
             if _cancelled_by_deadline(exc):
-                raise _deadline_exceeded() from exc
+                raise DeadlineExceeded() from exc
             return
         remaining = time_remaining()
         if remaining is not None and remaining <= 0:
-            late = _deadline_exceeded()
+            late = DeadlineExceeded()
             self._atomic.__exit__(DeadlineExceeded, late, None)  # rolls back instead of committing
             raise late
         try:
             self._atomic.__exit__(None, None, None)  # commits
         except pw.OperationalError as failed:
             if _cancelled_by_deadline(failed):
-                raise _deadline_exceeded() from failed
+                raise DeadlineExceeded() from failed
             raise
 
 

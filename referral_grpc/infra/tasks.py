@@ -1,7 +1,7 @@
 """The task queue: the Huey instance with its tasks, the outbox relay, and the worker process that runs them.
 
 Run it with `python -m referral_grpc worker` (`run_worker(settings)`): Huey's consumer plus the outbox
-relay. `huey_consumer referral_grpc.tasks.huey` also runs the tasks, but without the relay, so emails
+relay. `huey_consumer referral_grpc.infra.tasks.huey` also runs the tasks, but without the relay, so emails
 whose enqueue failed or whose task was lost would wait for a worker that has one.
 """
 
@@ -22,12 +22,12 @@ from huey.storage import RedisStorage, SqliteStorage
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .db import init_database
-from .domain.ports import Clock, EmailVerifier, SystemClock
+from ..domain.ports import Clock, EmailVerifier, SystemClock
+from ..settings import Settings
+from ..store.database import init_database
+from ..store.models import database
 from .mailer import Mailer, make_mailer
-from .models import database
 from .outbox import DeliveryConfig, deliver, relay_pending
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Worker:
             self._relay.join()
 
     def relay_once(self) -> int:
-        """Enqueue every pending row that is due (see referral_grpc.outbox); return how many."""
+        """Enqueue every pending row that is due (see referral_grpc.infra.outbox); return how many."""
         lease = timedelta(seconds=self.settings.outbox_lease)
         total = 0
         try:

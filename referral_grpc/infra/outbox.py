@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import peewee as pw
 
-from .db import is_postgres
-from .domain.ports import Clock
+from ..domain.ports import Clock
+from ..settings import Settings
+from ..store.database import is_postgres
+from ..store.models import EmailOutbox, database
 from .mailer import KINDS, Mailer, build_message, message_id_for, render, validate_context
-from .models import EmailOutbox, database
-from .settings import Settings
 
 if TYPE_CHECKING:
-    from .domain.ports import EmailDispatcher
+    from ..domain.ports import EmailDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,15 @@ def queue_email(kind: str, recipient: str, context: dict[str, object], now: date
     return int(row.id)
 
 
+class SqlOutbox:
+    """The domain's Outbox port: rows in the email_outbox table of the shared database."""
+
+    def queue_email(self, kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
+        return queue_email(kind, recipient, dict(context), now)
+
+
 class DeliveryQueue(Protocol):
-    """Where delivery tasks go: the Huey instance of referral_grpc.tasks."""
+    """Where delivery tasks go: the Huey instance of referral_grpc.infra.tasks."""
 
     def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None: ...
 

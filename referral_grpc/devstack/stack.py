@@ -25,14 +25,14 @@ from typing import IO, Any
 
 import yaml
 
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
 # host, port
 Address = tuple[str, int]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVER_READY = re.compile(r"serving gRPC on (\S+):(\d+)")
 # Keys of the Envoy config that name files (relative to the project root in gateway/envoy.yaml).
 _FILE_KEYS = frozenset({"filename", "proto_descriptor"})
@@ -643,7 +643,9 @@ def _supervise(stop: _Stop, children: Sequence[Child]) -> int:
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m referral_grpc.stack", description="Envoy config tools.")
+    parser = argparse.ArgumentParser(
+        prog="python -m referral_grpc.devstack.stack", description="Envoy config tools."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     docker = commands.add_parser("docker-config", help="write the docker-compose Envoy config")
     docker.add_argument("path", type=Path)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .domain.ports import Clock
+from ..domain.ports import Clock
 from .outbox import outbox_stats
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 import peewee as pw
 from peewee_migrate import Router
 
-from .db import is_postgres
+from .database import is_postgres
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ _ADVISORY_LOCK_KEY = 0x5EF3_2A11
 
 
 def migrations_dir() -> Path:
-    beside_package = Path(__file__).resolve().parent.parent / "migrations"
+    beside_package = Path(__file__).resolve().parents[2] / "migrations"
     return beside_package if beside_package.is_dir() else Path.cwd() / "migrations"
 
 

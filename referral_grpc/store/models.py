@@ -7,7 +7,7 @@ from typing import Any
 
 import peewee as pw
 
-# Bound by referral_grpc.db.init_database(); models never know which database they live in.
+# Bound by referral_grpc.store.database.init_database(); models never know which database they live in.
 database = pw.DatabaseProxy()
 
 

@@ -6,7 +6,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def fail_fast_redis(settings: Settings) -> redis.Redis:

@@ -44,11 +44,11 @@ from datetime import datetime
 
 import redis
 
+from ..domain.errors import ResourceExhausted
+from ..domain.ports import Clock, Rule
+from ..settings import Settings
 from .breaker import CircuitBreaker
-from .domain.errors import ResourceExhausted
-from .domain.ports import Clock
 from .redis_client import fail_fast_redis
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +67,6 @@ redis.call('HSET', KEYS[1], 's', ARGV[1], 'n', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, tonumber(ARGV[1])}
 """
-
-
-@dataclass(frozen=True)
-class Rule:
-    """At most `limit` attempts per account key in a window of `window` seconds."""
-
-    name: str
-    limit: int
-    window: int
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The rules the service applies, from settings."""
-
-    login: Rule
-    reset: Rule
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
-        return cls(
-            login=Rule("login", settings.login_max_failures, settings.login_failure_window),
-            reset=Rule("reset", settings.reset_max_requests, settings.reset_request_window),
-        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""What one request carries through every layer: its id, its deadline and its authenticated caller.
+
+A bottom module: the store honours the deadline, the logs print the id, the api sets all three,
+and none of them has to import the others to share them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+# "-" outside requests (worker tasks, start-up): every log line has a request id column.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# time.monotonic() by which the current request must be done, or None: set from the caller's gRPC
+# deadline, read by the store's transactions so they never commit after the caller gave up.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of an RPC: a user (by id)."""
+
+    user_id: int
+
+
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed: work done now is wasted and must not commit."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str = "the request deadline passed before it could finish") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextmanager
+def request_deadline(seconds: float | None) -> Iterator[None]:
+    """Within the block, transactions must commit within `seconds` from now (None: no deadline)."""
+    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the current request's deadline, or None without one."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def check_deadline() -> None:
+    """Raise DeadlineExceeded when the caller has stopped waiting."""
+    remaining = time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded()
+
+
+@contextmanager
+def caller(principal: Principal | None) -> Iterator[None]:
+    """Within the block, `current_caller()` is `principal` (None: an anonymous, public RPC)."""
+    token = _principal.set(principal)
+    try:
+        yield
+    finally:
+        _principal.reset(token)
+
+
+def current_caller() -> Principal | None:
+    return _principal.get()
