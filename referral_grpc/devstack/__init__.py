@@ -1,1 +1,1 @@
-"""The development stack behind `make run`: Envoy config rendering, a process supervisor. Never imported by the server."""
+"""The development stack behind `make run` (Envoy config, supervisor); the server never imports it."""
