@@ -80,6 +80,7 @@ lint: $(VENV)/.dev-stamp $(BUF)
 	$(VENV)/bin/ruff format --check referral_grpc tests gateway bench gateway/openapi/protoc-gen-openapi
 	$(VENV)/bin/ruff check referral_grpc tests gateway bench gateway/openapi/protoc-gen-openapi
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy --strict gateway/openapi/protoc-gen-openapi
 	$(BUF) lint
 	$(BUF) format --diff --exit-code

@@ -15,18 +15,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.interceptors import ApiInterceptor
+from .api.policy import SERVICES
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
-from .gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
+from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
-    referral_service_pb2.DESCRIPTOR.services_by_name["ReferralService"].full_name,
-)
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 
 class DatabaseHealth:

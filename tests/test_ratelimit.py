@@ -16,7 +16,7 @@ from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database
 from envoy_fixture import Envoy, TokenBucket, migrate, running_envoy, running_server, server_env
 from requests.adapters import HTTPAdapter
 
-from referral_grpc.api.interceptors import PUBLIC_METHODS
+from referral_grpc.api.policy import public_methods
 from referral_grpc.devstack.stack import (
     PROJECT_ROOT,
     RATE_LIMIT_FILTER,
@@ -74,7 +74,7 @@ def _route_for(config: dict[str, Any], grpc_path: str) -> dict[str, Any]:
 
 def test_exactly_the_public_rpcs_are_limited_per_client() -> None:
     config = load_envoy_config()
-    public = {path for path in PUBLIC_METHODS if path.startswith(OUR_SERVICES)}
+    public = {path for path in public_methods() if path.startswith(OUR_SERVICES)}
     methods = our_methods()
     assert public and public <= set(methods)
     for path in methods:

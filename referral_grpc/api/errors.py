@@ -36,7 +36,7 @@ def code_for(error: errors.DomainError) -> grpc.StatusCode:
 def to_status(error: errors.DomainError) -> grpc.Status:
     """google.rpc.Status with ErrorInfo, plus BadRequest or RetryInfo where they apply."""
     code = code_for(error)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     details = [info]
     if isinstance(error, errors.InvalidArgument) and error.field_violations:
         details.append(

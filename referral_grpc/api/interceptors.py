@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -25,43 +27,11 @@ from ..request_context import (
     request_id,
 )
 from .errors import abort, code_for, internal_status
+from .policy import Policy, policy_for
 
 log = logging.getLogger("referral_grpc.rpc")
 # One line per RPC; its own logger so operators can route or silence it.
 access_log = logging.getLogger("referral_grpc.access")
-
-# Only these methods may be called without an access token. Everything else, including any
-# RPC added later, requires one: tests/test_auth_matrix.py enumerates the descriptors to prove it.
-PUBLIC_METHODS = frozenset(
-    {
-        "/referral.v1.AuthService/Register",
-        "/referral.v1.AuthService/Login",
-        "/referral.v1.AuthService/RefreshToken",
-        "/referral.v1.AuthService/RequestPasswordReset",
-        "/referral.v1.AuthService/ResetPassword",
-        "/referral.v1.ReferralService/GetReferralCodeByEmail",
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.health.v1.Health/List",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    }
-)
-
-# RPCs that spend most of their time blocked without the GIL (bcrypt; Hunter on Register; the padded
-# reset request): they run on the server's blocking pool, so they never hold the main pool's threads.
-BLOCKING_METHODS = frozenset(
-    {
-        "/referral.v1.AuthService/Register",
-        "/referral.v1.AuthService/Login",
-        "/referral.v1.AuthService/ChangePassword",
-        "/referral.v1.AuthService/ResetPassword",
-        "/referral.v1.AuthService/RequestPasswordReset",
-    }
-)
-
-# Balancers check health every second or so: an INFO line for each would drown the access log.
-QUIET_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 MAX_REQUEST_ID_LENGTH = 128
 # grpc reports a call without a deadline as one with centuries left.
@@ -71,7 +41,7 @@ RpcObserver = Callable[[str, str, float], None]
 
 
 def current_principal() -> Principal:
-    """The authenticated caller; only reachable from methods outside PUBLIC_METHODS."""
+    """The authenticated caller; only reachable from RPCs whose policy is not public."""
     principal = current_caller()
     if principal is None:
         raise invalid_token()
@@ -117,14 +87,29 @@ def translate(exc: Exception) -> errors.DomainError | None:
     return None
 
 
+@dataclass
+class _Outcome:
+    """The status code an RPC ended with, for the metrics and the access log."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
 class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Request id, deadline, authentication, error translation, access log and metrics for unary RPCs."""
+    """Runs every unary RPC of ours through the steps below, in this order:
+
+    1. request scope: the caller's x-request-id kept (or one generated), echoed before any work;
+    2. deadline: the caller's gRPC deadline bounds every transaction of the call;
+    3. authentication: default deny, unless the RPC's policy says public;
+    4. errors: domain errors and retryable infrastructure failures mapped through the one table;
+       the pooled database connection is returned whatever happened;
+    5. record: metrics and the access log line.
+    The RPC's policy (public, blocking, quiet) comes from its proto option (referral_grpc.api.policy).
+    """
 
     def __init__(
         self,
         authenticate: Callable[[str], Principal],
         release_connection: Callable[[], None],
-        public_methods: frozenset[str] = PUBLIC_METHODS,
         observe: RpcObserver | None = None,
         access_log: bool = True,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
@@ -133,7 +118,6 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._blocking_pool = blocking_pool
         self._authenticate = authenticate
         self._release_connection = release_connection
-        self._public = public_methods
         self._observe = observe
         # Wrapped handlers by (method, original handler): built once, not on every call.
         self._wrapped: dict[tuple[str, int], Any] = {}
@@ -142,16 +126,17 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
+        policy = policy_for(details.method)
         if handler is None or handler.unary_unary is None:
             # Streaming methods are only health Watch and reflection: public by design.
-            if handler is not None and details.method not in self._public:
+            if handler is not None and not policy.public:
                 return _deny_handler()
             return handler
         key = (details.method, id(handler))
         wrapped = self._wrapped.get(key)
         if wrapped is None:
-            behavior = self._wrap(details.method, handler.unary_unary)
-            if self._blocking_pool is not None and details.method in BLOCKING_METHODS:
+            behavior = self._wrap(details.method, policy, handler.unary_unary)
+            if self._blocking_pool is not None and policy.blocking:
                 # grpc runs a behavior carrying this attribute on that pool instead of the server's own.
                 behavior.experimental_thread_pool = self._blocking_pool
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -163,62 +148,79 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self._wrapped[key] = wrapped
         return wrapped
 
-    def _wrap(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
-        public = method in self._public
-        access_level = logging.DEBUG if method in QUIET_METHODS else logging.INFO
+    def _wrap(self, method: str, policy: Policy, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+        access_level = logging.DEBUG if policy.quiet else logging.INFO
 
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-            metadata = tuple(context.invocation_metadata() or ())
-            rid = _incoming_request_id(metadata)
-            rid_token = request_id.set(rid)
             started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                # Sent before any work, so the caller sees the id on errors as well as on success.
-                context.send_initial_metadata((("x-request-id", rid),))
-                with request_deadline(_deadline_seconds(context)):
-                    failure: errors.DomainError | None = None
-                    try:
-                        # Queued behind other RPCs until the caller gave up: do not start the work.
-                        check_deadline()
-                        if not public:
-                            with caller(self._authenticate(_bearer_token(metadata))):
-                                return behavior(request, context)
-                        return behavior(request, context)
-                    except errors.DomainError as exc:
-                        failure = exc
-                    except Exception as exc:
-                        failure = translate(exc)
-                        if failure is None:
-                            code = grpc.StatusCode.INTERNAL
-                            log.exception("unhandled error in %s", method)
-                            context.abort_with_status(internal_status())
-                        log.warning("%s failed: %s", method, type(exc).__name__)
-                    finally:
-                        self._release_connection()
-                    assert failure is not None  # every path without one has returned or aborted
-                    code = code_for(failure)
-                    abort(context, failure)
-            finally:
-                elapsed = time.perf_counter() - started
-                if self._observe is not None:
-                    self._observe(method, code.name, elapsed)
-                if self._access_log:
-                    access_log.log(
-                        access_level,
-                        "%s %s %.1fms",
-                        method,
-                        code.name,
-                        elapsed * 1000,
-                        extra={
-                            "rpc_method": method,
-                            "grpc_code": code.name,
-                            "duration_ms": round(elapsed * 1000, 2),
-                        },
-                    )
-                request_id.reset(rid_token)
+            outcome = _Outcome()
+            with _request_scope(context):
+                try:
+                    return self._call(method, policy, behavior, request, context, outcome)
+                finally:
+                    self._record(method, outcome.code, time.perf_counter() - started, access_level)
 
         return wrapper
+
+    def _call(
+        self,
+        method: str,
+        policy: Policy,
+        behavior: Callable[[Any, grpc.ServicerContext], Any],
+        request: Any,
+        context: grpc.ServicerContext,
+        outcome: _Outcome,
+    ) -> Any:
+        with request_deadline(_deadline_seconds(context)):
+            try:
+                # Queued behind other RPCs until the caller gave up: do not start the work.
+                check_deadline()
+                with caller(self._caller(policy, context)):
+                    return behavior(request, context)
+            except errors.DomainError as exc:
+                failure: errors.DomainError | None = exc
+            except Exception as exc:
+                failure = translate(exc)
+                if failure is None:
+                    outcome.code = grpc.StatusCode.INTERNAL
+                    log.exception("unhandled error in %s", method)
+                    context.abort_with_status(internal_status())
+                log.warning("%s failed: %s", method, type(exc).__name__)
+            finally:
+                self._release_connection()
+            assert failure is not None  # every path without one has returned or aborted
+            outcome.code = code_for(failure)
+            abort(context, failure)
+
+    def _caller(self, policy: Policy, context: grpc.ServicerContext) -> Principal | None:
+        if policy.public:
+            return None
+        return self._authenticate(_bearer_token(tuple(context.invocation_metadata() or ())))
+
+    def _record(self, method: str, code: grpc.StatusCode, elapsed: float, access_level: int) -> None:
+        if self._observe is not None:
+            self._observe(method, code.name, elapsed)
+        if self._access_log:
+            access_log.log(
+                access_level,
+                "%s %s %.1fms",
+                method,
+                code.name,
+                elapsed * 1000,
+                extra={"rpc_method": method, "grpc_code": code.name, "duration_ms": round(elapsed * 1000, 2)},
+            )
+
+
+@contextmanager
+def _request_scope(context: grpc.ServicerContext) -> Iterator[None]:
+    """The call's request id, sent first so the caller sees it on errors as well as on success."""
+    rid = _incoming_request_id(tuple(context.invocation_metadata() or ()))
+    token = request_id.set(rid)
+    try:
+        context.send_initial_metadata((("x-request-id", rid),))
+        yield
+    finally:
+        request_id.reset(token)
 
 
 def _deny_handler() -> Any:

@@ -2,8 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Every ErrorInfo.reason the service sends: the enum referral.v1.ErrorReason of the contract.
+
+    The domain imports no protobuf, so the list is repeated here; tests/test_error_reasons.py fails
+    when the two differ, and constructing an error with a reason missing here raises ValueError.
+    """
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FIELD_REQUIRED = "FIELD_REQUIRED"
+    FIELD_TOO_LONG = "FIELD_TOO_LONG"
+    FIELD_INVALID = "FIELD_INVALID"
+    TIMESTAMP_INVALID = "TIMESTAMP_INVALID"
+    EMAIL_INVALID = "EMAIL_INVALID"
+    EMAIL_REQUIRED = "EMAIL_REQUIRED"
+    EMAIL_UNDELIVERABLE = "EMAIL_UNDELIVERABLE"
+    EMAIL_TAKEN = "EMAIL_TAKEN"
+    PASSWORD_INVALID = "PASSWORD_INVALID"
+    PASSWORD_TOO_SHORT = "PASSWORD_TOO_SHORT"
+    PASSWORD_TOO_LONG = "PASSWORD_TOO_LONG"
+    PASSWORD_TOO_COMMON = "PASSWORD_TOO_COMMON"
+    WRONG_PASSWORD = "WRONG_PASSWORD"
+    INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    INVALID_REFRESH_TOKEN = "INVALID_REFRESH_TOKEN"
+    RESET_TOKEN_INVALID = "RESET_TOKEN_INVALID"
+    REFERRAL_CODE_INVALID = "REFERRAL_CODE_INVALID"
+    REFERRAL_CODE_UNKNOWN = "REFERRAL_CODE_UNKNOWN"
+    REFERRAL_CODE_EXPIRED = "REFERRAL_CODE_EXPIRED"
+    REFERRAL_CODE_NOT_FOUND = "REFERRAL_CODE_NOT_FOUND"
+    EXPIRY_IN_PAST = "EXPIRY_IN_PAST"
+    EXPIRY_TOO_FAR = "EXPIRY_TOO_FAR"
+    PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"
+    PAGE_SIZE_NEGATIVE = "PAGE_SIZE_NEGATIVE"
+    USER_NOT_FOUND = "USER_NOT_FOUND"
+    CONCURRENT_UPDATE = "CONCURRENT_UPDATE"
+    TOO_MANY_ATTEMPTS = "TOO_MANY_ATTEMPTS"
+    DATABASE_BUSY = "DATABASE_BUSY"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 @dataclass(frozen=True)
@@ -21,20 +63,38 @@ class DomainError(Exception):
     to the caller and never contains secrets.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
-        self.reason = reason
+        # Reason(...) refuses a reason the contract does not list.
+        self.reason = Reason(reason)
         self.message = message
+        # Dynamic values a client may need (the field, a limit): ErrorInfo.metadata.
+        self.metadata: dict[str, str] = dict(metadata or {})
 
 
 class InvalidArgument(DomainError):
-    def __init__(self, reason: str, message: str, field_violations: Sequence[FieldViolation] = ()) -> None:
-        super().__init__(reason, message)
-        self.field_violations = tuple(field_violations)
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        field_violations: Sequence[FieldViolation] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        violations = tuple(field_violations)
+        # The first field at fault, for clients that read ErrorInfo alone.
+        extra = {"field": violations[0].field} if violations else {}
+        super().__init__(reason, message, {**extra, **(metadata or {})})
+        self.field_violations = violations
 
     @classmethod
-    def for_field(cls, field: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
-        return cls(reason, f"invalid {field}: {description}", [FieldViolation(field, description)])
+    def for_field(
+        cls,
+        field: str,
+        description: str,
+        reason: str = "INVALID_ARGUMENT",
+        metadata: Mapping[str, str] | None = None,
+    ) -> InvalidArgument:
+        return cls(reason, f"invalid {field}: {description}", [FieldViolation(field, description)], metadata)
 
 
 class NotFound(DomainError):
@@ -59,7 +119,7 @@ class PermissionDenied(DomainError):
 
 class ResourceExhausted(DomainError):
     def __init__(self, reason: str, message: str, retry_after: float) -> None:
-        super().__init__(reason, message)
+        super().__init__(reason, message, {"retry_after_seconds": str(max(0, round(retry_after)))})
         self.retry_after = retry_after
 
 

@@ -113,6 +113,7 @@ def check_length(value: str, field: str, maximum: int) -> None:
             "FIELD_TOO_LONG",
             f"invalid {field}: must be at most {maximum} characters",
             [FieldViolation(field, f"must be at most {maximum} characters")],
+            {"limit": str(maximum)},
         )
 
 

@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from . import rpc_policy_pb2 as referral_dot_v1_dot_rpc__policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"referral/v1/referral_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x0cReferralCode\x12\x12\n\x04\x63ode\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"Q\n\x19\x43reateReferralCodeRequest\x12\x34\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\"\x1b\n\x19\x44\x65leteReferralCodeRequest\"\x1c\n\x1a\x44\x65leteReferralCodeResponse\"4\n\x1dGetReferralCodeByEmailRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"^\n\x1eGetReferralCodeByEmailResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x14ListReferralsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x15ListReferralsResponse\x12(\n\treferrals\x18\x01 \x03(\x0b\x32\x15.referral.v1.Referral\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x08Referral\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8e\x04\n\x0fReferralService\x12r\n\x12\x43reateReferralCode\x12&.referral.v1.CreateReferralCodeRequest\x1a\x19.referral.v1.ReferralCode\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/referral/code:\x01*\x12}\n\x12\x44\x65leteReferralCode\x12&.referral.v1.DeleteReferralCodeRequest\x1a\'.referral.v1.DeleteReferralCodeResponse\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/referral/code\x12\x92\x01\n\x16GetReferralCodeByEmail\x12*.referral.v1.GetReferralCodeByEmailRequest\x1a+.referral.v1.GetReferralCodeByEmailResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/referral/code/by-email\x12s\n\rListReferrals\x12!.referral.v1.ListReferralsRequest\x1a\".referral.v1.ListReferralsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/referral/referralsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"referral/v1/referral_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\x8e\x01\n\x0cReferralCode\x12\x12\n\x04\x63ode\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"Q\n\x19\x43reateReferralCodeRequest\x12\x34\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\"\x1b\n\x19\x44\x65leteReferralCodeRequest\"\x1c\n\x1a\x44\x65leteReferralCodeResponse\"4\n\x1dGetReferralCodeByEmailRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"^\n\x1eGetReferralCodeByEmailResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x14ListReferralsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x15ListReferralsResponse\x12(\n\treferrals\x18\x01 \x03(\x0b\x32\x15.referral.v1.Referral\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x08Referral\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x94\x04\n\x0fReferralService\x12r\n\x12\x43reateReferralCode\x12&.referral.v1.CreateReferralCodeRequest\x1a\x19.referral.v1.ReferralCode\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/referral/code:\x01*\x12}\n\x12\x44\x65leteReferralCode\x12&.referral.v1.DeleteReferralCodeRequest\x1a\'.referral.v1.DeleteReferralCodeResponse\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/referral/code\x12\x98\x01\n\x16GetReferralCodeByEmail\x12*.referral.v1.GetReferralCodeByEmailRequest\x1a+.referral.v1.GetReferralCodeByEmailResponse\"%\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x19\x12\x17/referral/code/by-email\x12s\n\rListReferrals\x12!.referral.v1.ListReferralsRequest\x1a\".referral.v1.ListReferralsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/referral/referralsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,27 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFERRALSERVICE'].methods_by_name['DeleteReferralCode']._loaded_options = None
   _globals['_REFERRALSERVICE'].methods_by_name['DeleteReferralCode']._serialized_options = b'\202\323\344\223\002\020*\016/referral/code'
   _globals['_REFERRALSERVICE'].methods_by_name['GetReferralCodeByEmail']._loaded_options = None
-  _globals['_REFERRALSERVICE'].methods_by_name['GetReferralCodeByEmail']._serialized_options = b'\202\323\344\223\002\031\022\027/referral/code/by-email'
+  _globals['_REFERRALSERVICE'].methods_by_name['GetReferralCodeByEmail']._serialized_options = b'\212\265\030\002\010\001\202\323\344\223\002\031\022\027/referral/code/by-email'
   _globals['_REFERRALSERVICE'].methods_by_name['ListReferrals']._loaded_options = None
   _globals['_REFERRALSERVICE'].methods_by_name['ListReferrals']._serialized_options = b'\202\323\344\223\002\025\022\023/referral/referrals'
-  _globals['_REFERRALCODE']._serialized_start=148
-  _globals['_REFERRALCODE']._serialized_end=290
-  _globals['_CREATEREFERRALCODEREQUEST']._serialized_start=292
-  _globals['_CREATEREFERRALCODEREQUEST']._serialized_end=373
-  _globals['_DELETEREFERRALCODEREQUEST']._serialized_start=375
-  _globals['_DELETEREFERRALCODEREQUEST']._serialized_end=402
-  _globals['_DELETEREFERRALCODERESPONSE']._serialized_start=404
-  _globals['_DELETEREFERRALCODERESPONSE']._serialized_end=432
-  _globals['_GETREFERRALCODEBYEMAILREQUEST']._serialized_start=434
-  _globals['_GETREFERRALCODEBYEMAILREQUEST']._serialized_end=486
-  _globals['_GETREFERRALCODEBYEMAILRESPONSE']._serialized_start=488
-  _globals['_GETREFERRALCODEBYEMAILRESPONSE']._serialized_end=582
-  _globals['_LISTREFERRALSREQUEST']._serialized_start=584
-  _globals['_LISTREFERRALSREQUEST']._serialized_end=657
-  _globals['_LISTREFERRALSRESPONSE']._serialized_start=659
-  _globals['_LISTREFERRALSRESPONSE']._serialized_end=749
-  _globals['_REFERRAL']._serialized_start=751
-  _globals['_REFERRAL']._serialized_end=844
-  _globals['_REFERRALSERVICE']._serialized_start=847
-  _globals['_REFERRALSERVICE']._serialized_end=1373
+  _globals['_REFERRALCODE']._serialized_start=178
+  _globals['_REFERRALCODE']._serialized_end=320
+  _globals['_CREATEREFERRALCODEREQUEST']._serialized_start=322
+  _globals['_CREATEREFERRALCODEREQUEST']._serialized_end=403
+  _globals['_DELETEREFERRALCODEREQUEST']._serialized_start=405
+  _globals['_DELETEREFERRALCODEREQUEST']._serialized_end=432
+  _globals['_DELETEREFERRALCODERESPONSE']._serialized_start=434
+  _globals['_DELETEREFERRALCODERESPONSE']._serialized_end=462
+  _globals['_GETREFERRALCODEBYEMAILREQUEST']._serialized_start=464
+  _globals['_GETREFERRALCODEBYEMAILREQUEST']._serialized_end=516
+  _globals['_GETREFERRALCODEBYEMAILRESPONSE']._serialized_start=518
+  _globals['_GETREFERRALCODEBYEMAILRESPONSE']._serialized_end=612
+  _globals['_LISTREFERRALSREQUEST']._serialized_start=614
+  _globals['_LISTREFERRALSREQUEST']._serialized_end=687
+  _globals['_LISTREFERRALSRESPONSE']._serialized_start=689
+  _globals['_LISTREFERRALSRESPONSE']._serialized_end=779
+  _globals['_REFERRAL']._serialized_start=781
+  _globals['_REFERRAL']._serialized_end=874
+  _globals['_REFERRALSERVICE']._serialized_start=877
+  _globals['_REFERRALSERVICE']._serialized_end=1409
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,100 @@
+"""Every error reason the server can send is listed in the contract (referral.v1.ErrorReason)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from referral_grpc.api.errors import to_status
+from referral_grpc.domain import errors
+from referral_grpc.gen import error_reason_pb2
+
+PACKAGE = Path(__file__).resolve().parents[1] / "referral_grpc"
+# The runtime layers that raise errors; settings and the dev stack name environment variables instead.
+RAISING_LAYERS = ("api", "domain", "infra", "store")
+CONTRACT = set(error_reason_pb2.ErrorReason.DESCRIPTOR.values_by_name) - {"ERROR_REASON_UNSPECIFIED"}
+
+
+def _upper_snake_literals(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.isupper()
+        and "_" in node.value
+        and node.value.replace("_", "").isalnum()
+    }
+
+
+def test_the_domain_reasons_are_exactly_the_contracts() -> None:
+    assert {reason.value for reason in errors.Reason} == CONTRACT
+
+
+def test_every_reason_in_the_code_is_listed_in_the_contract() -> None:
+    files = [path for layer in RAISING_LAYERS for path in (PACKAGE / layer).rglob("*.py")]
+    files.append(PACKAGE / "request_context.py")
+    assert len(files) > 20
+    found = {literal: path for path in files for literal in _upper_snake_literals(path)}
+    unlisted = {literal: str(path.relative_to(PACKAGE)) for literal, path in found.items()}
+    unlisted = {k: v for k, v in unlisted.items() if k not in CONTRACT}
+    assert unlisted == {}
+    # The scan sees the reasons raised through helpers and defaults too.
+    assert {"FIELD_INVALID", "TOO_MANY_ATTEMPTS", "DEADLINE_EXCEEDED", "DATABASE_BUSY"} <= set(found)
+
+
+def test_an_unlisted_reason_cannot_be_raised() -> None:
+    with pytest.raises(ValueError, match="NOT_IN_THE_CONTRACT"):
+        errors.NotFound("NOT_IN_THE_CONTRACT", "nothing")
+
+
+def test_error_info_carries_the_field_and_the_limit() -> None:
+    error = errors.InvalidArgument(
+        "FIELD_TOO_LONG",
+        "invalid email: too long",
+        [errors.FieldViolation("email", "must be at most 254 characters")],
+        {"limit": "254"},
+    )
+    status = to_status(error)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    infos = [d for d in _details(status) if isinstance(d, error_details_pb2.ErrorInfo)]
+    assert [(i.reason, dict(i.metadata)) for i in infos] == [
+        ("FIELD_TOO_LONG", {"field": "email", "limit": "254"})
+    ]
+
+
+def test_error_info_carries_the_retry_delay() -> None:
+    status = to_status(errors.ResourceExhausted("TOO_MANY_ATTEMPTS", "slow down", retry_after=42))
+    infos = [d for d in _details(status) if isinstance(d, error_details_pb2.ErrorInfo)]
+    assert dict(infos[0].metadata) == {"retry_after_seconds": "42"}
+
+
+def _details(status: grpc.Status) -> list[object]:
+    from google.rpc import status_pb2
+
+    parsed = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"])
+    out: list[object] = []
+    for any_detail in parsed.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+            if any_detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                any_detail.Unpack(message)
+                out.append(message)
+    return out
+
+
+def test_the_openapi_document_lists_every_reason() -> None:
+    import json
+
+    document = json.loads((PACKAGE.parent / "gateway" / "openapi.json").read_text(encoding="utf-8"))
+    schema = document["components"]["schemas"]["ErrorReason"]
+    assert set(schema["enum"]) == CONTRACT
+    assert all(schema["x-enum-descriptions"][reason] for reason in CONTRACT)
+    assert document["components"]["schemas"]["ErrorInfo"]["properties"]["reason"] == {
+        "$ref": "#/components/schemas/ErrorReason"
+    }
