@@ -7,6 +7,7 @@ and none of them has to import the others to share them.
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,12 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 # time.monotonic() by which the current request must be done, or None: set from the caller's gRPC
 # deadline, read by the store's transactions so they never commit after the caller gave up.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+# Set when the call ends before its handler does: the client cancelled, or the server's shutdown grace
+# ran out and grpc told the client UNAVAILABLE. Work after that must not commit: the client was told
+# the call failed, and may retry it.
+_abandoned: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("abandoned", default=None)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,40 @@ class DeadlineExceeded(Exception):
     def __init__(self, message: str = "the request deadline passed before it could finish") -> None:
         super().__init__(message)
         self.message = message
+
+
+class RequestAbandoned(Exception):
+    """The call ended (cancelled by the client, or by a server shutdown) before its work committed."""
+
+    reason = "REQUEST_CANCELLED"
+
+    def __init__(
+        self, message: str = "the call was cancelled before it could finish; nothing changed"
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextmanager
+def request_lifetime(abandoned: threading.Event) -> Iterator[None]:
+    """Within the block, `abandoned` being set means the caller is gone (see check_alive)."""
+    token = _abandoned.set(abandoned)
+    try:
+        yield
+    finally:
+        _abandoned.reset(token)
+
+
+def is_abandoned() -> bool:
+    abandoned = _abandoned.get()
+    return abandoned is not None and abandoned.is_set()
+
+
+def check_alive() -> None:
+    """Raise DeadlineExceeded or RequestAbandoned when the caller has stopped waiting."""
+    check_deadline()
+    if is_abandoned():
+        raise RequestAbandoned()
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,11 +21,13 @@ from ..domain.tokens import invalid_token
 from ..request_context import (
     DeadlineExceeded,
     Principal,
+    RequestAbandoned,
     caller,
-    check_deadline,
+    check_alive,
     current_caller,
     request_deadline,
     request_id,
+    request_lifetime,
 )
 from .errors import abort, code_for, internal_status
 from .policy import Policy, policy_for
@@ -80,11 +83,41 @@ def translate(exc: Exception) -> errors.DomainError | None:
     """Infrastructure failures the caller should retry, as domain errors; None for real bugs."""
     if isinstance(exc, DeadlineExceeded):
         return errors.DeadlineExceeded(exc.reason, exc.message)
+    if isinstance(exc, RequestAbandoned):
+        return errors.Unavailable(exc.reason, exc.message)
     if isinstance(exc, MaxConnectionsExceeded):
         return errors.Unavailable("DATABASE_BUSY", "the service is overloaded; retry shortly")
     if isinstance(exc, pw.OperationalError | pw.InterfaceError):
         return errors.Unavailable("DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
     return None
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request that does not parse as its message becomes, so the call can answer INVALID_ARGUMENT."""
+
+    error: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc answers a failing deserializer with INTERNAL and a traceback: bad input is ours to judge."""
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, and UnicodeDecodeError for invalid UTF-8 in a string field
+            return _Undecodable(type(exc).__name__)
+
+    return tolerant
+
+
+def _undecodable() -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        "REQUEST_UNDECODABLE",
+        "the request could not be decoded: strings must be valid UTF-8 and the body a valid message",
+    )
 
 
 @dataclass
@@ -141,7 +174,7 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 behavior.experimental_thread_pool = self._blocking_pool
             wrapped = grpc.unary_unary_rpc_method_handler(
                 behavior,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
             # The original handler is kept alive by the server's registry, so its id stays unique.
@@ -171,11 +204,17 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         context: grpc.ServicerContext,
         outcome: _Outcome,
     ) -> Any:
-        with request_deadline(_deadline_seconds(context)):
+        abandoned = threading.Event()
+        # Fires when the call ends for any reason; before the handler returns only if the client
+        # cancelled or the server's shutdown grace ran out.
+        context.add_callback(abandoned.set)
+        with request_deadline(_deadline_seconds(context)), request_lifetime(abandoned):
             try:
                 # Queued behind other RPCs until the caller gave up: do not start the work.
-                check_deadline()
+                check_alive()
                 with caller(self._caller(policy, context)):
+                    if isinstance(request, _Undecodable):
+                        raise _undecodable()
                     return behavior(request, context)
             except errors.DomainError as exc:
                 failure: errors.DomainError | None = exc

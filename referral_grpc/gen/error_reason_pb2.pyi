@@ -14,6 +14,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIMESTAMP_INVALID: _ClassVar[ErrorReason]
     EMAIL_INVALID: _ClassVar[ErrorReason]
     EMAIL_REQUIRED: _ClassVar[ErrorReason]
+    REQUEST_UNDECODABLE: _ClassVar[ErrorReason]
+    REQUEST_CANCELLED: _ClassVar[ErrorReason]
     EMAIL_UNDELIVERABLE: _ClassVar[ErrorReason]
     EMAIL_TAKEN: _ClassVar[ErrorReason]
     PASSWORD_INVALID: _ClassVar[ErrorReason]
@@ -47,6 +49,8 @@ FIELD_INVALID: ErrorReason
 TIMESTAMP_INVALID: ErrorReason
 EMAIL_INVALID: ErrorReason
 EMAIL_REQUIRED: ErrorReason
+REQUEST_UNDECODABLE: ErrorReason
+REQUEST_CANCELLED: ErrorReason
 EMAIL_UNDELIVERABLE: ErrorReason
 EMAIL_TAKEN: ErrorReason
 PASSWORD_INVALID: ErrorReason

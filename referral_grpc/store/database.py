@@ -13,9 +13,17 @@ import peewee as pw
 import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 from playhouse.pool import PooledPostgresqlDatabase
 
-from ..request_context import DeadlineExceeded, check_deadline, time_remaining
+from ..request_context import DeadlineExceeded, RequestAbandoned, check_alive, is_abandoned, time_remaining
 from ..settings import ConfigError, Settings
 from .models import database
+
+
+class PostgresPool(PooledPostgresqlDatabase):  # type: ignore[misc]
+    """The pooled PostgreSQL database; remembers the statement cap its connections start with."""
+
+    def __init__(self, *args: Any, statement_timeout_ms: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statement_timeout_ms = statement_timeout_ms
 
 
 def make_database(settings: Settings) -> pw.Database:
@@ -42,9 +50,10 @@ def make_database(settings: Settings) -> pw.Database:
         if settings.db_statement_timeout_ms:
             options += f" -c statement_timeout={settings.db_statement_timeout_ms}"
         params = _postgres_params(settings)
-        pool: pw.Database = PooledPostgresqlDatabase(
+        pool: pw.Database = PostgresPool(
             params.pop("dbname"),
             **params,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
             # One connection per server worker thread; a bounded wait when all are busy.
             max_connections=settings.db_pool_size,
             timeout=settings.db_pool_timeout,
@@ -101,18 +110,28 @@ class _DeadlineTransaction:
         self._atomic = db.atomic("IMMEDIATE") if isinstance(db, pw.SqliteDatabase) else db.atomic()
 
     def __enter__(self) -> Any:
-        check_deadline()
+        check_alive()
         transaction = self._atomic.__enter__()
-        remaining = time_remaining()
-        if remaining is not None and is_postgres(self._db):
+        timeout_ms = self._statement_timeout_ms()
+        if timeout_ms is not None:
             try:
-                # 0 would mean "no limit": a deadline that is about to pass gets 1 ms.
-                timeout_ms = max(1, math.ceil(remaining * 1000))
                 self._db.execute_sql(f"SET LOCAL statement_timeout = {timeout_ms}")  # type: ignore[no-untyped-call]
             except BaseException as exc:
                 self._atomic.__exit__(type(exc), exc, exc.__traceback__)
                 raise
         return transaction
+
+    def _statement_timeout_ms(self) -> int | None:
+        """The time left when it is under the connection's cap: a caller's deadline never lifts the cap."""
+        remaining = time_remaining()
+        if remaining is None or not is_postgres(self._db):
+            return None
+        # 0 would mean "no limit": a deadline that is about to pass gets 1 ms.
+        timeout_ms = max(1, math.ceil(remaining * 1000))
+        cap_ms = self._db.statement_timeout_ms if isinstance(self._db, PostgresPool) else 0
+        if cap_ms and timeout_ms >= cap_ms:
+            return None
+        return timeout_ms
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -123,9 +142,13 @@ class _DeadlineTransaction:
                 raise DeadlineExceeded() from exc
             return
         remaining = time_remaining()
+        late: Exception | None = None
         if remaining is not None and remaining <= 0:
             late = DeadlineExceeded()
-            self._atomic.__exit__(DeadlineExceeded, late, None)  # rolls back instead of committing
+        elif is_abandoned():
+            late = RequestAbandoned()
+        if late is not None:
+            self._atomic.__exit__(type(late), late, None)  # rolls back instead of committing
             raise late
         try:
             self._atomic.__exit__(None, None, None)  # commits

@@ -1,0 +1,170 @@
+"""Hardening at the edge: undecodable input, abandoned calls, a deadline never lifting the statement cap."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import peewee as pw
+import psycopg2
+import pytest
+import requests
+from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database, make_settings
+from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
+from grpc_helpers import Api, bearer, rich_error, running_api, ts
+
+from referral_grpc.devstack.stack import Address
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.request_context import DeadlineExceeded, request_deadline
+from referral_grpc.store.database import init_database, write_transaction
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import ReferralCode
+
+LOOKUP = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+CREATE = "/referral.v1.ReferralService/CreateReferralCode"
+# Field 1 (email, a string) holding the bytes ff fe: not UTF-8.
+INVALID_UTF8_REQUEST = b"\x0a\x02\xff\xfe"
+
+
+def handled(api: Api, method: str, code: str) -> float:
+    return float(
+        api.server.metrics.registry.get_sample_value(
+            "referral_rpc_requests_total", {"method": method, "code": code}
+        )
+        or 0.0
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- input that does not decode -----------------------------------------------------------------
+
+
+def test_an_undecodable_grpc_request_is_invalid_argument_counted_and_logged_in_one_line(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_api(make_settings(database_url=sqlite_url)) as api:
+        raw = api.channel.unary_unary(LOOKUP)  # bytes in, bytes out: nothing parses on our side
+        with pytest.raises(grpc.RpcError) as info:
+            raw(INVALID_UTF8_REQUEST, timeout=5)
+        error = rich_error(info.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_UNDECODABLE")
+        assert handled(api, LOOKUP, "INVALID_ARGUMENT") == 1
+        assert handled(api, LOOKUP, "INTERNAL") == 0
+    # No traceback: bad input is not a server fault.
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.fixture(scope="module")
+def gateway(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    url = create_pg_database(pg_server_url)
+    env = server_env(DATABASE_URL=url, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(env)
+    try:
+        with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as (_, address):
+            backend: Address = address
+            with running_envoy([backend], tmp_path_factory.mktemp("envoy")) as envoy:
+                yield envoy
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/referral/code/by-email?email=%ff@example.com",
+        "/referral/code/by-email?email=a%c3%28@example.com",
+        "/referral/referrals?page_token=%c3%28",
+    ],
+)
+def test_invalid_utf8_in_a_query_parameter_is_a_400_with_a_reason(gateway: Envoy, path: str) -> None:
+    registered = requests.post(
+        gateway.url + "/auth/register",
+        json={"email": f"utf8-{uuid.uuid4().hex[:8]}@example.com", "password": "correct horse battery"},
+        timeout=10,
+    ).json()
+    headers = {"authorization": f"Bearer {registered['access_token']}"}
+    response = requests.get(gateway.url + path, headers=headers, timeout=10)
+    body = response.json()
+    assert response.status_code == 400, body
+    assert body["details"][0]["reason"] == "REQUEST_UNDECODABLE"
+
+
+# --- calls that end before their work does ------------------------------------------------------
+
+
+def _user_row_locked(conn: psycopg2.extensions.connection, user_id: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
+
+
+def _waiting_on_a_lock(url: str) -> bool:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            row = cur.fetchone()
+            return bool(row and row[0])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("ending", ["client cancels", "shutdown grace runs out"])
+def test_a_call_that_ends_before_its_commit_changes_nothing(pg_url: str, ending: str) -> None:
+    with running_api(make_settings(database_url=pg_url)) as api:
+        tokens = api.register(f"blocked-{uuid.uuid4().hex[:8]}@example.com")
+        locker = psycopg2.connect(pg_url)
+        try:
+            _user_row_locked(locker, int(tokens.user_id))
+            expires = ts(datetime.now(UTC) + timedelta(days=30))
+            call = api.referrals.CreateReferralCode.future(
+                ref_pb.CreateReferralCodeRequest(expires_at=expires), metadata=bearer(tokens.access_token)
+            )
+            wait_for(lambda: _waiting_on_a_lock(pg_url), 10, "the call to block on the row lock")
+            if ending == "client cancels":
+                call.cancel()
+            else:
+                stopped = threading.Thread(target=api.server.stop, args=(0.2,))
+                stopped.start()
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result(timeout=10)
+                assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        finally:
+            locker.rollback()  # the blocked handler now runs on to its commit
+            locker.close()
+        wait_for(lambda: handled(api, CREATE, "UNAVAILABLE") == 1, 10, "the handler to finish")
+        assert ReferralCode.select().where(ReferralCode.user == int(tokens.user_id)).count() == 0
+        if ending == "shutdown grace runs out":
+            stopped.join(10)
+
+
+def test_a_client_deadline_never_lifts_the_statement_cap(pg_url: str) -> None:
+    db = init_database(make_settings(database_url=pg_url, db_statement_timeout_ms=300))
+    try:
+        run_migrations(db)
+        started = time.monotonic()
+        # A REST client can send a long grpc-timeout through Envoy; the operator's cap still holds.
+        with (
+            request_deadline(30),
+            pytest.raises(pw.OperationalError, match="statement timeout"),
+            write_transaction(db),
+        ):
+            db.execute_sql("SELECT pg_sleep(3)")
+        assert time.monotonic() - started < 2
+        # A deadline shorter than the cap still bounds the statement.
+        started = time.monotonic()
+        with request_deadline(0.1), pytest.raises(DeadlineExceeded), write_transaction(db):
+            db.execute_sql("SELECT pg_sleep(3)")
+        assert time.monotonic() - started < 1
+    finally:
+        db.close()
