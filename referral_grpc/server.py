@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.admission import Admission, CountingExecutor, InFlight
 from .api.interceptors import ApiInterceptor
 from .api.policy import SERVICES
 from .api.servicers import AuthServicer, ReferralServicer
@@ -104,8 +105,10 @@ class Server:
         health_servicer: health.HealthServicer,
         port: int,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.grpc_server = grpc_server
+        self.admission = admission
         self.health = health_servicer
         self.port = port
         self.metrics = metrics or Metrics()
@@ -146,11 +149,16 @@ def create_server(app: App, address: str | None = None) -> Server:
     address = address or f"{settings.grpc_host}:{settings.grpc_port}"
     max_bytes = settings.grpc_max_message_bytes
     metrics = Metrics(cache=app.cache, db=app.db, clock=app.clock)
-    blocking_pool = futures.ThreadPoolExecutor(
-        max_workers=settings.grpc_blocking_workers, thread_name_prefix="rpc-blocking"
+    in_flight = InFlight()
+    blocking_pool = CountingExecutor(in_flight, settings.grpc_blocking_workers, "rpc-blocking")
+    # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing forever.
+    admission = Admission(
+        in_flight,
+        settings.grpc_max_concurrent_rpcs,
+        futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpc-shed"),
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"),
+        CountingExecutor(in_flight, settings.grpc_max_workers, "rpc"),
         interceptors=[
             ApiInterceptor(
                 app.auth.authenticate,
@@ -158,6 +166,7 @@ def create_server(app: App, address: str | None = None) -> Server:
                 observe=metrics.observe_rpc,
                 access_log=settings.access_log,
                 blocking_pool=blocking_pool,
+                admission=admission,
             )
         ],
         options=[
@@ -168,8 +177,6 @@ def create_server(app: App, address: str | None = None) -> Server:
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.max_pings_without_data", 0),
         ],
-        # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing forever.
-        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     # The generated *_pb2_grpc modules carry no type stubs.
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -186,7 +193,7 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     port = server.add_insecure_port(address)
     server.start()
-    running = Server(server, health_servicer, port, metrics)
+    running = Server(server, health_servicer, port, metrics, admission)
     running.set_serving(True)
     if settings.health_probe_interval > 0:
         running.database_health = DatabaseHealth(

@@ -168,3 +168,46 @@ def test_a_client_deadline_never_lifts_the_statement_cap(pg_url: str) -> None:
         assert time.monotonic() - started < 1
     finally:
         db.close()
+
+
+def test_calls_over_the_concurrency_limit_are_shed_with_a_reason_and_counted(pg_url: str) -> None:
+    settings = make_settings(
+        database_url=pg_url,
+        db_pool_size=1,
+        db_pool_timeout=10,
+        grpc_max_concurrent_rpcs=2,
+        grpc_max_workers=4,
+    )
+    request = ref_pb.GetReferralCodeByEmailRequest(email="nobody@example.com")
+    with running_api(settings) as api:
+        api.app.db.close()
+        api.app.db.connect()  # the two admitted calls wait for the only pooled connection
+        try:
+            waiting = [api.referrals.GetReferralCodeByEmail.future(request, timeout=20) for _ in range(2)]
+            wait_for(lambda: _in_flight(api) == 2, 10, "two calls in flight")
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                api.referrals.GetReferralCodeByEmail(request, timeout=10)
+            assert time.monotonic() - started < 1.0
+            error = rich_error(info.value)
+            assert (error.code, error.reason, error.retry_delay) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SERVER_OVERLOADED",
+                1.0,
+            )
+            assert handled(api, LOOKUP, "RESOURCE_EXHAUSTED") == 1
+        finally:
+            api.app.db.close()
+        for future in waiting:
+            with pytest.raises(grpc.RpcError):
+                future.result(timeout=15)
+        # The two admitted calls finished: the server takes calls again.
+        wait_for(lambda: _in_flight(api) == 0, 10, "calls to finish")
+        with pytest.raises(grpc.RpcError) as info:
+            api.referrals.GetReferralCodeByEmail(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _in_flight(api: Api) -> int:
+    assert api.server.admission is not None
+    return api.server.admission.in_flight.count

@@ -29,6 +29,7 @@ from ..request_context import (
     request_id,
     request_lifetime,
 )
+from .admission import Admission
 from .errors import abort, code_for, internal_status
 from .policy import Policy, policy_for
 
@@ -146,7 +147,9 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         observe: RpcObserver | None = None,
         access_log: bool = True,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self._admission = admission
         self._access_log = access_log
         self._blocking_pool = blocking_pool
         self._authenticate = authenticate
@@ -160,6 +163,8 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         handler = continuation(details)
         policy = policy_for(details.method)
+        if handler is not None and self._admission is not None and self._admission.full():
+            return self._shed(details.method, handler, self._admission)
         if handler is None or handler.unary_unary is None:
             # Streaming methods are only health Watch and reflection: public by design.
             if handler is not None and not policy.public:
@@ -180,6 +185,25 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             # The original handler is kept alive by the server's registry, so its id stays unique.
             self._wrapped[key] = wrapped
         return wrapped
+
+    def _shed(self, method: str, handler: Any, admission: Admission) -> Any:
+        """A handler that refuses the call at once: RESOURCE_EXHAUSTED, SERVER_OVERLOADED, retry in 1 s."""
+        overloaded = errors.ResourceExhausted(
+            "SERVER_OVERLOADED", "the server is handling too many calls; retry shortly", retry_after=1
+        )
+
+        def shed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            with _request_scope(context):
+                try:
+                    abort(context, overloaded)
+                finally:
+                    self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter() - started)
+
+        shed.experimental_thread_pool = admission.shed_pool  # type: ignore[attr-defined]
+        if handler.unary_unary is None:
+            return grpc.unary_stream_rpc_method_handler(shed)
+        return grpc.unary_unary_rpc_method_handler(shed)
 
     def _wrap(self, method: str, policy: Policy, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
         access_level = logging.DEBUG if policy.quiet else logging.INFO
@@ -236,7 +260,9 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return None
         return self._authenticate(_bearer_token(tuple(context.invocation_metadata() or ())))
 
-    def _record(self, method: str, code: grpc.StatusCode, elapsed: float, access_level: int) -> None:
+    def _record(
+        self, method: str, code: grpc.StatusCode, elapsed: float, access_level: int = logging.INFO
+    ) -> None:
         if self._observe is not None:
             self._observe(method, code.name, elapsed)
         if self._access_log:

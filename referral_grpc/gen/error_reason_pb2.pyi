@@ -16,6 +16,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EMAIL_REQUIRED: _ClassVar[ErrorReason]
     REQUEST_UNDECODABLE: _ClassVar[ErrorReason]
     REQUEST_CANCELLED: _ClassVar[ErrorReason]
+    SERVER_OVERLOADED: _ClassVar[ErrorReason]
     EMAIL_UNDELIVERABLE: _ClassVar[ErrorReason]
     EMAIL_TAKEN: _ClassVar[ErrorReason]
     PASSWORD_INVALID: _ClassVar[ErrorReason]
@@ -51,6 +52,7 @@ EMAIL_INVALID: ErrorReason
 EMAIL_REQUIRED: ErrorReason
 REQUEST_UNDECODABLE: ErrorReason
 REQUEST_CANCELLED: ErrorReason
+SERVER_OVERLOADED: ErrorReason
 EMAIL_UNDELIVERABLE: ErrorReason
 EMAIL_TAKEN: ErrorReason
 PASSWORD_INVALID: ErrorReason
