@@ -84,6 +84,9 @@ lint: $(VENV)/.dev-stamp $(BUF)
 	$(VENV)/bin/mypy --strict gateway/openapi/protoc-gen-openapi
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	# The contract may grow but not break: compared with the previous commit (none in a shallow clone).
+	@if git rev-parse --verify -q HEAD~1 >/dev/null; then $(BUF) breaking --against '.git#ref=HEAD~1'; \
+		else echo "buf breaking: skipped, this clone has no previous commit"; fi
 	$(PY) -m referral_grpc validate-gateway
 
 fmt: $(VENV)/.dev-stamp
