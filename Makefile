@@ -32,7 +32,7 @@ $(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml
 install: $(VENV)/.dev-stamp
 
 run: $(VENV)/.run-stamp
-	$(PY) -m referral_grpc run
+	$(PY) -m referral_grpc.devstack run
 
 serve: $(VENV)/.run-stamp
 	$(PY) -m referral_grpc serve
@@ -67,7 +67,7 @@ generate: $(VENV)/.dev-stamp
 	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
 		--openapi_out=gateway $(PROTOS)
 	# docker-compose's Envoy config, rendered from gateway/envoy.yaml.
-	$(PY) -m referral_grpc.devstack.stack docker-config gateway/envoy.docker.yaml
+	$(PY) -m referral_grpc.devstack docker-config gateway/envoy.docker.yaml
 
 check-generated: generate
 	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)
@@ -83,7 +83,7 @@ lint: $(VENV)/.dev-stamp $(BUF)
 	$(VENV)/bin/mypy --strict gateway/openapi/protoc-gen-openapi
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
-	$(PY) -m referral_grpc validate-gateway
+	$(PY) -m referral_grpc.devstack validate-gateway
 
 fmt: $(VENV)/.dev-stamp
 	$(VENV)/bin/ruff format referral_grpc tests gateway bench

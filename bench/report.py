@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psycopg2
 
-from referral_grpc.devstack.stack import PROJECT_ROOT, envoy_binary
+from referral_grpc.devstack.locations import PROJECT_ROOT, envoy_binary
 
 from .load import LoadResult
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import redis
 from grpc_health.v1 import health_pb2
 
-from referral_grpc.devstack.stack import PROJECT_ROOT
+from referral_grpc.devstack.locations import PROJECT_ROOT
 from referral_grpc.domain.passwords import PasswordHasher
 from referral_grpc.gen import referral_service_pb2
 
