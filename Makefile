@@ -66,7 +66,7 @@ generate: $(VENV)/.dev-stamp
 	# OpenAPI 3.1 from the google.api.http rules; run-plugin starts the plugin with the venv's Python.
 	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
 		--openapi_out=gateway $(PROTOS)
-	# docker-compose's Envoy config, rendered from gateway/envoy.yaml.
+	# docker-compose's Envoy config, rendered from gateway/envoy.yaml and the descriptor set.
 	$(PY) -m referral_grpc.devstack docker-config gateway/envoy.docker.yaml
 
 check-generated: generate
