@@ -1,5 +1,6 @@
 # The image of the gRPC server, the email worker and the one-shot migrations (docker-compose.yml picks
-# the command). Envoy runs from the official envoyproxy/envoy image instead.
+# the command). Envoy runs from the official envoyproxy/envoy image instead: the package is installed
+# without its `stack` extra (the development stack's Envoy binary and PyYAML).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -22,7 +22,7 @@ help:
 $(VENV)/.run-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[stack]'
 	touch $@
 
 $(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml
@@ -32,7 +32,7 @@ $(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml
 install: $(VENV)/.dev-stamp
 
 run: $(VENV)/.run-stamp
-	$(PY) -m referral_grpc run
+	$(PY) -m referral_grpc.devstack run
 
 serve: $(VENV)/.run-stamp
 	$(PY) -m referral_grpc serve
@@ -66,8 +66,8 @@ generate: $(VENV)/.dev-stamp
 	# OpenAPI 3.1 from the google.api.http rules; run-plugin starts the plugin with the venv's Python.
 	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
 		--openapi_out=gateway $(PROTOS)
-	# docker-compose's Envoy config, rendered from gateway/envoy.yaml.
-	$(PY) -m referral_grpc.devstack.stack docker-config gateway/envoy.docker.yaml
+	# docker-compose's Envoy config, rendered from gateway/envoy.yaml and the descriptor set.
+	$(PY) -m referral_grpc.devstack docker-config gateway/envoy.docker.yaml
 
 check-generated: generate
 	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)
@@ -87,7 +87,7 @@ lint: $(VENV)/.dev-stamp $(BUF)
 	# The contract may grow but not break: compared with the previous commit (none in a shallow clone).
 	@if git rev-parse --verify -q HEAD~1 >/dev/null; then $(BUF) breaking --against '.git#ref=HEAD~1'; \
 		else echo "buf breaking: skipped, this clone has no previous commit"; fi
-	$(PY) -m referral_grpc validate-gateway
+	$(PY) -m referral_grpc.devstack validate-gateway
 
 fmt: $(VENV)/.dev-stamp
 	$(VENV)/bin/ruff format referral_grpc tests gateway bench

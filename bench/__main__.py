@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .run import Options, run
+from .options import Options
+from .run import run
 
 
 def main(argv: list[str] | None = None) -> int:

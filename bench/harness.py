@@ -20,15 +20,10 @@ import redis
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from referral_grpc.devstack.stack import (
-    PROJECT_ROOT,
-    Address,
-    dump_envoy_config,
-    envoy_command,
-    render_envoy_config,
-    wait_envoy_backends_healthy,
-    wait_envoy_ready,
-)
+from referral_grpc.devstack.envoy_admin import wait_envoy_backends_healthy, wait_envoy_ready
+from referral_grpc.devstack.envoy_config import dump_envoy_config, render_envoy_config
+from referral_grpc.devstack.envoy_process import envoy_command
+from referral_grpc.devstack.locations import PROJECT_ROOT, Address
 
 PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
 BENCH_DATABASE = os.environ.get("BENCH_DATABASE", "referral_bench")

@@ -1,4 +1,4 @@
-"""Command line: serve, worker, migrate, run (the whole stack), validate-gateway."""
+"""Command line of the service: serve, worker, migrate (`make run` is `python -m referral_grpc.devstack`)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="referral-grpc", description=__doc__)
     parser.add_argument(
         "command",
-        choices=("serve", "worker", "migrate", "run", "validate-gateway"),
-        help="serve: the gRPC server; worker: the email queue consumer; migrate: apply migrations; "
-        "run: migrations + server + worker + Envoy in the foreground; validate-gateway: check Envoy configs",
+        choices=("serve", "worker", "migrate"),
+        help="serve: the gRPC server; worker: the email queue consumer; migrate: apply migrations",
     )
     args = parser.parse_args(argv)
     try:
@@ -47,18 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve
 
         return serve(build_app(settings))
-    if args.command == "worker":
-        from .infra.tasks import run_worker
+    from .infra.tasks import run_worker
 
-        run_worker(settings)
-        return 0
-    if args.command == "run":
-        from .devstack.stack import main as run_stack
-
-        return run_stack(settings)
-    from .devstack.stack import validate_gateway
-
-    return validate_gateway(settings)
+    run_worker(settings)
+    return 0
 
 
 if __name__ == "__main__":

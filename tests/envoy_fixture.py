@@ -9,15 +9,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from referral_grpc.devstack.stack import (
-    PROJECT_ROOT,
-    Address,
-    Child,
-    Envoy,
-    TokenBucket,
-    render_envoy_config,
-    start_server,
-)
+from referral_grpc.devstack.envoy_config import TokenBucket, render_envoy_config
+from referral_grpc.devstack.envoy_process import Envoy
+from referral_grpc.devstack.locations import PROJECT_ROOT, Address
+from referral_grpc.devstack.processes import Child, start_server
 
 __all__ = ["Envoy", "TokenBucket", "running_envoy", "running_server", "server_env"]
 

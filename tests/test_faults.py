@@ -26,7 +26,7 @@ from conftest import PG_ADMIN_URL, TEST_JWT_SECRET, make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import Api, bearer, expect_error, running_api, ts
 
-from referral_grpc.devstack.stack import Child, start_server
+from referral_grpc.devstack.processes import Child, start_server
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb

@@ -17,7 +17,7 @@ import requests
 from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database
 from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
 
-from referral_grpc.devstack.stack import PROJECT_ROOT
+from referral_grpc.devstack.locations import PROJECT_ROOT
 
 DOCUMENT = PROJECT_ROOT / "gateway" / "openapi.json"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

@@ -28,15 +28,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
 
-from referral_grpc.devstack.stack import (
-    PROJECT_ROOT,
-    Address,
-    docker_envoy_config,
-    envoy_binary,
-    render_envoy_config,
-    validate_config_file,
-    validate_gateway,
-)
+from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envoy_config
+from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
+from referral_grpc.devstack.locations import PROJECT_ROOT, Address, envoy_binary
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -585,8 +579,8 @@ class Stack:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    """`python -m referral_grpc run` with embedded defaults (SQLite, SQLite Huey), two server processes,
-    every port picked by the OS, and no JWT_SECRET (the stack makes one up and shares it)."""
+    """`python -m referral_grpc.devstack run` with embedded defaults (SQLite, SQLite Huey), two server
+    processes, every port picked by the OS, and no JWT_SECRET (the stack makes one up and shares it)."""
     env = {key: value for key, value in os.environ.items() if key != "JWT_SECRET"}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'referral.db'}",
@@ -599,7 +593,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         GRPC_GRACE_SECONDS="2",
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "referral_grpc", "run"],
+        [sys.executable, "-m", "referral_grpc.devstack", "run"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database, make
 from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
 from grpc_helpers import Api, bearer, rich_error, running_api, ts
 
-from referral_grpc.devstack.stack import Address
+from referral_grpc.devstack.locations import Address
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.request_context import DeadlineExceeded, request_deadline
 from referral_grpc.store.database import init_database, write_transaction

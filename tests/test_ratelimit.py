@@ -17,15 +17,15 @@ from envoy_fixture import Envoy, TokenBucket, migrate, running_envoy, running_se
 from requests.adapters import HTTPAdapter
 
 from referral_grpc.api.policy import public_methods
-from referral_grpc.devstack.stack import (
-    PROJECT_ROOT,
+from referral_grpc.devstack.envoy_config import (
     RATE_LIMIT_FILTER,
     dump_envoy_config,
     load_envoy_config,
     rate_limited_routes,
     render_envoy_config,
-    validate_config_file,
 )
+from referral_grpc.devstack.envoy_process import validate_config_file
+from referral_grpc.devstack.locations import PROJECT_ROOT
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb

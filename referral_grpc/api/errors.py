@@ -61,12 +61,16 @@ def to_status(error: errors.DomainError) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=packed)
-    return rpc_status.to_status(status)
+    return _to_grpc(status_pb2.Status(code=code.value[0], message=error.message, details=packed))
 
 
 def internal_status(message: str = "internal error") -> grpc.Status:
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message=message))
+    return _to_grpc(status_pb2.Status(code=code_pb2.INTERNAL, message=message))
+
+
+def _to_grpc(status: status_pb2.Status) -> grpc.Status:
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def abort(context: grpc.ServicerContext, error: errors.DomainError) -> NoReturn:

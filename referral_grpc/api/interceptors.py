@@ -128,7 +128,7 @@ class _Outcome:
     code: grpc.StatusCode = grpc.StatusCode.OK
 
 
-class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ApiInterceptor(grpc.ServerInterceptor):
     """Runs every unary RPC of ours through the steps below, in this order:
 
     1. request scope: the caller's x-request-id kept (or one generated), echoed before any work;

