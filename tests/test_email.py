@@ -17,9 +17,9 @@ from typing import Any
 
 import peewee as pw
 import pytest
-from conftest import make_settings
-from hunter_stub import HunterStub
-from smtp_server import ReceivedMessage, SmtpServer, smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
+from support import make_settings
+from support.hunter import HunterStub
+from support.smtp import ReceivedMessage, SmtpServer
 
 from referral_grpc.domain.ports import SystemClock
 from referral_grpc.infra.mailer import (
