@@ -51,27 +51,54 @@ test: $(VENV)/.dev-stamp
 test-slow: $(VENV)/.dev-stamp
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-generate: $(VENV)/.dev-stamp
+# Every file `make generate` writes, relative to the output root; all of them are committed.
+GENERATED := referral_grpc/gen client/referral_client/v1 gateway/referral.pb gateway/openapi.json \
+	gateway/envoy.docker.yaml proto/google/api
+CHECK_DIR := build/check-generated
+
+# The generate recipe, writing every file of GENERATED under the output root $(1) (with build/gen as scratch).
+define generate-into
+	mkdir -p $(1)/proto/google/api $(1)/gateway
 	# buf cannot fetch remote deps offline: vendor the google/api protos the contract imports.
-	for f in annotations http field_behavior; do cp "$(GOOGLEAPIS)/google/api/$$f.proto" proto/google/api/; done
-	rm -rf build/gen && mkdir -p build/gen
-	$(PROTOC) --python_out=build/gen --grpc_python_out=build/gen --pyi_out=build/gen $(PROTOS)
-	rm -rf referral_grpc/gen && mkdir -p referral_grpc/gen
-	cp build/gen/referral/v1/*.py build/gen/referral/v1/*.pyi referral_grpc/gen/
-	sed -i -E 's/^from referral\.v1 import/from . import/' referral_grpc/gen/*.py referral_grpc/gen/*.pyi
-	printf '"""Generated protobuf and gRPC code for referral.v1 (make generate; never edit by hand)."""\n' > referral_grpc/gen/__init__.py
+	for f in annotations http field_behavior; do cp "$(GOOGLEAPIS)/google/api/$$f.proto" $(1)/proto/google/api/; done
+	rm -rf $(1)/build/gen && mkdir -p $(1)/build/gen
+	$(PROTOC) --python_out=$(1)/build/gen --grpc_python_out=$(1)/build/gen --pyi_out=$(1)/build/gen $(PROTOS)
+	rm -rf $(1)/referral_grpc/gen && mkdir -p $(1)/referral_grpc/gen
+	cp $(1)/build/gen/referral/v1/*.py $(1)/build/gen/referral/v1/*.pyi $(1)/referral_grpc/gen/
+	sed -i -E 's/^from referral\.v1 import/from . import/' $(1)/referral_grpc/gen/*.py $(1)/referral_grpc/gen/*.pyi
+	printf '"""Generated protobuf and gRPC code for referral.v1 (make generate; never edit by hand)."""\n' > $(1)/referral_grpc/gen/__init__.py
+	# The client distribution's stubs (client/): mypy-protobuf types the messages and the stubs for callers.
+	rm -rf $(1)/build/client && mkdir -p $(1)/build/client $(1)/client/referral_client
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PROTOC) --python_out=$(1)/build/client --grpc_python_out=$(1)/build/client \
+		--mypy_out=quiet:$(1)/build/client --mypy_grpc_out=quiet:$(1)/build/client $(PROTOS)
+	rm -rf $(1)/client/referral_client/v1 && mkdir -p $(1)/client/referral_client/v1
+	cp $(1)/build/client/referral/v1/*.py $(1)/build/client/referral/v1/*.pyi $(1)/client/referral_client/v1/
+	sed -i -E 's/^from referral\.v1 import/from . import/' $(1)/client/referral_client/v1/*.py $(1)/client/referral_client/v1/*.pyi
+	printf '"""Generated protobuf and gRPC code for referral.v1 (make generate; never edit by hand)."""\n' > $(1)/client/referral_client/v1/__init__.py
 	# Envoy's descriptor set: its own protoc call, with google.rpc details for rich errors.
-	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=gateway/referral.pb \
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=$(1)/gateway/referral.pb \
 		$(PROTOS) google/rpc/error_details.proto google/rpc/status.proto
 	# OpenAPI 3.1 from the google.api.http rules; run-plugin starts the plugin with the venv's Python.
 	OPENAPI_PLUGIN_PYTHON=$(abspath $(PY)) $(PROTOC) --plugin=protoc-gen-openapi=gateway/openapi/run-plugin \
-		--openapi_out=gateway $(PROTOS)
-	# docker-compose's Envoy config, rendered from gateway/envoy.yaml and the descriptor set.
-	$(PY) -m referral_grpc.devstack docker-config gateway/envoy.docker.yaml
+		--openapi_out=$(1)/gateway $(PROTOS)
+	# docker-compose's Envoy config, rendered from gateway/envoy.yaml and the descriptor set just generated.
+	$(PY) -m referral_grpc.devstack docker-config $(1)/gateway/envoy.docker.yaml --descriptors-from $(1)
+endef
 
-check-generated: generate
-	git diff --exit-code -- referral_grpc/gen gateway || (echo "generated files drifted from proto/: run make generate and commit" && exit 1)
-	test -z "$$(git status --porcelain -- referral_grpc/gen gateway)" || (git status --porcelain -- referral_grpc/gen gateway; echo "untracked generated files" && exit 1)
+generate: $(VENV)/.dev-stamp
+	$(call generate-into,.)
+
+# Generates into $(CHECK_DIR) and compares with the committed (staged) files and the working tree;
+# the tree itself is never written.
+check-generated: $(VENV)/.dev-stamp
+	rm -rf $(CHECK_DIR) && mkdir -p $(CHECK_DIR)/committed
+	$(call generate-into,$(CHECK_DIR)/out)
+	git checkout-index --prefix=$(CHECK_DIR)/committed/ -- $$(git ls-files -- $(GENERATED))
+	@for path in $(GENERATED); do \
+		diff -ru $(CHECK_DIR)/out/$$path $(CHECK_DIR)/committed/$$path && \
+		diff -ru -x __pycache__ $(CHECK_DIR)/out/$$path $$path || \
+		{ echo "generated files drifted from proto/ ($$path): run make generate and commit"; exit 1; }; \
+	done
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1

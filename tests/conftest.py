@@ -1,53 +1,33 @@
-"""Shared fixtures: a fresh PostgreSQL database per test session, SQLite files, Redis, settings."""
+"""Fixtures only (helpers live in tests/support): databases, Redis, the fake clock, a running API, SMTP."""
 
 from __future__ import annotations
 
-import os
-import threading
 import uuid
-from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 import redis
+from support import PG_SERVER_URL, REDIS_URL, FakeClock, create_pg_database, drop_pg_database, make_settings
+from support.api import Api, running_api
+from support.smtp import SmtpServer
 
-from referral_grpc.settings import Settings
-
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-# A 256-bit test-only key, generated per run: never a fixed secret in the repo.
-TEST_JWT_SECRET = os.urandom(32).hex()
+DATABASES = ("postgres", "sqlite")
 
 
-def _admin_connection() -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(PG_ADMIN_URL)
-    conn.autocommit = True
-    return conn
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # `database_url` runs a test once per database; `@pytest.mark.databases("sqlite")` narrows the list.
+    if "database_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("databases")
+        kinds = marker.args if marker else DATABASES
+        assert set(kinds) <= set(DATABASES), kinds
+        metafunc.parametrize("database_url", kinds, indirect=True)
 
 
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     """postgresql://... without a database name; fixtures append a fresh database."""
-    return PG_ADMIN_URL.rsplit("/", 1)[0]
-
-
-def create_pg_database(pg_server_url: str) -> str:
-    name = f"referral_test_{uuid.uuid4().hex[:12]}"
-    conn = _admin_connection()
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return f"{pg_server_url}/{name}"
-
-
-def drop_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    conn = _admin_connection()
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
+    return PG_SERVER_URL
 
 
 @pytest.fixture
@@ -58,14 +38,22 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
     drop_pg_database(url)
 
 
+@pytest.fixture(scope="module")
+def module_pg_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database shared by the tests of one module (a server process's)."""
+    url = create_pg_database(pg_server_url)
+    yield url
+    drop_pg_database(url)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'referral.db'}"
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest, pg_server_url: str, tmp_path: Path) -> Iterator[str]:
-    """Runs the test once on PostgreSQL and once on SQLite, each on an empty database."""
+    """An empty database of each kind the test runs on (see pytest_generate_tests)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'referral.db'}"
         return
@@ -97,28 +85,25 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
         redis_client.delete(*keys)
 
 
-def make_settings(**overrides: object) -> Settings:
-    """Settings for tests: fast bcrypt, a per-run JWT secret, everything else from `overrides`."""
-    env: Mapping[str, str] = {
-        "JWT_SECRET": TEST_JWT_SECRET,
-        "BCRYPT_ROUNDS": "4",
-        "GRPC_PORT": "0",
-        **{key.upper(): str(value) for key, value in overrides.items()},
-    }
-    return Settings.from_env(env)
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-class FakeClock:
-    """A clock tests move by hand instead of sleeping."""
+@pytest.fixture
+def api(request: pytest.FixtureRequest, database_url: str, clock: FakeClock) -> Iterator[Api]:
+    """A server on a real channel, on an empty database, with the test's clock.
 
-    def __init__(self, start: datetime | None = None) -> None:
-        self._now = start or datetime.now(UTC).replace(microsecond=0)
-        self._lock = threading.Lock()
+    `@pytest.mark.api_settings(name=value, ...)` sets its settings besides the database.
+    """
+    marker = request.node.get_closest_marker("api_settings")
+    overrides = marker.kwargs if marker else {}
+    with running_api(make_settings(database_url=database_url, **overrides), clock=clock) as running:
+        yield running
 
-    def now(self) -> datetime:
-        with self._lock:
-            return self._now
 
-    def advance(self, **delta: float) -> None:
-        with self._lock:
-            self._now += timedelta(**delta)
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A running SMTP server on a free loopback port, stopped after the test."""
+    with SmtpServer() as server:
+        yield server

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 
 import grpc
 import jwt
 import pytest
-from conftest import TEST_JWT_SECRET, FakeClock, make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import Api, bearer, expect_error, in_days, running_api, ts
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import TEST_JWT_SECRET, FakeClock
+from support.api import Api, bearer, expect_error, in_days, ts
 
 from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
 from referral_grpc.gen import auth_service_pb2 as auth_pb
@@ -21,17 +20,6 @@ from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api(database_url: str, clock: FakeClock) -> Iterator[Api]:
-    with running_api(make_settings(database_url=database_url), clock=clock) as api:
-        yield api
 
 
 def login(api: Api, email: str, password: str = PASSWORD) -> auth_pb.AuthTokens:

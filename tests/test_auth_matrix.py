@@ -8,18 +8,18 @@ import hmac
 import importlib
 import json
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import jwt
 import pytest
-from conftest import TEST_JWT_SECRET, FakeClock, make_settings
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import Api, bearer, rich_error, running_api
+from support import TEST_JWT_SECRET, FakeClock
+from support.api import Api, bearer, rich_error
 
 import referral_grpc.gen
 from referral_grpc.api.policy import public_methods
@@ -28,6 +28,7 @@ from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.store.models import User
 
 PASSWORD = "correct horse battery"
+pytestmark = [pytest.mark.databases("sqlite"), pytest.mark.api_settings(reset_request_min_seconds=0)]
 
 # The RPCs of our services that answer without an access token. Adding one here is a security
 # decision: it must also be declared `public` in the RPC's policy option (proto); the test below
@@ -87,17 +88,6 @@ def call(api: Api, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> grp
             assert (failure.message, failure.reason) == (INVALID_TOKEN_MESSAGE, "INVALID_TOKEN"), path
         return failure.code
     return grpc.StatusCode.OK
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
-    with running_api(make_settings(database_url=sqlite_url, reset_request_min_seconds=0), clock=clock) as api:
-        yield api
 
 
 # --- default deny ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from support import FakeClock, closed_port, make_settings
 
 from referral_grpc.domain.ports import CachedCode, CacheRead
 from referral_grpc.infra.breaker import CircuitBreaker
@@ -27,25 +28,11 @@ from referral_grpc.infra.cache import (
     make_code_cache,
 )
 from referral_grpc.settings import Settings
-from tests.conftest import make_settings
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 EMAIL = "ada@example.com"
 CACHE_TTL = 300
 RESET_AFTER = 5.0
-
-
-class FakeMonotonic:
-    """A monotonic clock the test moves by hand, so TTLs and the breaker's reset need no sleeping."""
-
-    def __init__(self) -> None:
-        self.value = 1000.0
-
-    def __call__(self) -> float:
-        return self.value
-
-    def advance(self, seconds: float) -> None:
-        self.value += seconds
 
 
 class FlakyRedis:
@@ -127,29 +114,24 @@ class FlakyRedis:
 
 
 @pytest.fixture
-def monotonic() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
 def redis_settings(redis_url: str, key_prefix: str) -> Settings:
     return make_settings(redis_url=redis_url, redis_key_prefix=key_prefix, cache_ttl_seconds=CACHE_TTL)
 
 
-def redis_cache(settings: Settings, monotonic: FakeMonotonic) -> RedisCodeCache:
-    breaker = CircuitBreaker(failure_threshold=3, reset_after=RESET_AFTER, monotonic=monotonic)
+def redis_cache(settings: Settings, clock: FakeClock) -> RedisCodeCache:
+    breaker = CircuitBreaker(failure_threshold=3, reset_after=RESET_AFTER, monotonic=clock.monotonic)
     return RedisCodeCache.from_settings(settings, breaker=breaker)
 
 
 @pytest.fixture(params=["redis", "in_process"])
 def cache(
-    request: pytest.FixtureRequest, redis_settings: Settings, monotonic: FakeMonotonic
+    request: pytest.FixtureRequest, redis_settings: Settings, clock: FakeClock
 ) -> Iterator[InstrumentedCodeCache]:
     built: InstrumentedCodeCache
     if request.param == "redis":
-        built = redis_cache(redis_settings, monotonic)
+        built = redis_cache(redis_settings, clock)
     else:
-        built = InProcessCodeCache(CACHE_TTL, monotonic=monotonic)
+        built = InProcessCodeCache(CACHE_TTL, monotonic=clock.monotonic)
     yield built
     built.close()
 
@@ -164,13 +146,6 @@ def flaky_redis(redis_url: str) -> Iterator[FlakyRedis]:
 
 def code(name: str = "ABCD2345", valid_for: timedelta = timedelta(days=30)) -> CachedCode:
     return CachedCode(code=name, expires_at=NOW + valid_for)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def timed_get(cache: InstrumentedCodeCache) -> tuple[CacheRead, float]:
@@ -297,9 +272,9 @@ def test_racing_readers_and_writers_never_serve_a_code_older_than_the_last_inval
 
 
 def test_entry_ttl_never_outlives_the_code(
-    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache = redis_cache(redis_settings, monotonic)
+    cache = redis_cache(redis_settings, clock)
     try:
         cache.fill("soon@example.com", "0", code(valid_for=timedelta(seconds=10)), NOW)
         cache.fill("later@example.com", "0", code(valid_for=timedelta(days=30)), NOW)
@@ -312,9 +287,9 @@ def test_entry_ttl_never_outlives_the_code(
 
 
 def test_key_layout_holds_only_public_data_and_every_key_has_a_ttl(
-    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache = redis_cache(redis_settings, monotonic)
+    cache = redis_cache(redis_settings, clock)
     try:
         cache.invalidate(EMAIL)
         cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
@@ -330,9 +305,9 @@ def test_key_layout_holds_only_public_data_and_every_key_has_a_ttl(
 
 
 def test_expired_entry_still_held_by_redis_is_a_miss(
-    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache = redis_cache(redis_settings, monotonic)
+    cache = redis_cache(redis_settings, clock)
     try:
         cache.fill(EMAIL, "0", code(valid_for=timedelta(hours=1)), NOW)
 
@@ -345,9 +320,9 @@ def test_expired_entry_still_held_by_redis_is_a_miss(
 
 
 def test_missing_generation_key_reads_as_zero(
-    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache = redis_cache(redis_settings, monotonic)
+    cache = redis_cache(redis_settings, clock)
     try:
         cache.invalidate(EMAIL)
         before_expiry = cache.get(EMAIL, NOW)
@@ -368,10 +343,10 @@ def test_missing_generation_key_reads_as_zero(
 
 
 def test_undecodable_entry_is_a_miss_and_gets_replaced(
-    redis_settings: Settings, monotonic: FakeMonotonic, redis_client: redis.Redis, key_prefix: str
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     redis_client.set(f"{key_prefix}code:{EMAIL}", "garbage-from-another-version", ex=60)
-    cache = redis_cache(redis_settings, monotonic)
+    cache = redis_cache(redis_settings, clock)
     try:
         read = cache.get(EMAIL, NOW)
         cache.fill(EMAIL, read.generation, code(), NOW)
@@ -386,9 +361,9 @@ def test_undecodable_entry_is_a_miss_and_gets_replaced(
 # Redis down or slow: fail fast, never raise, recover by itself.
 
 
-def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, monotonic: FakeMonotonic) -> None:
+def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, clock: FakeClock) -> None:
     settings = make_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_key_prefix=key_prefix)
-    cache = redis_cache(settings, monotonic)
+    cache = redis_cache(settings, clock)
     try:
         first, first_seconds = timed_get(cache)
         failing = [timed_get(cache) for _ in range(2)]
@@ -409,11 +384,11 @@ def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, monoto
 
 
 def test_unresponsive_redis_fails_within_the_socket_timeout_then_breaker_stops_connecting(
-    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis
+    key_prefix: str, clock: FakeClock, flaky_redis: FlakyRedis
 ) -> None:
     flaky_redis.set_mode("blackhole")
     settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix, redis_socket_timeout=0.1)
-    cache = redis_cache(settings, monotonic)
+    cache = redis_cache(settings, clock)
     try:
         failing = [timed_get(cache) for _ in range(3)]
         connections_when_opened = flaky_redis.accepted
@@ -434,16 +409,16 @@ def test_unresponsive_redis_fails_within_the_socket_timeout_then_breaker_stops_c
 
 
 def test_breaker_probes_again_after_its_reset_interval_and_recovers(
-    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis
+    key_prefix: str, clock: FakeClock, flaky_redis: FlakyRedis
 ) -> None:
     settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix)
-    cache = redis_cache(settings, monotonic)
+    cache = redis_cache(settings, clock)
     try:
         flaky_redis.set_mode("refuse")
         down = [cache.get(EMAIL, NOW) for _ in range(3)]
         flaky_redis.set_mode("forward")
         still_open = cache.get(EMAIL, NOW)
-        monotonic.advance(RESET_AFTER)
+        clock.advance(seconds=RESET_AFTER)
         probe = cache.get(EMAIL, NOW)
         cache.fill(EMAIL, probe.generation, code(), NOW)
         recovered = cache.get(EMAIL, NOW)
@@ -457,10 +432,10 @@ def test_breaker_probes_again_after_its_reset_interval_and_recovers(
 
 
 def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
-    key_prefix: str, monotonic: FakeMonotonic, flaky_redis: FlakyRedis, redis_client: redis.Redis
+    key_prefix: str, clock: FakeClock, flaky_redis: FlakyRedis, redis_client: redis.Redis
 ) -> None:
     settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix)
-    cache = redis_cache(settings, monotonic)
+    cache = redis_cache(settings, clock)
     try:
         cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
         flaky_redis.set_mode("refuse")
@@ -468,7 +443,7 @@ def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
         during = [cache.get(EMAIL, NOW) for _ in range(3)]  # the breaker opens
         cache.invalidate(EMAIL)  # skipped without I/O while open, remembered
         flaky_redis.set_mode("forward")
-        monotonic.advance(RESET_AFTER)
+        clock.advance(seconds=RESET_AFTER)
 
         after = cache.get(EMAIL, NOW)
         pending_after = cache.pending_invalidations()
@@ -484,23 +459,23 @@ def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
 # In-process specifics: monotonic TTL, bounded size, factory.
 
 
-def test_in_process_entry_expires_on_the_monotonic_clock(monotonic: FakeMonotonic) -> None:
-    cache = InProcessCodeCache(CACHE_TTL, monotonic=monotonic)
+def test_in_process_entry_expires_on_the_monotonic_clock(clock: FakeClock) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, monotonic=clock.monotonic)
     cache.fill("soon@example.com", "0", code(valid_for=timedelta(seconds=10)), NOW)
     cache.fill("later@example.com", "0", code(valid_for=timedelta(days=30)), NOW)
 
-    monotonic.advance(9.9)
+    clock.advance(seconds=9.9)
     assert cache.get("soon@example.com", NOW).value is not None
-    monotonic.advance(0.2)
+    clock.advance(seconds=0.2)
     assert cache.get("soon@example.com", NOW).value is None
-    monotonic.advance(CACHE_TTL - 10.1 - 0.1)
+    clock.advance(seconds=CACHE_TTL - 10.1 - 0.1)
     assert cache.get("later@example.com", NOW).value is not None
-    monotonic.advance(0.2)
+    clock.advance(seconds=0.2)
     assert cache.get("later@example.com", NOW).value is None
 
 
-def test_in_process_cache_evicts_least_recently_used_entries(monotonic: FakeMonotonic) -> None:
-    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=monotonic)
+def test_in_process_cache_evicts_least_recently_used_entries(clock: FakeClock) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=clock.monotonic)
     for name in ("a", "b"):
         cache.fill(f"{name}@example.com", "0", code(), NOW)
     cache.get("a@example.com", NOW)
@@ -510,8 +485,8 @@ def test_in_process_cache_evicts_least_recently_used_entries(monotonic: FakeMono
     assert [cache.get(f"{name}@example.com", NOW).value is not None for name in "abc"] == [True, False, True]
 
 
-def test_in_process_evicted_generation_still_refuses_a_stale_fill(monotonic: FakeMonotonic) -> None:
-    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=monotonic)
+def test_in_process_evicted_generation_still_refuses_a_stale_fill(clock: FakeClock) -> None:
+    cache = InProcessCodeCache(CACHE_TTL, max_entries=2, monotonic=clock.monotonic)
     slow_reader = cache.get(EMAIL, NOW)
     cache.invalidate(EMAIL)
     cache.invalidate("b@example.com")

@@ -10,8 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
-from grpc_helpers import running_api
+from support import make_settings
+from support.api import running_api
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "client"
@@ -100,7 +100,7 @@ def test_the_readme_example_runs_against_a_real_server(
 def _code_of(api: object, token: str) -> str:
     from datetime import UTC, datetime, timedelta
 
-    from grpc_helpers import bearer, ts
+    from support.api import bearer, ts
 
     from referral_grpc.gen import referral_service_pb2 as ref_pb
 

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
-from conftest import FakeClock, make_settings
-from grpc_helpers import Api, bearer, in_days, running_api
+from support import FakeClock
+from support.api import Api, bearer, in_days
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.store.models import ReferralCode, User
 
 PARALLEL = 20
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api(pg_url: str, clock: FakeClock) -> Iterator[Api]:
-    with running_api(make_settings(database_url=pg_url, grpc_max_workers=PARALLEL), clock=clock) as api:
-        yield api
+pytestmark = [pytest.mark.databases("postgres"), pytest.mark.api_settings(grpc_max_workers=PARALLEL)]
 
 
 def race(call: Callable[[int], Any], n: int = PARALLEL) -> list[Any]:

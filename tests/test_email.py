@@ -17,9 +17,10 @@ from typing import Any
 
 import peewee as pw
 import pytest
-from conftest import make_settings
-from hunter_stub import HunterStub
-from smtp_server import ReceivedMessage, SmtpServer, smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
+from huey import Huey
+from support import FakeClock, closed_port, make_settings, wait_until
+from support.hunter import HunterStub
+from support.smtp import ReceivedMessage, SmtpServer
 
 from referral_grpc.domain.ports import SystemClock
 from referral_grpc.infra.mailer import (
@@ -65,21 +66,6 @@ WORKER_SCRIPT = (
 )
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (an SMTP server was just there): an SMTP outage."""
-    server = SmtpServer().start()
-    server.stop()
-    return server.port
-
-
 def row(outbox_id: int) -> Any:
     return EmailOutbox.get_by_id(outbox_id)
 
@@ -87,6 +73,15 @@ def row(outbox_id: int) -> Any:
 def wait_sent(*ids: int) -> None:
     # The "sent" mark commits just after the SMTP server accepts the message.
     wait_until(lambda: all(row(i).status == "sent" for i in ids), 5, f"emails {ids} marked sent")
+
+
+def run_queued_tasks(queue: Huey) -> int:
+    """Run every task waiting in `queue` here, as a consumer thread would; return how many ran."""
+    count = 0
+    while (task := queue.dequeue()) is not None:
+        queue.execute(task)
+        count += 1
+    return count
 
 
 def queue_committed(db: pw.Database, *emails: tuple[str, str]) -> list[int]:
@@ -330,7 +325,6 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row_and_sends_nothing(
     sqlite_url: str,
     bind_db: Callable[[str], pw.Database],
     smtp_server: SmtpServer,
-    embedded_worker: Callable[[Settings], Worker],
 ) -> None:
     settings = make_settings(
         database_url=sqlite_url,
@@ -348,11 +342,13 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row_and_sends_nothing(
         queue_email("welcome", "ghost@example.com", {}, datetime.now(UTC))
         raise SignupFailed
     [committed] = queue_committed(db, ("welcome", "real@example.com"))
-    # No dispatch at all: the relay alone finds what committed.
-    worker = embedded_worker(settings)
+    # No dispatch at all: the relay alone finds what committed. Step by step, so that anything the
+    # worker would still send is in the queue when we look.
+    worker = Worker(settings)
+    assert worker.relay_once() == 1
+    assert run_queued_tasks(worker.queue) == 1
     smtp_server.wait_for(1)
-    assert worker.relay_once() == 0
-    time.sleep(0.5)
+    assert worker.relay_once() == 0 and len(worker.queue) == 0
     assert [m.rcpt_tos for m in smtp_server.messages] == [["real@example.com"]]
     assert [r.recipient for r in EmailOutbox.select()] == ["real@example.com"]
     wait_sent(committed)
@@ -374,7 +370,7 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
         outbox_relay_interval=0.05,
     )
     db = bind_db(sqlite_url)
-    embedded_worker(settings)
+    worker = embedded_worker(settings)
     [outbox_id] = queue_committed(db, ("password_reset", "nobody@example.com"))
     HueyDispatcher(create_huey(settings), SystemClock()).dispatch([outbox_id])
 
@@ -383,7 +379,13 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
     assert failed.attempts == 3
     assert "ConnectionRefusedError" in failed.last_error
     assert RESET_TOKEN not in failed.last_error and RESET_TOKEN not in failed.payload
-    time.sleep(0.3)
+    # Stopped (running tasks finish), the worker leaves no retry behind, its relay takes nothing,
+    # and a stray delivery task leaves the row alone.
+    worker.stop()
+    assert len(worker.queue) == 0 and worker.queue.scheduled_count() == 0
+    assert worker.relay_once() == 0
+    worker.queue.enqueue_delivery(outbox_id)
+    assert run_queued_tasks(worker.queue) == 1
     assert row(outbox_id).attempts == 3, "a failed email is not retried any more"
 
 
@@ -417,32 +419,39 @@ def test_a_lost_task_is_enqueued_again_after_the_lease(
     sqlite_url: str,
     bind_db: Callable[[str], pw.Database],
     smtp_server: SmtpServer,
-    embedded_worker: Callable[[Settings], Worker],
+    clock: FakeClock,
 ) -> None:
+    lease = 60
     settings = make_settings(
         database_url=sqlite_url,
         huey_sqlite_path=tmp_path / "huey.db",
         smtp_host=smtp_server.host,
         smtp_port=smtp_server.port,
-        outbox_lease=1,
-        outbox_relay_interval=0.05,
+        outbox_lease=lease,
     )
     db = bind_db(sqlite_url)
     queue = create_huey(settings)
+    queue.clock = clock
     [outbox_id] = queue_committed(db, ("welcome", "late@example.com"))
-    HueyDispatcher(queue, SystemClock()).dispatch([outbox_id])
-    enqueued_at = row(outbox_id).enqueued_at
-    assert enqueued_at is not None and len(queue) == 1
+    HueyDispatcher(queue, clock).dispatch([outbox_id])
+    assert row(outbox_id).enqueued_at == clock.now() and len(queue) == 1
     queue.flush()  # the task is lost (a crashed worker had already popped it, say)
 
-    started = time.monotonic()
-    lease_left = 1 - (datetime.now(UTC) - enqueued_at).total_seconds()
-    embedded_worker(settings)
+    # The relay, pass by pass on the fake clock: not before the lease ran out, since until then the
+    # row belonged to the lost task.
+    worker = Worker(settings, queue)
+    assert worker.relay_once() == 0
+    clock.advance(seconds=lease - 0.01)
+    assert worker.relay_once() == 0 and len(queue) == 0
+    clock.advance(seconds=0.02)
+    assert worker.relay_once() == 1
+    assert run_queued_tasks(queue) == 1
     [message] = smtp_server.wait_for(1, timeout=5)
-    # Not before the lease ran out: until then the row belonged to the lost task.
-    assert message.received_at - started >= lease_left - 0.05
+    assert message.rcpt_tos == ["late@example.com"]
     wait_sent(outbox_id)
-    time.sleep(0.3)
+    # Sent: the next passes find nothing, so nothing is sent twice.
+    clock.advance(seconds=10 * lease)
+    assert worker.relay_once() == 0 and run_queued_tasks(queue) == 0
     assert len(smtp_server.messages) == 1
 
 
@@ -467,10 +476,12 @@ def test_concurrent_deliveries_of_one_row_send_it_once(
         # The dispatcher, the relay and stray retries can all enqueue the same row.
         for _ in range(6):
             queue.enqueue_delivery(outbox_id)
-        embedded_worker(settings)
+        worker = embedded_worker(settings)
         server.wait_for(1)
         wait_until(lambda: len(queue) == 0, 5, "the duplicates to run")
-        time.sleep(0.6)
+        # Stopped, the worker has finished every send it started; whatever is still queued runs here.
+        worker.stop()
+        run_queued_tasks(queue)
         assert len(server.messages) == 1
         wait_sent(outbox_id)
     assert row(outbox_id).attempts == 1
@@ -566,13 +577,14 @@ def test_smtp_outage_retries_with_backoff_and_delivers_once_when_smtp_is_back(
 
     with SmtpServer(port=port) as smtp:
         [message] = smtp.wait_for(1, timeout=10)
-        time.sleep(0.5)
+        wait_sent(outbox_id)
+        # Stopped, the worker has finished every send it started; what is still queued runs here.
+        assert worker.stop() == 0
+        run_queued_tasks(create_huey(settings))
         assert len(smtp.messages) == 1
-    wait_sent(outbox_id)
     sent = row(outbox_id)
     assert sent.status == "sent" and sent.attempts == 4
     assert RESET_TOKEN in message.part("plain") and RESET_TOKEN not in sent.payload
-    assert worker.stop() == 0
 
 
 def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
@@ -596,20 +608,23 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     db = bind_db(pg_url)
     recipients = [f"user{n}@example.com" for n in range(5)]
     ids = queue_committed(db, *(("welcome", recipient) for recipient in recipients))
-    # Enqueued from this process (the "server") into Redis, with no worker running.
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
-    time.sleep(0.3)
+    # Enqueued from this process (the "server") into Redis, with no worker running: they wait there.
+    queue = create_huey(settings)
+    HueyDispatcher(queue, SystemClock()).dispatch(ids)
+    assert len(queue) == len(ids)
     assert smtp_server.messages == [] and all(row(i).status == "pending" for i in ids)
 
     worker = worker_process(env)
     messages = smtp_server.wait_for(len(ids), timeout=15)
     delays = sorted(message.received_at - worker.started_at for message in messages)
-    time.sleep(0.5)  # several relay passes: nothing is sent twice
+    wait_sent(*ids)
+    assert worker.stop() == 0
+    # Nothing is sent twice: the relay finds nothing to enqueue, and whatever is still queued runs here.
+    assert Worker(settings, queue).relay_once() == 0
+    run_queued_tasks(queue)
     messages = smtp_server.messages
     assert sorted(m.rcpt_tos[0] for m in messages) == recipients
     assert len({m.message["Message-ID"] for m in messages}) == len(ids)
-    wait_sent(*ids)
-    assert worker.stop() == 0
     with capsys.disabled():
         print(
             f"\ndelivery after the worker came back (process start to SMTP accept): "
@@ -644,10 +659,14 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
 
     worker = worker_process(env)
     smtp_server.wait_for(1, timeout=15)
-    time.sleep(0.5)
-    assert [m.rcpt_tos for m in smtp_server.messages] == [["resilient@example.com"]]
     wait_sent(outbox_id)
     assert worker.stop() == 0
+    # Nothing is sent twice: the relay finds nothing to enqueue, and whatever is still queued runs here.
+    settings = make_settings(**env)
+    queue = create_huey(settings)
+    assert Worker(settings, queue).relay_once() == 0
+    run_queued_tasks(queue)
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["resilient@example.com"]]
 
 
 def test_sigterm_lets_the_running_delivery_finish(

@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 import psycopg2
 import pytest
-from conftest import PG_ADMIN_URL, TEST_JWT_SECRET, make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import Api, bearer, expect_error, running_api, ts
+from support import PG_ADMIN_URL, TEST_JWT_SECRET, make_settings
+from support.api import Api, bearer, expect_error, running_api, ts
 
 from referral_grpc.devstack.processes import Child, start_server
 from referral_grpc.gen import auth_service_pb2 as auth_pb
@@ -425,7 +425,7 @@ def _drain_scenario(child: Child, address: str, metrics_port: int) -> None:
 
 @pytest.mark.slow
 def test_no_request_fails_through_envoy_while_a_server_is_replaced(tmp_path: Path) -> None:
-    from envoy_fixture import running_envoy
+    from support.envoy import running_envoy
 
     # Both processes bind the same port (SO_REUSEPORT): Envoy sees one endpoint throughout.
     env = serve_env(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database
-from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
+from support import TEST_JWT_SECRET
+from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.devstack.locations import PROJECT_ROOT
 
@@ -28,19 +28,15 @@ MAX_EXAMPLES = "100"
 
 
 @pytest.fixture(scope="module")
-def envoy(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
-    database = create_pg_database(pg_server_url)
-    try:
-        env = server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET)
-        migrate(env)
-        workdir = tmp_path_factory.mktemp("fuzz-stack")
-        with (
-            running_server(env, workdir / "server.log") as (_, address),
-            running_envoy([address], workdir) as gw,
-        ):
-            yield gw
-    finally:
-        drop_pg_database(database)
+def envoy(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    env = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(env)
+    workdir = tmp_path_factory.mktemp("fuzz-stack")
+    with (
+        running_server(env, workdir / "server.log") as (_, address),
+        running_envoy([address], workdir) as gw,
+    ):
+        yield gw
 
 
 @dataclass(frozen=True)

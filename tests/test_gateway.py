@@ -22,11 +22,11 @@ import psycopg2
 import pytest
 import requests
 import yaml
-from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database, make_settings
-from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
+from support import TEST_JWT_SECRET, make_settings
+from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envoy_config
 from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
@@ -45,15 +45,8 @@ TOKEN_KEYS = {"user_id", "access_token", "token_type", "expires_in", "refresh_to
 
 
 @pytest.fixture(scope="module")
-def database(pg_server_url: str) -> Iterator[str]:
-    url = create_pg_database(pg_server_url)
-    yield url
-    drop_pg_database(url)
-
-
-@pytest.fixture(scope="module")
-def env(database: str) -> dict[str, str]:
-    values = server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET)
+def env(module_pg_url: str) -> dict[str, str]:
+    values = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
     migrate(values)
     return values
 
@@ -209,7 +202,7 @@ def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
     assert_status(rest.call("GET", "/referral/code/by-email", params={"email": alice}), 404, 5)
 
 
-def test_password_change_reset_refresh_and_logout(rest: Rest, database: str) -> None:
+def test_password_change_reset_refresh_and_logout(rest: Rest, module_pg_url: str) -> None:
     email = new_email("carol")
     first = rest.register(email)
 
@@ -227,7 +220,7 @@ def test_password_change_reset_refresh_and_logout(rest: Rest, database: str) -> 
     assert rest.ok("POST", "/auth/reset_password", json={"email": email}) == {}
     # Same answer for an unknown address.
     assert rest.ok("POST", "/auth/reset_password", json={"email": new_email("nobody")}) == {}
-    token = reset_token(database, email)
+    token = reset_token(module_pg_url, email)
     confirm = {"token": token, "new_password": "reset to this one"}
     assert rest.ok("POST", "/auth/reset_password/confirm", json=confirm) == {}
     # Single use.
@@ -473,7 +466,7 @@ def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:
     }
 
 
-def test_every_documented_operation_answers_as_documented(rest: Rest, database: str) -> None:
+def test_every_documented_operation_answers_as_documented(rest: Rest, module_pg_url: str) -> None:
     """A valid call of each operation in the document: 200 with a body that validates against its schema;
     and a failing call of each: an error status with the documented error schema."""
     owner_email, friend_email = new_email("spec-owner"), new_email("spec-friend")
@@ -501,7 +494,8 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, database: 
          remember("owner")),
         ("AuthService_RequestPasswordReset", lambda: {"json": {"email": owner_email}}, None),
         ("AuthService_ResetPassword",
-         lambda: {"json": {"token": reset_token(database, owner_email), "new_password": PASSWORD}}, None),
+         lambda: {"json": {"token": reset_token(module_pg_url, owner_email), "new_password": PASSWORD}},
+         None),
         ("AuthService_Logout", lambda: {"json": {"refresh_token": state["friend"]["refresh_token"]},
                                         "token": state["friend"]["access_token"]}, None),
     ]  # fmt: skip

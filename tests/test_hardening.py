@@ -13,9 +13,9 @@ import peewee as pw
 import psycopg2
 import pytest
 import requests
-from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database, make_settings
-from envoy_fixture import Envoy, migrate, running_envoy, running_server, server_env
-from grpc_helpers import Api, bearer, rich_error, running_api, ts
+from support import TEST_JWT_SECRET, make_settings
+from support.api import Api, bearer, rich_error, running_api, ts
+from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.devstack.locations import Address
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -66,17 +66,13 @@ def test_an_undecodable_grpc_request_is_invalid_argument_counted_and_logged_in_o
 
 
 @pytest.fixture(scope="module")
-def gateway(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
-    url = create_pg_database(pg_server_url)
-    env = server_env(DATABASE_URL=url, JWT_SECRET=TEST_JWT_SECRET)
+def gateway(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    env = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
     migrate(env)
-    try:
-        with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as (_, address):
-            backend: Address = address
-            with running_envoy([backend], tmp_path_factory.mktemp("envoy")) as envoy:
-                yield envoy
-    finally:
-        drop_pg_database(url)
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as (_, address):
+        backend: Address = address
+        with running_envoy([backend], tmp_path_factory.mktemp("envoy")) as envoy:
+            yield envoy
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import peewee as pw
 import pytest
-from conftest import make_settings
-from hunter_stub import HunterStub
+from support import FakeClock, closed_port, make_settings
+from support.hunter import HunterStub
 
 from referral_grpc.domain.ports import EmailVerification, NoEmailVerification
 from referral_grpc.infra.breaker import CircuitBreaker
@@ -39,14 +39,6 @@ SHORT_TIMEOUTS = {"hunter_connect_timeout": SHORT_TIMEOUT, "hunter_read_timeout"
 SLACK = 0.7
 
 
-class FakeMonotonic:
-    def __init__(self) -> None:
-        self.value = 1000.0
-
-    def __call__(self) -> float:
-        return self.value
-
-
 @pytest.fixture
 def stub() -> Iterator[HunterStub]:
     with HunterStub(api_key=API_KEY) as server:
@@ -69,13 +61,6 @@ def make_verifier(stub: HunterStub) -> Iterator[Callable[..., HunterVerifier]]:
     yield make
     for verifier in made:
         verifier.close()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def timed(verifier: HunterVerifier, email: str) -> tuple[EmailVerification, float]:
@@ -328,10 +313,14 @@ def test_the_key_and_the_address_never_reach_the_logs(
 
 
 def test_breaker_opens_after_consecutive_failures_and_recovers(
-    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], caplog: pytest.LogCaptureFixture
+    stub: HunterStub,
+    make_verifier: Callable[..., HunterVerifier],
+    caplog: pytest.LogCaptureFixture,
+    clock: FakeClock,
 ) -> None:
-    clock = FakeMonotonic()
-    verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=3, reset_after=30.0, monotonic=clock))
+    verifier = make_verifier(
+        breaker=CircuitBreaker(failure_threshold=3, reset_after=30.0, monotonic=clock.monotonic)
+    )
     caplog.set_level(logging.INFO, logger="referral_grpc.infra.hunter")
     stub.set_default(http_status=500)
     for _ in range(3):
@@ -349,12 +338,12 @@ def test_breaker_opens_after_consecutive_failures_and_recovers(
     assert verifier.stats() == {"calls": 3, "errors": 3, "short_circuited": 5, "breaker_open": 1}
 
     # Still open just before reset_after.
-    clock.value += 29.9
+    clock.advance(seconds=29.9)
     assert verifier.verify("user@example.com") == ERROR_RESULT
     assert stub.request_count == 3
 
     # After reset_after one probe goes through; Hunter is back, so the breaker closes.
-    clock.value += 0.2
+    clock.advance(seconds=0.2)
     stub.set_default("valid")
     assert verifier.verify("user@example.com") == EmailVerification("valid", True, True)
     assert stub.request_count == 4
@@ -366,19 +355,20 @@ def test_breaker_opens_after_consecutive_failures_and_recovers(
 
 
 def test_failed_probe_opens_the_breaker_again(
-    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], clock: FakeClock
 ) -> None:
-    clock = FakeMonotonic()
-    verifier = make_verifier(breaker=CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock))
+    verifier = make_verifier(
+        breaker=CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock.monotonic)
+    )
     stub.set_default(http_status=429)
     verifier.verify("a@example.com")
     verifier.verify("a@example.com")
-    clock.value += 10.0
+    clock.advance(seconds=10.0)
     assert verifier.verify("a@example.com") == ERROR_RESULT
     assert stub.request_count == 3
     # One failed probe is enough to re-open, for another full reset_after.
     assert verifier.verify("a@example.com") == ERROR_RESULT
-    clock.value += 9.0
+    clock.advance(seconds=9.0)
     assert verifier.verify("a@example.com") == ERROR_RESULT
     assert stub.request_count == 3
 
@@ -398,10 +388,9 @@ def test_success_resets_the_failure_count(
 
 @pytest.mark.parametrize("code", [202, 400, 451])
 def test_no_verdict_for_one_address_does_not_trip_the_breaker(
-    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], code: int
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], code: int, clock: FakeClock
 ) -> None:
-    clock = FakeMonotonic()
-    breaker = CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock)
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=10.0, monotonic=clock.monotonic)
     verifier = make_verifier(breaker=breaker)
     stub.set_default(http_status=code)
     for _ in range(4):
@@ -414,7 +403,7 @@ def test_no_verdict_for_one_address_does_not_trip_the_breaker(
     verifier.verify("a@example.com")
     verifier.verify("a@example.com")
     assert breaker.is_open
-    clock.value += 10.0
+    clock.advance(seconds=10.0)
     stub.set_default(http_status=code)
     verifier.verify("a@example.com")
     assert not breaker.is_open

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import peewee as pw
 import pytest
-from conftest import create_pg_database, drop_pg_database, make_settings
+from support import create_pg_database, drop_pg_database, make_settings
 
 from referral_grpc.store.database import init_database, make_database
 from referral_grpc.store.migrate import pending_migrations, run_migrations

@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import TEST_JWT_SECRET, FakeClock, make_settings
-from grpc_helpers import Api, bearer, expect_error, in_days, running_api
 from prometheus_client.parser import text_string_to_metric_families
+from support import TEST_JWT_SECRET, FakeClock, make_settings
+from support.api import Api, bearer, expect_error, in_days, running_api
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from conftest import TEST_JWT_SECRET, create_pg_database, drop_pg_database
-from envoy_fixture import Envoy, TokenBucket, migrate, running_envoy, running_server, server_env
 from requests.adapters import HTTPAdapter
+from support import TEST_JWT_SECRET
+from support.envoy import Envoy, TokenBucket, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.api.policy import public_methods
 from referral_grpc.devstack.envoy_config import (
@@ -149,19 +149,15 @@ class SourceAddressAdapter(HTTPAdapter):
 
 
 @pytest.fixture(scope="module")
-def envoy(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
-    database = create_pg_database(pg_server_url)
-    env = server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET)
+def envoy(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    env = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
     migrate(env)
     workdir: Path = tmp_path_factory.mktemp("ratelimit")
-    try:
-        with (
-            running_server(env, workdir / "server.log") as (_, address),
-            running_envoy([address], workdir, rate_limits=True, token_buckets=TEST_LIMITS) as running,
-        ):
-            yield running
-    finally:
-        drop_pg_database(database)
+    with (
+        running_server(env, workdir / "server.log") as (_, address),
+        running_envoy([address], workdir, rate_limits=True, token_buckets=TEST_LIMITS) as running,
+    ):
+        yield running
 
 
 def client(source: str) -> requests.Session:

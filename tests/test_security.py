@@ -7,7 +7,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 import grpc
 import pytest
 import redis
-from conftest import FakeClock, make_settings
-from grpc_helpers import Api, bearer, expect_error, running_api
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import FakeClock, closed_port, make_settings
+from support.api import Api, bearer, expect_error, running_api
 
 from referral_grpc.domain.errors import ResourceExhausted
 from referral_grpc.domain.validation import (
@@ -38,18 +38,9 @@ from referral_grpc.store.models import ALL_MODELS, PasswordResetToken, User
 PASSWORD = "correct horse battery"
 FULLWIDTH_ILOVEYOU = "".join(chr(ord(ch) + 0xFEE0) for ch in "iloveyou")  # NFKC folds it back
 COMMON_PASSWORDS = Path(__file__).parents[1] / "referral_grpc" / "domain" / "data" / "common-passwords.txt"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
-    # No reset padding here: only test_reset_request_timing measures it.
-    with running_api(make_settings(database_url=sqlite_url, reset_request_min_seconds=0), clock=clock) as api:
-        yield api
+# The `api` fixture's server: SQLite unless a test says otherwise, and no reset padding (only the
+# reset timing tests measure it).
+pytestmark = [pytest.mark.databases("sqlite"), pytest.mark.api_settings(reset_request_min_seconds=0)]
 
 
 def login(api: Api, email: str, password: str = PASSWORD) -> auth_pb.AuthTokens:
@@ -217,12 +208,6 @@ def test_a_clear_in_one_process_clears_the_count_for_all(redis_url: str, key_pre
     second.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_throttle_keeps_counting_in_memory_when_redis_is_down() -> None:
     throttle = redis_throttle(f"redis://127.0.0.1:{closed_port()}/0", FakeClock())
     started = time.monotonic()
@@ -349,10 +334,51 @@ def test_attempts_counted_during_an_outage_still_count_when_redis_returns(
 # --- RequestPasswordReset timing ---------------------------------------------------------------
 
 
+class SlowDispatch:
+    """A dispatcher that takes `seconds` on the fake clock: the extra work of the known-email path."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+
+    def dispatch(self, outbox_ids: Sequence[int]) -> None:
+        self.clock.advance(seconds=self.seconds)
+
+
+def test_reset_request_padding_runs_on_the_injected_clock(
+    sqlite_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Far above what the test may take on the wall clock: only the fake clock can have slept this long.
+    floor = 5.0
+    slow = SlowDispatch(clock, seconds=2.0)
+    overrides = {"reset_request_min_seconds": floor, "reset_max_requests": 1000}
+    with running_api(
+        make_settings(database_url=sqlite_url, **overrides), clock=clock, dispatcher=slow
+    ) as api:
+        api.register("registered@example.com")
+
+        def fake_duration(email: str) -> float:
+            started = clock.monotonic()
+            assert request_reset(api, email) == auth_pb.RequestPasswordResetResponse()
+            return clock.monotonic() - started
+
+        # Known: 2 s of work and 3 s of padding; unknown: no work and 5 s of padding.
+        assert fake_duration("registered@example.com") == pytest.approx(floor)
+        assert fake_duration("unregistered@example.com") == pytest.approx(floor)
+        assert "over RESET_REQUEST_MIN_SECONDS" not in caplog.text
+
+        # Work longer than the floor gets no padding on top, and a warning.
+        slow.seconds = 7.0
+        assert fake_duration("registered@example.com") == pytest.approx(7.0)
+        assert "over RESET_REQUEST_MIN_SECONDS" in caplog.text
+        assert PasswordResetToken.select().count() == 2
+
+
 def test_reset_request_timing_does_not_reveal_registered_emails(pg_url: str) -> None:
     floor = 0.04
     overrides = {"reset_request_min_seconds": floor, "reset_max_requests": 1000}
-    with running_api(make_settings(database_url=pg_url, **overrides), clock=FakeClock()) as api:
+    # The wall-clock latency a client measures: the system clock, as in production.
+    with running_api(make_settings(database_url=pg_url, **overrides)) as api:
         api.register("registered@example.com")
         emails = ["registered@example.com", "unregistered@example.com"]
         for email in emails:  # warm-up: connections, statement caches
@@ -568,16 +594,8 @@ def stub_for(api: Api, rpc: str) -> Any:
     return getattr(api.auth, rpc, None) or getattr(api.referrals, rpc)
 
 
-@pytest.fixture
-def api_on_both(database_url: str, clock: FakeClock) -> Iterator[Api]:
-    with running_api(
-        make_settings(database_url=database_url, reset_request_min_seconds=0), clock=clock
-    ) as api:
-        yield api
-
-
-def test_every_string_field_is_bounded_and_refuses_control_characters(api_on_both: Api) -> None:
-    api = api_on_both
+@pytest.mark.databases("postgres", "sqlite")
+def test_every_string_field_is_bounded_and_refuses_control_characters(api: Api) -> None:
     token = api.register("bounds@example.com").access_token
     before = row_counts()
     for field, label, value in rejected_inputs():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ClassVar
@@ -11,8 +10,6 @@ from typing import ClassVar
 import grpc
 import peewee as pw
 import pytest
-from conftest import FakeClock, make_settings
-from grpc_helpers import Api, bearer, expect_error, in_days, running_api
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,13 +20,14 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import FakeClock
+from support.api import Api, bearer, expect_error, in_days
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.settings import Settings
 from referral_grpc.store.models import EmailOutbox, ReferralCode, User
 
-PASSWORD = "correct horse battery"  # grpc_helpers.Api.register's default
+PASSWORD = "correct horse battery"  # support.api.Api.register's default
 # Emails stay unique across examples: the in-process code cache and the throttles outlive a reset.
 _emails = (f"user{n}@example.com" for n in itertools.count())
 
@@ -204,26 +202,17 @@ def run_machine(api: Api, clock: FakeClock, examples: int, steps: int) -> None:
     )
 
 
-def machine_settings(database_url: str) -> Settings:
-    # Invariants look every user up after every step: far above the anti-enumeration limit.
-    return make_settings(database_url=database_url, reset_request_min_seconds=0)
+# Invariants look every user up after every step: far above the anti-enumeration limit.
+MACHINE_SETTINGS = pytest.mark.api_settings(reset_request_min_seconds=0)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+@MACHINE_SETTINGS
+@pytest.mark.databases("sqlite")
+def test_codes_and_referrals_keep_their_invariants_on_sqlite(api: Api, clock: FakeClock) -> None:
+    run_machine(api, clock, examples=30, steps=20)
 
 
-@pytest.fixture
-def sqlite_api(sqlite_url: str, clock: FakeClock) -> Iterator[Api]:
-    with running_api(machine_settings(sqlite_url), clock=clock) as api:
-        yield api
-
-
-def test_codes_and_referrals_keep_their_invariants_on_sqlite(sqlite_api: Api, clock: FakeClock) -> None:
-    run_machine(sqlite_api, clock, examples=30, steps=20)
-
-
-def test_codes_and_referrals_keep_their_invariants_on_postgres(pg_url: str, clock: FakeClock) -> None:
-    with running_api(machine_settings(pg_url), clock=clock) as api:
-        run_machine(api, clock, examples=12, steps=20)
+@MACHINE_SETTINGS
+@pytest.mark.databases("postgres")
+def test_codes_and_referrals_keep_their_invariants_on_postgres(api: Api, clock: FakeClock) -> None:
+    run_machine(api, clock, examples=12, steps=20)

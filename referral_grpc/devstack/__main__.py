@@ -20,9 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("validate-gateway", help="envoy --mode validate on every Envoy config")
     docker = commands.add_parser("docker-config", help="write the docker-compose Envoy config to PATH")
     docker.add_argument("path", type=Path)
+    docker.add_argument(
+        "--descriptors-from",
+        type=Path,
+        default=None,
+        help="the folder holding gateway/referral.pb (default: the project's)",
+    )
     args = parser.parse_args(argv)
     if args.command == "docker-config":
-        args.path.write_text(docker_envoy_config())
+        args.path.write_text(docker_envoy_config(args.descriptors_from))
         return 0
     try:
         settings = Settings.from_env()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -259,13 +258,13 @@ class AuthService:
         """
         _, email_key = normalize_email(email)
         self._throttle.hit(self._limits.reset, email_key)
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             self._issue_reset_token(email_key)
         finally:
-            elapsed = time.monotonic() - started
+            elapsed = self._clock.monotonic() - started
             if elapsed < self._reset_min_seconds:
-                time.sleep(self._reset_min_seconds - elapsed)
+                self._clock.sleep(self._reset_min_seconds - elapsed)
             elif self._reset_min_seconds > 0:
                 log.warning(
                     "RequestPasswordReset took %.0f ms, over RESET_REQUEST_MIN_SECONDS: "

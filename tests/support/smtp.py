@@ -1,8 +1,8 @@
 """A real SMTP server on loopback (aiosmtpd) for tests: start, stop, and the messages it really received.
 
-Use the `smtp_server` fixture (import `smtp_server_fixture` into a test module), or `SmtpServer`
-directly to stop a server and start another on the same port (an SMTP outage). Point settings at it
-with `make_settings(smtp_host=server.host, smtp_port=server.port)`.
+Use the `smtp_server` fixture (tests/conftest.py), or `SmtpServer` directly to stop a server and
+start another on the same port (an SMTP outage). Point settings at it with
+`make_settings(smtp_host=server.host, smtp_port=server.port)`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
-import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -151,13 +150,3 @@ class SmtpServer:
         with self._changed:
             self._messages.append(message)
             self._changed.notify_all()
-
-
-@pytest.fixture(name="smtp_server")
-def smtp_server_fixture() -> Iterator[SmtpServer]:
-    """A running SMTP server on a free loopback port, stopped after the test.
-
-    Import `smtp_server_fixture` into a test module, then ask for `smtp_server`.
-    """
-    with SmtpServer() as server:
-        yield server
