@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from playhouse.db_url import parse as parse_db_url
 
@@ -186,7 +187,10 @@ class DatabaseTarget:
 def parse_database_url(database_url: str) -> DatabaseTarget:
     """`sqlite:///path` or `postgresql://user:password@host:port/name?libpq_option=value`."""
     scheme = database_url.partition("://")[0].lower()
-    params: dict[str, Any] = parse_db_url(database_url, unquote_password=True, unquote_user=True)
+    try:
+        params: dict[str, Any] = parse_db_url(database_url, unquote_password=True, unquote_user=True)
+    except ValueError:  # a port that is not a number; urllib's message would quote it
+        raise ConfigError("DATABASE_URL is not a valid URL") from None
     name = str(params.pop("database") or "")
     if scheme == "sqlite":
         if name == ":memory:":
@@ -196,7 +200,7 @@ def parse_database_url(database_url: str) -> DatabaseTarget:
     if scheme in ("postgres", "postgresql"):
         params.setdefault("host", "127.0.0.1")
         params.setdefault("port", 5432)
-        return DatabaseTarget("postgresql", name or "postgres", params)
+        return DatabaseTarget("postgresql", unquote(name) or "postgres", params)
     raise ConfigError("DATABASE_URL must start with sqlite:///, postgresql:// or postgres://")
 
 
