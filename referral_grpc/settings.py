@@ -525,7 +525,7 @@ def secret_weakness(value: str) -> str | None:
         seen.add(chunk)
     steps = sum(abs(ord(a) - ord(b)) <= 1 for a, b in itertools.pairwise(value))
     if steps * 2 >= len(value) - 1:
-        return "it runs through sequences like abcd or 1111"
+        return "it is mostly runs like abcd or 1111"
     if any(word in value or word.upper() in value for word in _PLACEHOLDER_WORDS):
         return "it looks like a placeholder"
     return None
