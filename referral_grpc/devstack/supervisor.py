@@ -60,7 +60,7 @@ def _print_urls(settings: Settings, envoy: Envoy, servers: Sequence[Address]) ->
         f"  API docs      {envoy.url}/docs  (OpenAPI: {envoy.url}/openapi.json)",
         f"  gRPC          127.0.0.1:{envoy.port} through Envoy, or directly {direct}",
         f"  Envoy admin   {envoy.admin_url}",
-        f"  database      {settings.database_url.split('@')[-1]}",
+        f"  database      {settings.database.location}",
         "Ctrl-C stops everything.",
         "",
     ]

@@ -7,14 +7,13 @@ import math
 import sqlite3
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import peewee as pw
 import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 from playhouse.pool import PooledPostgresqlDatabase
 
 from ..request_context import DeadlineExceeded, RequestAbandoned, check_alive, is_abandoned, time_remaining
-from ..settings import ConfigError, Settings
+from ..settings import Settings
 from .models import database
 
 
@@ -28,14 +27,10 @@ class PostgresPool(PooledPostgresqlDatabase):  # type: ignore[misc]
 
 def make_database(settings: Settings) -> pw.Database:
     """Build (but do not connect) the database described by DATABASE_URL."""
-    url = urlparse(settings.database_url)
-    if url.scheme == "sqlite":
-        path = settings.database_url.split(":///", 1)[-1] if ":///" in settings.database_url else ""
-        if not path or path == ":memory:":
-            # Peewee gives each thread its own connection: an in-memory database would differ per thread.
-            raise ConfigError("DATABASE_URL must name a SQLite file, not :memory:")
+    target = settings.database
+    if target.is_sqlite:
         return pw.SqliteDatabase(
-            path,
+            target.database,
             pragmas={
                 "journal_mode": "wal",
                 "foreign_keys": 1,
@@ -45,35 +40,23 @@ def make_database(settings: Settings) -> pw.Database:
             },
             timeout=5,
         )
-    if url.scheme in ("postgres", "postgresql"):
-        options = "-c timezone=UTC"
-        if settings.db_statement_timeout_ms:
-            options += f" -c statement_timeout={settings.db_statement_timeout_ms}"
-        params = _postgres_params(settings)
-        pool: pw.Database = PostgresPool(
-            params.pop("dbname"),
-            **params,
-            statement_timeout_ms=settings.db_statement_timeout_ms,
+    options = "-c timezone=UTC"
+    if settings.db_statement_timeout_ms:
+        options += f" -c statement_timeout={settings.db_statement_timeout_ms}"
+    pool: pw.Database = PostgresPool(
+        target.database,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        **{
+            **target.connect_params,
             # One connection per server worker thread; a bounded wait when all are busy.
-            max_connections=settings.db_pool_size,
-            timeout=settings.db_pool_timeout,
-            stale_timeout=300,
-            connect_timeout=2,
-            options=options,
-        )
-        return pool
-    raise ConfigError("DATABASE_URL must start with sqlite:///, postgresql:// or postgres://")
-
-
-def _postgres_params(settings: Settings) -> dict[str, Any]:
-    url = urlparse(settings.database_url)
-    return {
-        "dbname": unquote(url.path.lstrip("/")) or "postgres",
-        "user": unquote(url.username) if url.username else None,
-        "password": unquote(url.password) if url.password else None,
-        "host": url.hostname or "127.0.0.1",
-        "port": url.port or 5432,
-    }
+            "max_connections": settings.db_pool_size,
+            "timeout": settings.db_pool_timeout,
+            "stale_timeout": 300,
+            "connect_timeout": 2,
+            "options": options,
+        },
+    )
+    return pool
 
 
 def init_database(settings: Settings) -> pw.Database:
@@ -182,9 +165,9 @@ class DatabaseProbe:
 
     def check(self) -> None:
         """Return if the database answers; raise (psycopg2.Error, sqlite3.Error) if it does not."""
-        if self._settings.is_sqlite:
-            path = self._settings.database_url.split(":///", 1)[-1]
-            conn = sqlite3.connect(path, timeout=self._timeout)
+        target = self._settings.database
+        if target.is_sqlite:
+            conn = sqlite3.connect(target.database, timeout=self._timeout)
             try:
                 # Touches the file, unlike a bare SELECT 1.
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -199,14 +182,17 @@ class DatabaseProbe:
 
     def _select_one(self) -> None:
         if self._conn is None:
-            params = _postgres_params(self._settings)
+            target = self._settings.database
             timeout_ms = max(1, math.ceil(self._timeout * 1000))
             self._conn = psycopg2.connect(
-                **params,
-                # libpq rounds up to whole seconds, and treats 1 as 2.
-                connect_timeout=max(1, math.ceil(self._timeout)),
-                options=f"-c statement_timeout={timeout_ms}",
-                application_name="referral-grpc-health",
+                **{
+                    **target.connect_params,
+                    "dbname": target.database,
+                    # libpq rounds up to whole seconds, and treats 1 as 2.
+                    "connect_timeout": max(1, math.ceil(self._timeout)),
+                    "options": f"-c statement_timeout={timeout_ms}",
+                    "application_name": "referral-grpc-health",
+                }
             )
             self._conn.autocommit = True
         with self._conn.cursor() as cursor:
