@@ -106,6 +106,8 @@ class Settings:
     jwt_audience: str = "referral-api"
     access_token_ttl: int = 900
     refresh_token_ttl: int = 30 * 24 * 3600
+    # A rotated refresh token presented again this soon is a duplicate or a retry, not theft.
+    refresh_reuse_grace_seconds: float = 10.0
     password_pepper: str = field(default="", repr=False)
     bcrypt_rounds: int = 12
     password_hash_concurrency: int = 0
@@ -258,6 +260,9 @@ class Settings:
             jwt_audience=_str(env, "JWT_AUDIENCE", "referral-api") or "referral-api",
             access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 900, minimum=30, maximum=86_400),
             refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 30 * 86_400, minimum=60, maximum=365 * 86_400),
+            refresh_reuse_grace_seconds=_float(
+                env, "REFRESH_REUSE_GRACE_SECONDS", 10.0, minimum=0.0, maximum=60.0
+            ),
             password_pepper=pepper,
             bcrypt_rounds=bcrypt_rounds,
             password_hash_concurrency=_int(env, "PASSWORD_HASH_CONCURRENCY", 0, minimum=0, maximum=256),
