@@ -13,7 +13,7 @@ from grpc_helpers import Api, bearer, expect_error, in_days, running_api
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.store.models import ReferralCode, RefreshToken, User
+from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PARALLEL = 20
 
@@ -112,3 +112,12 @@ def test_a_reset_token_is_consumed_once(api: Api) -> None:
     assert len(ok) == 1
     winner = f"new password {ok[0]}"
     assert api.auth.Login(auth_pb.LoginRequest(email="resetter@example.com", password=winner)).user_id
+
+
+def test_parallel_reset_requests_leave_one_live_link(api: Api) -> None:
+    api.register("asker@example.com")
+    request = auth_pb.RequestPasswordResetRequest(email="asker@example.com")
+    results = race(lambda _: api.auth.RequestPasswordReset(request), n=3)  # the per-account limit
+    assert not [r for r in results if isinstance(r, grpc.RpcError)]
+    assert PasswordResetToken.select().count() == 3
+    assert PasswordResetToken.select().where(PasswordResetToken.used_at.is_null()).count() == 1

@@ -164,7 +164,7 @@ class AuthService:
         # referral_grpc/infra/throttle.py): parallel guesses cannot overrun the limit, and a throttled
         # account refuses even the right password - unless the client proves it holds a session.
         user = User.get_or_none(User.email_key == email_key)
-        family = self._live_family(user.id, proof) if user is not None and proof else None
+        family = self._live_family(user, proof) if proof else None
         rule, key = (self._limits.proven_login, family) if family else (self._limits.login, email_key)
         self._throttle.hit(rule, key)
         if user is None:
@@ -396,12 +396,15 @@ class AuthService:
             expires_at=now + timedelta(seconds=self._refresh_ttl),
         )
 
-    def _live_family(self, user_id: int, token: str) -> str | None:
-        """The family of `token` if it is a refresh token of this user that could still be exchanged."""
-        row = RefreshToken.get_or_none(
-            (RefreshToken.token_hash == token_digest(token)) & (RefreshToken.user == user_id)
-        )
-        if row is None or row.revoked_at or row.rotated_at or row.expires_at <= self._clock.now():
+    def _live_family(self, user: User | None, token: str) -> str | None:
+        """The family of `token` if it is a refresh token of `user` that could still be exchanged.
+
+        Looked up whether or not the email has an account: the same query either way.
+        """
+        row = RefreshToken.get_or_none(RefreshToken.token_hash == token_digest(token))
+        if row is None or user is None or row.user_id != user.id:
+            return None
+        if row.revoked_at or row.rotated_at or row.expires_at <= self._clock.now():
             return None
         return str(row.family)
 
