@@ -513,7 +513,8 @@ def test_passwords_hashed_before_normalisation_still_work(api: Api) -> None:
     """Hashes written before NFKC are of the password as typed: an NFD typist keeps their account."""
     decomposed = unicodedata.normalize("NFD", "Crème brûlée à la façon de Zoë")
     user_id = api.register("legacy@example.com", "placeholder passphrase").user_id
-    prehash = base64.b64encode(hmac.new(b"", decomposed.encode(), hashlib.sha256).digest())  # no pepper set
+    pepper = api.app.settings.password_pepper.encode()
+    prehash = base64.b64encode(hmac.new(pepper, decomposed.encode(), hashlib.sha256).digest())
     legacy_hash = bcrypt.hashpw(prehash, bcrypt.gensalt(4)).decode()
     User.update(password_hash=legacy_hash).where(User.id == user_id).execute()
     assert login(api, "legacy@example.com", decomposed).user_id == user_id
