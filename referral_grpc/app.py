@@ -11,7 +11,7 @@ from .domain.auth import AuthService, Limits
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
 from .domain.referrals import ReferralService
-from .domain.tokens import AccessTokens, PageTokens
+from .domain.tokens import AccessTokens, PageTokens, SuccessorTokens
 from .settings import Settings
 from .store.database import init_database
 
@@ -62,6 +62,7 @@ def build_app(
     throttle = throttle if throttle is not None else RedisThrottle.from_settings(settings, clock)
     limits = Limits(
         login=Rule("login", settings.login_max_failures, settings.login_failure_window),
+        proven_login=Rule("login_proven", settings.login_max_failures, settings.login_failure_window),
         reset=Rule("reset", settings.reset_max_requests, settings.reset_request_window),
     )
     hasher = PasswordHasher(settings.bcrypt_rounds, settings.password_pepper, settings.hash_concurrency)
@@ -73,7 +74,9 @@ def build_app(
         clock=clock,
         hasher=hasher,
         access_tokens=access,
+        successor_tokens=SuccessorTokens(settings.jwt_secret),
         refresh_token_ttl=settings.refresh_token_ttl,
+        refresh_reuse_grace=settings.refresh_reuse_grace_seconds,
         reset_token_ttl=settings.reset_token_ttl,
         verifier=verifier,
         outbox=SqlOutbox(),

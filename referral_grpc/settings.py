@@ -252,6 +252,13 @@ class Settings:
     refresh_token_ttl: int = integer(
         30 * 86_400, "refresh token lifetime, seconds (30 days)", minimum=60, maximum=365 * 86_400
     )
+    refresh_reuse_grace_seconds: float = number(
+        10.0,
+        "a rotated refresh token presented again this soon gets the same new token (a concurrent duplicate "
+        "or a retry after a lost answer) instead of revoking the session",
+        minimum=0.0,
+        maximum=60.0,
+    )
     password_pepper: str = text(
         "",
         "HMAC key of the password pre-hash; required in production, same rules as `JWT_SECRET` and "

@@ -150,6 +150,50 @@ def test_bad_access_tokens_are_unauthenticated(api: Api, clock: FakeClock) -> No
     assert err.code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_claims_of_the_wrong_type_are_unauthenticated(api: Api) -> None:
+    tokens = api.register("ola@example.com")
+    good = jwt.decode(tokens.access_token, options={"verify_signature": False})
+    uid = str(tokens.user_id)
+    request = ref_pb.ListReferralsRequest()
+    # The forgery itself is sound: only the claim under test differs.
+    api.referrals.ListReferrals(request, metadata=bearer(_forge(good)))
+    arabic_indic = "".join(chr(0x0660 + int(digit)) for digit in uid)
+    bad_claims = {
+        "exp as the string nan": {"exp": "nan"},
+        "exp as a numeric string": {"exp": str(good["exp"])},
+        "exp as a float": {"exp": float(good["exp"])},
+        "exp as true": {"exp": True},
+        "iat as a string": {"iat": str(good["iat"])},
+        "nbf as a string": {"nbf": str(good["nbf"])},
+        "sub with a space": {"sub": f" {uid}"},
+        "sub with a plus": {"sub": f"+{uid}"},
+        "sub with a leading zero": {"sub": f"0{uid}"},
+        "sub in Arabic-Indic digits": {"sub": arabic_indic},
+        "sub as a number": {"sub": tokens.user_id},
+        "ver as a string": {"ver": "0"},
+        "ver as a float": {"ver": 0.9},
+        "ver as false": {"ver": False},
+    }
+    for name, override in bad_claims.items():
+        err = expect_error(
+            api.referrals.ListReferrals, request, metadata=bearer(_forge({**good, **override}))
+        )
+        assert err.code == grpc.StatusCode.UNAUTHENTICATED, name
+
+
+def test_a_deleted_users_id_is_never_given_to_the_next_user(api: Api) -> None:
+    """SQLite reused the last id after a delete; the deleted user's token then acted as the newcomer."""
+    api.register("first@example.com")
+    gone = api.register("gone@example.com")
+    User.delete().where(User.id == gone.user_id).execute()
+    newcomer = api.register("newcomer@example.com")
+    assert newcomer.user_id > gone.user_id
+    err = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(gone.access_token)
+    )
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_token_of_a_deleted_user_is_rejected(api: Api) -> None:
     tokens = api.register("hank@example.com")
     User.delete().where(User.id == tokens.user_id).execute()
@@ -232,6 +276,24 @@ def test_password_reset_is_two_steps_single_use_and_private(api: Api, clock: Fak
     assert login(api, "jack@example.com", "brand new secret").user_id == tokens.user_id
 
 
+def test_only_the_newest_reset_link_works(api: Api) -> None:
+    api.register("nora@example.com")
+    request = auth_pb.RequestPasswordResetRequest(email="nora@example.com")
+    api.auth.RequestPasswordReset(request)
+    older = api.reset_token_for("nora@example.com")
+    api.auth.RequestPasswordReset(request)
+    newest = api.reset_token_for("nora@example.com")
+    assert newest != older
+    stale = expect_error(
+        api.auth.ResetPassword, auth_pb.ResetPasswordRequest(token=older, new_password="from the old link")
+    )
+    assert stale.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert stale.reason == "RESET_TOKEN_INVALID"
+    assert login(api, "nora@example.com").user_id
+    api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=newest, new_password="from the new link"))
+    assert login(api, "nora@example.com", "from the new link").user_id
+
+
 def test_reset_with_a_bad_new_password_keeps_the_token(api: Api) -> None:
     api.register("kate@example.com")
     api.auth.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email="kate@example.com"))
@@ -246,11 +308,12 @@ def test_reset_with_a_bad_new_password_keeps_the_token(api: Api) -> None:
 # --- refresh tokens --------------------------------------------------------------------------
 
 
-def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
+def test_refresh_rotates_and_reuse_revokes_the_family(api: Api, clock: FakeClock) -> None:
     first = api.register("liam@example.com")
     second = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token))
     assert second.refresh_token != first.refresh_token
     assert second.user_id == first.user_id
+    clock.advance(seconds=11)  # past REFRESH_REUSE_GRACE_SECONDS: a replay, not a retry
     reuse = expect_error(
         api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token)
     )
@@ -261,6 +324,24 @@ def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
     )
     assert after.code == grpc.StatusCode.UNAUTHENTICATED
     assert RefreshToken.select().where(RefreshToken.revoked_at.is_null()).count() == 0
+
+
+def test_a_retried_refresh_within_the_grace_window_gets_the_winners_token(api: Api, clock: FakeClock) -> None:
+    """A client whose answer was lost retries with the old token: it gets a working pair, nobody is
+    logged out, and the family still has a single live refresh token."""
+    first = api.register("max@example.com")
+    request = auth_pb.RefreshTokenRequest(refresh_token=first.refresh_token)
+    lost = api.auth.RefreshToken(request)
+    clock.advance(seconds=9)
+    retried = api.auth.RefreshToken(request)
+    assert retried.refresh_token == lost.refresh_token
+    assert retried.refresh_expires_in == 30 * 86400 - 9
+    api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(retried.access_token))
+    assert RefreshToken.select().where(RefreshToken.revoked_at.is_null()).count() == 2  # old + live one
+    third = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=retried.refresh_token))
+    assert third.refresh_token not in (first.refresh_token, lost.refresh_token)
+    live = RefreshToken.select().where(RefreshToken.revoked_at.is_null() & RefreshToken.rotated_at.is_null())
+    assert live.count() == 1
 
 
 def test_logout_revokes_the_refresh_token(api: Api) -> None:

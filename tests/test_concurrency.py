@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 import pytest
 from support import FakeClock
-from support.api import Api, bearer, in_days
+from support.api import Api, bearer, expect_error, in_days
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.store.models import ReferralCode, User
+from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PARALLEL = 20
 pytestmark = [pytest.mark.databases("postgres"), pytest.mark.api_settings(grpc_max_workers=PARALLEL)]
@@ -56,13 +56,36 @@ def test_parallel_registrations_of_one_email_make_one_account(api: Api) -> None:
     assert User.select().count() == 1
 
 
-def test_a_refresh_token_is_exchanged_once(api: Api) -> None:
+def test_parallel_refreshes_of_one_token_never_answer_ok_with_a_dead_token(api: Api) -> None:
+    """One exchange wins; the others, inside the grace window, get the winner's token, which still works.
+
+    Before: the losers revoked the family, winner's new token included, after the winner had been told OK.
+    """
     tokens = api.register("refresher@example.com")
     request = auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token)
     results = race(lambda _: api.auth.RefreshToken(request), n=10)
-    ok = [r for r in results if not isinstance(r, grpc.RpcError)]
-    assert len(ok) <= 1
-    assert all(r.code() == grpc.StatusCode.UNAUTHENTICATED for r in results if isinstance(r, grpc.RpcError))
+    errors = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert errors == []
+    assert len({r.refresh_token for r in results}) == 1
+    live = RefreshToken.select().where(RefreshToken.revoked_at.is_null() & RefreshToken.rotated_at.is_null())
+    assert live.count() == 1
+    for result in results:
+        api.referrals.ListReferrals(ref_pb.ListReferralsRequest(), metadata=bearer(result.access_token))
+    assert api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=results[0].refresh_token))
+
+
+def test_parallel_replays_after_the_grace_window_revoke_the_family(api: Api, clock: FakeClock) -> None:
+    tokens = api.register("replayed@example.com")
+    request = auth_pb.RefreshTokenRequest(refresh_token=tokens.refresh_token)
+    rotated = api.auth.RefreshToken(request)
+    clock.advance(seconds=11)
+    results = race(lambda _: api.auth.RefreshToken(request), n=10)
+    assert {r.code() for r in results if isinstance(r, grpc.RpcError)} == {grpc.StatusCode.UNAUTHENTICATED}
+    assert all(isinstance(r, grpc.RpcError) for r in results)
+    err = expect_error(
+        api.auth.RefreshToken, auth_pb.RefreshTokenRequest(refresh_token=rotated.refresh_token)
+    )
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_reset_token_is_consumed_once(api: Api) -> None:
@@ -79,3 +102,12 @@ def test_a_reset_token_is_consumed_once(api: Api) -> None:
     assert len(ok) == 1
     winner = f"new password {ok[0]}"
     assert api.auth.Login(auth_pb.LoginRequest(email="resetter@example.com", password=winner)).user_id
+
+
+def test_parallel_reset_requests_leave_one_live_link(api: Api) -> None:
+    api.register("asker@example.com")
+    request = auth_pb.RequestPasswordResetRequest(email="asker@example.com")
+    results = race(lambda _: api.auth.RequestPasswordReset(request), n=3)  # the per-account limit
+    assert not [r for r in results if isinstance(r, grpc.RpcError)]
+    assert PasswordResetToken.select().count() == 3
+    assert PasswordResetToken.select().where(PasswordResetToken.used_at.is_null()).count() == 1

@@ -239,6 +239,15 @@ def test_password_change_reset_refresh_and_logout(rest: Rest, module_pg_url: str
     assert_status(rest.call("POST", "/auth/refresh", json=body), 401, 16)
 
 
+def test_the_login_proof_header_reaches_the_server(rest: Rest) -> None:
+    """Login's optional proof of a live session travels as the X-Refresh-Token header over REST."""
+    body = {"email": new_email("proof"), "password": PASSWORD}
+    refused = rest.call("POST", "/auth/login", json=body, headers={"X-Refresh-Token": "t" * 129})
+    assert detail(assert_status(refused, 400, 3), "BadRequest")["field_violations"][0]["field"] == (
+        "x-refresh-token"
+    )
+
+
 def test_pagination_tokens_round_trip_through_rest(rest: Rest) -> None:
     owner = rest.register(new_email("owner"))
     token = owner["access_token"]

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import socket
 import statistics
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import bcrypt
 import grpc
 import pytest
 import redis
@@ -105,6 +110,66 @@ def test_a_successful_login_clears_the_failure_count(api: Api) -> None:
     for _ in range(5):
         expect_error(login, api, "typo@example.com", "fat fingers")
     assert expect_error(login, api, "typo@example.com").code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def lock_out(api: Api, email: str) -> None:
+    """What anyone who knows the address can do: five wrong guesses, and the right password is refused."""
+    for _ in range(5):
+        assert expect_error(login, api, email, "wrong guess!").code == grpc.StatusCode.UNAUTHENTICATED
+    assert expect_error(login, api, email).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def login_with_proof(api: Api, email: str, proof: str, password: str = PASSWORD) -> auth_pb.AuthTokens:
+    tokens: auth_pb.AuthTokens = api.auth.Login(
+        auth_pb.LoginRequest(email=email, password=password), metadata=(("x-refresh-token", proof),)
+    )
+    return tokens
+
+
+def test_a_completed_password_reset_ends_a_lockout(api: Api) -> None:
+    api.register("locked@example.com")
+    lock_out(api, "locked@example.com")
+    request_reset(api, "locked@example.com")
+    token = api.reset_token_for("locked@example.com")
+    api.auth.ResetPassword(auth_pb.ResetPasswordRequest(token=token, new_password="a fresh passphrase"))
+    assert login(api, "locked@example.com", "a fresh passphrase").user_id
+
+
+def test_a_client_holding_a_live_session_signs_in_through_a_lockout(api: Api) -> None:
+    registered = api.register("owner@example.com")
+    session = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=registered.refresh_token))
+    signed_out = login(api, "owner@example.com")
+    api.auth.Logout(
+        auth_pb.LogoutRequest(refresh_token=signed_out.refresh_token),
+        metadata=bearer(signed_out.access_token),
+    )
+    other = api.register("other@example.com")
+    lock_out(api, "owner@example.com")
+    # Proofs that prove nothing: a rotated or revoked token, another account's, a made-up one.
+    for proof in (registered.refresh_token, signed_out.refresh_token, other.refresh_token, "made-up"):
+        refused = expect_error(login_with_proof, api, "owner@example.com", proof)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The owner's device still holds a live refresh token: the right password goes through.
+    assert login_with_proof(api, "owner@example.com", session.refresh_token).user_id == session.user_id
+    # And the anonymous count is gone with it.
+    assert login(api, "owner@example.com").user_id == session.user_id
+
+
+def test_guesses_with_a_stolen_session_are_still_throttled(api: Api) -> None:
+    """A proof moves the count to the token's family, it does not switch counting off."""
+    stolen = api.register("robbed@example.com").refresh_token
+    for _ in range(5):
+        wrong = expect_error(login_with_proof, api, "robbed@example.com", stolen, "wrong guess!")
+        assert wrong.code == grpc.StatusCode.UNAUTHENTICATED
+    refused = expect_error(login_with_proof, api, "robbed@example.com", stolen)
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Rotating the token keeps its family and so its count.
+    rotated = api.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=stolen)).refresh_token
+    assert expect_error(login_with_proof, api, "robbed@example.com", rotated).code == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    # Anonymous logins were never counted: the owner without a token is not locked out by the thief.
+    assert login(api, "robbed@example.com").user_id
 
 
 def test_invalid_login_input_is_rejected_without_counting(api: Api) -> None:
@@ -444,15 +509,69 @@ def test_common_passwords_are_refused_on_change_and_reset(api: Api) -> None:
         "the quick brown fox jumps over the lazy dog, twice, and then naps " + "z" * 62,
         "密码是一句很长的话",
         "🔑🐉🌊🔥 emoji only is fine 🎉",
-        "עברית עם כיוון \u202e and a bidi override",
+        "עברית ללא תווי כיוון, right to left",
         "e\u0301e\u0301e\u0301e\u0301 combining accents",
-        "tab\tand escape\x1b are ordinary characters",
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467 joined by zero-width joiners",
+        "\u0643\u0627\u0631\u200c\u0628\u0631 with a zero-width non-joiner",
     ],
 )
 def test_long_and_unicode_passphrases_are_accepted(api: Api, passphrase: str) -> None:
     assert len(passphrase) <= MAX_PASSWORD_LENGTH
     api.register("unicode@example.com", passphrase)
     assert login(api, "unicode@example.com", passphrase).user_id
+
+
+def test_nfc_and_nfd_typings_of_a_password_are_one_password(api: Api) -> None:
+    composed = unicodedata.normalize("NFC", "Crème brûlée à la façon de Zoë")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    api.register("nfc@example.com", composed)
+    assert login(api, "nfc@example.com", decomposed).user_id
+    api.register("nfd@example.com", decomposed)
+    assert login(api, "nfd@example.com", composed).user_id
+    # Compatibility forms too: full-width letters are the ASCII ones.
+    api.register("ascii@example.com", "plain ascii passphrase")
+    fullwidth = "".join(chr(ord(ch) + 0xFEE0) if ch != " " else ch for ch in "plain ascii passphrase")
+    assert login(api, "ascii@example.com", fullwidth).user_id
+
+
+def test_passwords_hashed_before_normalisation_still_work(api: Api) -> None:
+    """Hashes written before NFKC are of the password as typed: an NFD typist keeps their account."""
+    decomposed = unicodedata.normalize("NFD", "Crème brûlée à la façon de Zoë")
+    user_id = api.register("legacy@example.com", "placeholder passphrase").user_id
+    pepper = api.app.settings.password_pepper.encode()
+    prehash = base64.b64encode(hmac.new(pepper, decomposed.encode(), hashlib.sha256).digest())
+    legacy_hash = bcrypt.hashpw(prehash, bcrypt.gensalt(4)).decode()
+    User.update(password_hash=legacy_hash).where(User.id == user_id).execute()
+    assert login(api, "legacy@example.com", decomposed).user_id == user_id
+    assert expect_error(login, api, "legacy@example.com", "Creme brulee a la facon de Zoe").code == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        " " * 12,
+        "\u3000" * 10,  # ideographic spaces
+        "\u200b" * 10,  # zero-width spaces
+        "\u3164" * 10,  # Hangul fillers: letters that show nothing
+        " \u00a0\u2003\u200b\u2060\ufeff\u0301\u0301 ",
+        "first line\nsecond line",
+        "carriage\rreturn inside",
+        "red \x1b[31m escape",
+        "tab\tseparated words",
+        "hidden \u202e bidi override",
+        "isolate \u2066 inside\u2069 here",
+        "unassigned \U000e0fff code point",
+    ],
+)
+def test_blank_and_control_character_passwords_are_refused(api: Api, password: str) -> None:
+    err = expect_error(api.register, "blank@example.com", password)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.reason == "PASSWORD_INVALID"
+    assert set(err.fields) == {"password"}
+    assert row_counts()["User"] == 0
 
 
 # --- length bounds and control characters ------------------------------------------------------
@@ -559,10 +678,16 @@ FIELDS = [
     ),
 ]
 
-# Which fields refuse which control characters. Passwords take any Unicode (NIST SP 800-63B) but NUL,
-# which no stored password can contain; everything else is an identifier or one of our tokens.
+# Which fields refuse which control characters. A password being set refuses them all, as every
+# identifier and token does; one being checked refuses only NUL, which no stored password contains
+# (accounts from before the rule may have an ESC in theirs).
 CONTROL_CHARACTERS = ["\x00", "\x1b", "\u202e"]
 PASSWORD_FIELDS = {"password", "new_password", "current_password"}
+NEW_PASSWORDS = {
+    ("Register", "password"),
+    ("ResetPassword", "new_password"),
+    ("ChangePassword", "new_password"),
+}
 
 
 def too_long(field: Field) -> str:
@@ -585,7 +710,7 @@ def rejected_inputs() -> list[tuple[Field, str, str]]:
     cases = [(f, "max+1", too_long(f)) for f in FIELDS]
     for f in FIELDS:
         for ch in CONTROL_CHARACTERS:
-            if f.field not in PASSWORD_FIELDS or ch == "\x00":
+            if f.field not in PASSWORD_FIELDS or (f.rpc, f.field) in NEW_PASSWORDS or ch == "\x00":
                 cases.append((f, repr(ch), with_control(f, ch)))
     return cases
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from ..domain.auth import IssuedTokens
@@ -36,3 +37,11 @@ def auth_tokens(tokens: IssuedTokens) -> auth_service_pb2.AuthTokens:
         refresh_token=tokens.refresh_token,
         refresh_expires_in=tokens.refresh_expires_in,
     )
+
+
+def metadata_value(context: grpc.ServicerContext, key: str) -> str:
+    """A text metadata entry (an HTTP header through Envoy), or "" when absent."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""

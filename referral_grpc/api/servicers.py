@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from ..domain.auth import AuthService
+from ..domain.auth import PROOF_FIELD, AuthService
 from ..domain.referrals import ReferralService
 from ..gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
 from . import convert
@@ -24,7 +24,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         )
 
     def Login(self, request: pb_auth.LoginRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
-        return convert.auth_tokens(self._auth.login(request.email, request.password))
+        proof = convert.metadata_value(context, PROOF_FIELD)
+        return convert.auth_tokens(self._auth.login(request.email, request.password, proof))
 
     def RefreshToken(
         self, request: pb_auth.RefreshTokenRequest, context: grpc.ServicerContext

@@ -16,7 +16,7 @@ from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
-from .tokens import AccessTokens, invalid_token, random_token, token_digest
+from .tokens import AccessTokens, SuccessorTokens, invalid_token, random_token, token_digest
 from .validation import (
     MAX_CODE_INPUT_LENGTH,
     MAX_TOKEN_LENGTH,
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 INVALID_CREDENTIALS = "invalid email or password"
 INVALID_REFRESH = "invalid or expired refresh token"
+# Where Login's optional proof comes from: request metadata, an HTTP header through Envoy.
+PROOF_FIELD = "x-refresh-token"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Limits:
     """The per-account throttle rules the accounts service applies."""
 
     login: Rule
+    # Logins that present a live refresh token of the account, counted per token family: guessers
+    # without one cannot use up this allowance, so they cannot lock the owner out.
+    proven_login: Rule
     reset: Rule
 
 
@@ -64,7 +69,9 @@ class AuthService:
         clock: Clock,
         hasher: PasswordHasher,
         access_tokens: AccessTokens,
+        successor_tokens: SuccessorTokens,
         refresh_token_ttl: int,
+        refresh_reuse_grace: float,
         reset_token_ttl: int,
         verifier: EmailVerifier,
         outbox: Outbox,
@@ -77,7 +84,9 @@ class AuthService:
         self._clock = clock
         self._hasher = hasher
         self._access = access_tokens
+        self._successors = successor_tokens
         self._refresh_ttl = refresh_token_ttl
+        self._refresh_grace = timedelta(seconds=refresh_reuse_grace)
         self._reset_ttl = reset_token_ttl
         self._verifier = verifier
         self._outbox = outbox
@@ -143,57 +152,77 @@ class AuthService:
         self._dispatcher.dispatch(outbox_ids)
         return self._tokens(user, refresh)
 
-    def login(self, email: str, password: str) -> IssuedTokens:
+    def login(self, email: str, password: str, proof: str = "") -> IssuedTokens:
+        """Sign in. `proof` is optional: a live refresh token of the same account (see Limits)."""
         _, email_key = normalize_email(email)
         check_password_input(password, "password")
+        if proof:
+            check_token(proof, PROOF_FIELD, MAX_TOKEN_LENGTH)
         # Read first: when the database is down the attempt fails before it is counted, so an
         # outage cannot lock accounts. Counted before the password is checked (see
-        # referral_grpc/throttle.py): parallel guesses cannot overrun the limit, and a throttled
-        # account refuses even the right password.
+        # referral_grpc/infra/throttle.py): parallel guesses cannot overrun the limit, and a throttled
+        # account refuses even the right password - unless the client proves it holds a session.
         user = User.get_or_none(User.email_key == email_key)
-        self._throttle.hit(self._limits.login, email_key)
+        family = self._live_family(user, proof) if proof else None
+        rule, key = (self._limits.proven_login, family) if family else (self._limits.login, email_key)
+        self._throttle.hit(rule, key)
         if user is None:
             self._hasher.verify_dummy(password)
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
         if not self._hasher.verify(password, user.password_hash):
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
-        self._throttle.clear(self._limits.login, email_key)
+        self._throttle.clear(rule, key)
+        if family:
+            # The owner is back: whatever anonymous guessers ran up stops counting against them.
+            self._throttle.clear(self._limits.login, email_key)
         now = self._clock.now()
         with write_transaction(self._db):
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
         return self._tokens(user, refresh)
 
     def refresh(self, refresh_token: str) -> IssuedTokens:
+        """Exchange a refresh token for a new pair; the old one is rotated out.
+
+        Exactly one exchange claims a token (a conditional update). Another one within
+        REFRESH_REUSE_GRACE_SECONDS - a concurrent duplicate, or a retry after a lost response - gets
+        the winner's refresh token again (it is derived from the old one, see SuccessorTokens) while
+        it is still live, so every success hands out a token that works and a family never has two
+        live tokens. Any other return of a rotated token is theft or replay: the family is revoked.
+        """
         check_token(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
         now = self._clock.now()
-        digest = token_digest(refresh_token)
-        reused = False
+        successor = self._successors.successor(refresh_token)
         with write_transaction(self._db):
-            row = RefreshToken.get_or_none(RefreshToken.token_hash == digest)
+            row = RefreshToken.get_or_none(RefreshToken.token_hash == token_digest(refresh_token))
             if row is None or row.revoked_at is not None or row.expires_at <= now:
                 raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
-            # Conditional update: of two concurrent refreshes with one token, exactly one wins.
             claimed = (
                 RefreshToken.update(rotated_at=now)
                 .where((RefreshToken.id == row.id) & RefreshToken.rotated_at.is_null())
                 .execute()
             )
-            if claimed != 1:
-                # A rotated token came back: it was stolen or replayed. Revoke the whole family.
-                reused = True
-                RefreshToken.update(revoked_at=now).where(
-                    (RefreshToken.family == row.family) & RefreshToken.revoked_at.is_null()
-                ).execute()
-            else:
-                user = User.get_or_none(User.id == row.user_id)
-                if user is None:
-                    raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
-                new_refresh = self._new_refresh_token(user.id, row.family, now)
-        if reused:
-            log.warning("refresh token reuse detected; token family revoked", extra={"user_id": row.user_id})
-            raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
-        assert user is not None
-        return self._tokens(user, new_refresh)
+            user = User.get_or_none(User.id == row.user_id)
+            if user is None:
+                raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+            if claimed == 1:
+                self._store_refresh_token(user.id, row.family, successor, now)
+                return self._tokens(user, successor)
+            # A concurrent winner has committed by now: PostgreSQL made our update wait for its row
+            # lock, SQLite serialises write transactions. So these reads see its rotation and token.
+            rotated_at = RefreshToken.get_by_id(row.id).rotated_at
+            live = RefreshToken.get_or_none(
+                (RefreshToken.token_hash == token_digest(successor))
+                & RefreshToken.rotated_at.is_null()
+                & RefreshToken.revoked_at.is_null()
+                & (RefreshToken.expires_at > now)
+            )
+            if live is not None and rotated_at is not None and now - rotated_at <= self._refresh_grace:
+                return self._tokens(user, successor, expires_at=live.expires_at)
+            RefreshToken.update(revoked_at=now).where(
+                (RefreshToken.family == row.family) & RefreshToken.revoked_at.is_null()
+            ).execute()
+        log.warning("refresh token reuse detected; token family revoked", extra={"user_id": row.user_id})
+        raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
 
     def logout(self, principal: Principal, refresh_token: str) -> None:
         check_token(refresh_token, "refresh_token", MAX_TOKEN_LENGTH)
@@ -279,6 +308,13 @@ class AuthService:
             return
         token = random_token()
         with write_transaction(self._db):
+            if is_postgres(self._db):
+                # Serialises concurrent requests for one account, so exactly one link stays live.
+                User.select(User.id).where(User.id == user.id).for_update().execute()
+            # Only the newest link works: the ones it replaces die unused (marked used, never usable).
+            PasswordResetToken.update(used_at=now).where(
+                (PasswordResetToken.user == user.id) & PasswordResetToken.used_at.is_null()
+            ).execute()
             PasswordResetToken.create(
                 user=user.id,
                 token_hash=token_digest(token),
@@ -323,6 +359,8 @@ class AuthService:
             self._revoke_sessions(row.user_id, now)
             user = User.get_by_id(row.user_id)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
+        # Proof of the mailbox ends a lockout: the owner can sign in with the new password at once.
+        self._throttle.clear(self._limits.login, user.email_key)
         self._dispatcher.dispatch([outbox_id])
 
     # --- helpers -------------------------------------------------------------------------
@@ -345,6 +383,10 @@ class AuthService:
 
     def _new_refresh_token(self, user_id: int, family: str, now: datetime) -> str:
         token = random_token()
+        self._store_refresh_token(user_id, family, token, now)
+        return token
+
+    def _store_refresh_token(self, user_id: int, family: str, token: str, now: datetime) -> None:
         RefreshToken.create(
             user=user_id,
             family=family,
@@ -352,18 +394,33 @@ class AuthService:
             created_at=now,
             expires_at=now + timedelta(seconds=self._refresh_ttl),
         )
-        return token
+
+    def _live_family(self, user: User | None, token: str) -> str | None:
+        """The family of `token` if it is a refresh token of `user` that could still be exchanged.
+
+        Looked up whether or not the email has an account: the same query either way.
+        """
+        row = RefreshToken.get_or_none(RefreshToken.token_hash == token_digest(token))
+        if row is None or user is None or row.user_id != user.id:
+            return None
+        if row.revoked_at or row.rotated_at or row.expires_at <= self._clock.now():
+            return None
+        return str(row.family)
 
     def _revoke_sessions(self, user_id: int, now: datetime) -> None:
         RefreshToken.update(revoked_at=now).where(
             (RefreshToken.user == user_id) & RefreshToken.revoked_at.is_null()
         ).execute()
 
-    def _tokens(self, user: User, refresh_token: str) -> IssuedTokens:
+    def _tokens(self, user: User, refresh_token: str, expires_at: datetime | None = None) -> IssuedTokens:
+        """The pair to return; `expires_at` is the refresh token's, when it was not issued just now."""
+        refresh_expires_in = (
+            self._refresh_ttl if expires_at is None else int((expires_at - self._clock.now()).total_seconds())
+        )
         return IssuedTokens(
             user_id=user.id,
             access_token=self._access.issue(user.id, user.token_version),
             expires_in=self._access.ttl_seconds,
             refresh_token=refresh_token,
-            refresh_expires_in=self._refresh_ttl,
+            refresh_expires_in=refresh_expires_in,
         )

@@ -6,8 +6,14 @@ import base64
 import hashlib
 import hmac
 import threading
+import unicodedata
 
 import bcrypt
+
+
+def normalize_password(password: str) -> str:
+    """NFKC, as NIST SP 800-63B 5.1.1.2 asks: NFC and NFD typings of a password are one password."""
+    return unicodedata.normalize("NFKC", password)
 
 
 class PasswordHasher:
@@ -30,11 +36,21 @@ class PasswordHasher:
         return base64.b64encode(digest)  # 44 bytes, no NULs: safe bcrypt input
 
     def hash(self, password: str) -> str:
-        prehashed = self._prehash(password)
+        prehashed = self._prehash(normalize_password(password))
         with self._slots:
             return bcrypt.hashpw(prehashed, bcrypt.gensalt(self._rounds)).decode()
 
     def verify(self, password: str, password_hash: str) -> bool:
+        normalized = normalize_password(password)
+        if self._check(normalized, password_hash):
+            return True
+        # Hashes stored before normalisation are of the password as typed. NFKC leaves ASCII (and
+        # most keyboard input) unchanged, so only a password that normalisation changes - NFD
+        # accents, full-width letters - can have such a hash: it is tried as typed too. The extra
+        # bcrypt depends on the input alone, so it reveals nothing about the account.
+        return normalized != password and self._check(password, password_hash)
+
+    def _check(self, password: str, password_hash: str) -> bool:
         prehashed = self._prehash(password)
         try:
             encoded = password_hash.encode()

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,8 @@ ALGORITHM = "HS256"
 TOKEN_TYPE = "access"  # noqa: S105 - a claim value, not a secret
 # One message for every rejected token: which check failed is nobody's business but the log's.
 INVALID_TOKEN_MESSAGE = "missing or invalid access token"  # noqa: S105
+# The only spelling of a user id we issue: ASCII digits, no sign, no leading zero, within BIGINT.
+_CANONICAL_ID = re.compile(r"[1-9][0-9]{0,17}")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class AccessClaims:
 
 def invalid_token() -> Unauthenticated:
     return Unauthenticated("INVALID_TOKEN", INVALID_TOKEN_MESSAGE)
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer: not a float, not a numeric string, and not a bool (which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def random_token() -> str:
@@ -83,17 +91,41 @@ class AccessTokens:
             )
         except jwt.PyJWTError:
             raise invalid_token() from None
-        now = self._clock.now().timestamp()
-        try:
-            expired = float(claims["exp"]) <= now
-            not_yet = float(claims.get("nbf", claims["iat"])) > now + 5
-            user_id = int(claims["sub"])
-            version = int(claims["ver"])
-        except (TypeError, ValueError):
-            raise invalid_token() from None
-        if expired or not_yet or claims["typ"] != TOKEN_TYPE or user_id <= 0:
+        # PyJWT checks none of these types once its own time checks are off: a string `exp` ("nan")
+        # would never expire, and int(" 1"), int("+1") or int("\u0661") would all name user 1.
+        exp, issued, not_before = claims["exp"], claims["iat"], claims.get("nbf", claims["iat"])
+        subject, version = claims["sub"], claims["ver"]
+        if not (
+            _is_int(exp)
+            and _is_int(issued)
+            and _is_int(not_before)
+            and _is_int(version)
+            and version >= 0
+            and isinstance(subject, str)
+            and _CANONICAL_ID.fullmatch(subject)
+        ):
             raise invalid_token()
+        now = self._clock.now().timestamp()
+        if exp <= now or not_before > now + 5 or claims["typ"] != TOKEN_TYPE:
+            raise invalid_token()
+        user_id = int(subject)
         return AccessClaims(user_id=user_id, token_version=version)
+
+
+class SuccessorTokens:
+    """The refresh token that replaces another is derived from it: HMAC(key, old token).
+
+    So an exchange that lost a race, or a retry whose answer was lost, can hand out the very token
+    the winner got without the database ever holding a token in clear. Without the key the successor
+    is as unpredictable as a random token; whoever holds JWT_SECRET can forge access tokens anyway.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._key = hmac.new(secret.encode(), b"referral-refresh-successor-v1", hashlib.sha256).digest()
+
+    def successor(self, token: str) -> str:
+        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")  # like random_token(): 43 characters
 
 
 class PageTokens:

@@ -80,19 +80,47 @@ def _validate_email(value: str) -> tuple[str, str]:
         return "", str(exc)
 
 
+# Bidirectional controls are format characters (Cf) that reorder what is shown: a password field or
+# a password manager would display something other than what is stored.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Letters in Unicode's eyes (Lo) that render as nothing.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+
+
+def _unusable_in_password(ch: str) -> bool:
+    """Controls (CR, LF, ESC, tab...), bidi controls, lone surrogates, and unassigned code points: the
+    last because NFKC may normalise them differently once a later Unicode version assigns them."""
+    return unicodedata.category(ch) in ("Cc", "Cs", "Cn") or ch in _BIDI_CONTROLS
+
+
+def _visible(ch: str) -> bool:
+    """A letter, digit, punctuation mark or symbol that shows; spaces, marks and format characters do not."""
+    return unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS
+
+
 def check_password(password: str, field: str) -> None:
-    """NIST SP 800-63B: length rules and a common-password blocklist; no composition rules, any Unicode."""
-    length = len(password)
-    if length < MIN_PASSWORD_LENGTH:
-        raise InvalidArgument.for_field(
-            field, f"must be at least {MIN_PASSWORD_LENGTH} characters", "PASSWORD_TOO_SHORT"
-        )
-    if length > MAX_PASSWORD_LENGTH:
+    """NIST SP 800-63B: length rules and a common-password blocklist; no composition rules, any Unicode.
+
+    The rules apply to the NFKC form that is hashed (referral_grpc.domain.passwords), so the minimum
+    length counts what the user will have to type again, whichever normalisation their keyboard uses.
+    """
+    if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidArgument.for_field(
             field, f"must be at most {MAX_PASSWORD_LENGTH} characters", "PASSWORD_TOO_LONG"
         )
     if "\x00" in password:
         raise InvalidArgument.for_field(field, "must not contain NUL characters", "PASSWORD_INVALID")
+    if any(_unusable_in_password(ch) for ch in password):
+        raise InvalidArgument.for_field(field, "must not contain control characters", "PASSWORD_INVALID")
+    normalized = unicodedata.normalize("NFKC", password)
+    if len(normalized) < MIN_PASSWORD_LENGTH:
+        raise InvalidArgument.for_field(
+            field, f"must be at least {MIN_PASSWORD_LENGTH} characters", "PASSWORD_TOO_SHORT"
+        )
+    if not any(_visible(ch) for ch in normalized):
+        raise InvalidArgument.for_field(
+            field, "must contain visible characters, not only spaces", "PASSWORD_INVALID"
+        )
     if is_common_password(password):
         raise InvalidArgument.for_field(
             field, "is one of the most common passwords: choose another one", "PASSWORD_TOO_COMMON"

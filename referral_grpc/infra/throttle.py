@@ -12,6 +12,9 @@ The policy (OWASP ASVS 5.0 V6.3 and NIST SP 800-63B 5.2.2, which limit *consecut
   and while throttled even the right password is refused (a correct guess is no oracle). A successful
   login clears the counter, so what is limited is consecutive failures: an attacker without the password
   gets at most `limit` guesses per window, plus `limit - 1` more after each successful login of the owner.
+  Two exits the attacker cannot block (referral_grpc/domain/auth.py): a completed password reset clears the
+  count, and a login that presents a live refresh token of the account is counted on a rule of its own,
+  keyed by the token's family, which strangers cannot spend.
 * Reset requests count every call.
 * Time comes from the injected Clock (tests move a FakeClock instead of sleeping).
 

@@ -36,6 +36,19 @@ class UTCDateTimeField(pw.Field):
         return parsed.astimezone(UTC)
 
 
+class NeverReusedIdField(pw.BigAutoField):
+    """BIGSERIAL on PostgreSQL, which never hands out an id twice; on SQLite, INTEGER PRIMARY KEY
+    AUTOINCREMENT, because a plain INTEGER PRIMARY KEY gives a deleted last row's id to the next
+    insert - and a deleted user's still-valid access token would then name the next user."""
+
+    def ddl(self, ctx: Any) -> Any:
+        node = super().ddl(ctx)
+        db = self.model._meta.database
+        if isinstance(getattr(db, "obj", db), pw.SqliteDatabase):
+            return pw.NodeList((node, pw.SQL("AUTOINCREMENT")))
+        return node
+
+
 class BaseModel(pw.Model):
     class Meta:
         database = database
@@ -43,7 +56,7 @@ class BaseModel(pw.Model):
 
 
 class User(BaseModel):
-    id = pw.BigAutoField()
+    id = NeverReusedIdField()
     # The address as the user typed it, normalised by email-validator.
     email = pw.CharField(max_length=254)
     # Lower-cased `email`: the UNIQUE constraint on it makes emails unique case-insensitively.

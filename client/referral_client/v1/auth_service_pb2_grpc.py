@@ -89,6 +89,11 @@ class AuthServiceServicer:
     def Login(self, request, context):
         """Login exchanges an email and password for a fresh set of tokens. Unknown
         emails and wrong passwords fail with the same UNAUTHENTICATED error.
+        Attempts are throttled per account (RESOURCE_EXHAUSTED, even for the right
+        password). A client that still holds a live refresh token of the account
+        may send it as the x-refresh-token metadata (X-Refresh-Token header over
+        REST): its attempts are then counted on their own, so strangers guessing
+        at the account cannot lock it out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,8 +101,10 @@ class AuthServiceServicer:
 
     def RefreshToken(self, request, context):
         """RefreshToken rotates a refresh token: the presented token is consumed and
-        a new access and refresh token pair is returned. Presenting a refresh token
-        that was already rotated revokes its whole token family.
+        a new access and refresh token pair is returned. Presenting it again within
+        a few seconds (a retry after a lost answer) returns the same new refresh
+        token while that is unused; presenting a rotated token later revokes its
+        whole token family.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,11 +42,18 @@ class AuthServiceStub:
     Login: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.AuthTokens]
     """Login exchanges an email and password for a fresh set of tokens. Unknown
     emails and wrong passwords fail with the same UNAUTHENTICATED error.
+    Attempts are throttled per account (RESOURCE_EXHAUSTED, even for the right
+    password). A client that still holds a live refresh token of the account
+    may send it as the x-refresh-token metadata (X-Refresh-Token header over
+    REST): its attempts are then counted on their own, so strangers guessing
+    at the account cannot lock it out.
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.AuthTokens]
     """RefreshToken rotates a refresh token: the presented token is consumed and
-    a new access and refresh token pair is returned. Presenting a refresh token
-    that was already rotated revokes its whole token family.
+    a new access and refresh token pair is returned. Presenting it again within
+    a few seconds (a retry after a lost answer) returns the same new refresh
+    token while that is unused; presenting a rotated token later revokes its
+    whole token family.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]
     """Logout revokes the given refresh token of the calling user."""
@@ -79,11 +86,18 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Login: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.AuthTokens]  # type: ignore[assignment]
     """Login exchanges an email and password for a fresh set of tokens. Unknown
     emails and wrong passwords fail with the same UNAUTHENTICATED error.
+    Attempts are throttled per account (RESOURCE_EXHAUSTED, even for the right
+    password). A client that still holds a live refresh token of the account
+    may send it as the x-refresh-token metadata (X-Refresh-Token header over
+    REST): its attempts are then counted on their own, so strangers guessing
+    at the account cannot lock it out.
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.AuthTokens]  # type: ignore[assignment]
     """RefreshToken rotates a refresh token: the presented token is consumed and
-    a new access and refresh token pair is returned. Presenting a refresh token
-    that was already rotated revokes its whole token family.
+    a new access and refresh token pair is returned. Presenting it again within
+    a few seconds (a retry after a lost answer) returns the same new refresh
+    token while that is unused; presenting a rotated token later revokes its
+    whole token family.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]  # type: ignore[assignment]
     """Logout revokes the given refresh token of the calling user."""
@@ -125,6 +139,11 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_service_pb2.AuthTokens, _abc.Awaitable[_auth_service_pb2.AuthTokens]]:
         """Login exchanges an email and password for a fresh set of tokens. Unknown
         emails and wrong passwords fail with the same UNAUTHENTICATED error.
+        Attempts are throttled per account (RESOURCE_EXHAUSTED, even for the right
+        password). A client that still holds a live refresh token of the account
+        may send it as the x-refresh-token metadata (X-Refresh-Token header over
+        REST): its attempts are then counted on their own, so strangers guessing
+        at the account cannot lock it out.
         """
 
     @_abc_1.abstractmethod
@@ -134,8 +153,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.AuthTokens, _abc.Awaitable[_auth_service_pb2.AuthTokens]]:
         """RefreshToken rotates a refresh token: the presented token is consumed and
-        a new access and refresh token pair is returned. Presenting a refresh token
-        that was already rotated revokes its whole token family.
+        a new access and refresh token pair is returned. Presenting it again within
+        a few seconds (a retry after a lost answer) returns the same new refresh
+        token while that is unused; presenting a rotated token later revokes its
+        whole token family.
         """
 
     @_abc_1.abstractmethod
