@@ -18,6 +18,7 @@ from typing import Any
 import peewee as pw
 import pytest
 from conftest import make_settings
+from huey import SqliteHuey
 from hunter_stub import HunterStub
 from smtp_server import ReceivedMessage, SmtpServer, smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
@@ -31,7 +32,7 @@ from referral_grpc.infra.mailer import (
     render,
 )
 from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, outbox_stats, queue_email
-from referral_grpc.infra.tasks import TaskQueue, Worker, create_huey
+from referral_grpc.infra.tasks import Worker, create_huey, create_tasks
 from referral_grpc.settings import Settings
 from referral_grpc.store.database import init_database
 from referral_grpc.store.migrate import run_migrations
@@ -125,7 +126,7 @@ def embedded_worker() -> Iterator[Callable[[Settings], Worker]]:
     workers: list[Worker] = []
 
     def start(settings: Settings) -> Worker:
-        worker = Worker(settings)
+        worker = Worker(settings, SystemClock())
         worker.start()
         workers.append(worker)
         return worker
@@ -293,7 +294,7 @@ def test_every_kind_arrives_with_subject_text_and_html_and_the_reset_token_is_sc
     embedded_worker(settings)
     ids = queue_committed(db, *((kind, f"{kind}@example.com") for kind in CONTEXTS))
     # The server's own queue instance: a different Huey object on the same storage.
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
 
     received = by_recipient(smtp_server.wait_for(len(CONTEXTS)))
     wait_sent(*ids)
@@ -376,7 +377,7 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
     db = bind_db(sqlite_url)
     embedded_worker(settings)
     [outbox_id] = queue_committed(db, ("password_reset", "nobody@example.com"))
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
 
     wait_until(lambda: row(outbox_id).status == "failed", 8, "the final failure")
     failed = row(outbox_id)
@@ -404,7 +405,7 @@ def test_a_permanent_refusal_fails_at_once(
         db = bind_db(sqlite_url)
         embedded_worker(settings)
         ids = queue_committed(db, ("welcome", "gone@example.com"), ("welcome", "here@example.com"))
-        HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
+        HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
         server.wait_for(1)
         wait_until(lambda: row(ids[0]).status == "failed", 5, "the refused email to fail")
         wait_sent(ids[1])
@@ -428,12 +429,12 @@ def test_a_lost_task_is_enqueued_again_after_the_lease(
         outbox_relay_interval=0.05,
     )
     db = bind_db(sqlite_url)
-    queue = create_huey(settings)
+    queue = create_tasks(settings, SystemClock())
     [outbox_id] = queue_committed(db, ("welcome", "late@example.com"))
     HueyDispatcher(queue, SystemClock()).dispatch([outbox_id])
     enqueued_at = row(outbox_id).enqueued_at
-    assert enqueued_at is not None and len(queue) == 1
-    queue.flush()  # the task is lost (a crashed worker had already popped it, say)
+    assert enqueued_at is not None and len(queue.huey) == 1
+    queue.huey.flush()  # the task is lost (a crashed worker had already popped it, say)
 
     started = time.monotonic()
     lease_left = 1 - (datetime.now(UTC) - enqueued_at).total_seconds()
@@ -462,14 +463,14 @@ def test_concurrent_deliveries_of_one_row_send_it_once(
             worker_threads=4,
         )
         db = bind_db(database_url)
-        queue = create_huey(settings)
+        queue = create_tasks(settings, SystemClock())
         [outbox_id] = queue_committed(db, ("welcome", "once@example.com"))
         # The dispatcher, the relay and stray retries can all enqueue the same row.
         for _ in range(6):
             queue.enqueue_delivery(outbox_id)
         embedded_worker(settings)
         server.wait_for(1)
-        wait_until(lambda: len(queue) == 0, 5, "the duplicates to run")
+        wait_until(lambda: len(queue.huey) == 0, 5, "the duplicates to run")
         time.sleep(0.6)
         assert len(server.messages) == 1
         wait_sent(outbox_id)
@@ -545,7 +546,7 @@ def test_smtp_outage_retries_with_backoff_and_delivers_once_when_smtp_is_back(
     db = bind_db(pg_url)
     worker = worker_process(env)
     [outbox_id] = queue_committed(db, ("password_reset", "patient@example.com"))
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
 
     # Each failed attempt n stores when its retry is due in enqueued_at: now + 0.25 * 2**(n-1).
     due: dict[int, datetime] = {}
@@ -597,7 +598,7 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     recipients = [f"user{n}@example.com" for n in range(5)]
     ids = queue_committed(db, *(("welcome", recipient) for recipient in recipients))
     # Enqueued from this process (the "server") into Redis, with no worker running.
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
     time.sleep(0.3)
     assert smtp_server.messages == [] and all(row(i).status == "pending" for i in ids)
 
@@ -637,7 +638,7 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
     [outbox_id] = queue_committed(db, ("welcome", "resilient@example.com"))
     down = make_settings(**{**env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
     started = time.monotonic()
-    HueyDispatcher(create_huey(down), SystemClock()).dispatch([outbox_id])  # must not raise
+    HueyDispatcher(create_tasks(down, SystemClock()), SystemClock()).dispatch([outbox_id])  # must not raise
     assert time.monotonic() - started < 1.0, "a dead queue must not hold the request"
     waiting = row(outbox_id)
     assert (waiting.status, waiting.enqueued_at) == ("pending", None)
@@ -664,7 +665,7 @@ def test_sigterm_lets_the_running_delivery_finish(
         db = bind_db(pg_url)
         worker = worker_process(env)
         [outbox_id] = queue_committed(db, ("password_changed", "careful@example.com"))
-        HueyDispatcher(create_huey(make_settings(**env)), SystemClock()).dispatch([outbox_id])
+        HueyDispatcher(create_tasks(make_settings(**env), SystemClock()), SystemClock()).dispatch([outbox_id])
         assert smtp.data_started.wait(10), "the delivery never reached the SMTP server"
         assert worker.stop(signal.SIGTERM) == 0
         assert len(smtp.messages) == 1
@@ -672,7 +673,8 @@ def test_sigterm_lets_the_running_delivery_finish(
 
 
 def test_tasks_are_registered_under_stable_names(tmp_path: Path) -> None:
-    queue = create_huey(make_settings(huey_sqlite_path=tmp_path / "huey.db"))
-    assert isinstance(queue, TaskQueue)
-    names = set(queue._registry._registry)
+    tasks = create_tasks(make_settings(huey_sqlite_path=tmp_path / "huey.db"), SystemClock())
+    assert type(tasks.huey) is SqliteHuey
+    # Queued messages name their task: a rename would strand what an older server enqueued.
+    names = set(tasks.huey._registry._registry)
     assert names == {"referral_grpc.infra.tasks.deliver_email", "referral_grpc.infra.tasks.recheck_email"}
