@@ -7,22 +7,29 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import peewee as pw
 import pytest
-from conftest import make_settings
+from conftest import FakeClock, make_settings
+from grpc_helpers import running_api
 from huey import SqliteHuey
 from hunter_stub import HunterStub
 from smtp_server import ReceivedMessage, SmtpServer, smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
 from referral_grpc.domain.ports import SystemClock
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.cache import make_code_cache
 from referral_grpc.infra.mailer import (
     ConsoleMailer,
     SmtpMailer,
@@ -31,8 +38,10 @@ from referral_grpc.infra.mailer import (
     message_id_for,
     render,
 )
-from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, outbox_stats, queue_email
-from referral_grpc.infra.tasks import Worker, create_huey, create_tasks
+from referral_grpc.infra.metrics import Metrics
+from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, deliver, outbox_stats, queue_email
+from referral_grpc.infra.tasks import Worker, create_huey, create_tasks, make_dispatcher
+from referral_grpc.infra.throttle import Throttle
 from referral_grpc.settings import Settings
 from referral_grpc.store.database import init_database
 from referral_grpc.store.migrate import run_migrations
@@ -79,6 +88,48 @@ def closed_port() -> int:
     server = SmtpServer().start()
     server.stop()
     return server.port
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and reads, and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="silent-redis", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._open:
+            conn.close()
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 def row(outbox_id: int) -> Any:
@@ -522,6 +573,104 @@ def test_outbox_stats_report_depth_and_lag(database_url: str, bind_db: Callable[
     assert outbox_stats(now).lag_seconds == pytest.approx(30)
 
 
+def run_deliveries(outbox_id: int, settings: Settings, clock: FakeClock) -> list[float]:
+    """Deliver `outbox_id` as the worker does, moving the clock to each retry; return when attempts ran."""
+    config = DeliveryConfig.from_settings(settings)
+    mailer = make_mailer(settings)
+    start = clock.now()
+    offsets = []
+    while True:
+        offsets.append((clock.now() - start).total_seconds())
+        result = deliver(outbox_id, mailer=mailer, config=config, clock=clock)
+        if result.retry_in is None:
+            return offsets
+        clock.advance(seconds=result.retry_in)
+
+
+def test_a_reset_email_is_not_retried_past_the_expiry_of_its_link(
+    sqlite_url: str, bind_db: Callable[[str], pw.Database]
+) -> None:
+    # The defaults: 10 attempts, 4 s doubling; the last attempt would come 2,044 s after the first,
+    # the reset link dies after 30 minutes (RESET_TOKEN_TTL 1,800 s).
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=closed_port())
+    db = bind_db(sqlite_url)
+    clock = FakeClock()
+    with db.atomic():
+        reset = queue_email("password_reset", "r@example.com", dict(CONTEXTS["password_reset"]), clock.now())
+        welcome = queue_email("welcome", "w@example.com", {}, clock.now())
+
+    reset_offsets = run_deliveries(reset, settings, FakeClock(clock.now()))
+    welcome_offsets = run_deliveries(welcome, settings, FakeClock(clock.now()))
+
+    assert welcome_offsets == [0, 4, 12, 28, 60, 124, 252, 508, 1020, 2044], "other kinds keep the schedule"
+    assert reset_offsets == welcome_offsets[:9]
+    failed = row(reset)
+    assert (failed.status, failed.attempts) == ("failed", 9)
+    assert failed.last_error.startswith("Expired before the next attempt: ConnectionRefusedError")
+    assert RESET_TOKEN not in failed.payload
+
+
+def test_a_reset_email_due_after_its_link_expired_is_marked_failed_instead_of_sent(
+    sqlite_url: str, bind_db: Callable[[str], pw.Database], smtp_server: SmtpServer
+) -> None:
+    settings = make_settings(smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    config = DeliveryConfig.from_settings(settings)
+    mailer = make_mailer(settings)
+    db = bind_db(sqlite_url)
+    clock = FakeClock()
+    with db.atomic():
+        expired = queue_email(
+            "password_reset", "late@example.com", dict(CONTEXTS["password_reset"]), clock.now()
+        )
+    clock.advance(minutes=29, seconds=59)
+    with db.atomic():
+        fresh = queue_email(
+            "password_reset", "fresh@example.com", dict(CONTEXTS["password_reset"]), clock.now()
+        )
+    # The worker was down for half an hour: the first link dies now, the second has 30 minutes left.
+    clock.advance(seconds=1)
+
+    assert deliver(expired, mailer=mailer, config=config, clock=clock).outcome == "failed"
+    assert deliver(fresh, mailer=mailer, config=config, clock=clock).outcome == "sent"
+    assert [message.rcpt_tos for message in smtp_server.messages] == [["fresh@example.com"]]
+    dead = row(expired)
+    assert (dead.status, dead.attempts) == ("failed", 0)
+    assert dead.last_error.startswith("Expired: its link expired at ")
+    assert RESET_TOKEN not in dead.payload
+
+
+def test_failed_emails_are_counted_by_kind_in_the_metrics(
+    database_url: str, bind_db: Callable[[str], pw.Database]
+) -> None:
+    db = bind_db(database_url)
+    clock = FakeClock()
+    metrics = Metrics(db=db, clock=clock)
+
+    def failed(kind: str) -> float | None:
+        return metrics.registry.get_sample_value("referral_email_outbox_failed", {"kind": kind})
+
+    assert {kind: failed(kind) for kind in CONTEXTS} == dict.fromkeys(CONTEXTS, 0.0)
+    ids = [queue_email(kind, f"{kind}@example.com", dict(CONTEXTS[kind]), clock.now()) for kind in CONTEXTS]
+    reset, welcome = ids[1], ids[0]
+    clock.advance(minutes=30)
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=closed_port(), email_max_attempts=1)
+    for outbox_id in (reset, welcome):
+        deliver(
+            outbox_id,
+            mailer=make_mailer(settings),
+            config=DeliveryConfig.from_settings(settings),
+            clock=clock,
+        )
+    assert failed("password_reset") == 1 and failed("welcome") == 1
+    assert failed("referral_joined") == 0 and failed("password_changed") == 0
+    assert outbox_stats(clock.now()).failed == {
+        "welcome": 1,
+        "password_reset": 1,
+        "referral_joined": 0,
+        "password_changed": 0,
+    }
+
+
 # --- production shape: PostgreSQL, RedisHuey, the worker in its own process -------------------------
 
 
@@ -649,6 +798,116 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
     assert [m.rcpt_tos for m in smtp_server.messages] == [["resilient@example.com"]]
     wait_sent(outbox_id)
     assert worker.stop() == 0
+
+
+def test_a_hung_queue_redis_never_slows_or_fails_an_rpc_and_the_emails_still_arrive_once(
+    pg_url: str,
+    redis_env: dict[str, str],
+    silent_redis: SilentServer,
+    smtp_server: SmtpServer,
+    embedded_worker: Callable[[Settings], Worker],
+) -> None:
+    """Issue 10 item 2: the queue's Redis accepts connections and never answers."""
+    hung = make_settings(
+        database_url=pg_url,
+        redis_url=silent_redis.url,
+        redis_key_prefix=redis_env["REDIS_KEY_PREFIX"],
+        reset_request_min_seconds=0.3,
+    )
+    working = make_settings(
+        **redis_env,
+        database_url=pg_url,
+        smtp_host=smtp_server.host,
+        smtp_port=smtp_server.port,
+        outbox_relay_interval=0.05,
+    )
+    clock = SystemClock()
+    # Only the queue hangs: the code cache and the throttle use the working Redis.
+    with running_api(
+        hung,
+        dispatcher=make_dispatcher(hung, clock),
+        cache=make_code_cache(working),
+        throttle=Throttle.from_settings(working, clock),
+    ) as api:
+
+        def timed(call: Callable[[], Any]) -> float:
+            started = time.monotonic()
+            call()  # raises unless the status is OK
+            return time.monotonic() - started
+
+        register = timed(lambda: api.register("first@example.com"))
+        assert register < 1.0, f"Register took {register:.2f}s"
+        assert User.select().where(User.email == "first@example.com").exists()
+
+        # Identical timing for a known and an unknown address, whatever the queue does.
+        known = timed(
+            lambda: api.auth.RequestPasswordReset(
+                auth_pb.RequestPasswordResetRequest(email="first@example.com")
+            )
+        )
+        unknown = timed(
+            lambda: api.auth.RequestPasswordReset(
+                auth_pb.RequestPasswordResetRequest(email="nobody@example.com")
+            )
+        )
+        assert 0.3 <= known < 1.0 and 0.3 <= unknown < 1.0, (known, unknown)
+        assert abs(known - unknown) < 0.2, (known, unknown)
+
+        # Many signups at once leave the pool free for an unrelated login.
+        emails = [f"crowd{n}@example.com" for n in range(17)]
+        with futures.ThreadPoolExecutor(len(emails)) as pool:
+            signups = [pool.submit(timed, lambda email=email: api.register(email)) for email in emails]
+            login = timed(
+                lambda: api.auth.Login(
+                    auth_pb.LoginRequest(email="first@example.com", password="correct horse battery")
+                )
+            )
+            durations = [signup.result() for signup in signups]
+        assert login < 1.0 and max(durations) < 2.0, (login, durations)
+        assert User.select().count() == 1 + len(emails)
+
+        # The relay hands every email to a working queue: each arrives once.
+        ids = [outbox.id for outbox in api.outbox()]
+        assert len(ids) == 2 + len(emails)
+        embedded_worker(working)
+        smtp_server.wait_for(len(ids), timeout=15)
+        wait_sent(*ids)
+    recipients = sorted(message.rcpt_tos[0] for message in smtp_server.messages)
+    assert recipients == sorted(["first@example.com", "first@example.com", *emails])
+
+
+def test_the_hand_off_gives_up_after_one_socket_timeout_and_the_breaker_stops_trying(
+    pg_url: str, bind_db: Callable[[str], pw.Database], silent_redis: SilentServer
+) -> None:
+    settings = make_settings(database_url=pg_url, redis_url=silent_redis.url, redis_socket_timeout=0.4)
+    db = bind_db(pg_url)
+    ids = queue_committed(db, *(("welcome", f"user{n}@example.com") for n in range(4)))
+    clock = SystemClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=60)
+    dispatcher = HueyDispatcher(create_tasks(settings, clock, enqueue_only=True), clock, breaker)
+
+    durations = []
+    for outbox_id in ids:
+        started = time.monotonic()
+        dispatcher.dispatch([outbox_id])
+        durations.append(time.monotonic() - started)
+    # One timeout each, no retries (a retry would double it); then the open breaker skips Redis.
+    assert all(0.4 <= duration < 0.79 for duration in durations[:2]), durations
+    assert all(duration < 0.2 for duration in durations[2:]), durations
+    assert breaker.is_open and silent_redis.connections == 2
+    assert all((row(i).status, row(i).enqueued_at) == ("pending", None) for i in ids), "left to the relay"
+
+
+def test_an_embedded_worker_leaves_the_host_process_signal_handlers_alone(
+    tmp_path: Path,
+    sqlite_url: str,
+    bind_db: Callable[[str], pw.Database],
+    embedded_worker: Callable[[Settings], Worker],
+) -> None:
+    bind_db(sqlite_url)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    embedded_worker(make_settings(database_url=sqlite_url, huey_sqlite_path=tmp_path / "huey.db"))
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_sigterm_lets_the_running_delivery_finish(
