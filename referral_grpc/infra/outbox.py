@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import smtplib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from queue import Empty, Full, Queue
 from typing import Any, Literal, Protocol
 
 import peewee as pw
@@ -142,7 +142,7 @@ class BackgroundDispatcher:
 
     def __init__(self, inner: EmailDispatcher, capacity: int = _HANDOFF_CAPACITY) -> None:
         self._inner = inner
-        self._pending: queue.Queue[list[int]] = queue.Queue(capacity)
+        self._pending: Queue[list[int]] = Queue(capacity)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -155,7 +155,7 @@ class BackgroundDispatcher:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="email-handoff", daemon=True)
                     self._thread.start()
-        except queue.Full:
+        except Full:
             log.warning("Email hand-off queue full, emails %s left for the outbox relay", list(outbox_ids))
         except Exception as exc:
             log.warning("Could not hand off emails %s, the outbox relay will: %s", list(outbox_ids), exc)
@@ -167,7 +167,7 @@ class BackgroundDispatcher:
             while len(batch) < _HANDOFF_BATCH:
                 try:
                     batch.extend(self._pending.get_nowait())
-                except queue.Empty:
+                except Empty:
                     break
             try:
                 # This thread's connection goes back to the pool between batches.
