@@ -48,7 +48,8 @@ def build_app(
     """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
     from .infra.cache import make_code_cache
     from .infra.hunter import make_email_verifier
-    from .infra.outbox import SqlOutbox, make_dispatcher
+    from .infra.outbox import SqlOutbox
+    from .infra.tasks import make_dispatcher
     from .infra.throttle import Throttle as RedisThrottle
 
     settings.ensure_local_dirs()

@@ -7,22 +7,29 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import peewee as pw
 import pytest
-from huey import Huey
+from huey import Huey, SqliteHuey
 from support import FakeClock, closed_port, make_settings, wait_until
+from support.api import running_api
 from support.hunter import HunterStub
 from support.smtp import ReceivedMessage, SmtpServer
 
 from referral_grpc.domain.ports import SystemClock
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.cache import make_code_cache
 from referral_grpc.infra.mailer import (
     ConsoleMailer,
     SmtpMailer,
@@ -31,8 +38,10 @@ from referral_grpc.infra.mailer import (
     message_id_for,
     render,
 )
-from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, outbox_stats, queue_email
-from referral_grpc.infra.tasks import TaskQueue, Worker, create_huey
+from referral_grpc.infra.metrics import Metrics
+from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, deliver, outbox_stats, queue_email
+from referral_grpc.infra.tasks import Worker, create_huey, create_tasks, make_dispatcher
+from referral_grpc.infra.throttle import Throttle
 from referral_grpc.settings import Settings
 from referral_grpc.store.database import init_database
 from referral_grpc.store.migrate import run_migrations
@@ -64,6 +73,48 @@ WORKER_SCRIPT = (
     "from referral_grpc.infra.tasks import run_worker\n"
     "run_worker(Settings.from_env())\n"
 )
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and reads, and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="silent-redis", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._open:
+            conn.close()
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 def row(outbox_id: int) -> Any:
@@ -120,7 +171,7 @@ def embedded_worker() -> Iterator[Callable[[Settings], Worker]]:
     workers: list[Worker] = []
 
     def start(settings: Settings) -> Worker:
-        worker = Worker(settings)
+        worker = Worker(settings, SystemClock())
         worker.start()
         workers.append(worker)
         return worker
@@ -288,7 +339,7 @@ def test_every_kind_arrives_with_subject_text_and_html_and_the_reset_token_is_sc
     embedded_worker(settings)
     ids = queue_committed(db, *((kind, f"{kind}@example.com") for kind in CONTEXTS))
     # The server's own queue instance: a different Huey object on the same storage.
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
 
     received = by_recipient(smtp_server.wait_for(len(CONTEXTS)))
     wait_sent(*ids)
@@ -344,11 +395,11 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row_and_sends_nothing(
     [committed] = queue_committed(db, ("welcome", "real@example.com"))
     # No dispatch at all: the relay alone finds what committed. Step by step, so that anything the
     # worker would still send is in the queue when we look.
-    worker = Worker(settings)
+    worker = Worker(settings, SystemClock())
     assert worker.relay_once() == 1
-    assert run_queued_tasks(worker.queue) == 1
+    assert run_queued_tasks(worker.tasks.huey) == 1
     smtp_server.wait_for(1)
-    assert worker.relay_once() == 0 and len(worker.queue) == 0
+    assert worker.relay_once() == 0 and len(worker.tasks.huey) == 0
     assert [m.rcpt_tos for m in smtp_server.messages] == [["real@example.com"]]
     assert [r.recipient for r in EmailOutbox.select()] == ["real@example.com"]
     wait_sent(committed)
@@ -372,7 +423,7 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
     db = bind_db(sqlite_url)
     worker = embedded_worker(settings)
     [outbox_id] = queue_committed(db, ("password_reset", "nobody@example.com"))
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
 
     wait_until(lambda: row(outbox_id).status == "failed", 8, "the final failure")
     failed = row(outbox_id)
@@ -382,10 +433,10 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
     # Stopped (running tasks finish), the worker leaves no retry behind, its relay takes nothing,
     # and a stray delivery task leaves the row alone.
     worker.stop()
-    assert len(worker.queue) == 0 and worker.queue.scheduled_count() == 0
+    assert len(worker.tasks.huey) == 0 and worker.tasks.huey.scheduled_count() == 0
     assert worker.relay_once() == 0
-    worker.queue.enqueue_delivery(outbox_id)
-    assert run_queued_tasks(worker.queue) == 1
+    worker.tasks.enqueue_delivery(outbox_id)
+    assert run_queued_tasks(worker.tasks.huey) == 1
     assert row(outbox_id).attempts == 3, "a failed email is not retried any more"
 
 
@@ -406,7 +457,7 @@ def test_a_permanent_refusal_fails_at_once(
         db = bind_db(sqlite_url)
         embedded_worker(settings)
         ids = queue_committed(db, ("welcome", "gone@example.com"), ("welcome", "here@example.com"))
-        HueyDispatcher(create_huey(settings), SystemClock()).dispatch(ids)
+        HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
         server.wait_for(1)
         wait_until(lambda: row(ids[0]).status == "failed", 5, "the refused email to fail")
         wait_sent(ids[1])
@@ -430,28 +481,27 @@ def test_a_lost_task_is_enqueued_again_after_the_lease(
         outbox_lease=lease,
     )
     db = bind_db(sqlite_url)
-    queue = create_huey(settings)
-    queue.clock = clock
+    queue = create_tasks(settings, clock)
     [outbox_id] = queue_committed(db, ("welcome", "late@example.com"))
     HueyDispatcher(queue, clock).dispatch([outbox_id])
-    assert row(outbox_id).enqueued_at == clock.now() and len(queue) == 1
-    queue.flush()  # the task is lost (a crashed worker had already popped it, say)
+    assert row(outbox_id).enqueued_at == clock.now() and len(queue.huey) == 1
+    queue.huey.flush()  # the task is lost (a crashed worker had already popped it, say)
 
     # The relay, pass by pass on the fake clock: not before the lease ran out, since until then the
     # row belonged to the lost task.
-    worker = Worker(settings, queue)
+    worker = Worker(settings, clock, queue)
     assert worker.relay_once() == 0
     clock.advance(seconds=lease - 0.01)
-    assert worker.relay_once() == 0 and len(queue) == 0
+    assert worker.relay_once() == 0 and len(queue.huey) == 0
     clock.advance(seconds=0.02)
     assert worker.relay_once() == 1
-    assert run_queued_tasks(queue) == 1
+    assert run_queued_tasks(queue.huey) == 1
     [message] = smtp_server.wait_for(1, timeout=5)
     assert message.rcpt_tos == ["late@example.com"]
     wait_sent(outbox_id)
     # Sent: the next passes find nothing, so nothing is sent twice.
     clock.advance(seconds=10 * lease)
-    assert worker.relay_once() == 0 and run_queued_tasks(queue) == 0
+    assert worker.relay_once() == 0 and run_queued_tasks(queue.huey) == 0
     assert len(smtp_server.messages) == 1
 
 
@@ -471,17 +521,17 @@ def test_concurrent_deliveries_of_one_row_send_it_once(
             worker_threads=4,
         )
         db = bind_db(database_url)
-        queue = create_huey(settings)
+        queue = create_tasks(settings, SystemClock())
         [outbox_id] = queue_committed(db, ("welcome", "once@example.com"))
         # The dispatcher, the relay and stray retries can all enqueue the same row.
         for _ in range(6):
             queue.enqueue_delivery(outbox_id)
         worker = embedded_worker(settings)
         server.wait_for(1)
-        wait_until(lambda: len(queue) == 0, 5, "the duplicates to run")
+        wait_until(lambda: len(queue.huey) == 0, 5, "the duplicates to run")
         # Stopped, the worker has finished every send it started; whatever is still queued runs here.
         worker.stop()
-        run_queued_tasks(queue)
+        run_queued_tasks(queue.huey)
         assert len(server.messages) == 1
         wait_sent(outbox_id)
     assert row(outbox_id).attempts == 1
@@ -532,6 +582,104 @@ def test_outbox_stats_report_depth_and_lag(database_url: str, bind_db: Callable[
     assert outbox_stats(now).lag_seconds == pytest.approx(30)
 
 
+def run_deliveries(outbox_id: int, settings: Settings, clock: FakeClock) -> list[float]:
+    """Deliver `outbox_id` as the worker does, moving the clock to each retry; return when attempts ran."""
+    config = DeliveryConfig.from_settings(settings)
+    mailer = make_mailer(settings)
+    start = clock.now()
+    offsets = []
+    while True:
+        offsets.append((clock.now() - start).total_seconds())
+        result = deliver(outbox_id, mailer=mailer, config=config, clock=clock)
+        if result.retry_in is None:
+            return offsets
+        clock.advance(seconds=result.retry_in)
+
+
+def test_a_reset_email_is_not_retried_past_the_expiry_of_its_link(
+    sqlite_url: str, bind_db: Callable[[str], pw.Database]
+) -> None:
+    # The defaults: 10 attempts, 4 s doubling; the last attempt would come 2,044 s after the first,
+    # the reset link dies after 30 minutes (RESET_TOKEN_TTL 1,800 s).
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=closed_port())
+    db = bind_db(sqlite_url)
+    clock = FakeClock()
+    with db.atomic():
+        reset = queue_email("password_reset", "r@example.com", dict(CONTEXTS["password_reset"]), clock.now())
+        welcome = queue_email("welcome", "w@example.com", {}, clock.now())
+
+    reset_offsets = run_deliveries(reset, settings, FakeClock(clock.now()))
+    welcome_offsets = run_deliveries(welcome, settings, FakeClock(clock.now()))
+
+    assert welcome_offsets == [0, 4, 12, 28, 60, 124, 252, 508, 1020, 2044], "other kinds keep the schedule"
+    assert reset_offsets == welcome_offsets[:9]
+    failed = row(reset)
+    assert (failed.status, failed.attempts) == ("failed", 9)
+    assert failed.last_error.startswith("Expired before the next attempt: ConnectionRefusedError")
+    assert RESET_TOKEN not in failed.payload
+
+
+def test_a_reset_email_due_after_its_link_expired_is_marked_failed_instead_of_sent(
+    sqlite_url: str, bind_db: Callable[[str], pw.Database], smtp_server: SmtpServer
+) -> None:
+    settings = make_settings(smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    config = DeliveryConfig.from_settings(settings)
+    mailer = make_mailer(settings)
+    db = bind_db(sqlite_url)
+    clock = FakeClock()
+    with db.atomic():
+        expired = queue_email(
+            "password_reset", "late@example.com", dict(CONTEXTS["password_reset"]), clock.now()
+        )
+    clock.advance(minutes=29, seconds=59)
+    with db.atomic():
+        fresh = queue_email(
+            "password_reset", "fresh@example.com", dict(CONTEXTS["password_reset"]), clock.now()
+        )
+    # The worker was down for half an hour: the first link dies now, the second has 30 minutes left.
+    clock.advance(seconds=1)
+
+    assert deliver(expired, mailer=mailer, config=config, clock=clock).outcome == "failed"
+    assert deliver(fresh, mailer=mailer, config=config, clock=clock).outcome == "sent"
+    assert [message.rcpt_tos for message in smtp_server.messages] == [["fresh@example.com"]]
+    dead = row(expired)
+    assert (dead.status, dead.attempts) == ("failed", 0)
+    assert dead.last_error.startswith("Expired: its link expired at ")
+    assert RESET_TOKEN not in dead.payload
+
+
+def test_failed_emails_are_counted_by_kind_in_the_metrics(
+    database_url: str, bind_db: Callable[[str], pw.Database]
+) -> None:
+    db = bind_db(database_url)
+    clock = FakeClock()
+    metrics = Metrics(db=db, clock=clock)
+
+    def failed(kind: str) -> float | None:
+        return metrics.registry.get_sample_value("referral_email_outbox_failed", {"kind": kind})
+
+    assert {kind: failed(kind) for kind in CONTEXTS} == dict.fromkeys(CONTEXTS, 0.0)
+    ids = [queue_email(kind, f"{kind}@example.com", dict(CONTEXTS[kind]), clock.now()) for kind in CONTEXTS]
+    reset, welcome = ids[1], ids[0]
+    clock.advance(minutes=30)
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=closed_port(), email_max_attempts=1)
+    for outbox_id in (reset, welcome):
+        deliver(
+            outbox_id,
+            mailer=make_mailer(settings),
+            config=DeliveryConfig.from_settings(settings),
+            clock=clock,
+        )
+    assert failed("password_reset") == 1 and failed("welcome") == 1
+    assert failed("referral_joined") == 0 and failed("password_changed") == 0
+    assert outbox_stats(clock.now()).failed == {
+        "welcome": 1,
+        "password_reset": 1,
+        "referral_joined": 0,
+        "password_changed": 0,
+    }
+
+
 # --- production shape: PostgreSQL, RedisHuey, the worker in its own process -------------------------
 
 
@@ -556,7 +704,7 @@ def test_smtp_outage_retries_with_backoff_and_delivers_once_when_smtp_is_back(
     db = bind_db(pg_url)
     worker = worker_process(env)
     [outbox_id] = queue_committed(db, ("password_reset", "patient@example.com"))
-    HueyDispatcher(create_huey(settings), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
 
     # Each failed attempt n stores when its retry is due in enqueued_at: now + 0.25 * 2**(n-1).
     due: dict[int, datetime] = {}
@@ -580,7 +728,7 @@ def test_smtp_outage_retries_with_backoff_and_delivers_once_when_smtp_is_back(
         wait_sent(outbox_id)
         # Stopped, the worker has finished every send it started; what is still queued runs here.
         assert worker.stop() == 0
-        run_queued_tasks(create_huey(settings))
+        run_queued_tasks(create_tasks(settings, SystemClock()).huey)
         assert len(smtp.messages) == 1
     sent = row(outbox_id)
     assert sent.status == "sent" and sent.attempts == 4
@@ -609,9 +757,9 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     recipients = [f"user{n}@example.com" for n in range(5)]
     ids = queue_committed(db, *(("welcome", recipient) for recipient in recipients))
     # Enqueued from this process (the "server") into Redis, with no worker running: they wait there.
-    queue = create_huey(settings)
+    queue = create_tasks(settings, SystemClock())
     HueyDispatcher(queue, SystemClock()).dispatch(ids)
-    assert len(queue) == len(ids)
+    assert len(queue.huey) == len(ids)
     assert smtp_server.messages == [] and all(row(i).status == "pending" for i in ids)
 
     worker = worker_process(env)
@@ -620,8 +768,8 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     wait_sent(*ids)
     assert worker.stop() == 0
     # Nothing is sent twice: the relay finds nothing to enqueue, and whatever is still queued runs here.
-    assert Worker(settings, queue).relay_once() == 0
-    run_queued_tasks(queue)
+    assert Worker(settings, SystemClock(), queue).relay_once() == 0
+    run_queued_tasks(queue.huey)
     messages = smtp_server.messages
     assert sorted(m.rcpt_tos[0] for m in messages) == recipients
     assert len({m.message["Message-ID"] for m in messages}) == len(ids)
@@ -652,7 +800,7 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
     [outbox_id] = queue_committed(db, ("welcome", "resilient@example.com"))
     down = make_settings(**{**env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
     started = time.monotonic()
-    HueyDispatcher(create_huey(down), SystemClock()).dispatch([outbox_id])  # must not raise
+    HueyDispatcher(create_tasks(down, SystemClock()), SystemClock()).dispatch([outbox_id])  # must not raise
     assert time.monotonic() - started < 1.0, "a dead queue must not hold the request"
     waiting = row(outbox_id)
     assert (waiting.status, waiting.enqueued_at) == ("pending", None)
@@ -663,10 +811,121 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
     assert worker.stop() == 0
     # Nothing is sent twice: the relay finds nothing to enqueue, and whatever is still queued runs here.
     settings = make_settings(**env)
-    queue = create_huey(settings)
-    assert Worker(settings, queue).relay_once() == 0
-    run_queued_tasks(queue)
+    queue = create_tasks(settings, SystemClock())
+    assert Worker(settings, SystemClock(), queue).relay_once() == 0
+    run_queued_tasks(queue.huey)
     assert [m.rcpt_tos for m in smtp_server.messages] == [["resilient@example.com"]]
+
+
+def test_a_hung_queue_redis_never_slows_or_fails_an_rpc_and_the_emails_still_arrive_once(
+    pg_url: str,
+    redis_env: dict[str, str],
+    silent_redis: SilentServer,
+    smtp_server: SmtpServer,
+    embedded_worker: Callable[[Settings], Worker],
+) -> None:
+    """Issue 10 item 2: the queue's Redis accepts connections and never answers."""
+    hung = make_settings(
+        database_url=pg_url,
+        redis_url=silent_redis.url,
+        redis_key_prefix=redis_env["REDIS_KEY_PREFIX"],
+        reset_request_min_seconds=0.3,
+    )
+    working = make_settings(
+        **redis_env,
+        database_url=pg_url,
+        smtp_host=smtp_server.host,
+        smtp_port=smtp_server.port,
+        outbox_relay_interval=0.05,
+    )
+    clock = SystemClock()
+    # Only the queue hangs: the code cache and the throttle use the working Redis.
+    with running_api(
+        hung,
+        dispatcher=make_dispatcher(hung, clock),
+        cache=make_code_cache(working),
+        throttle=Throttle.from_settings(working, clock),
+    ) as api:
+
+        def timed(call: Callable[[], Any]) -> float:
+            started = time.monotonic()
+            call()  # raises unless the status is OK
+            return time.monotonic() - started
+
+        register = timed(lambda: api.register("first@example.com"))
+        assert register < 1.0, f"Register took {register:.2f}s"
+        assert User.select().where(User.email == "first@example.com").exists()
+
+        # Identical timing for a known and an unknown address, whatever the queue does.
+        known = timed(
+            lambda: api.auth.RequestPasswordReset(
+                auth_pb.RequestPasswordResetRequest(email="first@example.com")
+            )
+        )
+        unknown = timed(
+            lambda: api.auth.RequestPasswordReset(
+                auth_pb.RequestPasswordResetRequest(email="nobody@example.com")
+            )
+        )
+        assert 0.3 <= known < 1.0 and 0.3 <= unknown < 1.0, (known, unknown)
+        assert abs(known - unknown) < 0.2, (known, unknown)
+
+        # Many signups at once leave the pool free for an unrelated login.
+        emails = [f"crowd{n}@example.com" for n in range(17)]
+        with futures.ThreadPoolExecutor(len(emails)) as pool:
+            signups = [pool.submit(timed, lambda email=email: api.register(email)) for email in emails]
+            login = timed(
+                lambda: api.auth.Login(
+                    auth_pb.LoginRequest(email="first@example.com", password="correct horse battery")
+                )
+            )
+            durations = [signup.result() for signup in signups]
+        assert login < 1.0 and max(durations) < 2.0, (login, durations)
+        assert User.select().count() == 1 + len(emails)
+
+        # The relay hands every email to a working queue: each arrives once.
+        ids = [outbox.id for outbox in api.outbox()]
+        assert len(ids) == 2 + len(emails)
+        embedded_worker(working)
+        smtp_server.wait_for(len(ids), timeout=15)
+        wait_sent(*ids)
+    recipients = sorted(message.rcpt_tos[0] for message in smtp_server.messages)
+    assert recipients == sorted(["first@example.com", "first@example.com", *emails])
+
+
+def test_the_hand_off_gives_up_after_one_socket_timeout_and_the_breaker_stops_trying(
+    pg_url: str, bind_db: Callable[[str], pw.Database], silent_redis: SilentServer
+) -> None:
+    settings = make_settings(database_url=pg_url, redis_url=silent_redis.url, redis_socket_timeout=0.4)
+    db = bind_db(pg_url)
+    ids = queue_committed(db, *(("welcome", f"user{n}@example.com") for n in range(4)))
+    clock = SystemClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=60)
+    dispatcher = HueyDispatcher(create_tasks(settings, clock, enqueue_only=True), clock, breaker)
+
+    durations = []
+    for outbox_id in ids:
+        started = time.monotonic()
+        dispatcher.dispatch([outbox_id])
+        durations.append(time.monotonic() - started)
+    # One timeout and one connection each: no retries (each retry reconnects and waits again).
+    assert all(0.4 <= duration < 1.2 for duration in durations[:2]), durations
+    assert breaker.is_open and silent_redis.connections == 2
+    # Then the open breaker skips Redis: no wait, no connection.
+    assert all(duration < 0.4 for duration in durations[2:]), durations
+    assert all((row(i).status, row(i).enqueued_at) == ("pending", None) for i in ids), "left to the relay"
+
+
+def test_an_embedded_worker_leaves_the_host_process_signal_handlers_alone(
+    tmp_path: Path,
+    sqlite_url: str,
+    bind_db: Callable[[str], pw.Database],
+    embedded_worker: Callable[[Settings], Worker],
+) -> None:
+    bind_db(sqlite_url)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    embedded_worker(make_settings(database_url=sqlite_url, huey_sqlite_path=tmp_path / "huey.db"))
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_sigterm_lets_the_running_delivery_finish(
@@ -683,7 +942,7 @@ def test_sigterm_lets_the_running_delivery_finish(
         db = bind_db(pg_url)
         worker = worker_process(env)
         [outbox_id] = queue_committed(db, ("password_changed", "careful@example.com"))
-        HueyDispatcher(create_huey(make_settings(**env)), SystemClock()).dispatch([outbox_id])
+        HueyDispatcher(create_tasks(make_settings(**env), SystemClock()), SystemClock()).dispatch([outbox_id])
         assert smtp.data_started.wait(10), "the delivery never reached the SMTP server"
         assert worker.stop(signal.SIGTERM) == 0
         assert len(smtp.messages) == 1
@@ -691,7 +950,8 @@ def test_sigterm_lets_the_running_delivery_finish(
 
 
 def test_tasks_are_registered_under_stable_names(tmp_path: Path) -> None:
-    queue = create_huey(make_settings(huey_sqlite_path=tmp_path / "huey.db"))
-    assert isinstance(queue, TaskQueue)
-    names = set(queue._registry._registry)
+    tasks = create_tasks(make_settings(huey_sqlite_path=tmp_path / "huey.db"), SystemClock())
+    assert type(tasks.huey) is SqliteHuey
+    # Queued messages name their task: a rename would strand what an older server enqueued.
+    names = set(tasks.huey._registry._registry)
     assert names == {"referral_grpc.infra.tasks.deliver_email", "referral_grpc.infra.tasks.recheck_email"}

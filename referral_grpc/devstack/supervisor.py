@@ -47,8 +47,8 @@ def _stop_all(envoy: Envoy | None, servers: Sequence[Child], worker: Child | Non
     for server in servers:
         server.wait(grace + 5)
     if worker is not None:
-        # Huey's consumer finishes running tasks on SIGINT; SIGTERM would interrupt them.
-        worker.stop(signal.SIGINT, timeout=grace + 5)
+        # The worker finishes its running tasks on SIGTERM; SIGINT would interrupt them.
+        worker.stop(signal.SIGTERM, timeout=grace + 5)
 
 
 def _print_urls(settings: Settings, envoy: Envoy, servers: Sequence[Address]) -> None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: RPC counts and latency, cache hits, email outbox depth and lag, on their own port."""
+"""Prometheus metrics: RPC counts and latency, cache hits, email outbox depth, lag and failures."""
 
 from __future__ import annotations
 
@@ -52,9 +52,11 @@ class CacheCollector(Collector):  # type: ignore[misc]
 
 
 class OutboxCollector(Collector):  # type: ignore[misc]
-    """Pending emails and the age of the oldest one, queried on each scrape.
+    """Pending emails, the age of the oldest one and the failed ones by kind, queried on each scrape.
 
-    Depth alone cannot tell a busy queue from a stuck one; the oldest pending age (lag) can.
+    Depth alone cannot tell a busy queue from a stuck one; the oldest pending age (lag) can. Failed
+    rows are counted in the database, not in the worker, so every server reports them and they
+    survive restarts; a rise is the alert.
     """
 
     def __init__(self, db: pw.Database, clock: Clock) -> None:
@@ -75,6 +77,14 @@ class OutboxCollector(Collector):  # type: ignore[misc]
             "Age of the oldest email waiting to be sent (0 when none is).",
             stats.lag_seconds,
         )
+        failed = GaugeMetricFamily(
+            "referral_email_outbox_failed",
+            "Emails that failed for good (refused, out of attempts, or expired unsent), by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(stats.failed.items()):
+            failed.add_metric([kind], count)
+        yield failed
 
 
 class Metrics:

@@ -4,12 +4,16 @@ The life of a row:
 
 1. `queue_email` inserts it (pending) inside the caller's transaction, so the email exists if and only
    if the change that causes it commits.
-2. After the commit, `HueyDispatcher.dispatch` stamps `enqueued_at` and enqueues a `deliver_email` task.
-   If the queue is down the stamp is taken back and the relay enqueues the row later.
+2. After the commit, the server's dispatcher hands the ids to a background thread (`BackgroundDispatcher`),
+   which stamps `enqueued_at` and enqueues a `deliver_email` task (`HueyDispatcher`). If the queue is down
+   or slow, the stamp is taken back and the relay enqueues the row later: the hand-off is best-effort and
+   never makes the RPC that committed wait or fail.
 3. The relay (in the worker) enqueues rows never enqueued, or enqueued longer ago than the lease:
    a Redis outage, a crashed worker or a lost task only delays the email.
 4. `deliver` claims the row, sends it, and marks it sent with the secrets scrubbed from its payload.
    A failure counts an attempt and is retried with exponential backoff, up to a maximum.
+   An email whose link expires (the password reset's `expires_minutes` after `created_at`) is never sent
+   late: once it is due past that time, or a retry would be, it is marked failed as expired instead.
 
 `enqueued_at` is also the row's lease: while it lies in the future (a scheduled retry, or a send in
 progress on SQLite) deliveries that arrive early leave the row alone and the relay does not touch it.
@@ -29,21 +33,21 @@ from __future__ import annotations
 import json
 import logging
 import smtplib
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from queue import Empty, Full, Queue
+from typing import Any, Literal, Protocol
 
 import peewee as pw
 
-from ..domain.ports import Clock
+from ..domain.ports import Clock, EmailDispatcher
 from ..settings import Settings
 from ..store.database import is_postgres
 from ..store.models import EmailOutbox, database
+from .breaker import CircuitBreaker
 from .mailer import KINDS, Mailer, build_message, message_id_for, render, validate_context
-
-if TYPE_CHECKING:
-    from ..domain.ports import EmailDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,12 @@ FAILED = "failed"
 # Processes on one machine (or NTP-synced ones) agree on the time to well within this.
 _CLOCK_TOLERANCE = timedelta(seconds=1)
 _MAX_ERROR_LENGTH = 500
+# Hand-offs waiting for the background thread, and how many ids it claims at once.
+_HANDOFF_CAPACITY = 10_000
+_HANDOFF_BATCH = 100
+# The reset email tells its reader how many minutes its link works, counted from the `now` that
+# created both the token and the row: after that it is a dead link, not worth sending.
+_EXPIRES_MINUTES = "expires_minutes"
 
 
 def queue_email(kind: str, recipient: str, context: dict[str, object], now: datetime) -> int:
@@ -83,17 +93,22 @@ class SqlOutbox:
 
 
 class DeliveryQueue(Protocol):
-    """Where delivery tasks go: the Huey instance of referral_grpc.infra.tasks."""
+    """Where delivery tasks go: the Huey tasks of referral_grpc.infra.tasks."""
 
     def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None: ...
 
 
 class HueyDispatcher:
-    """Hands committed outbox rows to the task queue; when the queue is down, leaves them to the relay."""
+    """Hands committed outbox rows to the task queue; when the queue is down, leaves them to the relay.
 
-    def __init__(self, huey: DeliveryQueue, clock: Clock) -> None:
-        self._queue = huey
+    With a breaker, a queue that just failed is not tried again until the breaker lets a probe
+    through: the rows stay unclaimed and the relay sends them.
+    """
+
+    def __init__(self, queue: DeliveryQueue, clock: Clock, breaker: CircuitBreaker | None = None) -> None:
+        self._queue = queue
         self._clock = clock
+        self._breaker = breaker
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
         if not outbox_ids:
@@ -103,17 +118,63 @@ class HueyDispatcher:
             claimed = _claim_for_enqueue(
                 EmailOutbox.id.in_(list(outbox_ids)) & EmailOutbox.enqueued_at.is_null(), now, len(outbox_ids)
             )
-            _enqueue_claimed(self._queue, claimed, now)
+            # Asked only with rows in hand: a half-open breaker's probe must end in a success or a failure.
+            if claimed and self._breaker is not None and not self._breaker.allow():
+                _release(claimed, now)
+                return
+            enqueued = _enqueue_claimed(self._queue, claimed, now)
+            if claimed and self._breaker is not None:
+                if enqueued == len(claimed):
+                    self._breaker.record_success()
+                else:
+                    self._breaker.record_failure()
         except Exception as exc:
             # Never raise: the change that queued these emails has committed; the relay sends them.
             log.warning("Could not dispatch emails %s, the outbox relay will: %s", list(outbox_ids), exc)
 
 
-def make_dispatcher(settings: Settings, clock: Clock) -> EmailDispatcher:
-    """The dispatcher of the gRPC server: a queue like the worker's, built from the same settings."""
-    from .tasks import create_huey  # tasks imports this module
+class BackgroundDispatcher:
+    """Runs another dispatcher on a background thread, so `dispatch` returns at once whatever the queue does.
 
-    return HueyDispatcher(create_huey(settings), clock)
+    Ids wait in a bounded in-memory queue. Ids dropped because it is full, or lost with the process
+    before their turn, belong to rows nobody claimed: the relay's next pass sends them.
+    """
+
+    def __init__(self, inner: EmailDispatcher, capacity: int = _HANDOFF_CAPACITY) -> None:
+        self._inner = inner
+        self._pending: Queue[list[int]] = Queue(capacity)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def dispatch(self, outbox_ids: Sequence[int]) -> None:
+        if not outbox_ids:
+            return
+        try:
+            self._pending.put_nowait(list(outbox_ids))
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="email-handoff", daemon=True)
+                    self._thread.start()
+        except Full:
+            log.warning("Email hand-off queue full, emails %s left for the outbox relay", list(outbox_ids))
+        except Exception as exc:
+            log.warning("Could not hand off emails %s, the outbox relay will: %s", list(outbox_ids), exc)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._pending.get()
+            # What queued up meanwhile goes into the same claim.
+            while len(batch) < _HANDOFF_BATCH:
+                try:
+                    batch.extend(self._pending.get_nowait())
+                except Empty:
+                    break
+            try:
+                # This thread's connection goes back to the pool between batches.
+                with database.connection_context():
+                    self._inner.dispatch(batch)
+            except Exception as exc:
+                log.warning("Could not dispatch emails %s, the outbox relay will: %s", batch, exc)
 
 
 def relay_pending(queue: DeliveryQueue, now: datetime, lease: timedelta, limit: int = 100) -> int:
@@ -250,6 +311,11 @@ def _owned_elsewhere(row: EmailOutbox, now: datetime) -> bool:
 
 def _attempt(row: EmailOutbox, mailer: Mailer, config: DeliveryConfig, clock: Clock) -> Delivery:
     context: dict[str, object] = json.loads(row.payload)
+    expires_at = _link_expires_at(row, context)
+    if expires_at is not None and clock.now() >= expires_at:
+        return _fail(
+            row, context, row.attempts, f"Expired: its link expired at {expires_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
     try:
         rendered = render(row.kind, context, public_base_url=config.public_base_url)
         message = build_message(
@@ -281,16 +347,11 @@ def _record_failure(
     attempts = row.attempts + 1
     error = _describe(exc, [*_secret_values(row.kind, context), *config.redact])
     if _is_permanent(exc) or attempts >= config.max_attempts:
-        (
-            EmailOutbox.update(
-                status=FAILED, attempts=attempts, last_error=error, payload=_scrubbed(row.kind, context)
-            )
-            .where(EmailOutbox.id == row.id)
-            .execute()
-        )
-        log.error("Email %d (%s) failed for good after %d attempt(s): %s", row.id, row.kind, attempts, error)
-        return Delivery("failed")
+        return _fail(row, context, attempts, error)
     delay = config.retry_delay(attempts)
+    expires_at = _link_expires_at(row, context)
+    if expires_at is not None and now + timedelta(seconds=delay) >= expires_at:
+        return _fail(row, context, attempts, f"Expired before the next attempt: {error}")
     (
         EmailOutbox.update(attempts=attempts, last_error=error, enqueued_at=now + timedelta(seconds=delay))
         .where(EmailOutbox.id == row.id)
@@ -300,6 +361,27 @@ def _record_failure(
         "Email %d (%s) attempt %d failed, retry in %.3gs: %s", row.id, row.kind, attempts, delay, error
     )
     return Delivery("retry", retry_in=delay)
+
+
+def _fail(row: EmailOutbox, context: Mapping[str, object], attempts: int, error: str) -> Delivery:
+    error = error[:_MAX_ERROR_LENGTH]
+    (
+        EmailOutbox.update(
+            status=FAILED, attempts=attempts, last_error=error, payload=_scrubbed(row.kind, context)
+        )
+        .where(EmailOutbox.id == row.id)
+        .execute()
+    )
+    log.error("Email %d (%s) failed for good after %d attempt(s): %s", row.id, row.kind, attempts, error)
+    return Delivery("failed")
+
+
+def _link_expires_at(row: EmailOutbox, context: Mapping[str, object]) -> datetime | None:
+    minutes = context.get(_EXPIRES_MINUTES)
+    if isinstance(minutes, int) and not isinstance(minutes, bool):
+        expires_at: datetime = row.created_at + timedelta(minutes=minutes)
+        return expires_at
+    return None
 
 
 def _is_permanent(exc: Exception) -> bool:
@@ -331,10 +413,14 @@ def _describe(exc: Exception, secrets: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class OutboxStats:
-    """Queue depth (pending rows) and lag (age of the oldest pending row), for metrics."""
+    """For metrics: queue depth (pending rows), lag (age of the oldest pending row), failed rows by kind.
+
+    `failed` has every kind, with 0 for kinds that never failed.
+    """
 
     depth: int
     lag_seconds: float
+    failed: Mapping[str, int]
 
 
 def outbox_stats(now: datetime) -> OutboxStats:
@@ -344,4 +430,12 @@ def outbox_stats(now: datetime) -> OutboxStats:
         EmailOutbox.select(EmailOutbox.created_at).where(pending).order_by(EmailOutbox.created_at).first()
     )
     lag = max((now - oldest.created_at).total_seconds(), 0.0) if oldest is not None else 0.0
-    return OutboxStats(depth=depth, lag_seconds=lag)
+    failed = dict.fromkeys(KINDS, 0)
+    query = (
+        EmailOutbox.select(EmailOutbox.kind, pw.fn.COUNT(EmailOutbox.id))
+        .where(EmailOutbox.status == FAILED)
+        .group_by(EmailOutbox.kind)
+    )
+    for kind, count in query.tuples().iterator():
+        failed[str(kind)] = int(count)
+    return OutboxStats(depth=depth, lag_seconds=lag, failed=failed)

@@ -1,8 +1,8 @@
-"""The task queue: the Huey instance with its tasks, the outbox relay, and the worker process that runs them.
+"""The task queue: a Huey instance with the service's tasks registered on it, and the worker that runs them.
 
 Run it with `python -m referral_grpc worker` (`run_worker(settings)`): Huey's consumer plus the outbox
-relay. `huey_consumer referral_grpc.infra.tasks.huey` also runs the tasks, but without the relay, so emails
-whose enqueue failed or whose task was lost would wait for a worker that has one.
+relay. `huey_consumer referral_grpc.infra.tasks.huey -g TERM` also runs the tasks, but without the relay,
+so emails whose enqueue failed or whose task was lost would wait for a worker that has one.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from datetime import timedelta
 from typing import Any
 
 import redis
-from huey import Huey
+from huey import Huey, RedisHuey, SqliteHuey
+from huey.api import TaskWrapper
 from huey.consumer import Consumer
-from huey.storage import RedisStorage, SqliteStorage
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from ..domain.ports import Clock, EmailVerifier, SystemClock
+from ..domain.ports import Clock, EmailDispatcher, EmailVerifier, SystemClock
 from ..settings import Settings
 from ..store.database import init_database
 from ..store.models import database
+from .breaker import CircuitBreaker
 from .mailer import Mailer, make_mailer
-from .outbox import DeliveryConfig, deliver, relay_pending
+from .outbox import BackgroundDispatcher, DeliveryConfig, HueyDispatcher, deliver, relay_pending
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +41,59 @@ _RELAY_BATCH = 100
 _RECHECK_BATCH = 100
 
 
-class TaskQueue(Huey):  # type: ignore[misc]
-    """A Huey instance with the service's tasks registered, bound to one Settings."""
+def create_huey(settings: Settings, *, enqueue_only: bool = False) -> Huey:
+    """RedisHuey when REDIS_URL is set; otherwise SqliteHuey in HUEY_SQLITE_PATH (the embedded setup).
 
-    def __init__(self, settings: Settings, name: str, storage_class: type, **storage_kwargs: Any) -> None:
+    The queue's name comes from REDIS_KEY_PREFIX, so deployments sharing a Redis keep separate queues.
+    `enqueue_only` is the gRPC server's instance: it only pushes, so a Redis that hangs or is gone
+    costs it REDIS_SOCKET_TIMEOUT once, with no retry.
+    """
+    name = f"{settings.redis_key_prefix}tasks"
+    if settings.redis_url:
+        if enqueue_only:
+            timeout = settings.redis_socket_timeout
+            pool = redis.ConnectionPool.from_url(
+                settings.redis_url,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        else:
+            pool = redis.ConnectionPool.from_url(
+                settings.redis_url,
+                # The consumer's blocking pop waits 1 s for a task: reads must be allowed longer.
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
+            )
         # Results are never read: storing them would only fill Redis.
-        super().__init__(name, results=False, utc=True, storage_class=storage_class, **storage_kwargs)
+        return RedisHuey(name, results=False, utc=True, connection_pool=pool)
+    settings.ensure_local_dirs()
+    return SqliteHuey(name, results=False, utc=True, filename=settings.huey_sqlite_path)
+
+
+class Tasks:
+    """The service's tasks registered on one Huey instance, bound to the settings and clock they run with."""
+
+    def __init__(self, huey: Huey, settings: Settings, clock: Clock) -> None:
+        self.huey = huey
         self.settings = settings
-        self.clock: Clock = SystemClock()
+        self.clock = clock
         self.delivery_config = DeliveryConfig.from_settings(settings)
         self._mailer: Mailer | None = None
         self._verifier: EmailVerifier | None = None
         self._lock = threading.Lock()
-        self.deliver_email = self.task(name=DELIVER_EMAIL)(self._deliver_email)
-        self.recheck_email = self.task(name=RECHECK_EMAIL)(self._recheck_email)
+        self.deliver_email: TaskWrapper = huey.task(name=DELIVER_EMAIL)(self._deliver_email)
+        self.recheck_email: TaskWrapper = huey.task(name=RECHECK_EMAIL)(self._recheck_email)
         # For `huey_consumer`, which knows nothing of run_worker: bind the models in each worker thread.
-        self.on_startup(name="bind_database")(self._ensure_database)
+        huey.on_startup(name="bind_database")(self._ensure_database)
 
     def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None:
         """Queue `deliver_email(outbox_id)`, after `delay` seconds if given; raises when the queue is down."""
-        self.enqueue(self.deliver_email.s(outbox_id, delay=delay))
+        self.huey.enqueue(self.deliver_email.s(outbox_id, delay=delay))
 
     def enqueue_recheck(self, user_id: int) -> None:
-        self.enqueue(self.recheck_email.s(user_id))
+        self.huey.enqueue(self.recheck_email.s(user_id))
 
     @property
     def mailer(self) -> Mailer:
@@ -100,67 +131,64 @@ class TaskQueue(Huey):  # type: ignore[misc]
             log.info("Email of user %d re-checked: %s", user_id, status)
 
 
-def create_huey(settings: Settings) -> TaskQueue:
-    """RedisHuey when REDIS_URL is set; otherwise SqliteHuey in HUEY_SQLITE_PATH (the embedded setup).
+def create_tasks(settings: Settings, clock: Clock, *, enqueue_only: bool = False) -> Tasks:
+    """The queue of `create_huey` with the service's tasks registered on it."""
+    return Tasks(create_huey(settings, enqueue_only=enqueue_only), settings, clock)
 
-    The queue's name comes from REDIS_KEY_PREFIX, so deployments sharing a Redis keep separate queues.
+
+def make_dispatcher(settings: Settings, clock: Clock) -> EmailDispatcher:
+    """The gRPC server's dispatcher: best-effort hand-off after the commit that can never slow an RPC.
+
+    The request thread only appends the ids to an in-memory queue; a background thread enqueues them
+    through a fail-fast client behind a circuit breaker. Whatever it cannot hand over, the relay sends.
     """
-    name = f"{settings.redis_key_prefix}tasks"
-    if settings.redis_url:
-        pool = redis.ConnectionPool.from_url(
-            settings.redis_url,
-            # The dispatcher runs in request threads: an unreachable Redis must fail fast, and the
-            # relay sends later. Reads wait longer than the consumer's 1 s blocking pop.
-            socket_connect_timeout=1.0,
-            socket_timeout=5.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
-        )
-        return TaskQueue(settings, name, RedisStorage, connection_pool=pool)
-    settings.ensure_local_dirs()
-    return TaskQueue(settings, name, SqliteStorage, filename=settings.huey_sqlite_path)
+    tasks = create_tasks(settings, clock, enqueue_only=True)
+    return BackgroundDispatcher(HueyDispatcher(tasks, clock, CircuitBreaker()))
 
 
-class _Consumer(Consumer):  # type: ignore[misc]
-    def __init__(self, huey: TaskQueue, *, handle_signals: bool, **options: Any) -> None:
-        super().__init__(huey, **options)
-        self._handle_signals = handle_signals
-        # Huey interrupts running tasks on SIGTERM; a `docker stop` or systemd stop must let the
-        # running delivery finish, as Ctrl-C does. A second signal still forces the exit.
-        self._signal_actions[signal.SIGINT] = (False, True)
-        self._signal_actions[signal.SIGTERM] = (False, True)
-
-    def _set_signal_handlers(self) -> None:
-        # Signal handlers can only be set from the main thread; an embedded worker leaves them alone.
-        if self._handle_signals:
-            super()._set_signal_handlers()
+# The signals Huey's consumer takes over when it starts.
+_CONSUMER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Worker:
     """The consumer threads plus the outbox relay: everything the worker process runs."""
 
-    def __init__(self, settings: Settings, queue: TaskQueue | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Clock, tasks: Tasks | None = None) -> None:
         self.settings = settings
-        self.queue = queue if queue is not None else create_huey(settings)
+        self.tasks = tasks if tasks is not None else create_tasks(settings, clock)
         self._stop = threading.Event()
         self._relay = threading.Thread(target=self._relay_loop, name="outbox-relay", daemon=True)
-        self._consumer: _Consumer | None = None
+        self._consumer: Consumer | None = None
 
-    def _make_consumer(self, *, handle_signals: bool) -> _Consumer:
-        return _Consumer(
-            self.queue,
-            handle_signals=handle_signals,
+    def _make_consumer(self) -> Consumer:
+        consumer: Consumer = self.tasks.huey.create_consumer(
             workers=self.settings.worker_threads,
             # Re-checks are enqueued by the relay loop; no periodic tasks.
             periodic=False,
             # SqliteHuey is polled: an idle worker still looks at least once a second.
             max_delay=1.0,
             scheduler_interval=1,
+            # `docker stop`, systemd and Kubernetes stop with SIGTERM: the running delivery finishes
+            # (a second SIGTERM forces the exit). SIGINT (Ctrl-C) stops at once; the relay sends
+            # what that interrupted after OUTBOX_LEASE.
+            graceful_signal="TERM",
         )
+        return consumer
 
     def start(self) -> None:
-        """Run in background threads (tests, or a worker embedded in another process)."""
-        self._consumer = self._make_consumer(handle_signals=False)
-        self._consumer.start()
+        """Run in background threads (tests, or a worker embedded in another process's main thread).
+
+        The consumer installs its signal handlers when it starts; an embedded worker gives the host
+        process its own back, and is stopped by `stop()`.
+        """
+        saved = {signum: signal.getsignal(signum) for signum in _CONSUMER_SIGNALS}
+        self._consumer = self._make_consumer()
+        try:
+            self._consumer.start()
+        finally:
+            for signum, handler in saved.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         self._relay.start()
 
     def stop(self) -> None:
@@ -172,8 +200,8 @@ class Worker:
             self._consumer.stop(graceful=True)
 
     def run(self) -> None:
-        """Run in the foreground until SIGINT or SIGTERM; running tasks finish before it returns."""
-        consumer = self._make_consumer(handle_signals=True)
+        """Run in the foreground until SIGTERM (running tasks finish first) or SIGINT (they do not)."""
+        consumer = self._make_consumer()
         self._relay.start()
         try:
             consumer.run()
@@ -188,7 +216,7 @@ class Worker:
         try:
             with database.connection_context():
                 while True:
-                    count = relay_pending(self.queue, self.queue.clock.now(), lease, _RELAY_BATCH)
+                    count = relay_pending(self.tasks, self.tasks.clock.now(), lease, _RELAY_BATCH)
                     total += count
                     if count < _RELAY_BATCH:
                         break
@@ -206,7 +234,7 @@ class Worker:
             with database.connection_context():
                 user_ids = hunter.users_needing_recheck(_RECHECK_BATCH)
             for user_id in user_ids:
-                self.queue.enqueue_recheck(user_id)
+                self.tasks.enqueue_recheck(user_id)
         except Exception as exc:
             log.warning("Could not enqueue email re-checks: %s", exc)
             return 0
@@ -223,10 +251,10 @@ class Worker:
 
 
 def run_worker(settings: Settings) -> None:
-    """`python -m referral_grpc worker`: consume the queue in the foreground until SIGINT or SIGTERM."""
+    """`python -m referral_grpc worker`: consume the queue in the foreground until SIGTERM or SIGINT."""
     settings.ensure_local_dirs()
     init_database(settings)
-    worker = Worker(settings)
+    worker = Worker(settings, SystemClock())
     log.info(
         "Worker started: %d thread(s), %s queue, relay every %ss",
         settings.worker_threads,
@@ -238,15 +266,15 @@ def run_worker(settings: Settings) -> None:
 
 
 @functools.cache
-def _default_huey() -> TaskQueue:
-    return create_huey(Settings.from_env())
+def _default_tasks() -> Tasks:
+    return create_tasks(Settings.from_env(), SystemClock())
 
 
 def __getattr__(name: str) -> Any:
     # `huey`, `deliver_email` and `recheck_email` are built on first use, not at import: importing this
-    # module (the server does, for create_huey) must not read the environment or create var/huey.db.
+    # module (the server does, for make_dispatcher) must not read the environment or create var/huey.db.
     if name == "huey":
-        return _default_huey()
+        return _default_tasks().huey
     if name in (DELIVER_EMAIL, RECHECK_EMAIL):
-        return getattr(_default_huey(), name)
+        return getattr(_default_tasks(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
