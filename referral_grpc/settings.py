@@ -126,6 +126,9 @@ class Settings:
     code_max_horizon_days: int = 365
     reset_token_ttl: int = 1800
     public_base_url: str = ""
+    # required: the public lookup hides unverified owners' codes and their referrals do not count;
+    # optional: the verified flag is recorded and shown only (see the README's "Email verification").
+    email_verification: str = "optional"
 
     redis_url: str = field(default="", repr=False)
     redis_key_prefix: str = "referral:"
@@ -274,6 +277,9 @@ class Settings:
             code_max_horizon_days=_int(env, "CODE_MAX_HORIZON_DAYS", 365, minimum=1, maximum=3650),
             reset_token_ttl=_int(env, "RESET_TOKEN_TTL", 1800, minimum=60, maximum=86_400),
             public_base_url=_str(env, "PUBLIC_BASE_URL").rstrip("/"),
+            email_verification=_choice(
+                env, "EMAIL_VERIFICATION", "required" if production else "optional", ("required", "optional")
+            ),
             redis_url=_str(env, "REDIS_URL"),
             redis_key_prefix=_str(env, "REDIS_KEY_PREFIX", "referral:") or "referral:",
             cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", 300, minimum=1, maximum=86_400),
