@@ -114,7 +114,10 @@ class ReferralService:
         now = self._clock.now()
         cached = self._cache.get(email_key, now)
         if cached.value is not None:
-            return self._visible(cached.value)
+            # Hidden entries come only from servers running with verification optional (a shared cache).
+            if self._hidden(cached.value):
+                raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
+            return cached.value
         row = (
             ReferralCode.select(
                 ReferralCode.code, ReferralCode.expires_at, User.email_verified_at.alias("owner_verified_at")
@@ -133,15 +136,15 @@ class ReferralService:
         value = CachedCode(
             code=row.code, expires_at=row.expires_at, owner_verified=row.owner_verified_at is not None
         )
-        # Cached whatever the owner's state, so that lookups of unverified owners stay cheap too.
-        self._cache.fill(email_key, cached.generation, value, now)
-        return self._visible(value)
-
-    def _visible(self, value: CachedCode) -> CachedCode:
-        """The code, unless verification is required and its owner has not verified: then a miss."""
-        if self._verification_required and not value.owner_verified:
+        if self._hidden(value):
+            # Not cached either: this answer costs what a miss costs, so its speed cannot tell them apart.
             raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
+        self._cache.fill(email_key, cached.generation, value, now)
         return value
+
+    def _hidden(self, value: CachedCode) -> bool:
+        """Whether verification is required and the code's owner has not verified: then it is a miss."""
+        return self._verification_required and not value.owner_verified
 
     def list_referrals(self, user_id: int, page_size: int, page_token: str) -> ReferralPage:
         if page_size < 0:

@@ -83,10 +83,11 @@ class EmailVerificationService:
             "token", "is invalid, expired or already used", "VERIFICATION_TOKEN_INVALID"
         )
         now = self._clock.now()
+        # Read before the transaction: a flood of bad tokens never takes SQLite's write lock.
+        row = EmailVerificationToken.get_or_none(EmailVerificationToken.token_hash == token_digest(token))
+        if row is None or row.used_at is not None or row.expires_at <= now:
+            raise invalid
         with write_transaction(self._db):
-            row = EmailVerificationToken.get_or_none(EmailVerificationToken.token_hash == token_digest(token))
-            if row is None or row.used_at is not None or row.expires_at <= now:
-                raise invalid
             # Single use even under concurrency: only one call can flip used_at.
             consumed = (
                 EmailVerificationToken.update(used_at=now)
