@@ -74,6 +74,9 @@ def seed(database_url: str, plan: SeedPlan, real_hash: str) -> Seeded:
             FROM users WHERE email_key LIKE 'user%%'
             """
         )
+        # Verified owners: the bench runs with the production default EMAIL_VERIFICATION=required, which
+        # hides an unverified owner's code from the lookup.
+        cur.execute("UPDATE users SET email_verified_at = created_at WHERE email_key LIKE 'user%%'")
         cur.execute(
             """
             INSERT INTO users (email, email_key, password_hash, token_version, created_at, email_status,

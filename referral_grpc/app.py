@@ -12,6 +12,7 @@ from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
 from .domain.referrals import ReferralService
 from .domain.tokens import AccessTokens, PageTokens, SuccessorTokens
+from .domain.verification import EmailVerificationService
 from .settings import Settings
 from .store.database import init_database
 
@@ -29,6 +30,7 @@ class App:
     auth: AuthService
     referrals: ReferralService
     throttle: Throttle
+    email_verification: EmailVerificationService
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -70,6 +72,20 @@ def build_app(
     access = AccessTokens(
         settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience, settings.access_token_ttl, clock
     )
+    verification_required = settings.email_verification == "required"
+    outbox = SqlOutbox()
+    # A resend emails the account's own address, like a reset request: the same limits, its own counter.
+    resend_rule = Rule("verification", settings.reset_max_requests, settings.reset_request_window)
+    email_verification = EmailVerificationService(
+        db=db,
+        clock=clock,
+        outbox=outbox,
+        dispatcher=dispatcher,
+        cache=cache,
+        throttle=throttle,
+        resend_rule=resend_rule,
+        required=verification_required,
+    )
     auth = AuthService(
         db=db,
         clock=clock,
@@ -80,11 +96,12 @@ def build_app(
         refresh_reuse_grace=settings.refresh_reuse_grace_seconds,
         reset_token_ttl=settings.reset_token_ttl,
         verifier=verifier,
-        outbox=SqlOutbox(),
+        outbox=outbox,
         dispatcher=dispatcher,
         throttle=throttle,
         limits=limits,
         reset_request_min_seconds=settings.reset_request_min_seconds,
+        email_verification=email_verification,
     )
     # Lookups by email are rate-limited per client address by Envoy (gateway/envoy.yaml), not per
     # target email here: a per-target limit cannot stop enumeration (each guess is a new email) and
@@ -95,5 +112,8 @@ def build_app(
         cache=cache,
         page_tokens=PageTokens(settings.jwt_secret),
         max_horizon_days=settings.code_max_horizon_days,
+        verification_required=verification_required,
     )
-    return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle)
+    return App(
+        settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle, email_verification
+    )

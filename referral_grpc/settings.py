@@ -309,7 +309,17 @@ class Settings:
     code_max_horizon_days: int = integer(365, "how far ahead a code may expire", minimum=1, maximum=3650)
     reset_token_ttl: int = integer(1800, "password-reset token lifetime, seconds", minimum=60, maximum=86_400)
     public_base_url: str = url(
-        "", "when set, reset emails carry `{PUBLIC_BASE_URL}/reset-password?token=...`"
+        "",
+        "when set, reset and verification emails carry links under it "
+        "(`/reset-password?token=...`, `/verify-email?token=...`)",
+    )
+    email_verification: str = choice(
+        Derived(
+            "`optional` (`required` in production)", lambda v: "required" if _in_production(v) else "optional"
+        ),
+        "`required`: the public lookup hides unverified owners' codes and their referrals do not count; "
+        "`optional`: the verified flag is recorded and shown only",
+        ("required", "optional"),
     )
 
     redis_url: str = url(

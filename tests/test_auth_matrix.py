@@ -39,6 +39,7 @@ PUBLIC_RPCS = {
     "/referral.v1.AuthService/RefreshToken",
     "/referral.v1.AuthService/RequestPasswordReset",
     "/referral.v1.AuthService/ResetPassword",
+    "/referral.v1.AuthService/VerifyEmail",
     "/referral.v1.ReferralService/GetReferralCodeByEmail",
 }
 

@@ -145,7 +145,7 @@ def flaky_redis(redis_url: str) -> Iterator[FlakyRedis]:
 
 
 def code(name: str = "ABCD2345", valid_for: timedelta = timedelta(days=30)) -> CachedCode:
-    return CachedCode(code=name, expires_at=NOW + valid_for)
+    return CachedCode(code=name, expires_at=NOW + valid_for, owner_verified=True)
 
 
 def timed_get(cache: InstrumentedCodeCache) -> tuple[CacheRead, float]:
@@ -298,7 +298,7 @@ def test_key_layout_holds_only_public_data_and_every_key_has_a_ttl(
 
     keys = sorted(key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}*"))
     assert keys == [f"{key_prefix}code:{EMAIL}", f"{key_prefix}codegen:{EMAIL}"]
-    assert redis_client.get(f"{key_prefix}code:{EMAIL}") == b"ABCD2345|2026-05-31T12:00:00+00:00"
+    assert redis_client.get(f"{key_prefix}code:{EMAIL}") == b"ABCD2345|2026-05-31T12:00:00+00:00|verified"
     assert redis_client.get(f"{key_prefix}codegen:{EMAIL}") == b"1"
     assert 0 < redis_client.ttl(f"{key_prefix}codegen:{EMAIL}") <= GENERATION_TTL_SECONDS
     assert all(redis_client.pttl(key) > 0 for key in keys)

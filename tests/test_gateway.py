@@ -148,16 +148,15 @@ def assert_tokens(tokens: dict[str, Any], user_id: str | None = None) -> None:
     assert len(tokens["refresh_token"]) >= 32
 
 
-def reset_token(database: str, email: str) -> str:
+def reset_token(database: str, email: str, kind: str = "password_reset") -> str:
     with psycopg2.connect(database) as conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT payload FROM email_outbox WHERE recipient = %s AND kind = 'password_reset' "
-            "ORDER BY id DESC LIMIT 1",
-            (email,),
+            "SELECT payload FROM email_outbox WHERE recipient = %s AND kind = %s ORDER BY id DESC LIMIT 1",
+            (email, kind),
         )
         row = cur.fetchone()
     conn.close()
-    assert row is not None, f"no reset email for {email}"
+    assert row is not None, f"no {kind} email for {email}"
     return str(json.loads(row[0])["token"])
 
 
@@ -491,6 +490,9 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, module_pg_
     steps: list[tuple[str, Callable[[], dict[str, Any]], Callable[[Any], None] | None]] = [
         ("AuthService_Register", lambda: {"json": credentials}, remember("owner")),
         ("AuthService_Login", lambda: {"json": credentials}, remember("owner")),
+        ("AuthService_ResendVerificationEmail", lambda: {"token": token()}, None),
+        ("AuthService_VerifyEmail",
+         lambda: {"json": {"token": reset_token(module_pg_url, owner_email, "email_verification")}}, None),
         ("ReferralService_CreateReferralCode", lambda: {"token": token(), "json": {"expires_at": in_days(3)}},
          remember("code")),
         ("ReferralService_GetReferralCodeByEmail", lambda: {"params": {"email": owner_email}}, None),

@@ -266,8 +266,9 @@ def test_metrics_endpoint_reports_rpcs_latency_cache_and_outbox(database_url: st
     assert value("referral_cache_hits_total") == 1
     assert value("referral_cache_misses_total") == 2
     assert value("referral_cache_hit_ratio") == pytest.approx(1 / 3)
-    # Two welcome emails wait (NoDispatch sends nothing), both written 90 s before the scrape.
-    assert value("referral_email_outbox_pending") == 2
+    # Two registrations' emails wait, a welcome and a verification email each (NoDispatch sends nothing),
+    # all written 90 s before the scrape.
+    assert value("referral_email_outbox_pending") == 4
     assert value("referral_email_outbox_lag_seconds") == pytest.approx(90)
     assert value("referral_database_up") == 1
 

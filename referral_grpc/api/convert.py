@@ -9,6 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from ..domain.auth import IssuedTokens
 from ..domain.errors import InvalidArgument
+from ..domain.verification import Resent, Verified
 from ..gen import auth_service_pb2
 
 # google.protobuf.Timestamp's own range: 0001-01-01 to 9999-12-31.
@@ -45,3 +46,16 @@ def metadata_value(context: grpc.ServicerContext, key: str) -> str:
         if name == key and isinstance(value, str):
             return value
     return ""
+
+
+def verified(result: Verified) -> auth_service_pb2.VerifyEmailResponse:
+    return auth_service_pb2.VerifyEmailResponse(
+        user_id=result.user_id, email_verified_at=timestamp(result.email_verified_at)
+    )
+
+
+def resent(result: Resent) -> auth_service_pb2.ResendVerificationEmailResponse:
+    response = auth_service_pb2.ResendVerificationEmailResponse(email_sent=result.email_sent)
+    if result.email_verified_at is not None:
+        response.email_verified_at.CopyFrom(timestamp(result.email_verified_at))
+    return response

@@ -6,6 +6,7 @@ import grpc
 
 from ..domain.auth import PROOF_FIELD, AuthService
 from ..domain.referrals import ReferralService
+from ..domain.verification import EmailVerificationService
 from ..gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
 from . import convert
 from .interceptors import current_principal
@@ -15,8 +16,9 @@ pb_ref = referral_service_pb2
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: AuthService) -> None:
+    def __init__(self, auth: AuthService, verification: EmailVerificationService) -> None:
         self._auth = auth
+        self._verification = verification
 
     def Register(self, request: pb_auth.RegisterRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         return convert.auth_tokens(
@@ -55,6 +57,16 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             current_principal(), request.current_password, request.new_password
         )
         return convert.auth_tokens(tokens)
+
+    def VerifyEmail(
+        self, request: pb_auth.VerifyEmailRequest, context: grpc.ServicerContext
+    ) -> pb_auth.VerifyEmailResponse:
+        return convert.verified(self._verification.verify(request.token))
+
+    def ResendVerificationEmail(
+        self, request: pb_auth.ResendVerificationEmailRequest, context: grpc.ServicerContext
+    ) -> pb_auth.ResendVerificationEmailResponse:
+        return convert.resent(self._verification.resend(current_principal()))
 
 
 class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):

@@ -27,6 +27,7 @@ from .validation import (
     check_token,
     normalize_email,
 )
+from .verification import EmailVerificationService
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class AuthService:
         throttle: Throttle,
         limits: Limits,
         reset_request_min_seconds: float,
+        email_verification: EmailVerificationService,
     ) -> None:
         self._db = db
         self._clock = clock
@@ -94,6 +96,7 @@ class AuthService:
         self._throttle = throttle
         self._limits = limits
         self._reset_min_seconds = reset_request_min_seconds
+        self._email_verification = email_verification
 
     # --- sign-in -------------------------------------------------------------------------
 
@@ -133,8 +136,13 @@ class AuthService:
                     email_status=verification.status,
                     email_checked_at=now if verification.checked else None,
                     email_recheck=not verification.checked and verification.status != "unchecked",
+                    # Required verification: counts once both addresses are verified (VerifyEmail).
+                    referral_qualified_at=(
+                        now if referrer_id is not None and not self._email_verification.required else None
+                    ),
                 )
                 outbox_ids.append(self._outbox.queue_email("welcome", email, {}, now))
+                outbox_ids.append(self._email_verification.issue(user.id, email, now))
                 if referrer_id is not None:
                     referrer = User.get_by_id(referrer_id)
                     outbox_ids.append(

@@ -39,10 +39,15 @@ class SystemClock:
 
 @dataclass(frozen=True)
 class CachedCode:
-    """The public data of an active code, as cached for lookups by email."""
+    """The public data of an active code, as cached for lookups by email.
+
+    `owner_verified` travels with the code so that a cached entry can be refused when email
+    verification is required and the owner has not verified (VerifyEmail invalidates the entry).
+    """
 
     code: str
     expires_at: datetime
+    owner_verified: bool
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,14 @@ class ReferralService:
         cache: CodeCache,
         page_tokens: PageTokens,
         max_horizon_days: int,
+        verification_required: bool,
     ) -> None:
         self._db = db
         self._clock = clock
         self._cache = cache
         self._pages = page_tokens
         self._horizon = timedelta(days=max_horizon_days)
+        self._verification_required = verification_required
 
     def create_code(self, user_id: int, expires_at: datetime | None) -> CodeView:
         now = self._clock.now()
@@ -112,22 +114,37 @@ class ReferralService:
         now = self._clock.now()
         cached = self._cache.get(email_key, now)
         if cached.value is not None:
+            # Hidden entries come only from servers running with verification optional (a shared cache).
+            if self._hidden(cached.value):
+                raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
             return cached.value
         row = (
-            ReferralCode.select(ReferralCode.code, ReferralCode.expires_at)
+            ReferralCode.select(
+                ReferralCode.code, ReferralCode.expires_at, User.email_verified_at.alias("owner_verified_at")
+            )
             .join(User)
             .where(
                 (User.email_key == email_key)
                 & (ReferralCode.is_active == True)  # noqa: E712
                 & (ReferralCode.expires_at > now)
             )
+            .objects()
             .first()
         )
         if row is None:
             raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
-        value = CachedCode(code=row.code, expires_at=row.expires_at)
+        value = CachedCode(
+            code=row.code, expires_at=row.expires_at, owner_verified=row.owner_verified_at is not None
+        )
+        if self._hidden(value):
+            # Not cached either: this answer costs what a miss costs, so its speed cannot tell them apart.
+            raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
         self._cache.fill(email_key, cached.generation, value, now)
         return value
+
+    def _hidden(self, value: CachedCode) -> bool:
+        """Whether verification is required and the code's owner has not verified: then it is a miss."""
+        return self._verification_required and not value.owner_verified
 
     def list_referrals(self, user_id: int, page_size: int, page_token: str) -> ReferralPage:
         if page_size < 0:

@@ -1,9 +1,13 @@
+import datetime
+
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from . import rpc_policy_pb2 as _rpc_policy_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -86,3 +90,29 @@ class ChangePasswordRequest(_message.Message):
     current_password: str
     new_password: str
     def __init__(self, current_password: _Optional[str] = ..., new_password: _Optional[str] = ...) -> None: ...
+
+class VerifyEmailRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class VerifyEmailResponse(_message.Message):
+    __slots__ = ("user_id", "email_verified_at")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    email_verified_at: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[int] = ..., email_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ResendVerificationEmailRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResendVerificationEmailResponse(_message.Message):
+    __slots__ = ("email_sent", "email_verified_at")
+    EMAIL_SENT_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    email_sent: bool
+    email_verified_at: _timestamp_pb2.Timestamp
+    def __init__(self, email_sent: _Optional[bool] = ..., email_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

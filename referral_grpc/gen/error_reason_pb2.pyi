@@ -28,6 +28,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_TOKEN: _ClassVar[ErrorReason]
     INVALID_REFRESH_TOKEN: _ClassVar[ErrorReason]
     RESET_TOKEN_INVALID: _ClassVar[ErrorReason]
+    VERIFICATION_TOKEN_INVALID: _ClassVar[ErrorReason]
     REFERRAL_CODE_INVALID: _ClassVar[ErrorReason]
     REFERRAL_CODE_UNKNOWN: _ClassVar[ErrorReason]
     REFERRAL_CODE_EXPIRED: _ClassVar[ErrorReason]
@@ -64,6 +65,7 @@ INVALID_CREDENTIALS: ErrorReason
 INVALID_TOKEN: ErrorReason
 INVALID_REFRESH_TOKEN: ErrorReason
 RESET_TOKEN_INVALID: ErrorReason
+VERIFICATION_TOKEN_INVALID: ErrorReason
 REFERRAL_CODE_INVALID: ErrorReason
 REFERRAL_CODE_UNKNOWN: ErrorReason
 REFERRAL_CODE_EXPIRED: ErrorReason

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # Redis key layout (every key has a TTL; `{prefix}` is REDIS_KEY_PREFIX, default "referral:"):
 #
-#   {prefix}code:{email_key}     "CODE|2026-05-01T12:00:00+00:00": the public code and its expiry, nothing
-#                                else. TTL = min(CACHE_TTL_SECONDS, time left until the code expires).
+#   {prefix}code:{email_key}     "CODE|2026-05-01T12:00:00+00:00|verified": the public code, its expiry and
+#                                whether its owner's email is verified ("unverified" if not), nothing else.
+#                                TTL = min(CACHE_TTL_SECONDS, time left until the code expires).
 #   {prefix}codegen:{email_key}  integer generation, INCRed by every invalidation (a missing key reads as
 #                                "0"). TTL = GENERATION_TTL_SECONDS, refreshed by every invalidation.
 #
@@ -67,20 +68,29 @@ def entry_ttl_ms(value: CachedCode, now: datetime, ttl_seconds: int) -> int:
     return min(ttl_seconds * 1000, left_ms)
 
 
+_OWNER_STATES = {"verified": True, "unverified": False}
+
+
 def encode_entry(value: CachedCode) -> str:
-    return f"{value.code}|{value.expires_at.astimezone(UTC).isoformat()}"
+    owner = "verified" if value.owner_verified else "unverified"
+    return f"{value.code}|{value.expires_at.astimezone(UTC).isoformat()}|{owner}"
 
 
 def decode_entry(raw: str) -> CachedCode | None:
-    """The cached code, or None for a value this version cannot read (then it is a miss and gets refilled)."""
-    code, _, expires = raw.rpartition("|")
+    """The cached code, or None for a value this version cannot read (then it is a miss and gets refilled).
+
+    An entry without the owner's state (written before email verification existed) is such a value:
+    it must not pass for a verified owner's code.
+    """
+    code, _, rest = raw.partition("|")
+    expires, _, owner = rest.partition("|")
     try:
         expires_at = datetime.fromisoformat(expires)
     except ValueError:
         return None
-    if not code or expires_at.tzinfo is None:
+    if not code or expires_at.tzinfo is None or owner not in _OWNER_STATES:
         return None
-    return CachedCode(code=code, expires_at=expires_at)
+    return CachedCode(code=code, expires_at=expires_at, owner_verified=_OWNER_STATES[owner])
 
 
 class _Counters:

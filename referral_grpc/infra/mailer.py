@@ -40,6 +40,14 @@ KINDS: Mapping[str, EmailKind] = {
     "referral_joined": EmailKind({"referee_email_masked": str}),
     # Sent after a password change or a completed reset.
     "password_changed": EmailKind({}),
+    # Sent at registration and by ResendVerificationEmail: proof that the owner receives mail there.
+    "email_verification": EmailKind({"token": str, "expires_hours": int}, frozenset({"token"})),
+}
+
+# Kinds whose token completes an action on a page of PUBLIC_BASE_URL: the page for each.
+LINK_PAGES: Mapping[str, str] = {
+    "password_reset": "/reset-password",
+    "email_verification": "/verify-email",
 }
 
 
@@ -78,13 +86,14 @@ def render(kind: str, context: Mapping[str, object], *, public_base_url: str = "
     validate_context(kind, context)
     text_values = {key: str(value) for key, value in context.items()}
     html_values = {key: html.escape(value) for key, value in text_values.items()}
-    if kind == "password_reset":
-        # Without a public URL there is no page to link to: the token alone completes the reset.
+    page = LINK_PAGES.get(kind)
+    if page is not None:
+        # Without a public URL there is no page to link to: the token alone completes the action.
         text_values["link"] = html_values["link"] = ""
         if public_base_url:
-            url = f"{public_base_url}/reset-password?token={quote(text_values['token'], safe='')}"
-            text_values["link"] = _template("password_reset.link.txt").substitute(reset_url=url)
-            html_values["link"] = _template("password_reset.link.html").substitute(reset_url=html.escape(url))
+            url = f"{public_base_url}{page}?token={quote(text_values['token'], safe='')}"
+            text_values["link"] = _template(f"{kind}.link.txt").substitute(url=url)
+            html_values["link"] = _template(f"{kind}.link.html").substitute(url=html.escape(url))
     subject = _template(f"{kind}.subject.txt").substitute(text_values)
     return RenderedEmail(
         # One line, whatever the template holds: a newline in a header would be refused.
@@ -163,7 +172,7 @@ def _close(smtp: smtplib.SMTP) -> None:
 class ConsoleMailer:
     """Development transport (no SMTP_HOST): prints each whole message to stdout.
 
-    Reset tokens included, so a developer can finish a password reset locally.
+    Reset and verification tokens included, so a developer can finish either locally.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:

@@ -72,6 +72,12 @@ class User(BaseModel):
     email_checked_at = UTCDateTimeField(null=True)
     # Set when Hunter could not answer at signup: the address is checked again later.
     email_recheck = pw.BooleanField(default=False)
+    # When the owner proved they receive mail at `email` (VerifyEmail); NULL until then.
+    email_verified_at = UTCDateTimeField(null=True)
+    # When this account started counting as a referral of `referrer` for the referrer's rewards: at
+    # signup with EMAIL_VERIFICATION=optional; with `required`, once both addresses are verified.
+    # NULL while it does not count (or there is no referrer). The rewards feature reads this.
+    referral_qualified_at = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "users"
@@ -120,6 +126,21 @@ class PasswordResetToken(BaseModel):
         table_name = "password_reset_tokens"
 
 
+class EmailVerificationToken(BaseModel):
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="verification_tokens")
+    user_id: int
+    # SHA-256 of the token: the token itself is only ever in the email.
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    # Set when the token is used, and when a newer token replaces it: only the newest one works.
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "email_verification_tokens"
+
+
 class RefreshToken(BaseModel):
     id = pw.BigAutoField()
     user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="refresh_tokens")
@@ -156,4 +177,11 @@ class EmailOutbox(BaseModel):
         indexes = ((("status", "created_at"), False),)
 
 
-ALL_MODELS: tuple[type[BaseModel], ...] = (User, ReferralCode, PasswordResetToken, RefreshToken, EmailOutbox)
+ALL_MODELS: tuple[type[BaseModel], ...] = (
+    User,
+    ReferralCode,
+    PasswordResetToken,
+    EmailVerificationToken,
+    RefreshToken,
+    EmailOutbox,
+)

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from . import rpc_policy_pb2 as referral_dot_v1_dot_rpc__policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ereferral/v1/auth_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1creferral/v1/rpc_policy.proto\"[\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\";\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\",\n\rLogoutRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x10\n\x0eLogoutResponse\"\xb2\x01\n\nAuthTokens\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\ntoken_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nexpires_in\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rrefresh_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12 \n\x12refresh_expires_in\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"2\n\x1bRequestPasswordResetRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x1cRequestPasswordResetResponse\"G\n\x14ResetPasswordRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15ResetPasswordResponse\"S\n\x15\x43hangePasswordRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xaf\x06\n\x0b\x41uthService\x12\x64\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x17.referral.v1.AuthTokens\"!\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12[\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x17.referral.v1.AuthTokens\"\x1e\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12i\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a\x17.referral.v1.AuthTokens\"\x1e\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12Z\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12\x94\x01\n\x14RequestPasswordReset\x12(.referral.v1.RequestPasswordResetRequest\x1a).referral.v1.RequestPasswordResetResponse\"\'\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x19\"\x14/auth/reset_password:\x01*\x12\x87\x01\n\rResetPassword\x12!.referral.v1.ResetPasswordRequest\x1a\".referral.v1.ResetPasswordResponse\"/\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02!\"\x1c/auth/reset_password/confirm:\x01*\x12u\n\x0e\x43hangePassword\x12\".referral.v1.ChangePasswordRequest\x1a\x17.referral.v1.AuthTokens\"&\x8a\xb5\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/auth/change_password:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ereferral/v1/auth_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"[\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\";\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\",\n\rLogoutRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x10\n\x0eLogoutResponse\"\xb2\x01\n\nAuthTokens\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\ntoken_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nexpires_in\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rrefresh_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12 \n\x12refresh_expires_in\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"2\n\x1bRequestPasswordResetRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x1cRequestPasswordResetResponse\"G\n\x14ResetPasswordRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15ResetPasswordResponse\"S\n\x15\x43hangePasswordRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x12VerifyEmailRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13VerifyEmailResponse\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\" \n\x1eResendVerificationEmailRequest\"x\n\x1fResendVerificationEmailResponse\x12\x18\n\nemail_sent\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x32\xc0\x08\n\x0b\x41uthService\x12\x64\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x17.referral.v1.AuthTokens\"!\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12[\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x17.referral.v1.AuthTokens\"\x1e\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12i\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a\x17.referral.v1.AuthTokens\"\x1e\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12Z\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12\x94\x01\n\x14RequestPasswordReset\x12(.referral.v1.RequestPasswordResetRequest\x1a).referral.v1.RequestPasswordResetResponse\"\'\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02\x19\"\x14/auth/reset_password:\x01*\x12\x87\x01\n\rResetPassword\x12!.referral.v1.ResetPasswordRequest\x1a\".referral.v1.ResetPasswordResponse\"/\x8a\xb5\x18\x04\x08\x01\x10\x01\x82\xd3\xe4\x93\x02!\"\x1c/auth/reset_password/confirm:\x01*\x12u\n\x0e\x43hangePassword\x12\".referral.v1.ChangePasswordRequest\x1a\x17.referral.v1.AuthTokens\"&\x8a\xb5\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/auth/change_password:\x01*\x12u\n\x0bVerifyEmail\x12\x1f.referral.v1.VerifyEmailRequest\x1a .referral.v1.VerifyEmailResponse\"#\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/auth/verify_email:\x01*\x12\x97\x01\n\x17ResendVerificationEmail\x12+.referral.v1.ResendVerificationEmailRequest\x1a,.referral.v1.ResendVerificationEmailResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x19/auth/verify_email/resendb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,6 +71,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['current_password']._serialized_options = b'\342A\001\002'
   _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['new_password']._loaded_options = None
   _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['new_password']._serialized_options = b'\342A\001\002'
+  _globals['_VERIFYEMAILREQUEST'].fields_by_name['token']._loaded_options = None
+  _globals['_VERIFYEMAILREQUEST'].fields_by_name['token']._serialized_options = b'\342A\001\002'
+  _globals['_VERIFYEMAILRESPONSE'].fields_by_name['user_id']._loaded_options = None
+  _globals['_VERIFYEMAILRESPONSE'].fields_by_name['user_id']._serialized_options = b'\342A\001\003'
+  _globals['_VERIFYEMAILRESPONSE'].fields_by_name['email_verified_at']._loaded_options = None
+  _globals['_VERIFYEMAILRESPONSE'].fields_by_name['email_verified_at']._serialized_options = b'\342A\001\003'
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE'].fields_by_name['email_sent']._loaded_options = None
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE'].fields_by_name['email_sent']._serialized_options = b'\342A\001\003'
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE'].fields_by_name['email_verified_at']._loaded_options = None
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE'].fields_by_name['email_verified_at']._serialized_options = b'\342A\001\003'
   _globals['_AUTHSERVICE'].methods_by_name['Register']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\212\265\030\004\010\001\020\001\202\323\344\223\002\023\"\016/auth/register:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
@@ -84,28 +95,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['ResetPassword']._serialized_options = b'\212\265\030\004\010\001\020\001\202\323\344\223\002!\"\034/auth/reset_password/confirm:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._serialized_options = b'\212\265\030\002\020\001\202\323\344\223\002\032\"\025/auth/change_password:\001*'
-  _globals['_REGISTERREQUEST']._serialized_start=140
-  _globals['_REGISTERREQUEST']._serialized_end=231
-  _globals['_LOGINREQUEST']._serialized_start=233
-  _globals['_LOGINREQUEST']._serialized_end=292
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=294
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=344
-  _globals['_LOGOUTREQUEST']._serialized_start=346
-  _globals['_LOGOUTREQUEST']._serialized_end=390
-  _globals['_LOGOUTRESPONSE']._serialized_start=392
-  _globals['_LOGOUTRESPONSE']._serialized_end=408
-  _globals['_AUTHTOKENS']._serialized_start=411
-  _globals['_AUTHTOKENS']._serialized_end=589
-  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_start=591
-  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_end=641
-  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_start=643
-  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_end=673
-  _globals['_RESETPASSWORDREQUEST']._serialized_start=675
-  _globals['_RESETPASSWORDREQUEST']._serialized_end=746
-  _globals['_RESETPASSWORDRESPONSE']._serialized_start=748
-  _globals['_RESETPASSWORDRESPONSE']._serialized_end=771
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=773
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=856
-  _globals['_AUTHSERVICE']._serialized_start=859
-  _globals['_AUTHSERVICE']._serialized_end=1674
+  _globals['_AUTHSERVICE'].methods_by_name['VerifyEmail']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['VerifyEmail']._serialized_options = b'\212\265\030\002\010\001\202\323\344\223\002\027\"\022/auth/verify_email:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['ResendVerificationEmail']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ResendVerificationEmail']._serialized_options = b'\202\323\344\223\002\033\"\031/auth/verify_email/resend'
+  _globals['_REGISTERREQUEST']._serialized_start=173
+  _globals['_REGISTERREQUEST']._serialized_end=264
+  _globals['_LOGINREQUEST']._serialized_start=266
+  _globals['_LOGINREQUEST']._serialized_end=325
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=327
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=377
+  _globals['_LOGOUTREQUEST']._serialized_start=379
+  _globals['_LOGOUTREQUEST']._serialized_end=423
+  _globals['_LOGOUTRESPONSE']._serialized_start=425
+  _globals['_LOGOUTRESPONSE']._serialized_end=441
+  _globals['_AUTHTOKENS']._serialized_start=444
+  _globals['_AUTHTOKENS']._serialized_end=622
+  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_start=624
+  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_end=674
+  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_start=676
+  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_end=706
+  _globals['_RESETPASSWORDREQUEST']._serialized_start=708
+  _globals['_RESETPASSWORDREQUEST']._serialized_end=779
+  _globals['_RESETPASSWORDRESPONSE']._serialized_start=781
+  _globals['_RESETPASSWORDRESPONSE']._serialized_end=804
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=806
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=889
+  _globals['_VERIFYEMAILREQUEST']._serialized_start=891
+  _globals['_VERIFYEMAILREQUEST']._serialized_end=932
+  _globals['_VERIFYEMAILRESPONSE']._serialized_start=934
+  _globals['_VERIFYEMAILRESPONSE']._serialized_end=1039
+  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_start=1041
+  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_end=1073
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_start=1075
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_end=1195
+  _globals['_AUTHSERVICE']._serialized_start=1198
+  _globals['_AUTHSERVICE']._serialized_end=2286
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -300,3 +301,106 @@ class ChangePasswordRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangePasswordRequest: _TypeAlias = ChangePasswordRequest  # noqa: Y015
+
+@_typing.final
+class VerifyEmailRequest(_message.Message):
+    """VerifyEmailRequest is the input of AuthService.VerifyEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The single-use token from the verification email (at most 128
+    characters, no control characters).
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailRequest: _TypeAlias = VerifyEmailRequest  # noqa: Y015
+
+@_typing.final
+class VerifyEmailResponse(_message.Message):
+    """VerifyEmailResponse is the result of AuthService.VerifyEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The identifier of the account whose address is now verified."""
+    @_builtins.property
+    def email_verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the address was verified."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        email_verified_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["email_verified_at", b"email_verified_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_verified_at", b"email_verified_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailResponse: _TypeAlias = VerifyEmailResponse  # noqa: Y015
+
+@_typing.final
+class ResendVerificationEmailRequest(_message.Message):
+    """ResendVerificationEmailRequest is the (empty) input of
+    AuthService.ResendVerificationEmail; the account is the caller's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationEmailRequest: _TypeAlias = ResendVerificationEmailRequest  # noqa: Y015
+
+@_typing.final
+class ResendVerificationEmailResponse(_message.Message):
+    """ResendVerificationEmailResponse is the result of
+    AuthService.ResendVerificationEmail.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_SENT_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    email_sent: _builtins.bool
+    """Whether a new verification email was queued: false when the address was
+    already verified.
+    """
+    @_builtins.property
+    def email_verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the caller's address was verified; unset while it is not."""
+
+    def __init__(
+        self,
+        *,
+        email_sent: _builtins.bool = ...,
+        email_verified_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["email_verified_at", b"email_verified_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_sent", b"email_sent", "email_verified_at", b"email_verified_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationEmailResponse: _TypeAlias = ResendVerificationEmailResponse  # noqa: Y015

@@ -71,6 +71,16 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__service__pb2.AuthTokens.FromString,
                 _registered_method=True)
+        self.VerifyEmail = channel.unary_unary(
+                '/referral.v1.AuthService/VerifyEmail',
+                request_serializer=referral_dot_v1_dot_auth__service__pb2.VerifyEmailRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__service__pb2.VerifyEmailResponse.FromString,
+                _registered_method=True)
+        self.ResendVerificationEmail = channel.unary_unary(
+                '/referral.v1.AuthService/ResendVerificationEmail',
+                request_serializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -143,6 +153,26 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyEmail(self, request, context):
+        """VerifyEmail consumes the single-use, expiring token from the verification
+        email (sent at registration and by ResendVerificationEmail) and marks the
+        account's email address as verified. Only the newest token of an account
+        works, and only once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResendVerificationEmail(self, request, context):
+        """ResendVerificationEmail emails the caller a new verification token; every
+        token sent before stops working. Throttled per account like
+        RequestPasswordReset. When the caller's address is already verified it
+        sends nothing and answers OK with `email_verified_at` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +210,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ChangePassword,
                     request_deserializer=referral_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__service__pb2.AuthTokens.SerializeToString,
+            ),
+            'VerifyEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEmail,
+                    request_deserializer=referral_dot_v1_dot_auth__service__pb2.VerifyEmailRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__service__pb2.VerifyEmailResponse.SerializeToString,
+            ),
+            'ResendVerificationEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResendVerificationEmail,
+                    request_deserializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +413,60 @@ class AuthService:
             '/referral.v1.AuthService/ChangePassword',
             referral_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
             referral_dot_v1_dot_auth__service__pb2.AuthTokens.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/VerifyEmail',
+            referral_dot_v1_dot_auth__service__pb2.VerifyEmailRequest.SerializeToString,
+            referral_dot_v1_dot_auth__service__pb2.VerifyEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResendVerificationEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ResendVerificationEmail',
+            referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.SerializeToString,
+            referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.FromString,
             options,
             channel_credentials,
             insecure,

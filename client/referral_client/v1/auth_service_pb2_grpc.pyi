@@ -71,6 +71,18 @@ class AuthServiceStub:
     one. Every token issued before the change stops working; the response
     carries a fresh set of tokens.
     """
+    VerifyEmail: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.VerifyEmailRequest, _auth_service_pb2.VerifyEmailResponse]
+    """VerifyEmail consumes the single-use, expiring token from the verification
+    email (sent at registration and by ResendVerificationEmail) and marks the
+    account's email address as verified. Only the newest token of an account
+    works, and only once.
+    """
+    ResendVerificationEmail: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ResendVerificationEmailRequest, _auth_service_pb2.ResendVerificationEmailResponse]
+    """ResendVerificationEmail emails the caller a new verification token; every
+    token sent before stops working. Throttled per account like
+    RequestPasswordReset. When the caller's address is already verified it
+    sends nothing and answers OK with `email_verified_at` set.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -114,6 +126,18 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """ChangePassword replaces the caller's password after checking the current
     one. Every token issued before the change stops working; the response
     carries a fresh set of tokens.
+    """
+    VerifyEmail: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.VerifyEmailRequest, _auth_service_pb2.VerifyEmailResponse]  # type: ignore[assignment]
+    """VerifyEmail consumes the single-use, expiring token from the verification
+    email (sent at registration and by ResendVerificationEmail) and marks the
+    account's email address as verified. Only the newest token of an account
+    works, and only once.
+    """
+    ResendVerificationEmail: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ResendVerificationEmailRequest, _auth_service_pb2.ResendVerificationEmailResponse]  # type: ignore[assignment]
+    """ResendVerificationEmail emails the caller a new verification token; every
+    token sent before stops working. Throttled per account like
+    RequestPasswordReset. When the caller's address is already verified it
+    sends nothing and answers OK with `email_verified_at` set.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +221,30 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """ChangePassword replaces the caller's password after checking the current
         one. Every token issued before the change stops working; the response
         carries a fresh set of tokens.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyEmail(
+        self,
+        request: _auth_service_pb2.VerifyEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.VerifyEmailResponse, _abc.Awaitable[_auth_service_pb2.VerifyEmailResponse]]:
+        """VerifyEmail consumes the single-use, expiring token from the verification
+        email (sent at registration and by ResendVerificationEmail) and marks the
+        account's email address as verified. Only the newest token of an account
+        works, and only once.
+        """
+
+    @_abc_1.abstractmethod
+    def ResendVerificationEmail(
+        self,
+        request: _auth_service_pb2.ResendVerificationEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.ResendVerificationEmailResponse, _abc.Awaitable[_auth_service_pb2.ResendVerificationEmailResponse]]:
+        """ResendVerificationEmail emails the caller a new verification token; every
+        token sent before stops working. Throttled per account like
+        RequestPasswordReset. When the caller's address is already verified it
+        sends nothing and answers OK with `email_verified_at` set.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

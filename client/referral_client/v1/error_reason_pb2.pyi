@@ -77,6 +77,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The refresh token is unknown, expired, revoked or already used."""
     RESET_TOKEN_INVALID: _ErrorReason.ValueType  # 17
     """The password reset token is invalid, expired or already used."""
+    VERIFICATION_TOKEN_INVALID: _ErrorReason.ValueType  # 36
+    """The email verification token is invalid, expired, replaced by a newer
+    one or already used.
+    """
     REFERRAL_CODE_INVALID: _ErrorReason.ValueType  # 18
     """The referral code is malformed (too long, or not made of code characters)."""
     REFERRAL_CODE_UNKNOWN: _ErrorReason.ValueType  # 19
@@ -174,6 +178,10 @@ INVALID_REFRESH_TOKEN: ErrorReason.ValueType  # 16
 """The refresh token is unknown, expired, revoked or already used."""
 RESET_TOKEN_INVALID: ErrorReason.ValueType  # 17
 """The password reset token is invalid, expired or already used."""
+VERIFICATION_TOKEN_INVALID: ErrorReason.ValueType  # 36
+"""The email verification token is invalid, expired, replaced by a newer
+one or already used.
+"""
 REFERRAL_CODE_INVALID: ErrorReason.ValueType  # 18
 """The referral code is malformed (too long, or not made of code characters)."""
 REFERRAL_CODE_UNKNOWN: ErrorReason.ValueType  # 19
