@@ -147,7 +147,7 @@ def create_server(app: App, address: str | None = None) -> Server:
     settings = app.settings
     address = address or f"{settings.grpc_host}:{settings.grpc_port}"
     max_bytes = settings.grpc_max_message_bytes
-    metrics = Metrics(cache=app.cache, db=app.db, clock=app.clock)
+    metrics = Metrics(cache=app.cache, verifier=app.verifier, db=app.db, clock=app.clock)
     blocking_pool = futures.ThreadPoolExecutor(
         max_workers=settings.grpc_blocking_workers, thread_name_prefix="rpc-blocking"
     )

@@ -156,6 +156,8 @@ class Settings:
     hunter_reject_disposable: bool = True
     hunter_connect_timeout: float = 1.0
     hunter_read_timeout: float = 2.0
+    # The whole call, however slowly Hunter answers (the two above bound each socket operation).
+    hunter_total_timeout_seconds: float = 3.0
 
     log_level: str = "INFO"
     log_format: str = "text"
@@ -302,6 +304,9 @@ class Settings:
             hunter_reject_disposable=_bool(env, "HUNTER_REJECT_DISPOSABLE", True),
             hunter_connect_timeout=_float(env, "HUNTER_CONNECT_TIMEOUT", 1.0, minimum=0.01, maximum=30.0),
             hunter_read_timeout=_float(env, "HUNTER_READ_TIMEOUT", 2.0, minimum=0.01, maximum=60.0),
+            hunter_total_timeout_seconds=_float(
+                env, "HUNTER_TOTAL_TIMEOUT_SECONDS", 3.0, minimum=0.05, maximum=60.0
+            ),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
             log_format=_choice(env, "LOG_FORMAT", "json" if production else "text", ("json", "text")),
             access_log=_bool(env, "ACCESS_LOG", True),
