@@ -514,6 +514,20 @@ def test_the_request_deadline_bounds_the_call_without_charging_the_breaker(
     assert counted(verifier) == {"timeout": 3}
 
 
+def test_hunters_own_read_timeout_within_a_request_deadline_charges_the_breaker(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_after=30.0, monotonic=FakeMonotonic())
+    verifier = make_verifier(breaker=breaker, **SHORT_TIMEOUTS)
+    stub.set_default("valid", delay=5.0)
+    # Hunter may take 2 s of this request, but its own read timeout ends the call first.
+    with request_deadline(4.0):
+        result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT
+    assert elapsed < SHORT_TIMEOUT + SLACK
+    assert breaker.is_open
+
+
 def test_no_call_when_the_request_has_no_time_left(
     stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
 ) -> None:

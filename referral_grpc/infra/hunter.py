@@ -205,11 +205,12 @@ class HunterVerifier:
 
     Whenever Hunter cannot give a verdict (down, slow, rate-limited, out of credits, odd
     answer), the result is `ERROR_RESULT`: the signup proceeds and the address is re-checked
-    later. A call never takes longer than HUNTER_TOTAL_TIMEOUT_SECONDS, nor more than half the
-    time left in the request; at most half the server's blocking threads wait on Hunter at once,
-    and a call finding them all busy proceeds at once, unverified. Consecutive failures, timeouts
-    included, open the breaker, and then `verify()` answers at once without network I/O until the
-    breaker lets a probe through again.
+    later. Once connected, a call never takes longer than HUNTER_TOTAL_TIMEOUT_SECONDS, nor more
+    than half the time left in the request (connecting is bounded by the smaller of that and
+    HUNTER_CONNECT_TIMEOUT per address; name resolution by the system's resolver). At most half the
+    server's blocking threads wait on Hunter at once, and a call finding them all busy proceeds at
+    once, unverified. Consecutive failures, timeouts included, open the breaker, and then
+    `verify()` answers at once without network I/O until the breaker lets a probe through again.
     """
 
     def __init__(self, settings: Settings, *, breaker: CircuitBreaker | None = None) -> None:
@@ -288,10 +289,11 @@ class HunterVerifier:
                 status = self._fetch_status(email, budget)
             except Exception as exc:
                 if exchange.expired or isinstance(exc, requests.Timeout):
-                    # A caller's short deadline says nothing about Hunter: only Hunter's own cap
-                    # charges the breaker, or impatient clients could switch verification off.
+                    # Hunter's own limits charge the breaker; the caller's short deadline says
+                    # nothing about Hunter, or impatient clients could switch verification off.
+                    own_limit = hunter_bound or time.monotonic() < exchange.deadline
                     self._failed(
-                        email, "timeout", f"no answer within {budget:.1f} s", charge_breaker=hunter_bound
+                        email, "timeout", f"no answer within {budget:.1f} s", charge_breaker=own_limit
                     )
                 elif isinstance(exc, _NoVerdict):
                     self._failed(email, exc.result, exc.reason, charge_breaker=exc.charge_breaker)
