@@ -25,9 +25,10 @@ class StubAnswer:
 
     `body` (bytes or str) replaces the generated JSON verbatim; `headers` are added to the
     answer (Location, Retry-After); `delay` seconds pass before anything is sent, so a client
-    with a shorter read timeout gives up first. With `trickle`, the status line and headers go
-    out at once (one byte at a time too with `trickle_headers`), then the body one byte every
-    `trickle` seconds: each read gets a byte well within any read timeout, the answer never ends.
+    with a shorter read timeout gives up first. With `trickle`, a 200 verdict's status line and
+    headers go out at once (one byte at a time too with `trickle_headers`), then its body one byte
+    every `trickle` seconds: every read gets a byte within the read timeout, and at 1.5 s a byte
+    the answer takes ten minutes.
     """
 
     status: str = "valid"

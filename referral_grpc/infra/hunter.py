@@ -229,8 +229,7 @@ class HunterVerifier:
         )
         # Register runs on the blocking pool with Login and the reset RPCs: a slow Hunter may hold
         # half of its threads, never all of them.
-        self.max_concurrent_calls = max(1, settings.grpc_blocking_workers // 2)
-        self._slots = threading.BoundedSemaphore(self.max_concurrent_calls)
+        self._slots = threading.BoundedSemaphore(max(1, settings.grpc_blocking_workers // 2))
         self._watchdog = _Watchdog()
         # requests.Session is not documented as thread-safe: each server thread gets its own,
         # and keeps its connection to Hunter alive between signups.
