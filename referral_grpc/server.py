@@ -148,7 +148,7 @@ def create_server(app: App, address: str | None = None) -> Server:
     settings = app.settings
     address = address or f"{settings.grpc_host}:{settings.grpc_port}"
     max_bytes = settings.grpc_max_message_bytes
-    metrics = Metrics(cache=app.cache, db=app.db, clock=app.clock)
+    metrics = Metrics(cache=app.cache, verifier=app.verifier, db=app.db, clock=app.clock)
     in_flight = InFlight()
     blocking_pool = CountingExecutor(in_flight, settings.grpc_blocking_workers, "rpc-blocking")
     # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing forever.

@@ -381,6 +381,13 @@ class Settings:
     hunter_reject_disposable: bool = boolean(True, "refuse disposable addresses too")
     hunter_connect_timeout: float = number(1.0, "seconds to connect to Hunter", minimum=0.01, maximum=30)
     hunter_read_timeout: float = number(2.0, "seconds per read from Hunter", minimum=0.01, maximum=60)
+    hunter_total_timeout_seconds: float = number(
+        3.0,
+        "seconds for the whole Hunter call however slowly it answers (at most half the request's time left); "
+        "past it the signup proceeds unverified and is re-checked later",
+        minimum=0.05,
+        maximum=60,
+    )
 
     log_level: str = choice("INFO", "logging threshold", ("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = choice(

@@ -1,4 +1,8 @@
-"""HunterVerifier against a real loopback HTTP server: policy, failure modes, timeouts, breaker, re-check."""
+"""HunterVerifier against a real loopback HTTP server: policy, failure modes, timeouts, breaker, re-check.
+
+The trickling tests also run the real server over a real channel: a Hunter that answers one byte at a
+time must not hold Register past its cap, nor take the threads Login and reset requests need.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import peewee as pw
 import pytest
 from support import FakeClock, closed_port, make_settings
+from support.api import Api, running_api
 from support.hunter import HunterStub
 
 from referral_grpc.domain.ports import EmailVerification, NoEmailVerification
+from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.infra.breaker import CircuitBreaker
 from referral_grpc.infra.hunter import (
     DEFAULT_FAILURE_THRESHOLD,
@@ -25,7 +33,8 @@ from referral_grpc.infra.hunter import (
     recheck_user_email,
     users_needing_recheck,
 )
-from referral_grpc.settings import Settings
+from referral_grpc.request_context import request_deadline
+from referral_grpc.settings import ConfigError, Settings
 from referral_grpc.store.database import init_database
 from referral_grpc.store.migrate import run_migrations
 from referral_grpc.store.models import User
@@ -61,6 +70,11 @@ def make_verifier(stub: HunterStub) -> Iterator[Callable[..., HunterVerifier]]:
     yield make
     for verifier in made:
         verifier.close()
+
+
+def counted(verifier: HunterVerifier) -> dict[str, int]:
+    """The verify() results seen so far, without the zeros."""
+    return {result: n for result, n in verifier.results().items() if n}
 
 
 def timed(verifier: HunterVerifier, email: str) -> tuple[EmailVerification, float]:
@@ -113,25 +127,25 @@ def test_answers_are_per_email(stub: HunterStub, make_verifier: Callable[..., Hu
 
 
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "counted_as"),
     [
-        pytest.param({"http_status": 429}, id="429-rate-limited"),
-        pytest.param({"http_status": 403}, id="403-forbidden"),
-        pytest.param({"http_status": 402}, id="402-no-credits"),
-        pytest.param({"http_status": 500}, id="500"),
-        pytest.param({"http_status": 503, "body": "<html>bad gateway</html>"}, id="503-html"),
-        pytest.param({"body": b'{"data": {"status": "valid"'}, id="malformed-json"),
-        pytest.param({"body": b"\xff\xfe not json"}, id="binary-garbage"),
-        pytest.param({"body": b""}, id="empty-body"),
-        pytest.param({"body": b'["valid"]'}, id="json-list"),
-        pytest.param({"body": b'{"data": null}'}, id="no-data"),
-        pytest.param({"body": b'{"data": {"status": 1}}'}, id="status-not-a-string"),
-        pytest.param({"status": "mystery"}, id="unknown-status"),
-        pytest.param({"body": b" " * (MAX_BODY_BYTES + 1)}, id="oversized-body"),
+        pytest.param({"http_status": 429}, "http_429", id="429-rate-limited"),
+        pytest.param({"http_status": 403}, "error", id="403-forbidden"),
+        pytest.param({"http_status": 402}, "error", id="402-no-credits"),
+        pytest.param({"http_status": 500}, "5xx", id="500"),
+        pytest.param({"http_status": 503, "body": "<html>bad gateway</html>"}, "5xx", id="503-html"),
+        pytest.param({"body": b'{"data": {"status": "valid"'}, "error", id="malformed-json"),
+        pytest.param({"body": b"\xff\xfe not json"}, "error", id="binary-garbage"),
+        pytest.param({"body": b""}, "error", id="empty-body"),
+        pytest.param({"body": b'["valid"]'}, "error", id="json-list"),
+        pytest.param({"body": b'{"data": null}'}, "error", id="no-data"),
+        pytest.param({"body": b'{"data": {"status": 1}}'}, "error", id="status-not-a-string"),
+        pytest.param({"status": "mystery"}, "error", id="unknown-status"),
+        pytest.param({"body": b" " * (MAX_BODY_BYTES + 1)}, "error", id="oversized-body"),
     ],
 )
 def test_unusable_answers_give_an_unchecked_pass(
-    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], answer: dict[str, object]
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], answer: dict[str, object], counted_as: str
 ) -> None:
     stub.set_default(**answer)  # type: ignore[arg-type]
     verifier = make_verifier()
@@ -139,13 +153,14 @@ def test_unusable_answers_give_an_unchecked_pass(
     assert result == ERROR_RESULT == EmailVerification(status="error", accepted=True, checked=False)
     assert stub.request_count == 1
     assert elapsed < SLACK
-    assert verifier.stats()["errors"] == 1
+    assert counted(verifier) == {counted_as: 1}
 
 
 def test_wrong_api_key_gives_an_unchecked_pass(stub: HunterStub) -> None:
     verifier = HunterVerifier(hunter_settings(stub.url, hunter_api_key="not-the-right-key"))
     assert verifier.verify("user@example.com") == ERROR_RESULT
     assert stub.request_count == 1
+    assert counted(verifier) == {"http_401": 1}
     verifier.close()
 
 
@@ -154,7 +169,7 @@ def test_connection_refused_gives_an_unchecked_pass_at_once() -> None:
     result, elapsed = timed(verifier, "user@example.com")
     assert result == ERROR_RESULT
     assert elapsed < SLACK
-    assert verifier.stats() == {"calls": 1, "errors": 1, "short_circuited": 0, "breaker_open": 0}
+    assert counted(verifier) == {"error": 1}
     verifier.close()
 
 
@@ -224,7 +239,7 @@ def test_verify_never_raises_on_an_unencodable_address(
     with caplog.at_level(logging.ERROR, logger="referral_grpc.infra.hunter"):
         assert verifier.verify("\udc80@example.com") == ERROR_RESULT
     assert "unexpected error" in caplog.text
-    assert verifier.stats()["errors"] == 1
+    assert counted(verifier) == {"error": 1}
 
 
 # --- what goes over the wire ----------------------------------------------------------------------
@@ -283,7 +298,7 @@ def test_concurrent_verifications(stub: HunterStub, make_verifier: Callable[...,
     assert {request.email for request in stub.requests} == {
         f"t{t}.{n}@gmail.com" for t in range(8) for n in range(5)
     }
-    assert verifier.stats() == {"calls": 40, "errors": 0, "short_circuited": 0, "breaker_open": 0}
+    assert counted(verifier) == {"ok": 40}
 
 
 def test_the_key_and_the_address_never_reach_the_logs(
@@ -335,7 +350,8 @@ def test_breaker_opens_after_consecutive_failures_and_recovers(
         assert result == ERROR_RESULT
         assert elapsed < 0.05
     assert stub.request_count == 3
-    assert verifier.stats() == {"calls": 3, "errors": 3, "short_circuited": 5, "breaker_open": 1}
+    assert counted(verifier) == {"5xx": 3, "breaker_open": 5}
+    assert verifier.breaker.is_open
 
     # Still open just before reset_after.
     clock.advance(seconds=29.9)
@@ -349,7 +365,8 @@ def test_breaker_opens_after_consecutive_failures_and_recovers(
     assert stub.request_count == 4
     assert verifier.verify("other@example.com").status == "valid"
     assert stub.request_count == 5
-    assert verifier.stats() == {"calls": 5, "errors": 3, "short_circuited": 6, "breaker_open": 0}
+    assert counted(verifier) == {"ok": 2, "5xx": 3, "breaker_open": 6}
+    assert not verifier.breaker.is_open
     # Open and short-circuited calls log nothing each; recovery is said once.
     assert [r.getMessage() for r in caplog.records] == ["hunter: answering again; calls resumed"]
 
@@ -383,7 +400,7 @@ def test_success_resets_the_failure_count(
         verifier.verify("down@example.com")
         assert verifier.verify("up@example.com").checked
     assert stub.request_count == 12
-    assert verifier.stats()["breaker_open"] == 0
+    assert not verifier.breaker.is_open
 
 
 @pytest.mark.parametrize("code", [202, 400, 451])
@@ -418,7 +435,129 @@ def test_default_breaker_opens_after_the_default_threshold(
     for _ in range(DEFAULT_FAILURE_THRESHOLD + 3):
         verifier.verify("user@example.com")
     assert stub.request_count == DEFAULT_FAILURE_THRESHOLD
-    assert verifier.stats()["breaker_open"] == 1
+    assert verifier.breaker.is_open
+
+
+# --- a Hunter that trickles: one byte at a time, each well within the read timeout ----------------
+
+TOTAL = 0.5
+# Each byte comes long before the 2 s read timeout: only a cap on the whole call ends the answer.
+DRIP = 0.2
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_answer_is_cut_at_the_total_timeout(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier], trickle_headers: bool
+) -> None:
+    stub.set_default("valid", trickle=DRIP, trickle_headers=trickle_headers)
+    verifier = make_verifier(hunter_total_timeout_seconds=TOTAL)
+    result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT
+    assert TOTAL <= elapsed < TOTAL + SLACK
+    assert counted(verifier) == {"timeout": 1}
+    # The connection was closed, not left open with Hunter still talking into it.
+    wait_for(lambda: len(stub.hangups) == 1)
+    assert stub.hangups[0] < TOTAL + SLACK
+
+
+def test_the_total_timeout_setting() -> None:
+    assert Settings.from_env({}).hunter_total_timeout_seconds == 3.0
+    assert Settings.from_env({"HUNTER_TOTAL_TIMEOUT_SECONDS": "1.5"}).hunter_total_timeout_seconds == 1.5
+    for bad in ("0", "-1", "61", "soon"):
+        with pytest.raises(ConfigError, match="HUNTER_TOTAL_TIMEOUT_SECONDS"):
+            Settings.from_env({"HUNTER_TOTAL_TIMEOUT_SECONDS": bad})
+
+
+def test_the_breaker_opens_after_repeated_timeouts(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=30.0, monotonic=FakeClock().monotonic)
+    verifier = make_verifier(breaker=breaker, hunter_total_timeout_seconds=TOTAL)
+    stub.set_default("valid", trickle=DRIP)
+    verifier.verify("a@example.com")
+    verifier.verify("b@example.com")
+    assert breaker.is_open
+    result, elapsed = timed(verifier, "c@example.com")
+    assert result == ERROR_RESULT
+    assert elapsed < 0.05
+    assert stub.request_count == 2
+    assert counted(verifier) == {"timeout": 2, "breaker_open": 1}
+
+
+def test_the_request_deadline_bounds_the_call_without_charging_the_breaker(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=30.0, monotonic=FakeClock().monotonic)
+    # HUNTER_TOTAL_TIMEOUT_SECONDS keeps its default, 3 s: the deadline is the tighter bound.
+    verifier = make_verifier(breaker=breaker)
+    stub.set_default("valid", trickle=DRIP)
+    for _ in range(3):
+        with request_deadline(1.0):
+            result, elapsed = timed(verifier, "user@example.com")
+        # Half of the time left: the signup keeps the rest to hash and commit.
+        assert result == ERROR_RESULT
+        assert 0.5 <= elapsed < 0.5 + SLACK
+    # Clients in a hurry are no evidence against Hunter.
+    assert not breaker.is_open
+    assert counted(verifier) == {"timeout": 3}
+
+
+def test_hunters_own_read_timeout_within_a_request_deadline_charges_the_breaker(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_after=30.0, monotonic=FakeClock().monotonic)
+    verifier = make_verifier(breaker=breaker, **SHORT_TIMEOUTS)
+    stub.set_default("valid", delay=5.0)
+    # Hunter may take 2 s of this request, but its own read timeout ends the call first.
+    with request_deadline(4.0):
+        result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT
+    assert elapsed < SHORT_TIMEOUT + SLACK
+    assert breaker.is_open
+
+
+def test_no_call_when_the_request_has_no_time_left(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    verifier = make_verifier()
+    with request_deadline(0):
+        result, elapsed = timed(verifier, "user@example.com")
+    assert result == ERROR_RESULT
+    assert elapsed < 0.05
+    assert stub.request_count == 0
+    assert counted(verifier) == {"timeout": 1}
+
+
+def test_calls_beyond_the_concurrency_bound_proceed_at_once(
+    stub: HunterStub, make_verifier: Callable[..., HunterVerifier]
+) -> None:
+    # One slot: half of two blocking threads.
+    verifier = make_verifier(grpc_blocking_workers=2, hunter_total_timeout_seconds=2.0)
+    stub.set_default("valid", trickle=DRIP)
+    with futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(verifier.verify, "slow@example.com")
+        wait_for(lambda: stub.in_flight == 1)
+        result, elapsed = timed(verifier, "other@example.com")
+        assert result == ERROR_RESULT
+        assert elapsed < 0.05
+        assert stub.request_count == 1
+        assert slow.result() == ERROR_RESULT
+    assert counted(verifier) == {"busy": 1, "timeout": 1}
+    # The slot is free again.
+    stub.set_default("valid")
+    assert verifier.verify("later@example.com").checked
+
+
+def test_close_cuts_the_calls_in_flight(stub: HunterStub) -> None:
+    verifier = HunterVerifier(hunter_settings(stub.url, hunter_total_timeout_seconds=30.0))
+    stub.set_default("valid", trickle=DRIP)
+    with futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(timed, verifier, "user@example.com")
+        wait_for(lambda: stub.in_flight == 1)
+        verifier.close()
+        result, elapsed = call.result(timeout=SLACK)
+    assert result == ERROR_RESULT
+    assert elapsed < 1.0 + SLACK
 
 
 # --- switched off without a key -------------------------------------------------------------------
@@ -545,3 +684,152 @@ def test_recheck_does_not_store_a_verdict_on_an_old_address() -> None:
     recheck_user_email(user_id, EmailChangingVerifier(user_id), SIGNUP)
     user = User.get_by_id(user_id)
     assert (user.email, user.email_status, user.email_recheck) == ("new@example.com", "error", True)
+
+
+# --- the real server with a trickling Hunter ------------------------------------------------------
+
+# Register, Login or a reset request on loopback with cheap bcrypt: anything slower has been kept waiting.
+PROMPT = 1.0
+PASSWORD = "correct horse battery"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < until, "condition not met in time"
+        time.sleep(0.01)
+
+
+@contextmanager
+def api_with_hunter(pg_url: str, stub: HunterStub, **overrides: object) -> Iterator[Api]:
+    settings = hunter_settings(stub.url, database_url=pg_url, **overrides)
+    verifier = HunterVerifier(settings)
+    try:
+        with running_api(settings, verifier=verifier) as api:
+            yield api
+    finally:
+        verifier.close()
+
+
+def timed_call(call: Callable[[], object]) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
+def hunter_results(api: Api) -> dict[str, float]:
+    registry = api.server.metrics.registry
+    values = {
+        sample.labels["result"]: sample.value
+        for metric in registry.collect()
+        if metric.name == "referral_hunter_verifications"
+        for sample in metric.samples
+    }
+    return {result: n for result, n in values.items() if n}
+
+
+def test_register_with_a_trickling_hunter_succeeds_within_the_cap(pg_url: str, stub: HunterStub) -> None:
+    stub.set_default("valid", trickle=1.5)
+    with api_with_hunter(pg_url, stub) as api:
+        cap = api.app.settings.hunter_total_timeout_seconds
+        assert cap == 3.0
+        elapsed = timed_call(
+            lambda: api.auth.Register(
+                auth_pb.RegisterRequest(email="drip@example.com", password=PASSWORD), timeout=20
+            )
+        )
+        assert cap <= elapsed < cap + PROMPT
+        user = User.get(User.email_key == "drip@example.com")
+        assert (user.email_status, user.email_checked_at, user.email_recheck) == ("error", None, True)
+        assert hunter_results(api) == {"timeout": 1}
+    assert len(stub.hangups) == 1
+
+
+def test_repeated_timeouts_open_the_breaker(pg_url: str, stub: HunterStub) -> None:
+    stub.set_default("valid", trickle=DRIP)
+    with api_with_hunter(pg_url, stub, hunter_total_timeout_seconds=TOTAL) as api:
+        for n in range(DEFAULT_FAILURE_THRESHOLD):
+            api.register(f"user{n}@example.com")
+        registry = api.server.metrics.registry
+        assert registry.get_sample_value("referral_hunter_breaker_open") == 1
+        # Open: the next signup does not reach Hunter at all.
+        elapsed = timed_call(lambda: api.register("after@example.com"))
+        assert elapsed < PROMPT
+        assert stub.request_count == DEFAULT_FAILURE_THRESHOLD
+        assert hunter_results(api) == {"timeout": DEFAULT_FAILURE_THRESHOLD, "breaker_open": 1}
+        assert User.select().where(User.email_recheck == True).count() == DEFAULT_FAILURE_THRESHOLD + 1  # noqa: E712
+
+
+def test_trickled_registers_cannot_starve_login_and_reset(pg_url: str, stub: HunterStub) -> None:
+    # Four blocking threads, so two Hunter slots: more signups than slots, and as many as threads.
+    signups, slots = 8, 2
+    with api_with_hunter(pg_url, stub, grpc_blocking_workers=4) as api:
+        api.register("known@example.com")
+        stub.set_default("valid", trickle=1.5)
+        with futures.ThreadPoolExecutor(signups) as pool:
+            registers = [
+                pool.submit(
+                    timed_call,
+                    lambda n=n: api.auth.Register(
+                        auth_pb.RegisterRequest(email=f"new{n}@example.com", password=PASSWORD), timeout=20
+                    ),
+                )
+                for n in range(signups)
+            ]
+            wait_for(lambda: stub.in_flight >= slots)
+            login = timed_call(
+                lambda: api.auth.Login(
+                    auth_pb.LoginRequest(email="known@example.com", password=PASSWORD), timeout=10
+                )
+            )
+            reset = timed_call(
+                lambda: api.auth.RequestPasswordReset(
+                    auth_pb.RequestPasswordResetRequest(email="known@example.com"), timeout=10
+                )
+            )
+            # Still trickling: the answers above did not wait for the Hunter calls to end.
+            assert stub.in_flight == slots
+            durations = [register.result() for register in registers]
+        assert login < PROMPT
+        assert reset < PROMPT
+        assert max(durations) < api.app.settings.hunter_total_timeout_seconds + PROMPT
+        assert stub.max_in_flight == slots
+        results = hunter_results(api)
+        assert results["busy"] >= signups - slots
+        assert results["ok"] == 1
+        assert sum(results.values()) == signups + 1
+        new_users = User.select().where(User.email_key.startswith("new"))
+        assert sorted((u.email_key, u.email_recheck) for u in new_users) == [
+            (f"new{n}@example.com", True) for n in range(signups)
+        ]
+
+
+def test_a_request_deadline_shorter_than_the_cap_bounds_hunter(pg_url: str, stub: HunterStub) -> None:
+    stub.set_default("valid", trickle=1.5)
+    with api_with_hunter(pg_url, stub) as api:
+        assert api.app.settings.hunter_total_timeout_seconds == 3.0
+        elapsed = timed_call(
+            lambda: api.auth.Register(
+                auth_pb.RegisterRequest(email="hurry@example.com", password=PASSWORD), timeout=2.0
+            )
+        )
+        # Hunter got half of the 2 s; the signup used the rest to finish, unverified.
+        assert 1.0 <= elapsed < 2.0
+        assert User.get(User.email_key == "hurry@example.com").email_recheck
+        wait_for(lambda: len(stub.hangups) == 1)
+        assert stub.hangups[0] < 1.0 + SLACK
+
+
+def test_hunter_401_and_429_are_counted(pg_url: str, stub: HunterStub) -> None:
+    with api_with_hunter(pg_url, stub, hunter_api_key="not-the-right-key") as api:
+        api.register("first@example.com")
+        stub.api_key = None
+        stub.set_default(http_status=429)
+        api.register("second@example.com")
+        api.register("third@example.com")
+        registry = api.server.metrics.registry
+        sample = "referral_hunter_verifications_total"
+        assert registry.get_sample_value(sample, {"result": "http_401"}) == 1
+        assert registry.get_sample_value(sample, {"result": "http_429"}) == 2
+        assert registry.get_sample_value(sample, {"result": "ok"}) == 0
+        assert registry.get_sample_value("referral_hunter_breaker_open") == 0

@@ -1,4 +1,4 @@
-"""Prometheus metrics: RPC counts and latency, cache hits, email outbox depth, lag and failures."""
+"""Prometheus metrics: RPC counts and latency, cache hits, Hunter results, the email outbox."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..domain.ports import Clock
+from ..domain.ports import Clock, EmailVerifier
+from .hunter import RESULTS, HunterVerifier
 from .outbox import outbox_stats
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,33 @@ class CacheCollector(Collector):  # type: ignore[misc]
                 "Code cache hits / (hits + misses) since start.",
                 hits / (hits + misses),
             )
+
+
+class HunterCollector(Collector):  # type: ignore[misc]
+    """What became of each email verification, by result, and whether Hunter's breaker is open.
+
+    Every result is reported from the start, at 0 too, so a rate alert on any of them has a series.
+    """
+
+    def __init__(self, verifier: HunterVerifier) -> None:
+        self._verifier = verifier
+
+    def collect(self) -> Iterator[Metric]:
+        results = self._verifier.results()
+        family = CounterMetricFamily(
+            "referral_hunter_verifications",
+            "Email verifications since the process started, by result: ok, no_verdict (Hunter has none "
+            "yet), timeout, http_401, http_429, 5xx, error, breaker_open (skipped), busy (all slots taken).",
+            labels=["result"],
+        )
+        for result in RESULTS:
+            family.add_metric([result], results[result])
+        yield family
+        yield GaugeMetricFamily(
+            "referral_hunter_breaker_open",
+            "1 while Hunter's circuit breaker is open (signups proceed unverified).",
+            int(self._verifier.breaker.is_open),
+        )
 
 
 class OutboxCollector(Collector):  # type: ignore[misc]
@@ -91,7 +119,12 @@ class Metrics:
     """One registry per server, so several servers in one process (tests) never share counters."""
 
     def __init__(
-        self, *, cache: object = None, db: pw.Database | None = None, clock: Clock | None = None
+        self,
+        *,
+        cache: object = None,
+        verifier: EmailVerifier | None = None,
+        db: pw.Database | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.rpc_requests = Counter(
@@ -112,6 +145,9 @@ class Metrics:
         )
         if cache is not None:
             self.registry.register(CacheCollector(cache))
+        # Without HUNTER_API_KEY nothing is verified, and there is nothing to report.
+        if isinstance(verifier, HunterVerifier):
+            self.registry.register(HunterCollector(verifier))
         if db is not None and clock is not None:
             self.registry.register(OutboxCollector(db, clock))
 

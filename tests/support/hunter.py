@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +25,10 @@ class StubAnswer:
 
     `body` (bytes or str) replaces the generated JSON verbatim; `headers` are added to the
     answer (Location, Retry-After); `delay` seconds pass before anything is sent, so a client
-    with a shorter read timeout gives up first.
+    with a shorter read timeout gives up first. With `trickle`, a 200 verdict's status line and
+    headers go out at once (one byte at a time too with `trickle_headers`), then its body one byte
+    every `trickle` seconds: every read gets a byte within the read timeout, and at 1.5 s a byte
+    the answer takes ten minutes.
     """
 
     status: str = "valid"
@@ -31,6 +36,8 @@ class StubAnswer:
     delay: float = 0.0
     body: bytes | str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    trickle: float = 0.0
+    trickle_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class HunterStub:
 
     Without an answer for the email, the default answer (`set_default`) applies, initially
     `valid`. With `api_key` set, requests carrying another key get 401, as Hunter does.
+    `hangups` holds, for each trickled answer the client walked away from, the seconds between
+    the request's arrival and the client closing the connection; `max_in_flight` the most
+    requests the stub was answering at once.
     """
 
     def __init__(self, api_key: str | None = None) -> None:
@@ -100,6 +110,9 @@ class HunterStub:
         self._default = StubAnswer()
         self._answers: dict[str, StubAnswer] = {}
         self._requests: list[StubRequest] = []
+        self._hangups: list[float] = []
+        self._in_flight = 0
+        self._max_in_flight = 0
         # Set by stop(): delayed answers end at once instead of holding the shutdown.
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -152,10 +165,14 @@ class HunterStub:
         delay: float = 0.0,
         body: bytes | str | None = None,
         headers: Mapping[str, str] | None = None,
+        trickle: float = 0.0,
+        trickle_headers: bool = False,
     ) -> None:
         """The answer for every email without one of its own."""
         with self._lock:
-            self._default = StubAnswer(status, http_status, delay, body, dict(headers or {}))
+            self._default = StubAnswer(
+                status, http_status, delay, body, dict(headers or {}), trickle, trickle_headers
+            )
 
     def set_answer(
         self,
@@ -166,10 +183,14 @@ class HunterStub:
         delay: float = 0.0,
         body: bytes | str | None = None,
         headers: Mapping[str, str] | None = None,
+        trickle: float = 0.0,
+        trickle_headers: bool = False,
     ) -> None:
         """The answer for exactly this email (as received, after URL decoding)."""
         with self._lock:
-            self._answers[email] = StubAnswer(status, http_status, delay, body, dict(headers or {}))
+            self._answers[email] = StubAnswer(
+                status, http_status, delay, body, dict(headers or {}), trickle, trickle_headers
+            )
 
     def reset(self) -> None:
         """Forget answers and recorded requests; the default goes back to `valid`."""
@@ -177,6 +198,8 @@ class HunterStub:
             self._default = StubAnswer()
             self._answers.clear()
             self._requests.clear()
+            self._hangups.clear()
+            self._max_in_flight = self._in_flight
 
     @property
     def requests(self) -> list[StubRequest]:
@@ -188,10 +211,33 @@ class HunterStub:
         with self._lock:
             return len(self._requests)
 
+    @property
+    def hangups(self) -> list[float]:
+        with self._lock:
+            return list(self._hangups)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        with self._lock:
+            return self._max_in_flight
+
     def _record(self, request: StubRequest) -> StubAnswer:
         with self._lock:
             self._requests.append(request)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
             return self._answers.get(request.email or "", self._default)
+
+    def _done(self, hung_up_after: float | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if hung_up_after is not None:
+                self._hangups.append(hung_up_after)
 
 
 class _Server(ThreadingHTTPServer):
@@ -237,6 +283,16 @@ def _handler_for(stub: HunterStub) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
+            arrived = time.monotonic()
+            hung_up_after: float | None = None
+            try:
+                if not self._answer():
+                    hung_up_after = time.monotonic() - arrived
+            finally:
+                stub._done(hung_up_after)
+
+        def _answer(self) -> bool:
+            """Answer the request; False when the client hung up on a trickled answer."""
             parts = urlsplit(self.path)
             request = StubRequest(
                 path=parts.path,
@@ -247,7 +303,9 @@ def _handler_for(stub: HunterStub) -> type[BaseHTTPRequestHandler]:
             )
             answer = stub._record(request)
             if answer.delay and stub._stopping.wait(answer.delay):
-                return
+                return True
+            if answer.trickle:
+                return self._trickle(answer, request.email or "")
             if parts.path != VERIFIER_PATH:
                 self._send(404, hunter_error_body(404))
             elif stub.api_key is not None and request.api_key != stub.api_key:
@@ -259,6 +317,38 @@ def _handler_for(stub: HunterStub) -> type[BaseHTTPRequestHandler]:
                 self._send(answer.http_status, hunter_error_body(answer.http_status), answer.headers)
             else:
                 self._send(200, hunter_body(request.email or "", answer.status), answer.headers)
+            return True
+
+        def _trickle(self, answer: StubAnswer, email: str) -> bool:
+            body = hunter_body(email, answer.status)
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            if not answer.trickle_headers:
+                self.wfile.write(head)
+                head = b""
+            for byte in head + body:
+                try:
+                    self.wfile.write(bytes([byte]))
+                except OSError:
+                    return False
+                if self._peer_closed_within(answer.trickle):
+                    return False
+                if stub._stopping.is_set():
+                    return True
+            return True
+
+        def _peer_closed_within(self, seconds: float) -> bool:
+            """Wait `seconds`, watching for the client to close its end (readable, nothing to read)."""
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0 and not stub._stopping.is_set():
+                readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+                if readable:
+                    try:
+                        return self.connection.recv(1, socket.MSG_PEEK) == b""
+                    except OSError:
+                        return True
+            return False
 
         def _send(self, code: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
             self.send_response(code)
