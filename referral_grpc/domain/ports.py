@@ -82,19 +82,6 @@ class CodeCache(Protocol):
         ...
 
 
-class NullCodeCache:
-    """No caching at all: every lookup goes to the database."""
-
-    def get(self, email_key: str, now: datetime) -> CacheRead:
-        return CacheRead(value=None, generation=None)
-
-    def fill(self, email_key: str, generation: str | None, value: CachedCode, now: datetime) -> None:
-        return None
-
-    def invalidate(self, email_key: str) -> None:
-        return None
-
-
 @dataclass(frozen=True)
 class EmailVerification:
     """What the email verifier said about an address.
