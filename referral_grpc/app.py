@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
+from .domain.programs import ProgramService
 from .domain.referrals import ReferralService
+from .domain.rewards import RewardService
 from .domain.tokens import AccessTokens, PageTokens
 from .settings import Settings
 from .store.database import init_database
@@ -29,6 +32,9 @@ class App:
     auth: AuthService
     referrals: ReferralService
     throttle: Throttle
+    api_keys: ApiKeyService
+    programs: ProgramService
+    rewards: RewardService
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -92,4 +98,24 @@ def build_app(
         page_tokens=PageTokens(settings.jwt_secret),
         max_horizon_days=settings.code_max_horizon_days,
     )
-    return App(settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle)
+    rewards = RewardService(
+        db=db,
+        clock=clock,
+        outbox=SqlOutbox(),
+        dispatcher=dispatcher,
+        page_tokens=PageTokens(settings.jwt_secret, purpose="ledger-page-token-v1"),
+    )
+    return App(
+        settings,
+        db,
+        clock,
+        cache,
+        verifier,
+        dispatcher,
+        auth,
+        referrals,
+        throttle,
+        api_keys=ApiKeyService(db, clock),
+        programs=ProgramService(db, clock),
+        rewards=rewards,
+    )

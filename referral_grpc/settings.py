@@ -124,6 +124,8 @@ class Settings:
     server_processes: int = 1
 
     code_max_horizon_days: int = 365
+    # How long the first response to a call with an Idempotency-Key is kept for its retries.
+    idempotency_ttl_seconds: int = 24 * 3600
     reset_token_ttl: int = 1800
     public_base_url: str = ""
 
@@ -272,6 +274,9 @@ class Settings:
             grpc_grace_seconds=_float(env, "GRPC_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
             server_processes=_int(env, "SERVER_PROCESSES", 1, minimum=1, maximum=64),
             code_max_horizon_days=_int(env, "CODE_MAX_HORIZON_DAYS", 365, minimum=1, maximum=3650),
+            idempotency_ttl_seconds=_int(
+                env, "IDEMPOTENCY_TTL_SECONDS", 24 * 3600, minimum=60, maximum=30 * 86_400
+            ),
             reset_token_ttl=_int(env, "RESET_TOKEN_TTL", 1800, minimum=60, maximum=86_400),
             public_base_url=_str(env, "PUBLIC_BASE_URL").rstrip("/"),
             redis_url=_str(env, "REDIS_URL"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import create_pg_database, drop_pg_database, make_settings
 
 from referral_grpc.store.database import init_database, make_database
-from referral_grpc.store.migrate import pending_migrations, run_migrations
+from referral_grpc.store.migrate import migrations_dir, pending_migrations, run_migrations
 from referral_grpc.store.models import ALL_MODELS, database
 
 
@@ -29,8 +29,10 @@ def test_migrations_match_models(backend: str, pg_server_url: str, tmp_path: obj
         urls = [f"sqlite:///{tmp_path}/migrated.db", f"sqlite:///{tmp_path}/models.db"]
     try:
         migrated = init_database(make_settings(database_url=urls[0]))
-        assert pending_migrations(migrated) == ["001_initial"]
-        assert run_migrations(migrated) == ["001_initial"]
+        scripts = sorted(path.stem for path in migrations_dir().glob("[0-9][0-9][0-9]_*.py"))
+        assert scripts[0] == "001_initial"
+        assert pending_migrations(migrated) == scripts
+        assert run_migrations(migrated) == scripts
         assert run_migrations(migrated) == []  # idempotent
         migrated_schema = _schema(migrated)
         migrated.close()

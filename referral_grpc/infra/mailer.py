@@ -40,6 +40,8 @@ KINDS: Mapping[str, EmailKind] = {
     "referral_joined": EmailKind({"referee_email_masked": str}),
     # Sent after a password change or a completed reset.
     "password_changed": EmailKind({}),
+    # Sent to the referrer when a referral's qualifying event credits them a reward.
+    "reward_credited": EmailKind({"amount": str, "referee_email_masked": str, "available_on": str}),
 }
 
 
