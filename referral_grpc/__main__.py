@@ -1,4 +1,4 @@
-"""Command line of the service: serve, worker, migrate (`make run` is `python -m referral_grpc.devstack`)."""
+"""Command line of the service: serve, worker, migrate, apikey, program (`make run` is in devstack)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .commands import add_parsers
+
     parser = argparse.ArgumentParser(prog="referral-grpc", description=__doc__)
-    parser.add_argument(
-        "command",
-        choices=("serve", "worker", "migrate"),
-        help="serve: the gRPC server; worker: the email queue consumer; migrate: apply migrations",
-    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands.add_parser("serve", help="the gRPC server")
+    commands.add_parser("worker", help="the email queue consumer")
+    commands.add_parser("migrate", help="apply migrations")
+    add_parsers(commands)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings)
 
+    if args.command in ("apikey", "program"):
+        from .commands import run as run_command
+
+        settings.ensure_local_dirs()
+        return run_command(settings, args)
     if args.command == "migrate":
         from .store.database import init_database
         from .store.migrate import run_migrations

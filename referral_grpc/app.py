@@ -7,12 +7,15 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
+from .domain.programs import ProgramService
 from .domain.referrals import ReferralService
+from .domain.rewards import RewardService
 from .domain.tokens import AccessTokens, PageTokens, SuccessorTokens
-from .domain.verification import EmailVerificationService
+from .domain.verification import EmailVerificationService, referral_eligibility
 from .settings import Settings
 from .store.database import init_database
 
@@ -31,6 +34,9 @@ class App:
     referrals: ReferralService
     throttle: Throttle
     email_verification: EmailVerificationService
+    api_keys: ApiKeyService
+    programs: ProgramService
+    rewards: RewardService
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -114,6 +120,26 @@ def build_app(
         max_horizon_days=settings.code_max_horizon_days,
         verification_required=verification_required,
     )
+    rewards = RewardService(
+        db=db,
+        clock=clock,
+        outbox=outbox,
+        dispatcher=dispatcher,
+        page_tokens=PageTokens(settings.jwt_secret, purpose="ledger-page-token-v1"),
+        eligible=referral_eligibility(verification_required),
+    )
     return App(
-        settings, db, clock, cache, verifier, dispatcher, auth, referrals, throttle, email_verification
+        settings,
+        db,
+        clock,
+        cache,
+        verifier,
+        dispatcher,
+        auth,
+        referrals,
+        throttle,
+        email_verification=email_verification,
+        api_keys=ApiKeyService(db, clock),
+        programs=ProgramService(db, clock),
+        rewards=rewards,
     )

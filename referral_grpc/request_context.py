@@ -34,7 +34,18 @@ class Principal:
     user_id: int
 
 
-_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+@dataclass(frozen=True)
+class ApiKeyPrincipal:
+    """The authenticated caller of an RPC: a backend, by its API key (id, name and scopes)."""
+
+    key_id: int
+    name: str
+    scopes: frozenset[str]
+
+
+Caller = Principal | ApiKeyPrincipal
+
+_principal: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("principal", default=None)
 
 
 class DeadlineExceeded(Exception):
@@ -105,7 +116,7 @@ def check_deadline() -> None:
 
 
 @contextmanager
-def caller(principal: Principal | None) -> Iterator[None]:
+def caller(principal: Caller | None) -> Iterator[None]:
     """Within the block, `current_caller()` is `principal` (None: an anonymous, public RPC)."""
     token = _principal.set(principal)
     try:
@@ -114,5 +125,5 @@ def caller(principal: Principal | None) -> Iterator[None]:
         _principal.reset(token)
 
 
-def current_caller() -> Principal | None:
+def current_caller() -> Caller | None:
     return _principal.get()

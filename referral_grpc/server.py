@@ -15,11 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.admission import Admission, CountingExecutor, InFlight
+from .api.idempotency import IdempotencyStore
 from .api.interceptors import ApiInterceptor
 from .api.policy import SERVICES
+from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
-from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc, reward_service_pb2_grpc
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
 
@@ -167,6 +169,10 @@ def create_server(app: App, address: str | None = None) -> Server:
                 access_log=settings.access_log,
                 blocking_pool=blocking_pool,
                 admission=admission,
+                authenticate_key=app.api_keys.authenticate,
+                idempotency_store=IdempotencyStore(
+                    app.db, app.clock, settings.idempotency_ttl_seconds, settings.jwt_secret
+                ),
             )
         ],
         options=[
@@ -183,7 +189,10 @@ def create_server(app: App, address: str | None = None) -> Server:
         AuthServicer(app.auth, app.email_verification), server
     )
     referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ReferralServicer(app.referrals), server
+        ReferralServicer(app.referrals, app.rewards), server
+    )
+    reward_service_pb2_grpc.add_RewardServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        RewardServicer(app.rewards), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

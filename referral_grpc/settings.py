@@ -306,6 +306,12 @@ class Settings:
         maximum=64,
     )
 
+    idempotency_ttl_seconds: int = integer(
+        24 * 3600,
+        "how long the first response to a call with an `Idempotency-Key` is kept for its retries, seconds",
+        minimum=60,
+        maximum=30 * 86_400,
+    )
     code_max_horizon_days: int = integer(365, "how far ahead a code may expire", minimum=1, maximum=3650)
     reset_token_ttl: int = integer(1800, "password-reset token lifetime, seconds", minimum=60, maximum=86_400)
     public_base_url: str = url(

@@ -1,4 +1,4 @@
-"""Default deny for every RPC in the descriptors, and the full rejection matrix for access tokens."""
+"""Default deny for every RPC in the descriptors, the rejection matrix for access tokens, API-key scopes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from support import TEST_JWT_SECRET, FakeClock
 from support.api import Api, bearer, rich_error
 
 import referral_grpc.gen
-from referral_grpc.api.policy import public_methods
+from referral_grpc.api.policy import api_key_methods, policy_for, public_methods
+from referral_grpc.domain.apikeys import INVALID_KEY_MESSAGE, SCOPES
 from referral_grpc.domain.tokens import INVALID_TOKEN_MESSAGE
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.store.models import User
@@ -57,8 +58,21 @@ def all_methods() -> dict[str, MethodDescriptor]:
     return methods
 
 
+# The RPCs that backends call with an API key, and the scopes each needs. Like PUBLIC_RPCS, a
+# security decision: the test below checks it against the policy options in the proto.
+KEY_RPCS = {
+    "/referral.v1.RewardService/RecordEvent": {"events:write"},
+    "/referral.v1.RewardService/GetBalance": {"rewards:read"},
+    "/referral.v1.RewardService/ListLedgerEntries": {"rewards:read"},
+    "/referral.v1.RewardService/RedeemRewards": {"rewards:redeem"},
+}
+# Of those, the ones a user's own access token may call instead.
+KEY_OR_USER_RPCS = {"/referral.v1.RewardService/GetBalance", "/referral.v1.RewardService/ListLedgerEntries"}
+
 METHODS = all_methods()
 PROTECTED = sorted(path for path in METHODS if path not in PUBLIC_RPCS)
+# Every RPC a user's access token opens.
+USER_RPCS = sorted(path for path in PROTECTED if path not in KEY_RPCS or path in KEY_OR_USER_RPCS)
 
 
 def call(api: Api, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.StatusCode:
@@ -78,6 +92,9 @@ def call(api: Api, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> grp
         response_deserializer=response_class.FromString,
     )
     argument = iter([request]) if method.client_streaming else request
+    policy = policy_for(path)
+    sent_key = any(key == "x-api-key" for key, _ in metadata)
+    key_answers = policy.takes_api_key and (sent_key or not policy.user_token_allowed)
     try:
         result = stub(argument, metadata=metadata, timeout=10)
         if method.server_streaming:
@@ -86,7 +103,15 @@ def call(api: Api, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> grp
         failure = rich_error(err)
         if failure.code == grpc.StatusCode.UNAUTHENTICATED:
             # One answer for every kind of rejection: which check failed is for the log only.
-            assert (failure.message, failure.reason) == (INVALID_TOKEN_MESSAGE, "INVALID_TOKEN"), path
+            expected = (
+                (INVALID_KEY_MESSAGE, "API_KEY_INVALID")
+                if key_answers
+                else (
+                    INVALID_TOKEN_MESSAGE,
+                    "INVALID_TOKEN",
+                )
+            )
+            assert (failure.message, failure.reason) == expected, path
         return failure.code
     return grpc.StatusCode.OK
 
@@ -220,9 +245,87 @@ def test_rejected_access_tokens(victim: Victim, case: str) -> None:
         assert call(victim.api, path, metadata) == grpc.StatusCode.UNAUTHENTICATED, path
 
 
-def test_a_valid_access_token_passes_every_protected_rpc(victim: Victim) -> None:
+def test_a_valid_access_token_passes_every_user_rpc(victim: Victim) -> None:
     """The matrix's control: the same calls with the genuine token get past authentication."""
-    for path in PROTECTED:
+    for path in USER_RPCS:
         assert (
             call(victim.api, path, bearer(victim.tokens.access_token)) != grpc.StatusCode.UNAUTHENTICATED
         ), path
+
+
+# --- API keys and their scopes -----------------------------------------------------------------
+
+
+def test_the_key_rpcs_and_their_scopes_are_exactly_the_declared_ones() -> None:
+    declared = {path: set(scopes) for path, scopes in api_key_methods().items()}
+    assert declared == KEY_RPCS
+    assert {path for path in KEY_RPCS if policy_for(path).user_token_allowed} == KEY_OR_USER_RPCS
+    # Every scope an RPC names is one `apikey create` accepts.
+    assert set().union(*KEY_RPCS.values()) <= set(SCOPES)
+
+
+def key_with(api: Api, *scopes: str) -> Metadata:
+    created = api.app.api_keys.create(f"key-{len(api.app.api_keys.list())}", scopes)
+    return (("x-api-key", created.key),)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no key", "empty key", "unknown key", "not a key at all", "revoked key", "key as bearer", "user token"],
+)
+def test_every_key_rpc_refuses_what_is_not_a_valid_key(victim: Victim, case: str) -> None:
+    api = victim.api
+    valid = key_with(api, *SCOPES)
+    revoked = key_with(api, *SCOPES)
+    api.app.api_keys.revoke(api.app.api_keys.list()[-1].name)
+    presented: dict[str, Metadata] = {
+        "no key": (),
+        "empty key": (("x-api-key", ""),),
+        "unknown key": (("x-api-key", "rk_" + "A" * 43),),
+        "not a key at all": (("x-api-key", victim.tokens.access_token),),
+        "revoked key": revoked,
+        "key as bearer": bearer(valid[0][1]),
+        "user token": bearer(victim.tokens.access_token),
+    }
+    for path in KEY_RPCS:
+        if case == "user token" and path in KEY_OR_USER_RPCS:
+            continue
+        assert call(api, path, presented[case]) == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+def test_a_key_never_works_as_a_user_token(victim: Victim) -> None:
+    key = key_with(victim.api, *SCOPES)[0][1]
+    for path in USER_RPCS:
+        assert call(victim.api, path, bearer(key)) == grpc.StatusCode.UNAUTHENTICATED, path
+    user_only = [path for path in USER_RPCS if path not in KEY_RPCS]
+    assert user_only
+    for path in user_only:
+        # Sent as a key, to an RPC that takes none: no credentials at all.
+        assert call(victim.api, path, (("x-api-key", key),)) == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+def test_a_key_without_the_scope_is_forbidden_and_with_it_passes(victim: Victim) -> None:
+    api = victim.api
+    for path, needed in KEY_RPCS.items():
+        others = [scope for scope in SCOPES if scope not in needed]
+        with pytest.raises(grpc.RpcError) as denied:
+            stub_call(api, path, key_with(api, *others))
+        failure = rich_error(denied.value)
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "API_KEY_SCOPE_MISSING",
+        ), path
+        passed = call(api, path, key_with(api, *needed))
+        assert passed not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), path
+
+
+def stub_call(api: Api, path: str, metadata: Metadata) -> Any:
+    method = METHODS[path]
+    request = message_factory.GetMessageClass(method.input_type)()
+    response_class = message_factory.GetMessageClass(method.output_type)
+    stub = api.channel.unary_unary(
+        path,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    return stub(request, metadata=metadata, timeout=10)

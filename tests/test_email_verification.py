@@ -32,11 +32,6 @@ TOKEN_IN_LINK = re.compile(re.escape(f"{BASE_URL}/verify-email?token=") + r"([A-
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def required(database_url: str, clock: FakeClock) -> Iterator[Api]:
     with running_api(
         make_settings(database_url=database_url, email_verification="required"), clock=clock

@@ -1,4 +1,4 @@
-"""Cross-cutting work for every RPC: request id, default-deny authentication, error translation."""
+"""Cross-cutting work for every RPC: request id, default-deny authentication, idempotency, errors."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 
 from ..domain import errors
+from ..domain.apikeys import invalid_api_key
 from ..domain.tokens import invalid_token
 from ..request_context import (
+    ApiKeyPrincipal,
+    Caller,
     DeadlineExceeded,
     Principal,
     RequestAbandoned,
@@ -29,8 +32,10 @@ from ..request_context import (
     request_id,
     request_lifetime,
 )
+from . import idempotency
 from .admission import Admission
 from .errors import abort, code_for, internal_status
+from .idempotency import IdempotencyStore
 from .policy import Policy, policy_for
 
 log = logging.getLogger("referral_grpc.rpc")
@@ -45,11 +50,18 @@ RpcObserver = Callable[[str, str, float], None]
 
 
 def current_principal() -> Principal:
-    """The authenticated caller; only reachable from RPCs whose policy is not public."""
+    """The authenticated user; only reachable from RPCs that take a user's access token."""
     principal = current_caller()
-    if principal is None:
+    if not isinstance(principal, Principal):
         raise invalid_token()
     return principal
+
+
+def _header(metadata: tuple[tuple[str, str | bytes], ...], name: str) -> str | None:
+    for key, value in metadata:
+        if key == name and isinstance(value, str):
+            return value
+    return None
 
 
 def _bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
@@ -133,11 +145,15 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
     1. request scope: the caller's x-request-id kept (or one generated), echoed before any work;
     2. deadline: the caller's gRPC deadline bounds every transaction of the call;
-    3. authentication: default deny, unless the RPC's policy says public;
-    4. errors: domain errors and retryable infrastructure failures mapped through the one table;
+    3. authentication: default deny, unless the RPC's policy says public; an API key with the
+       policy's scopes where it names some (or a user's token where it also allows one);
+    4. idempotency: for RPCs whose policy takes an Idempotency-Key, a retry gets the first response
+       (referral_grpc.api.idempotency);
+    5. errors: domain errors and retryable infrastructure failures mapped through the one table;
        the pooled database connection is returned whatever happened;
-    5. record: metrics and the access log line.
-    The RPC's policy (public, blocking, quiet) comes from its proto option (referral_grpc.api.policy).
+    6. record: metrics and the access log line.
+    The RPC's policy (public, blocking, quiet, scopes, idempotency) comes from its proto option
+    (referral_grpc.api.policy).
     """
 
     def __init__(
@@ -148,11 +164,15 @@ class ApiInterceptor(grpc.ServerInterceptor):
         access_log: bool = True,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
         admission: Admission | None = None,
+        authenticate_key: Callable[[str], ApiKeyPrincipal] | None = None,
+        idempotency_store: IdempotencyStore | None = None,
     ) -> None:
         self._admission = admission
         self._access_log = access_log
         self._blocking_pool = blocking_pool
         self._authenticate = authenticate
+        self._authenticate_key = authenticate_key
+        self._idempotency = idempotency_store
         self._release_connection = release_connection
         self._observe = observe
         # Wrapped handlers by (method, original handler): built once, not on every call.
@@ -177,10 +197,14 @@ class ApiInterceptor(grpc.ServerInterceptor):
             if self._blocking_pool is not None and policy.blocking:
                 # grpc runs a behavior carrying this attribute on that pool instead of the server's own.
                 behavior.experimental_thread_pool = self._blocking_pool
+            serializer = handler.response_serializer
+            if policy.idempotency:
+                # A replayed response is already serialized.
+                serializer = _bytes_or(serializer)
             wrapped = grpc.unary_unary_rpc_method_handler(
                 behavior,
                 request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
             # The original handler is kept alive by the server's registry, so its id stays unique.
             self._wrapped[key] = wrapped
@@ -236,9 +260,12 @@ class ApiInterceptor(grpc.ServerInterceptor):
             try:
                 # Queued behind other RPCs until the caller gave up: do not start the work.
                 check_alive()
-                with caller(self._caller(policy, context)):
+                principal = self._caller(policy, context)
+                with caller(principal):
                     if isinstance(request, _Undecodable):
                         raise _undecodable()
+                    if policy.idempotency:
+                        return self._idempotent(method, policy, principal, behavior, request, context)
                     return behavior(request, context)
             except errors.DomainError as exc:
                 failure: errors.DomainError | None = exc
@@ -255,10 +282,58 @@ class ApiInterceptor(grpc.ServerInterceptor):
             outcome.code = code_for(failure)
             abort(context, failure)
 
-    def _caller(self, policy: Policy, context: grpc.ServicerContext) -> Principal | None:
+    def _caller(self, policy: Policy, context: grpc.ServicerContext) -> Caller | None:
         if policy.public:
             return None
-        return self._authenticate(_bearer_token(tuple(context.invocation_metadata() or ())))
+        metadata = tuple(context.invocation_metadata() or ())
+        if policy.takes_api_key:
+            key = _header(metadata, "x-api-key")
+            # A key, when sent, is what the call is judged by; a user's token only where allowed.
+            if key is not None or not policy.user_token_allowed:
+                return self._api_key(policy, key or "")
+        return self._authenticate(_bearer_token(metadata))
+
+    def _api_key(self, policy: Policy, key: str) -> ApiKeyPrincipal:
+        if self._authenticate_key is None:
+            raise invalid_api_key()
+        principal = self._authenticate_key(key.strip())
+        missing = sorted(policy.api_key_scopes - principal.scopes)
+        if missing:
+            raise errors.PermissionDenied(
+                "API_KEY_SCOPE_MISSING",
+                f"this API key lacks the scope {missing[0]}",
+                {"scope": missing[0]},
+            )
+        return principal
+
+    def _idempotent(
+        self,
+        method: str,
+        policy: Policy,
+        principal: Caller | None,
+        behavior: Callable[[Any, grpc.ServicerContext], Any],
+        request: Any,
+        context: grpc.ServicerContext,
+    ) -> Any:
+        key = _header(tuple(context.invocation_metadata() or ()), idempotency.HEADER)
+        if key is None or self._idempotency is None:
+            if policy.idempotency == "required":
+                raise idempotency.key_required()
+            return behavior(request, context)
+        idempotency.check_key(key)
+        if isinstance(principal, ApiKeyPrincipal):
+            owner = f"key:{principal.key_id}"
+        elif isinstance(principal, Principal):
+            owner = f"user:{principal.user_id}"
+        else:
+            owner = "anonymous"
+        return self._idempotency.run(
+            owner,
+            key,
+            method,
+            request.SerializeToString(deterministic=True),
+            lambda: behavior(request, context),
+        )
 
     def _record(
         self, method: str, code: grpc.StatusCode, elapsed: float, access_level: int = logging.INFO
@@ -288,8 +363,26 @@ def _request_scope(context: grpc.ServicerContext) -> Iterator[None]:
         request_id.reset(token)
 
 
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    def serialize_or_pass(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        assert serialize is not None
+        return serialize(response)
+
+    return serialize_or_pass
+
+
 def _deny_handler() -> Any:
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         abort(context, invalid_token())
 
     return grpc.unary_stream_rpc_method_handler(deny)
+
+
+def current_api_key() -> ApiKeyPrincipal:
+    """The calling backend's key; only reachable from RPCs whose policy takes an API key."""
+    principal = current_caller()
+    if not isinstance(principal, ApiKeyPrincipal):
+        raise invalid_api_key()
+    return principal

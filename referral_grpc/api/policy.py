@@ -1,4 +1,4 @@
-"""Per-RPC policy (public, blocking, quiet), read from the `(referral.v1.policy)` proto option."""
+"""Per-RPC policy (public, blocking, quiet, key scopes, idempotency) from the (referral.v1.policy) option."""
 
 from __future__ import annotations
 
@@ -8,22 +8,34 @@ from typing import Any
 
 from google.protobuf import descriptor
 
-from ..gen import auth_service_pb2, referral_service_pb2, rpc_policy_pb2
+from ..gen import auth_service_pb2, referral_service_pb2, reward_service_pb2, rpc_policy_pb2
 
 # Our services: their policy is declared next to each RPC in proto/referral/v1.
 SERVICES: tuple[descriptor.ServiceDescriptor, ...] = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_service_pb2.DESCRIPTOR.services_by_name["ReferralService"],
+    reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"],
 )
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How the server treats one RPC; the default is private, non-blocking, logged at INFO."""
+    """How the server treats one RPC; the default is private (a user's token), non-blocking, logged at INFO.
+
+    With `api_key_scopes` the RPC takes an API key with those scopes instead of a user's token, or
+    either of them with `user_token_allowed`. `idempotency` is "", "optional" or "required".
+    """
 
     public: bool = False
     blocking: bool = False
     quiet: bool = False
+    api_key_scopes: frozenset[str] = frozenset()
+    user_token_allowed: bool = False
+    idempotency: str = ""
+
+    @property
+    def takes_api_key(self) -> bool:
+        return bool(self.api_key_scopes)
 
 
 # Services that are not ours carry no option: health and reflection are public by design (load balancers
@@ -49,7 +61,21 @@ def _declared(method: descriptor.MethodDescriptor) -> Policy:
     if not options.HasExtension(extension):
         return Policy()
     declared: rpc_policy_pb2.RpcPolicy = options.Extensions[extension]
-    return Policy(public=declared.public, blocking=declared.blocking, quiet=declared.quiet)
+    return Policy(
+        public=declared.public,
+        blocking=declared.blocking,
+        quiet=declared.quiet,
+        api_key_scopes=frozenset(declared.api_key_scopes),
+        user_token_allowed=declared.user_token_allowed,
+        idempotency=_IDEMPOTENCY[declared.idempotency],
+    )
+
+
+_IDEMPOTENCY: Mapping[int, str] = {
+    rpc_policy_pb2.IDEMPOTENCY_UNSPECIFIED: "",
+    rpc_policy_pb2.IDEMPOTENCY_OPTIONAL: "optional",
+    rpc_policy_pb2.IDEMPOTENCY_REQUIRED: "required",
+}
 
 
 def _our_methods() -> Iterator[descriptor.MethodDescriptor]:
@@ -70,3 +96,8 @@ def policy_for(method: str) -> Policy:
 
 def public_methods() -> frozenset[str]:
     return frozenset(path for path, policy in POLICIES.items() if policy.public)
+
+
+def api_key_methods() -> Mapping[str, frozenset[str]]:
+    """The RPCs that take an API key, with the scopes each needs."""
+    return {path: policy.api_key_scopes for path, policy in POLICIES.items() if policy.takes_api_key}

@@ -6,10 +6,12 @@ import grpc
 
 from ..domain.auth import PROOF_FIELD, AuthService
 from ..domain.referrals import ReferralService
+from ..domain.rewards import RewardService
 from ..domain.verification import EmailVerificationService
 from ..gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
 from . import convert
 from .interceptors import current_principal
+from .rewards import referral_state
 
 pb_auth = auth_service_pb2
 pb_ref = referral_service_pb2
@@ -70,8 +72,9 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
 
 class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):
-    def __init__(self, referrals: ReferralService) -> None:
+    def __init__(self, referrals: ReferralService, rewards: RewardService) -> None:
         self._referrals = referrals
+        self._rewards = rewards
 
     def CreateReferralCode(
         self, request: pb_ref.CreateReferralCodeRequest, context: grpc.ServicerContext
@@ -109,9 +112,28 @@ class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):
         return pb_ref.ListReferralsResponse(
             referrals=[
                 pb_ref.Referral(
-                    user_id=r.user_id, email=r.email, registered_at=convert.timestamp(r.registered_at)
+                    user_id=r.user_id,
+                    email=r.email,
+                    registered_at=convert.timestamp(r.registered_at),
+                    state=referral_state(r.state),
+                    qualified_at=convert.timestamp(r.qualified_at) if r.qualified_at else None,
                 )
                 for r in page.referrals
             ],
             next_page_token=page.next_page_token,
+        )
+
+    def GetReferralStats(
+        self, request: pb_ref.GetReferralStatsRequest, context: grpc.ServicerContext
+    ) -> pb_ref.ReferralStats:
+        stats = self._rewards.referral_stats(current_principal().user_id)
+        return pb_ref.ReferralStats(
+            pending=stats.by_state["pending"],
+            qualified=stats.by_state["qualified"],
+            reversed=stats.by_state["reversed"],
+            rejected=stats.by_state["rejected"],
+            earned=[
+                pb_ref.EarnedAmount(currency=currency, lifetime_earned_minor=total)
+                for currency, total in stats.earned.items()
+            ],
         )

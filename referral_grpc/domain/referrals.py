@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import peewee as pw
 
 from ..store.database import is_postgres, write_transaction
-from ..store.models import ReferralCode, User
+from ..store.models import Referral, ReferralCode, User
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
 from .ports import CachedCode, Clock, CodeCache
@@ -33,6 +33,9 @@ class ReferralView:
     user_id: int
     email: str
     registered_at: datetime
+    # pending, qualified, reversed or rejected (referral_grpc.domain.rewards).
+    state: str = "pending"
+    qualified_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,12 @@ class ReferralService:
             raise InvalidArgument.for_field("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
-        query = User.select(User.id, User.email, User.created_at).where(User.referrer == user_id)
+        query = (
+            User.select(User.id, User.email, User.created_at, Referral.state, Referral.qualified_at)
+            # No row yet: no event has concerned the referral, it is pending.
+            .join(Referral, pw.JOIN.LEFT_OUTER, on=(Referral.referee == User.id), attr="referral_row")
+            .where(User.referrer == user_id)
+        )
         if page_token:
             after_time, after_id = self._pages.decode(page_token, user_id)
             # Row-value comparison keeps the (referrer, created_at, id) index usable: same cost on any page.
@@ -165,7 +173,7 @@ class ReferralService:
             last = rows[-1]
             next_token = self._pages.encode(user_id, last.created_at, last.id)
         return ReferralPage(
-            referrals=[ReferralView(user_id=r.id, email=r.email, registered_at=r.created_at) for r in rows],
+            referrals=[_view(r) for r in rows],
             next_page_token=next_token,
         )
 
@@ -178,3 +186,16 @@ class ReferralService:
         if user is None:
             raise NotFound("USER_NOT_FOUND", "the account no longer exists")
         return user
+
+
+def _view(row: User) -> ReferralView:
+    referral: Referral | None = getattr(row, "referral_row", None)
+    if referral is None or referral.state is None:
+        return ReferralView(user_id=row.id, email=row.email, registered_at=row.created_at)
+    return ReferralView(
+        user_id=row.id,
+        email=row.email,
+        registered_at=row.created_at,
+        state=referral.state,
+        qualified_at=referral.qualified_at,
+    )

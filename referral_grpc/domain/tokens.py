@@ -131,8 +131,9 @@ class SuccessorTokens:
 class PageTokens:
     """Opaque keyset cursors: base64url(JSON) + HMAC, bound to the user they were issued to."""
 
-    def __init__(self, secret: str) -> None:
-        self._key = hmac.new(secret.encode(), b"referral-page-token-v1", hashlib.sha256).digest()
+    def __init__(self, secret: str, purpose: str = "referral-page-token-v1") -> None:
+        # One key per purpose: a token of one list is never accepted by another.
+        self._key = hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).digest()
 
     def encode(self, owner_id: int, created_at: datetime, row_id: int) -> str:
         body = json.dumps({"o": owner_id, "t": created_at.isoformat(), "i": row_id}, separators=(",", ":"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -142,3 +143,14 @@ class EmailVerificationService:
             query = query.for_update("FOR SHARE")  # type: ignore[arg-type]
         referrer: User | None = query.first()
         return referrer
+
+
+def referral_eligibility(required: bool) -> Callable[[User], bool]:
+    """The rewards' eligibility rule: with verification required, a referral earns only once it counts.
+
+    `User.referral_qualified_at` is set once both the referrer and the referee have verified their
+    addresses (at signup when verification is optional).
+    """
+    if not required:
+        return lambda referee: True
+    return lambda referee: referee.referral_qualified_at is not None

@@ -91,6 +91,7 @@ class AuthServiceServicer:
     def Register(self, request, context):
         """Register creates an account, optionally as the referral of the owner of
         `referral_code`, and returns a fresh set of tokens for it.
+        With an `idempotency-key` header, a retry gets the first response again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

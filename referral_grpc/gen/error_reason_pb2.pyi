@@ -43,6 +43,21 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATABASE_BUSY: _ClassVar[ErrorReason]
     DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
     DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    API_KEY_INVALID: _ClassVar[ErrorReason]
+    API_KEY_SCOPE_MISSING: _ClassVar[ErrorReason]
+    API_KEY_NAME_TAKEN: _ClassVar[ErrorReason]
+    API_KEY_NOT_FOUND: _ClassVar[ErrorReason]
+    SCOPE_UNKNOWN: _ClassVar[ErrorReason]
+    EVENT_ID_CONFLICT: _ClassVar[ErrorReason]
+    EVENT_NOT_FOUND: _ClassVar[ErrorReason]
+    INSUFFICIENT_BALANCE: _ClassVar[ErrorReason]
+    IDEMPOTENCY_KEY_REQUIRED: _ClassVar[ErrorReason]
+    IDEMPOTENCY_KEY_INVALID: _ClassVar[ErrorReason]
+    IDEMPOTENCY_KEY_REUSED: _ClassVar[ErrorReason]
+    IDEMPOTENCY_KEY_IN_USE: _ClassVar[ErrorReason]
+    CURRENCY_INVALID: _ClassVar[ErrorReason]
+    AMOUNT_INVALID: _ClassVar[ErrorReason]
+    OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -80,3 +95,18 @@ TOO_MANY_ATTEMPTS: ErrorReason
 DATABASE_BUSY: ErrorReason
 DATABASE_UNAVAILABLE: ErrorReason
 DEADLINE_EXCEEDED: ErrorReason
+API_KEY_INVALID: ErrorReason
+API_KEY_SCOPE_MISSING: ErrorReason
+API_KEY_NAME_TAKEN: ErrorReason
+API_KEY_NOT_FOUND: ErrorReason
+SCOPE_UNKNOWN: ErrorReason
+EVENT_ID_CONFLICT: ErrorReason
+EVENT_NOT_FOUND: ErrorReason
+INSUFFICIENT_BALANCE: ErrorReason
+IDEMPOTENCY_KEY_REQUIRED: ErrorReason
+IDEMPOTENCY_KEY_INVALID: ErrorReason
+IDEMPOTENCY_KEY_REUSED: ErrorReason
+IDEMPOTENCY_KEY_IN_USE: ErrorReason
+CURRENCY_INVALID: ErrorReason
+AMOUNT_INVALID: ErrorReason
+OCCURRED_AT_IN_FUTURE: ErrorReason

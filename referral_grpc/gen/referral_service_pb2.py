@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import rpc_policy_pb2 as referral_dot_v1_dot_rpc__policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"referral/v1/referral_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\x8e\x01\n\x0cReferralCode\x12\x12\n\x04\x63ode\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"Q\n\x19\x43reateReferralCodeRequest\x12\x34\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\"\x1b\n\x19\x44\x65leteReferralCodeRequest\"\x1c\n\x1a\x44\x65leteReferralCodeResponse\"4\n\x1dGetReferralCodeByEmailRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"^\n\x1eGetReferralCodeByEmailResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x14ListReferralsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x15ListReferralsResponse\x12(\n\treferrals\x18\x01 \x03(\x0b\x32\x15.referral.v1.Referral\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x08Referral\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x94\x04\n\x0fReferralService\x12r\n\x12\x43reateReferralCode\x12&.referral.v1.CreateReferralCodeRequest\x1a\x19.referral.v1.ReferralCode\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/referral/code:\x01*\x12}\n\x12\x44\x65leteReferralCode\x12&.referral.v1.DeleteReferralCodeRequest\x1a\'.referral.v1.DeleteReferralCodeResponse\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/referral/code\x12\x98\x01\n\x16GetReferralCodeByEmail\x12*.referral.v1.GetReferralCodeByEmailRequest\x1a+.referral.v1.GetReferralCodeByEmailResponse\"%\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x19\x12\x17/referral/code/by-email\x12s\n\rListReferrals\x12!.referral.v1.ListReferralsRequest\x1a\".referral.v1.ListReferralsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/referral/referralsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"referral/v1/referral_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\x8e\x01\n\x0cReferralCode\x12\x12\n\x04\x63ode\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"Q\n\x19\x43reateReferralCodeRequest\x12\x34\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\"\x1b\n\x19\x44\x65leteReferralCodeRequest\"\x1c\n\x1a\x44\x65leteReferralCodeResponse\"4\n\x1dGetReferralCodeByEmailRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"^\n\x1eGetReferralCodeByEmailResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x14ListReferralsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x15ListReferralsResponse\x12(\n\treferrals\x18\x01 \x03(\x0b\x32\x15.referral.v1.Referral\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xba\x01\n\x08Referral\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.referral.v1.ReferralState\x12\x30\n\x0cqualified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17GetReferralStatsRequest\"\x82\x01\n\rReferralStats\x12\x0f\n\x07pending\x18\x01 \x01(\x03\x12\x11\n\tqualified\x18\x02 \x01(\x03\x12\x10\n\x08reversed\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12)\n\x06\x65\x61rned\x18\x05 \x03(\x0b\x32\x19.referral.v1.EarnedAmount\"?\n\x0c\x45\x61rnedAmount\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x1d\n\x15lifetime_earned_minor\x18\x02 \x01(\x03*g\n\rReferralState\x12\x1e\n\x1aREFERRAL_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tQUALIFIED\x10\x02\x12\x0c\n\x08REVERSED\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\x32\x89\x05\n\x0fReferralService\x12x\n\x12\x43reateReferralCode\x12&.referral.v1.CreateReferralCodeRequest\x1a\x19.referral.v1.ReferralCode\"\x1f\x8a\xb5\x18\x02\x30\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/referral/code:\x01*\x12}\n\x12\x44\x65leteReferralCode\x12&.referral.v1.DeleteReferralCodeRequest\x1a\'.referral.v1.DeleteReferralCodeResponse\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/referral/code\x12\x98\x01\n\x16GetReferralCodeByEmail\x12*.referral.v1.GetReferralCodeByEmailRequest\x1a+.referral.v1.GetReferralCodeByEmailResponse\"%\x8a\xb5\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x19\x12\x17/referral/code/by-email\x12s\n\rListReferrals\x12!.referral.v1.ListReferralsRequest\x1a\".referral.v1.ListReferralsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/referral/referrals\x12m\n\x10GetReferralStats\x12$.referral.v1.GetReferralStatsRequest\x1a\x1a.referral.v1.ReferralStats\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/referral/statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,13 +50,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREFERRALSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTREFERRALSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
   _globals['_REFERRALSERVICE'].methods_by_name['CreateReferralCode']._loaded_options = None
-  _globals['_REFERRALSERVICE'].methods_by_name['CreateReferralCode']._serialized_options = b'\202\323\344\223\002\023\"\016/referral/code:\001*'
+  _globals['_REFERRALSERVICE'].methods_by_name['CreateReferralCode']._serialized_options = b'\212\265\030\0020\001\202\323\344\223\002\023\"\016/referral/code:\001*'
   _globals['_REFERRALSERVICE'].methods_by_name['DeleteReferralCode']._loaded_options = None
   _globals['_REFERRALSERVICE'].methods_by_name['DeleteReferralCode']._serialized_options = b'\202\323\344\223\002\020*\016/referral/code'
   _globals['_REFERRALSERVICE'].methods_by_name['GetReferralCodeByEmail']._loaded_options = None
   _globals['_REFERRALSERVICE'].methods_by_name['GetReferralCodeByEmail']._serialized_options = b'\212\265\030\002\010\001\202\323\344\223\002\031\022\027/referral/code/by-email'
   _globals['_REFERRALSERVICE'].methods_by_name['ListReferrals']._loaded_options = None
   _globals['_REFERRALSERVICE'].methods_by_name['ListReferrals']._serialized_options = b'\202\323\344\223\002\025\022\023/referral/referrals'
+  _globals['_REFERRALSERVICE'].methods_by_name['GetReferralStats']._loaded_options = None
+  _globals['_REFERRALSERVICE'].methods_by_name['GetReferralStats']._serialized_options = b'\202\323\344\223\002\021\022\017/referral/stats'
+  _globals['_REFERRALSTATE']._serialized_start=1195
+  _globals['_REFERRALSTATE']._serialized_end=1298
   _globals['_REFERRALCODE']._serialized_start=178
   _globals['_REFERRALCODE']._serialized_end=320
   _globals['_CREATEREFERRALCODEREQUEST']._serialized_start=322
@@ -73,8 +77,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREFERRALSREQUEST']._serialized_end=687
   _globals['_LISTREFERRALSRESPONSE']._serialized_start=689
   _globals['_LISTREFERRALSRESPONSE']._serialized_end=779
-  _globals['_REFERRAL']._serialized_start=781
-  _globals['_REFERRAL']._serialized_end=874
-  _globals['_REFERRALSERVICE']._serialized_start=877
-  _globals['_REFERRALSERVICE']._serialized_end=1409
+  _globals['_REFERRAL']._serialized_start=782
+  _globals['_REFERRAL']._serialized_end=968
+  _globals['_GETREFERRALSTATSREQUEST']._serialized_start=970
+  _globals['_GETREFERRALSTATSREQUEST']._serialized_end=995
+  _globals['_REFERRALSTATS']._serialized_start=998
+  _globals['_REFERRALSTATS']._serialized_end=1128
+  _globals['_EARNEDAMOUNT']._serialized_start=1130
+  _globals['_EARNEDAMOUNT']._serialized_end=1193
+  _globals['_REFERRALSERVICE']._serialized_start=1301
+  _globals['_REFERRALSERVICE']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

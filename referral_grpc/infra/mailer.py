@@ -42,6 +42,8 @@ KINDS: Mapping[str, EmailKind] = {
     "password_changed": EmailKind({}),
     # Sent at registration and by ResendVerificationEmail: proof that the owner receives mail there.
     "email_verification": EmailKind({"token": str, "expires_hours": int}, frozenset({"token"})),
+    # Sent to the referrer when a referral's qualifying event credits them a reward.
+    "reward_credited": EmailKind({"amount": str, "referee_email_masked": str, "available_on": str}),
 }
 
 # Kinds whose token completes an action on a page of PUBLIC_BASE_URL: the page for each.

@@ -177,6 +177,152 @@ class EmailOutbox(BaseModel):
         indexes = ((("status", "created_at"), False),)
 
 
+class ApiKey(BaseModel):
+    """A backend's credential: only the SHA-256 of the key is kept, and a prefix to recognise it by."""
+
+    id = pw.BigAutoField()
+    name = pw.CharField(max_length=64, unique=True)
+    # The key's first characters, shown by `apikey list` so an operator can tell keys apart.
+    prefix = pw.CharField(max_length=16)
+    # Keys carry 256 random bits: a fast hash is enough, no password hashing needed.
+    key_hash = pw.CharField(max_length=64, unique=True)
+    # Space-separated scope names.
+    scopes = pw.TextField()
+    created_at = UTCDateTimeField()
+    last_used_at = UTCDateTimeField(null=True)
+    revoked_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_keys"
+
+
+class Program(BaseModel):
+    """One version of the referral program's rules; `program set` appends a row, the newest is in force."""
+
+    id = pw.BigAutoField()  # the version
+    created_at = UTCDateTimeField()
+    # Comma-separated event types that qualify.
+    event_types = pw.TextField()
+    currency = pw.CharField(max_length=3)
+    min_amount_minor = pw.BigIntegerField()
+    attribution_days = pw.IntegerField()
+    # Each reward is either a fixed amount or basis points of the event amount, capped (0 = no cap).
+    referrer_reward_minor = pw.BigIntegerField()
+    referrer_reward_bps = pw.IntegerField()
+    referrer_reward_cap_minor = pw.BigIntegerField()
+    referee_reward_minor = pw.BigIntegerField()
+    referee_reward_bps = pw.IntegerField()
+    referee_reward_cap_minor = pw.BigIntegerField()
+    hold_days = pw.IntegerField()
+    max_rewarded_referrals = pw.IntegerField()
+
+    class Meta:
+        table_name = "programs"
+
+
+class RewardEvent(BaseModel):
+    """An event a backend recorded, once per event_id: the unique constraint decides between retries."""
+
+    id = pw.BigAutoField()
+    event_id = pw.CharField(max_length=128, unique=True)
+    # SHA-256 of the event's canonical content: a retry must carry the same content.
+    content_hash = pw.CharField(max_length=64)
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="reward_events")
+    user_id: int
+    type = pw.CharField(max_length=64)
+    amount_minor = pw.BigIntegerField()
+    currency = pw.CharField(max_length=3)
+    occurred_at = UTCDateTimeField()
+    refunds_event = pw.ForeignKeyField("self", null=True, on_delete="RESTRICT", backref="refunds")
+    refunds_event_id: int | None
+    # The first result as JSON (referral state and skipped rewards), returned again to duplicates.
+    outcome = pw.TextField()
+    recorded_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "reward_events"
+
+
+class Referral(BaseModel):
+    """Where a newcomer's referral stands; written when an event first concerns it (no row = pending)."""
+
+    referee = pw.ForeignKeyField(User, primary_key=True, on_delete="CASCADE", backref="referral")
+    referee_id: int
+    referrer = pw.ForeignKeyField(User, on_delete="CASCADE", backref="referred")
+    referrer_id: int
+    state = pw.CharField(max_length=16, default="pending")
+    # The program version the referral was judged under, and the event that qualified it.
+    program = pw.ForeignKeyField(Program, null=True, on_delete="RESTRICT")
+    program_id: int | None
+    qualifying_event = pw.ForeignKeyField(RewardEvent, null=True, on_delete="RESTRICT")
+    qualifying_event_id: int | None
+    # Whether qualifying credited anything: the program's cap counts rewarded referrals.
+    rewarded = pw.BooleanField(default=False)
+    qualified_at = UTCDateTimeField(null=True)
+    reversed_at = UTCDateTimeField(null=True)
+    created_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "referrals"
+        indexes = ((("referrer", "state"), False),)
+
+
+class LedgerEntry(BaseModel):
+    """Append-only money movements in integer minor units; a PostgreSQL trigger refuses UPDATE and DELETE."""
+
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="RESTRICT", backref="ledger")
+    user_id: int
+    kind = pw.CharField(max_length=24)
+    amount_minor = pw.BigIntegerField()
+    currency = pw.CharField(max_length=3)
+    referral_user = pw.ForeignKeyField(User, null=True, on_delete="RESTRICT", index=False)
+    referral_user_id: int | None
+    event = pw.ForeignKeyField(RewardEvent, null=True, on_delete="RESTRICT")
+    event_id: int | None
+    # The reward a reversal undoes: unique, so a reward is reversed at most once.
+    reverses = pw.ForeignKeyField("self", null=True, unique=True, on_delete="RESTRICT")
+    reverses_id: int | None
+    # Pending before this moment, available from it: time alone moves money, no job needed.
+    available_at = UTCDateTimeField()
+    created_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "ledger_entries"
+        indexes = ((("user", "currency", "available_at"), False),)
+
+
+REWARD_KINDS = ("referrer_reward", "referee_reward")
+# One reward per referral and beneficiary, whatever the races: the database decides.
+LedgerEntry.add_index(
+    LedgerEntry.index(
+        LedgerEntry.referral_user,
+        LedgerEntry.kind,
+        unique=True,
+        name="ledger_entries_one_reward_per_referral",
+    ).where(LedgerEntry.kind.in_(REWARD_KINDS))
+)
+
+
+class IdempotencyRecord(BaseModel):
+    """The first response to a call with an Idempotency-Key, per caller and key, until it expires."""
+
+    id = pw.BigAutoField()
+    caller = pw.CharField(max_length=64)
+    key = pw.CharField(max_length=255)
+    method = pw.CharField(max_length=128)
+    # SHA-256 of the method and the request: the same key with another request is refused.
+    fingerprint = pw.CharField(max_length=64)
+    # The serialized response; NULL while the first call still runs.
+    response = pw.BlobField(null=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "idempotency_records"
+        indexes = ((("caller", "key"), True),)
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     User,
     ReferralCode,
@@ -184,4 +330,10 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     EmailVerificationToken,
     RefreshToken,
     EmailOutbox,
+    ApiKey,
+    Program,
+    RewardEvent,
+    Referral,
+    LedgerEntry,
+    IdempotencyRecord,
 )

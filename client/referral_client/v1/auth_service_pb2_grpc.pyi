@@ -38,6 +38,7 @@ class AuthServiceStub:
     Register: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RegisterRequest, _auth_service_pb2.AuthTokens]
     """Register creates an account, optionally as the referral of the owner of
     `referral_code`, and returns a fresh set of tokens for it.
+    With an `idempotency-key` header, a retry gets the first response again.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.AuthTokens]
     """Login exchanges an email and password for a fresh set of tokens. Unknown
@@ -94,6 +95,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Register: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RegisterRequest, _auth_service_pb2.AuthTokens]  # type: ignore[assignment]
     """Register creates an account, optionally as the referral of the owner of
     `referral_code`, and returns a fresh set of tokens for it.
+    With an `idempotency-key` header, a retry gets the first response again.
     """
     Login: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.AuthTokens]  # type: ignore[assignment]
     """Login exchanges an email and password for a fresh set of tokens. Unknown
@@ -153,6 +155,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_service_pb2.AuthTokens, _abc.Awaitable[_auth_service_pb2.AuthTokens]]:
         """Register creates an account, optionally as the referral of the owner of
         `referral_code`, and returns a fresh set of tokens for it.
+        With an `idempotency-key` header, a retry gets the first response again.
         """
 
     @_abc_1.abstractmethod

@@ -113,6 +113,48 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The request's deadline passed before the service could finish it; no
     change was committed.
     """
+    API_KEY_INVALID: _ErrorReason.ValueType  # 50
+    """The `x-api-key` of a call that needs an API key is missing, unknown or
+    revoked.
+    """
+    API_KEY_SCOPE_MISSING: _ErrorReason.ValueType  # 51
+    """The API key is valid but lacks a scope the RPC needs; ErrorInfo.metadata
+    `scope` names it.
+    """
+    API_KEY_NAME_TAKEN: _ErrorReason.ValueType  # 37
+    """An API key with this name already exists."""
+    API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 38
+    """No API key has this name."""
+    SCOPE_UNKNOWN: _ErrorReason.ValueType  # 39
+    """The scope is not one the service knows."""
+    EVENT_ID_CONFLICT: _ErrorReason.ValueType  # 40
+    """An event with this event_id was already recorded with different content."""
+    EVENT_NOT_FOUND: _ErrorReason.ValueType  # 41
+    """The event a refund names was never recorded."""
+    INSUFFICIENT_BALANCE: _ErrorReason.ValueType  # 42
+    """The available balance in the currency is smaller than the amount asked."""
+    IDEMPOTENCY_KEY_REQUIRED: _ErrorReason.ValueType  # 43
+    """The RPC requires an `idempotency-key` header and none was sent."""
+    IDEMPOTENCY_KEY_INVALID: _ErrorReason.ValueType  # 44
+    """The `idempotency-key` header is empty, longer than 255 characters or not
+    printable.
+    """
+    IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 45
+    """The `idempotency-key` was already used by this caller for a different
+    request.
+    """
+    IDEMPOTENCY_KEY_IN_USE: _ErrorReason.ValueType  # 46
+    """A request with this `idempotency-key` is still running; retry later to
+    get its response.
+    """
+    CURRENCY_INVALID: _ErrorReason.ValueType  # 47
+    """The currency is not an ISO 4217 code the service knows."""
+    AMOUNT_INVALID: _ErrorReason.ValueType  # 48
+    """An amount is negative, or zero where it must be positive."""
+    OCCURRED_AT_IN_FUTURE: _ErrorReason.ValueType  # 49
+    """The event's occurred_at is further in the future than clock skew
+    explains.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -213,5 +255,47 @@ DATABASE_UNAVAILABLE: ErrorReason.ValueType  # 30
 DEADLINE_EXCEEDED: ErrorReason.ValueType  # 31
 """The request's deadline passed before the service could finish it; no
 change was committed.
+"""
+API_KEY_INVALID: ErrorReason.ValueType  # 50
+"""The `x-api-key` of a call that needs an API key is missing, unknown or
+revoked.
+"""
+API_KEY_SCOPE_MISSING: ErrorReason.ValueType  # 51
+"""The API key is valid but lacks a scope the RPC needs; ErrorInfo.metadata
+`scope` names it.
+"""
+API_KEY_NAME_TAKEN: ErrorReason.ValueType  # 37
+"""An API key with this name already exists."""
+API_KEY_NOT_FOUND: ErrorReason.ValueType  # 38
+"""No API key has this name."""
+SCOPE_UNKNOWN: ErrorReason.ValueType  # 39
+"""The scope is not one the service knows."""
+EVENT_ID_CONFLICT: ErrorReason.ValueType  # 40
+"""An event with this event_id was already recorded with different content."""
+EVENT_NOT_FOUND: ErrorReason.ValueType  # 41
+"""The event a refund names was never recorded."""
+INSUFFICIENT_BALANCE: ErrorReason.ValueType  # 42
+"""The available balance in the currency is smaller than the amount asked."""
+IDEMPOTENCY_KEY_REQUIRED: ErrorReason.ValueType  # 43
+"""The RPC requires an `idempotency-key` header and none was sent."""
+IDEMPOTENCY_KEY_INVALID: ErrorReason.ValueType  # 44
+"""The `idempotency-key` header is empty, longer than 255 characters or not
+printable.
+"""
+IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 45
+"""The `idempotency-key` was already used by this caller for a different
+request.
+"""
+IDEMPOTENCY_KEY_IN_USE: ErrorReason.ValueType  # 46
+"""A request with this `idempotency-key` is still running; retry later to
+get its response.
+"""
+CURRENCY_INVALID: ErrorReason.ValueType  # 47
+"""The currency is not an ISO 4217 code the service knows."""
+AMOUNT_INVALID: ErrorReason.ValueType  # 48
+"""An amount is negative, or zero where it must be positive."""
+OCCURRED_AT_IN_FUTURE: ErrorReason.ValueType  # 49
+"""The event's occurred_at is further in the future than clock skew
+explains.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReferralState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReferralStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReferralState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REFERRAL_STATE_UNSPECIFIED: _ReferralState.ValueType  # 0
+    """Never sent for a referral; in RecordEvent, the user has no referrer."""
+    PENDING: _ReferralState.ValueType  # 1
+    """The newcomer registered with a code and has no qualifying event yet."""
+    QUALIFIED: _ReferralState.ValueType  # 2
+    """The newcomer's first qualifying event was recorded; rewards were judged
+    under the program version in force then.
+    """
+    REVERSED: _ReferralState.ValueType  # 3
+    """The qualifying event was refunded: every reward it paid was reversed."""
+    REJECTED: _ReferralState.ValueType  # 4
+    """The referral was refused (for example by fraud control) and earns
+    nothing.
+    """
+
+class ReferralState(_ReferralState, metaclass=_ReferralStateEnumTypeWrapper):
+    """ReferralState is where a referral stands in the referral program."""
+
+REFERRAL_STATE_UNSPECIFIED: ReferralState.ValueType  # 0
+"""Never sent for a referral; in RecordEvent, the user has no referrer."""
+PENDING: ReferralState.ValueType  # 1
+"""The newcomer registered with a code and has no qualifying event yet."""
+QUALIFIED: ReferralState.ValueType  # 2
+"""The newcomer's first qualifying event was recorded; rewards were judged
+under the program version in force then.
+"""
+REVERSED: ReferralState.ValueType  # 3
+"""The qualifying event was refunded: every reward it paid was reversed."""
+REJECTED: ReferralState.ValueType  # 4
+"""The referral was refused (for example by fraud control) and earns
+nothing.
+"""
+Global___ReferralState: _TypeAlias = ReferralState  # noqa: Y015
 
 @_typing.final
 class ReferralCode(_message.Message):
@@ -240,13 +281,21 @@ class Referral(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    QUALIFIED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """The identifier of the referred user."""
     email: _builtins.str
     """The email address of the referred user."""
+    state: Global___ReferralState.ValueType
+    """Where the referral stands in the referral program."""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """The moment the referred user registered."""
+
+    @_builtins.property
+    def qualified_at(self) -> _timestamp_pb2.Timestamp:
+        """The moment the referral qualified; unset while it has not."""
 
     def __init__(
         self,
@@ -254,11 +303,98 @@ class Referral(_message.Message):
         user_id: _builtins.int = ...,
         email: _builtins.str = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ReferralState.ValueType = ...,
+        qualified_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["qualified_at", b"qualified_at", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "registered_at", b"registered_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "qualified_at", b"qualified_at", "registered_at", b"registered_at", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Referral: _TypeAlias = Referral  # noqa: Y015
+
+@_typing.final
+class GetReferralStatsRequest(_message.Message):
+    """GetReferralStatsRequest is the (empty) input of
+    ReferralService.GetReferralStats: the statistics are the caller's own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferralStatsRequest: _TypeAlias = GetReferralStatsRequest  # noqa: Y015
+
+@_typing.final
+class ReferralStats(_message.Message):
+    """ReferralStats summarises the caller's referrals and rewards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: _builtins.int
+    QUALIFIED_FIELD_NUMBER: _builtins.int
+    REVERSED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    pending: _builtins.int
+    """The number of the caller's referrals that are pending."""
+    qualified: _builtins.int
+    """The number of the caller's referrals that qualified."""
+    reversed: _builtins.int
+    """The number of the caller's referrals whose qualifying event was refunded."""
+    rejected: _builtins.int
+    """The number of the caller's referrals that were rejected."""
+    @_builtins.property
+    def earned(self) -> _containers.RepeatedCompositeFieldContainer[Global___EarnedAmount]:
+        """The rewards the caller earned, one entry per currency."""
+
+    def __init__(
+        self,
+        *,
+        pending: _builtins.int = ...,
+        qualified: _builtins.int = ...,
+        reversed: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        earned: _abc.Iterable[Global___EarnedAmount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "pending", b"pending", "qualified", b"qualified", "rejected", b"rejected", "reversed", b"reversed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralStats: _TypeAlias = ReferralStats  # noqa: Y015
+
+@_typing.final
+class EarnedAmount(_message.Message):
+    """EarnedAmount is what a user earned in one currency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    LIFETIME_EARNED_MINOR_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """The ISO 4217 code of the currency, for example "USD"."""
+    lifetime_earned_minor: _builtins.int
+    """Rewards credited minus rewards reversed, in minor units (cents for USD)."""
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        lifetime_earned_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "lifetime_earned_minor", b"lifetime_earned_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnedAmount: _TypeAlias = EarnedAmount  # noqa: Y015

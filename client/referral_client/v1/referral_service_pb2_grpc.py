@@ -55,6 +55,11 @@ class ReferralServiceStub:
                 request_serializer=referral_dot_v1_dot_referral__service__pb2.ListReferralsRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_referral__service__pb2.ListReferralsResponse.FromString,
                 _registered_method=True)
+        self.GetReferralStats = channel.unary_unary(
+                '/referral.v1.ReferralService/GetReferralStats',
+                request_serializer=referral_dot_v1_dot_referral__service__pb2.GetReferralStatsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__service__pb2.ReferralStats.FromString,
+                _registered_method=True)
 
 
 class ReferralServiceServicer:
@@ -64,7 +69,8 @@ class ReferralServiceServicer:
     def CreateReferralCode(self, request, context):
         """CreateReferralCode issues a new referral code for the caller. The caller's
         previous active code, if any, is deactivated in the same transaction: a
-        user holds at most one active code.
+        user holds at most one active code. With an `idempotency-key` header, a
+        retry gets the first response (the same code) again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +101,14 @@ class ReferralServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReferralStats(self, request, context):
+        """GetReferralStats counts the caller's referrals by state and sums the
+        rewards the caller earned, per currency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReferralServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +131,11 @@ def add_ReferralServiceServicer_to_server(servicer, server):
                     servicer.ListReferrals,
                     request_deserializer=referral_dot_v1_dot_referral__service__pb2.ListReferralsRequest.FromString,
                     response_serializer=referral_dot_v1_dot_referral__service__pb2.ListReferralsResponse.SerializeToString,
+            ),
+            'GetReferralStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReferralStats,
+                    request_deserializer=referral_dot_v1_dot_referral__service__pb2.GetReferralStatsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__service__pb2.ReferralStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +247,33 @@ class ReferralService:
             '/referral.v1.ReferralService/ListReferrals',
             referral_dot_v1_dot_referral__service__pb2.ListReferralsRequest.SerializeToString,
             referral_dot_v1_dot_referral__service__pb2.ListReferralsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReferralStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/GetReferralStats',
+            referral_dot_v1_dot_referral__service__pb2.GetReferralStatsRequest.SerializeToString,
+            referral_dot_v1_dot_referral__service__pb2.ReferralStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,8 @@ class ReferralServiceStub:
     CreateReferralCode: _grpc.UnaryUnaryMultiCallable[_referral_service_pb2.CreateReferralCodeRequest, _referral_service_pb2.ReferralCode]
     """CreateReferralCode issues a new referral code for the caller. The caller's
     previous active code, if any, is deactivated in the same transaction: a
-    user holds at most one active code.
+    user holds at most one active code. With an `idempotency-key` header, a
+    retry gets the first response (the same code) again.
     """
     DeleteReferralCode: _grpc.UnaryUnaryMultiCallable[_referral_service_pb2.DeleteReferralCodeRequest, _referral_service_pb2.DeleteReferralCodeResponse]
     """DeleteReferralCode deactivates the caller's active referral code.
@@ -51,6 +52,10 @@ class ReferralServiceStub:
     """ListReferrals lists the users who registered with one of the caller's
     codes, newest first, one page at a time.
     """
+    GetReferralStats: _grpc.UnaryUnaryMultiCallable[_referral_service_pb2.GetReferralStatsRequest, _referral_service_pb2.ReferralStats]
+    """GetReferralStats counts the caller's referrals by state and sums the
+    rewards the caller earned, per currency.
+    """
 
 @_typing.type_check_only
 class ReferralServiceAsyncStub(ReferralServiceStub):
@@ -60,7 +65,8 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     CreateReferralCode: _aio.UnaryUnaryMultiCallable[_referral_service_pb2.CreateReferralCodeRequest, _referral_service_pb2.ReferralCode]  # type: ignore[assignment]
     """CreateReferralCode issues a new referral code for the caller. The caller's
     previous active code, if any, is deactivated in the same transaction: a
-    user holds at most one active code.
+    user holds at most one active code. With an `idempotency-key` header, a
+    retry gets the first response (the same code) again.
     """
     DeleteReferralCode: _aio.UnaryUnaryMultiCallable[_referral_service_pb2.DeleteReferralCodeRequest, _referral_service_pb2.DeleteReferralCodeResponse]  # type: ignore[assignment]
     """DeleteReferralCode deactivates the caller's active referral code.
@@ -75,6 +81,10 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     """ListReferrals lists the users who registered with one of the caller's
     codes, newest first, one page at a time.
     """
+    GetReferralStats: _aio.UnaryUnaryMultiCallable[_referral_service_pb2.GetReferralStatsRequest, _referral_service_pb2.ReferralStats]  # type: ignore[assignment]
+    """GetReferralStats counts the caller's referrals by state and sums the
+    rewards the caller earned, per currency.
+    """
 
 class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
     """ReferralService manages referral codes and lists the users a person referred."""
@@ -87,7 +97,8 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_referral_service_pb2.ReferralCode, _abc.Awaitable[_referral_service_pb2.ReferralCode]]:
         """CreateReferralCode issues a new referral code for the caller. The caller's
         previous active code, if any, is deactivated in the same transaction: a
-        user holds at most one active code.
+        user holds at most one active code. With an `idempotency-key` header, a
+        retry gets the first response (the same code) again.
         """
 
     @_abc_1.abstractmethod
@@ -119,6 +130,16 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_referral_service_pb2.ListReferralsResponse, _abc.Awaitable[_referral_service_pb2.ListReferralsResponse]]:
         """ListReferrals lists the users who registered with one of the caller's
         codes, newest first, one page at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReferralStats(
+        self,
+        request: _referral_service_pb2.GetReferralStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_service_pb2.ReferralStats, _abc.Awaitable[_referral_service_pb2.ReferralStats]]:
+        """GetReferralStats counts the caller's referrals by state and sums the
+        rewards the caller earned, per currency.
         """
 
 def add_ReferralServiceServicer_to_server(servicer: ReferralServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,9 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
@@ -17,6 +20,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Idempotency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IdempotencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Idempotency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IDEMPOTENCY_UNSPECIFIED: _Idempotency.ValueType  # 0
+    """The header is ignored."""
+    IDEMPOTENCY_OPTIONAL: _Idempotency.ValueType  # 1
+    """The header is honoured when present."""
+    IDEMPOTENCY_REQUIRED: _Idempotency.ValueType  # 2
+    """The header is required: a call without it is INVALID_ARGUMENT
+    (IDEMPOTENCY_KEY_REQUIRED).
+    """
+
+class Idempotency(_Idempotency, metaclass=_IdempotencyEnumTypeWrapper):
+    """Idempotency says how an RPC treats the `idempotency-key` header. With a
+    key, the first response is stored per caller and key for
+    IDEMPOTENCY_TTL_SECONDS; a retry of the same request gets that response
+    again, a different request with the same key is ALREADY_EXISTS
+    (IDEMPOTENCY_KEY_REUSED), and a retry while the first call still runs is
+    ABORTED (IDEMPOTENCY_KEY_IN_USE).
+    """
+
+IDEMPOTENCY_UNSPECIFIED: Idempotency.ValueType  # 0
+"""The header is ignored."""
+IDEMPOTENCY_OPTIONAL: Idempotency.ValueType  # 1
+"""The header is honoured when present."""
+IDEMPOTENCY_REQUIRED: Idempotency.ValueType  # 2
+"""The header is required: a call without it is INVALID_ARGUMENT
+(IDEMPOTENCY_KEY_REQUIRED).
+"""
+Global___Idempotency: _TypeAlias = Idempotency  # noqa: Y015
 
 @_typing.final
 class RpcPolicy(_message.Message):
@@ -31,6 +68,9 @@ class RpcPolicy(_message.Message):
     PUBLIC_FIELD_NUMBER: _builtins.int
     BLOCKING_FIELD_NUMBER: _builtins.int
     QUIET_FIELD_NUMBER: _builtins.int
+    API_KEY_SCOPES_FIELD_NUMBER: _builtins.int
+    USER_TOKEN_ALLOWED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_FIELD_NUMBER: _builtins.int
     public: _builtins.bool
     """Whether the RPC may be called without credentials. Every RPC without
     `public: true` requires an access token (default deny).
@@ -44,16 +84,36 @@ class RpcPolicy(_message.Message):
     """Whether the RPC is logged at DEBUG rather than INFO in the server's
     access log, for calls that load balancers make every second.
     """
+    user_token_allowed: _builtins.bool
+    """Whether, on an RPC with `api_key_scopes`, a user's access token is
+    accepted as the alternative to a key; the call then concerns the user
+    who holds the token.
+    """
+    idempotency: Global___Idempotency.ValueType
+    """Whether the RPC honours the `idempotency-key` header (gRPC metadata), and
+    whether it requires one.
+    """
+    @_builtins.property
+    def api_key_scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes an API key must carry to call the RPC. When set, the RPC is
+        called by backends with an `x-api-key` header (gRPC metadata) instead of
+        a user's access token; a missing, unknown or revoked key is
+        UNAUTHENTICATED and a key without every scope listed is PERMISSION_DENIED.
+        """
+
     def __init__(
         self,
         *,
         public: _builtins.bool = ...,
         blocking: _builtins.bool = ...,
         quiet: _builtins.bool = ...,
+        api_key_scopes: _abc.Iterable[_builtins.str] | None = ...,
+        user_token_allowed: _builtins.bool = ...,
+        idempotency: Global___Idempotency.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocking", b"blocking", "public", b"public", "quiet", b"quiet"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_scopes", b"api_key_scopes", "blocking", b"blocking", "idempotency", b"idempotency", "public", b"public", "quiet", b"quiet", "user_token_allowed", b"user_token_allowed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,624 @@
+"""Rewards: events recorded exactly once, referrals judged under the program, the append-only ledger.
+
+Exactly once by construction, not by check-then-insert: the unique event_id decides between retries
+of one event, a conditional update (pending -> qualified) between different events of one newcomer,
+the partial unique index on the ledger between rewards of one referral, and the unique `reverses`
+column between refunds. Redemptions are serialised per user by a row lock (SQLite: by its write lock)
+and checked against the balance inside the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import peewee as pw
+
+from ..store.database import is_postgres, write_transaction
+from ..store.models import REWARD_KINDS, LedgerEntry, Referral, RewardEvent, User
+from .auth import mask_email
+from .currencies import format_amount, is_currency
+from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from .ports import Clock, EmailDispatcher, Outbox
+from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program
+from .tokens import PageTokens
+from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
+
+REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
+REVERSAL = "reversal"
+REDEMPTION = "redemption"
+ADJUSTMENT = "adjustment"
+PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
+REFERRER, REFEREE = "referrer", "referee"
+MAX_EVENT_ID_LENGTH = 128
+# Services' clocks disagree: an event a little ahead of ours is accepted, and one stamped a little
+# before the newcomer's registration counts as at registration.
+CLOCK_SKEW = timedelta(minutes=5)
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+# The kinds that make up "lifetime earned": rewards net of their reversals.
+EARNING_KINDS = (*REWARD_KINDS, REVERSAL)
+
+
+def always_eligible(referee: User) -> bool:
+    """The default eligibility rule: every newcomer with a referrer can earn.
+
+    The hook where deployment rules plug in (for example: an unverified email earns nothing when
+    email verification is required); RewardService takes any function of this shape.
+    """
+    return True
+
+
+Eligibility = Callable[[User], bool]
+
+
+@dataclass(frozen=True)
+class EventInput:
+    event_id: str
+    type: str
+    currency: str
+    amount_minor: int = 0
+    user_id: int = 0
+    email: str = ""
+    occurred_at: datetime | None = None
+    refunds_event_id: str = ""
+
+
+@dataclass(frozen=True)
+class EntryView:
+    id: int
+    kind: str
+    amount_minor: int
+    currency: str
+    user_id: int
+    referral_user_id: int | None
+    event_id: str
+    available_at: datetime
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Skipped:
+    beneficiary: str
+    # A SkipReason name of the contract, e.g. "no_program".
+    reason: str
+
+
+@dataclass(frozen=True)
+class EventResult:
+    event_id: str
+    duplicate: bool
+    referral_state: str | None
+    rewards: list[EntryView] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BalanceView:
+    currency: str
+    available_minor: int
+    pending_minor: int
+    lifetime_earned_minor: int
+
+
+@dataclass(frozen=True)
+class LedgerPage:
+    entries: list[EntryView]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Redemption:
+    entry: EntryView
+    available_minor: int
+
+
+@dataclass(frozen=True)
+class ReferralStatsView:
+    by_state: dict[str, int]
+    earned: dict[str, int]
+
+
+def _entry_view(row: LedgerEntry, event_ids: dict[int, str]) -> EntryView:
+    return EntryView(
+        id=row.id,
+        kind=row.kind,
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        user_id=row.user_id,
+        referral_user_id=row.referral_user_id,
+        event_id=event_ids.get(row.event_id, "") if row.event_id is not None else "",
+        available_at=row.available_at,
+        created_at=row.created_at,
+    )
+
+
+def _views(rows: Sequence[LedgerEntry]) -> list[EntryView]:
+    ids = {row.event_id for row in rows if row.event_id is not None}
+    query = RewardEvent.select(RewardEvent.id, RewardEvent.event_id).where(RewardEvent.id.in_(ids))
+    names: dict[int, str] = dict(_tuples(query))
+    return [_entry_view(row, names) for row in rows]
+
+
+def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
+    """The event as the service understands it: the same event named by user_id or by email is the same."""
+    canonical = json.dumps(
+        {
+            "user_id": user_id,
+            "type": e.type,
+            "amount_minor": e.amount_minor,
+            "currency": e.currency,
+            "occurred_at": occurred_at.isoformat() if e.occurred_at is not None else None,
+            "refunds_event_id": e.refunds_event_id,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _tuples(query: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query as plain tuples (aggregates included)."""
+    return list(query.tuples())
+
+
+def _sum(expression: Any) -> Any:
+    return pw.fn.COALESCE(pw.fn.SUM(expression), 0)
+
+
+class RewardService:
+    def __init__(
+        self,
+        db: pw.Database,
+        clock: Clock,
+        outbox: Outbox,
+        dispatcher: EmailDispatcher,
+        page_tokens: PageTokens,
+        eligible: Eligibility = always_eligible,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._outbox = outbox
+        self._dispatcher = dispatcher
+        self._pages = page_tokens
+        self._eligible = eligible
+
+    # --- events --------------------------------------------------------------------------
+
+    def record_event(self, e: EventInput) -> EventResult:
+        now = self._clock.now()
+        occurred_at = self._validate(e, now)
+        user = self._user(e)
+        refunded = self._refunded_event(e, user) if e.type == REFUND else None
+        content_hash = _content_hash(user.id, e, occurred_at)
+        outbox_ids: list[int] = []
+        with write_transaction(self._db):
+            row = self._insert_event(e, user, occurred_at, content_hash, now)
+            if row is None:
+                first = RewardEvent.get(RewardEvent.event_id == e.event_id)
+            elif refunded is not None:
+                result = self._refund(row, refunded, now)
+            else:
+                result = self._judge(row, user, now, outbox_ids)
+        if row is None:
+            return self._duplicate(first, content_hash)
+        self._dispatcher.dispatch(outbox_ids)
+        return result
+
+    def _validate(self, e: EventInput, now: datetime) -> datetime:
+        """Every bad field at once; nothing is written before this passes."""
+        violations: list[tuple[str, FieldViolation]] = []
+
+        def bad(reason: str, name: str, description: str) -> None:
+            violations.append((reason, FieldViolation(name, description)))
+
+        if not e.event_id:
+            bad("FIELD_REQUIRED", "event_id", "is required")
+        elif len(e.event_id) > MAX_EVENT_ID_LENGTH:
+            bad("FIELD_TOO_LONG", "event_id", f"must be at most {MAX_EVENT_ID_LENGTH} characters")
+        elif not e.event_id.isprintable():
+            bad("FIELD_INVALID", "event_id", "must be printable")
+        if not e.type:
+            bad("FIELD_REQUIRED", "type", "is required")
+        elif not EVENT_TYPE.match(e.type):
+            bad("FIELD_INVALID", "type", "must be lower-case letters, digits, _ . - (at most 64)")
+        if not 0 <= e.amount_minor <= MAX_AMOUNT_MINOR:
+            bad("AMOUNT_INVALID", "amount_minor", f"must be between 0 and {MAX_AMOUNT_MINOR}")
+        if not is_currency(e.currency):
+            bad("CURRENCY_INVALID", "currency", "must be an ISO 4217 code such as USD")
+        if bool(e.user_id) == bool(e.email):
+            for name in ("user_id", "email"):
+                bad("INVALID_ARGUMENT", name, "exactly one of user_id and email is required")
+        elif e.user_id < 0:
+            bad("INVALID_ARGUMENT", "user_id", "must be positive")
+        occurred_at = e.occurred_at or now
+        if occurred_at > now + CLOCK_SKEW:
+            bad("OCCURRED_AT_IN_FUTURE", "occurred_at", "must not be more than 5 minutes in the future")
+        if e.type == REFUND and not e.refunds_event_id:
+            bad("FIELD_REQUIRED", "refunds_event_id", "is required for a refund")
+        elif e.type != REFUND and e.refunds_event_id:
+            bad("INVALID_ARGUMENT", "refunds_event_id", "is only for events of type refund")
+        elif len(e.refunds_event_id) > MAX_EVENT_ID_LENGTH:
+            bad("FIELD_TOO_LONG", "refunds_event_id", f"must be at most {MAX_EVENT_ID_LENGTH} characters")
+        if violations:
+            reason, first = violations[0]
+            raise InvalidArgument(
+                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+            )
+        return occurred_at
+
+    def _user(self, e: EventInput) -> User:
+        if e.email:
+            _, email_key = normalize_email(e.email)
+            user = User.get_or_none(User.email_key == email_key)
+            name = "email"
+        else:
+            user = User.get_or_none(User.id == e.user_id)
+            name = "user_id"
+        if user is None:
+            raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
+        return user
+
+    def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
+        refunded = RewardEvent.get_or_none(RewardEvent.event_id == e.refunds_event_id)
+        if refunded is None:
+            raise NotFound(
+                "EVENT_NOT_FOUND",
+                "the event the refund names was never recorded",
+                {"field": "refunds_event_id"},
+            )
+        if refunded.user_id != user.id:
+            raise InvalidArgument.for_field("refunds_event_id", "names an event of another user")
+        if refunded.type == REFUND:
+            raise InvalidArgument.for_field("refunds_event_id", "names a refund; refunds cannot be refunded")
+        return refunded
+
+    def _insert_event(
+        self, e: EventInput, user: User, occurred_at: datetime, content_hash: str, now: datetime
+    ) -> RewardEvent | None:
+        """The event's row, or None when its event_id is already taken (by a retry that won)."""
+        refunded_id = None
+        if e.refunds_event_id:
+            refunded_id = RewardEvent.select(RewardEvent.id).where(RewardEvent.event_id == e.refunds_event_id)
+        try:
+            # A savepoint: on PostgreSQL a concurrent insert of the same event_id waits for the other
+            # transaction, then fails here, and the rest of ours can still read the winner's row.
+            with self._db.atomic():
+                row: RewardEvent = RewardEvent.create(
+                    event_id=e.event_id,
+                    content_hash=content_hash,
+                    user=user.id,
+                    type=e.type,
+                    amount_minor=e.amount_minor,
+                    currency=e.currency,
+                    occurred_at=occurred_at,
+                    refunds_event=refunded_id,
+                    outcome="{}",
+                    recorded_at=now,
+                )
+        except pw.IntegrityError:
+            return None
+        return row
+
+    def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
+        if first.content_hash != content_hash:
+            raise AlreadyExists(
+                "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
+            )
+        outcome = json.loads(first.outcome)
+        entries = list(LedgerEntry.select().where(LedgerEntry.event == first.id).order_by(LedgerEntry.id))
+        return EventResult(
+            event_id=first.event_id,
+            duplicate=True,
+            referral_state=outcome.get("referral_state"),
+            rewards=_views(entries),
+            skipped=[Skipped(s["beneficiary"], s["reason"]) for s in outcome.get("skipped", [])],
+        )
+
+    def _finish(self, event: RewardEvent, result: EventResult) -> EventResult:
+        """Keep the result, so that a retry of the event gets it again."""
+        outcome = {
+            "referral_state": result.referral_state,
+            "skipped": [{"beneficiary": s.beneficiary, "reason": s.reason} for s in result.skipped],
+        }
+        RewardEvent.update(outcome=json.dumps(outcome)).where(RewardEvent.id == event.id).execute()
+        return result
+
+    def _judge(self, event: RewardEvent, user: User, now: datetime, outbox_ids: list[int]) -> EventResult:
+        def skip(reason: str, state: str | None) -> EventResult:
+            both = [Skipped(REFERRER, reason), Skipped(REFEREE, reason)]
+            return self._finish(event, EventResult(event.event_id, False, state, [], both))
+
+        if user.referrer_id is None:
+            return skip("no_referrer", None)
+        referral = self._referral(user, now)
+        state = referral.state
+        program = current_program()
+        if program is None:
+            return skip("no_program", state)
+        if state == REJECTED:
+            return skip("referral_rejected", state)
+        if state == REVERSED:
+            return skip("referral_reversed", state)
+        not_qualifying = self._not_qualifying(event, user, program)
+        if not_qualifying:
+            return skip(not_qualifying, state)
+        if state == QUALIFIED:
+            return skip("already_qualified", state)
+        if not self._eligible(user):
+            return skip("referee_not_eligible", state)
+        capped = self._referrer_capped(user.referrer_id, program)
+        amounts = {
+            REFERRER: 0 if capped else program.referrer.amount_for(event.amount_minor),
+            REFEREE: 0 if capped else program.referee.amount_for(event.amount_minor),
+        }
+        # Pending -> qualified exactly once, whatever runs concurrently: the row decides.
+        moved = (
+            Referral.update(
+                state=QUALIFIED,
+                qualified_at=now,
+                program=program.version,
+                qualifying_event=event.id,
+                rewarded=any(amounts.values()),
+            )
+            .where((Referral.referee == user.id) & (Referral.state == PENDING))
+            .execute()
+        )
+        if moved != 1:
+            return skip("already_qualified", Referral.get_by_id(user.id).state)
+        available_at = now + timedelta(days=program.hold_days)
+        credited: list[LedgerEntry] = []
+        skipped: list[Skipped] = []
+        beneficiaries = ((REFERRER, user.referrer_id, REFERRER_REWARD), (REFEREE, user.id, REFEREE_REWARD))
+        for who, owner, kind in beneficiaries:
+            if capped:
+                skipped.append(Skipped(who, "referrer_cap_reached"))
+            elif amounts[who] == 0:
+                skipped.append(Skipped(who, "no_reward_configured"))
+            else:
+                credited.append(
+                    LedgerEntry.create(
+                        user=owner,
+                        kind=kind,
+                        amount_minor=amounts[who],
+                        currency=event.currency,
+                        referral_user=user.id,
+                        event=event.id,
+                        available_at=available_at,
+                        created_at=now,
+                    )
+                )
+        if amounts[REFERRER]:
+            referrer = User.get_by_id(user.referrer_id)
+            outbox_ids.append(
+                self._outbox.queue_email(
+                    "reward_credited",
+                    referrer.email,
+                    {
+                        "amount": format_amount(amounts[REFERRER], event.currency),
+                        "referee_email_masked": mask_email(user.email),
+                        "available_on": available_at.date().isoformat(),
+                    },
+                    now,
+                )
+            )
+        names = {event.id: event.event_id}
+        result = EventResult(
+            event.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
+        )
+        return self._finish(event, result)
+
+    def _not_qualifying(self, event: RewardEvent, user: User, program: ProgramRules) -> str:
+        if event.type not in program.event_types:
+            return "event_type_not_qualifying"
+        if event.currency != program.currency:
+            return "currency_not_qualifying"
+        if event.amount_minor < program.min_amount_minor:
+            return "amount_below_minimum"
+        registered = user.created_at
+        # Stamped a little before registration (clock skew): counted as at registration.
+        if event.occurred_at < registered - CLOCK_SKEW:
+            return "outside_attribution_window"
+        if max(event.occurred_at, registered) > registered + timedelta(days=program.attribution_days):
+            return "outside_attribution_window"
+        return ""
+
+    def _referral(self, user: User, now: datetime) -> Referral:
+        """The newcomer's referral row, created pending the first time an event concerns it."""
+        assert user.referrer_id is not None
+        Referral.insert(
+            referee=user.id, referrer=user.referrer_id, state=PENDING, created_at=now
+        ).on_conflict_ignore().execute()
+        referral: Referral = Referral.get_by_id(user.id)
+        return referral
+
+    def _referrer_capped(self, referrer_id: int, program: ProgramRules) -> bool:
+        if not program.max_rewarded_referrals:
+            return False
+        # Two newcomers of one referrer qualifying at once must not both slip under the cap.
+        self._lock_user(referrer_id)
+        rewarded = (
+            Referral.select()
+            .where(
+                (Referral.referrer == referrer_id)
+                & (Referral.state == QUALIFIED)
+                & (Referral.rewarded == True)  # noqa: E712
+            )
+            .count()
+        )
+        return bool(rewarded >= program.max_rewarded_referrals)
+
+    def _refund(self, event: RewardEvent, refunded: RewardEvent, now: datetime) -> EventResult:
+        earlier = (
+            RewardEvent.select()
+            .where((RewardEvent.refunds_event == refunded.id) & (RewardEvent.id != event.id))
+            .exists()
+        )
+        rewards = list(
+            LedgerEntry.select()
+            .where((LedgerEntry.event == refunded.id) & LedgerEntry.kind.in_(REWARD_KINDS))
+            .order_by(LedgerEntry.id)
+        )
+        reversals: list[LedgerEntry] = []
+        for reward in rewards:
+            try:
+                with self._db.atomic():
+                    reversals.append(
+                        LedgerEntry.create(
+                            user=reward.user_id,
+                            kind=REVERSAL,
+                            amount_minor=-reward.amount_minor,
+                            currency=reward.currency,
+                            referral_user=reward.referral_user_id,
+                            event=event.id,
+                            reverses=reward.id,
+                            # A pending reward is cancelled while still pending (it never becomes
+                            # available); an available one is taken back now.
+                            available_at=max(reward.available_at, now),
+                            created_at=now,
+                        )
+                    )
+            except pw.IntegrityError:
+                # `reverses` is unique: another refund of this event reversed it first.
+                continue
+        Referral.update(state=REVERSED, reversed_at=now).where(
+            (Referral.referee == refunded.user_id)
+            & (Referral.state == QUALIFIED)
+            & (Referral.qualifying_event == refunded.id)
+        ).execute()
+        referral = Referral.get_or_none(Referral.referee == refunded.user_id)
+        duplicate = earlier or (bool(rewards) and not reversals)
+        names = {event.id: event.event_id}
+        result = EventResult(
+            event.event_id,
+            duplicate,
+            referral.state if referral is not None else None,
+            [_entry_view(row, names) for row in reversals],
+            [],
+        )
+        return self._finish(event, result)
+
+    # --- balances and ledger -------------------------------------------------------------
+
+    def balances(self, user_id: int) -> list[BalanceView]:
+        self._existing_user(user_id)
+        now = self._clock.now()
+        amount = LedgerEntry.amount_minor
+        rows = (
+            LedgerEntry.select(
+                LedgerEntry.currency,
+                _sum(pw.Case(None, [(LedgerEntry.available_at <= now, amount)], 0)),
+                _sum(pw.Case(None, [(LedgerEntry.available_at > now, amount)], 0)),
+                _sum(pw.Case(None, [(LedgerEntry.kind.in_(EARNING_KINDS), amount)], 0)),
+            )
+            .where(LedgerEntry.user == user_id)
+            .group_by(LedgerEntry.currency)
+            .order_by(LedgerEntry.currency)
+        )
+        return [BalanceView(c, int(a), int(p), int(e)) for c, a, p, e in _tuples(rows)]
+
+    def available(self, user_id: int, currency: str) -> int:
+        now = self._clock.now()
+        total = (
+            LedgerEntry.select(_sum(LedgerEntry.amount_minor))
+            .where(
+                (LedgerEntry.user == user_id)
+                & (LedgerEntry.currency == currency)
+                & (LedgerEntry.available_at <= now)
+            )
+            .scalar()
+        )
+        return int(total or 0)
+
+    def list_entries(self, user_id: int, page_size: int, page_token: str) -> LedgerPage:
+        if page_size < 0:
+            raise InvalidArgument.for_field("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
+        self._existing_user(user_id)
+        query = LedgerEntry.select().where(LedgerEntry.user == user_id)
+        if page_token:
+            _, after_id = self._pages.decode(page_token, user_id)
+            query = query.where(LedgerEntry.id < after_id)
+        # Ids grow with every insert: newest first by id, constant cost per page.
+        rows = list(query.order_by(LedgerEntry.id.desc()).limit(size + 1))
+        next_token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            next_token = self._pages.encode(user_id, rows[-1].created_at, rows[-1].id)
+        return LedgerPage(entries=_views(rows), next_page_token=next_token)
+
+    # --- redemption ----------------------------------------------------------------------
+
+    def redeem(self, user_id: int, amount_minor: int, currency: str) -> Redemption:
+        violations = []
+        if user_id <= 0:
+            violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
+        if not 0 < amount_minor <= MAX_AMOUNT_MINOR:
+            violations.append(("AMOUNT_INVALID", FieldViolation("amount_minor", "must be more than 0")))
+        if not is_currency(currency):
+            violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
+        if violations:
+            reason, first = violations[0]
+            raise InvalidArgument(
+                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+            )
+        now = self._clock.now()
+        with write_transaction(self._db):
+            self._lock_user(user_id)
+            available = self.available(user_id, currency)
+            if amount_minor > available:
+                raise FailedPrecondition(
+                    "INSUFFICIENT_BALANCE",
+                    "the available balance is smaller than the amount",
+                    {"available_minor": str(max(available, 0))},
+                )
+            row = LedgerEntry.create(
+                user=user_id,
+                kind=REDEMPTION,
+                amount_minor=-amount_minor,
+                currency=currency,
+                available_at=now,
+                created_at=now,
+            )
+        return Redemption(entry=_entry_view(row, {}), available_minor=available - amount_minor)
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def referral_stats(self, user_id: int) -> ReferralStatsView:
+        state = pw.fn.COALESCE(Referral.state, PENDING)
+        rows = (
+            User.select(state, pw.fn.COUNT(User.id))
+            .join(Referral, pw.JOIN.LEFT_OUTER, on=(Referral.referee == User.id))
+            .where(User.referrer == user_id)
+            .group_by(state)
+        )
+        by_state = {PENDING: 0, QUALIFIED: 0, REVERSED: 0, REJECTED: 0}
+        by_state.update({name: int(count) for name, count in _tuples(rows)})
+        earned = (
+            LedgerEntry.select(LedgerEntry.currency, _sum(LedgerEntry.amount_minor))
+            .where((LedgerEntry.user == user_id) & LedgerEntry.kind.in_(EARNING_KINDS))
+            .group_by(LedgerEntry.currency)
+            .order_by(LedgerEntry.currency)
+        )
+        return ReferralStatsView(by_state=by_state, earned={c: int(total) for c, total in _tuples(earned)})
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _existing_user(self, user_id: int) -> None:
+        if user_id <= 0:
+            raise InvalidArgument.for_field("user_id", "is required", "FIELD_REQUIRED")
+        if not User.select().where(User.id == user_id).exists():
+            raise NotFound("USER_NOT_FOUND", "no user has this id", {"field": "user_id"})
+
+    def _lock_user(self, user_id: int) -> None:
+        """Serialise money movements per user (SQLite's write lock already does)."""
+        query = User.select(User.id).where(User.id == user_id)
+        if is_postgres(self._db):
+            query = query.for_update()
+        if query.first() is None:
+            raise NotFound("USER_NOT_FOUND", "no user has this id", {"field": "user_id"})
