@@ -678,6 +678,7 @@ def test_failed_emails_are_counted_by_kind_in_the_metrics(
         "referral_joined": 0,
         "password_changed": 0,
         "email_verification": 0,
+        "reward_credited": 0,
     }
 
 

@@ -16,7 +16,7 @@ from requests.adapters import HTTPAdapter
 from support import TEST_JWT_SECRET
 from support.envoy import Envoy, TokenBucket, migrate, running_envoy, running_server, server_env
 
-from referral_grpc.api.policy import public_methods
+from referral_grpc.api.policy import SERVICES, method_path, policy_for, public_methods
 from referral_grpc.devstack.envoy_config import (
     RATE_LIMIT_FILTER,
     dump_envoy_config,
@@ -36,20 +36,17 @@ DEFAULT_LIMITS = {
     "public-auth": TokenBucket(burst=10, per_fill=1, fill_interval=3.0),  # 20 per minute
     "password-reset": TokenBucket(burst=5, per_fill=1, fill_interval=6.0),  # 10 per minute
     "code-lookup": TokenBucket(burst=100, per_fill=1, fill_interval=0.1),  # 600 per minute
+    # Backends with API keys: a guard against a runaway client, not a quota (100 per second).
+    "rewards": TokenBucket(burst=200, per_fill=10, fill_interval=0.1),
 }
 # Small enough to exhaust in a few calls, slow enough that no token comes back during a test.
 TEST_LIMITS = {name: TokenBucket(burst=3, per_fill=3, fill_interval=60.0) for name in DEFAULT_LIMITS}
-OUR_SERVICES = ("/referral.v1.AuthService/", "/referral.v1.ReferralService/")
+OUR_SERVICES = ("/referral.v1.AuthService/", "/referral.v1.ReferralService/", "/referral.v1.RewardService/")
 
 
 def our_methods() -> list[str]:
     """The gRPC path of every RPC of our services, new ones included."""
-    return [
-        f"/{service.full_name}/{method.name}"
-        for module in (auth_pb, ref_pb)
-        for service in module.DESCRIPTOR.services_by_name.values()
-        for method in service.methods
-    ]
+    return [method_path(method) for service in SERVICES for method in service.methods]
 
 
 def _route_for(config: dict[str, Any], grpc_path: str) -> dict[str, Any]:
@@ -72,15 +69,16 @@ def _route_for(config: dict[str, Any], grpc_path: str) -> dict[str, Any]:
 # --- the config ----------------------------------------------------------------------------------
 
 
-def test_exactly_the_public_rpcs_are_limited_per_client() -> None:
+def test_exactly_the_public_and_the_api_key_rpcs_are_limited_per_client() -> None:
     config = load_envoy_config()
     public = {path for path in public_methods() if path.startswith(OUR_SERVICES)}
+    keyed = {path for path in our_methods() if policy_for(path).takes_api_key}
     methods = our_methods()
-    assert public and public <= set(methods)
+    assert public and keyed and (public | keyed) <= set(methods)
     for path in methods:
         route = _route_for(config, path)
         limited = RATE_LIMIT_FILTER in route.get("typed_per_filter_config", {})
-        assert limited == (path in public), (path, route["name"])
+        assert limited == (path in public | keyed), (path, route["name"])
         assert route["match"]["grpc"] == {}
         assert route["route"]["cluster"] == "referral_grpc"
 
