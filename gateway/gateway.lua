@@ -127,14 +127,20 @@ function envoy_on_request(handle)
   local content_type = headers:get("content-type") or ""
   local grpc = content_type:match("^application/grpc") ~= nil
   local grpc_web = content_type:match("^application/grpc%-web") ~= nil
-  if grpc and not grpc_web then
+  if grpc_web then
+    -- The route was chosen (by CORS) while this was still gRPC-Web; choose again once the gRPC-Web
+    -- filter has made it gRPC, so that it takes its RPC's route (rate limits, retries) like gRPC.
+    handle:clearRouteCache()
+    return
+  end
+  if grpc then
     if handle:streamInfo():protocol():match("^HTTP/1") then
       refuse(handle, 400, 3, "GRPC_REQUIRES_HTTP2",
         "gRPC needs HTTP/2; use a gRPC client, gRPC-Web, or the REST path with JSON")
     end
     return
   end
-  if grpc_web or method ~= "POST" then
+  if method ~= "POST" then
     return
   end
   if query ~= "" then

@@ -29,9 +29,9 @@ from support import TEST_JWT_SECRET, make_settings, wait_until
 from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envoy_config
-from referral_grpc.domain import errors
 from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
 from referral_grpc.devstack.locations import PROJECT_ROOT, Address, envoy_binary
+from referral_grpc.domain import errors
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -320,36 +320,36 @@ JSON = "application/json"
 LONG_EMAIL = "a" * 9000 + "@example.com"
 
 
+ENVOY_ERRORS = [
+    ("GET", "/no/such/path", None, "", 404, 5, "UNKNOWN_PATH", "unknown-path"),
+    ("GET", "/auth/login", None, "", 405, 12, "METHOD_NOT_ALLOWED", "wrong-method"),
+    ("POST", "/auth/login", '{"email": "a@b.c",', JSON, 400, 3, "MALFORMED_JSON", "bad-json"),
+    ("POST", "/auth/login", '{"email": 5}', JSON, 400, 3, "MALFORMED_JSON", "wrong-json-type"),
+    ("POST", "/referral/code", '{"expires_at": "tomorrow"}', JSON, 400, 3, "MALFORMED_JSON", "bad-timestamp"),
+    ("GET", "/referral/referrals?page_size=many", None, "", 400, 3, "INVALID_QUERY_PARAMETER", "bad-int-query"),
+    ("POST", "/auth/register", LARGE_BODY, JSON, 413, 8, "PAYLOAD_TOO_LARGE", "body-too-large"),
+    ("GET", f"/referral/code/by-email?email={LONG_EMAIL}", None, "", 431, 3, "HEADERS_TOO_LARGE", "url-too-large"),
+    # Credentials never travel in a URL: calls with a body take no query string.
+    ("POST", f"/auth/login?email=a@example.com&password={PASSWORD}", "{}", JSON, 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "login-credentials-in-query"),
+    ("POST", "/auth/refresh?refresh_token=abc", "{}", JSON, 400, 3, "QUERY_PARAMETERS_NOT_ALLOWED",
+     "refresh-token-in-query"),
+    ("POST", "/auth/reset_password/confirm?token=abc&new_password=x", "{}", JSON, 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "reset-token-in-query"),
+    ("POST", f"/auth/register?email=a@example.com&password={PASSWORD}", "", "", 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "register-in-query"),
+    # What a cross-site form can post without a CORS preflight.
+    ("POST", "/auth/register", json.dumps({"email": "a@example.com", "password": PASSWORD}), "text/plain",
+     415, 3, "UNSUPPORTED_MEDIA_TYPE", "text-plain-body"),
+    ("POST", "/auth/login", "email=a%40example.com", "application/x-www-form-urlencoded", 415, 3,
+     "UNSUPPORTED_MEDIA_TYPE", "form-body"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "content_type", "http_status", "grpc_code", "reason"),
-    [
-        pytest.param("GET", "/no/such/path", None, "", 404, 5, "UNKNOWN_PATH", id="unknown-path"),
-        pytest.param("GET", "/auth/login", None, "", 405, 12, "METHOD_NOT_ALLOWED", id="wrong-method"),
-        pytest.param("POST", "/auth/login", '{"email": "a@b.c",', JSON, 400, 3, "MALFORMED_JSON", id="bad-json"),
-        pytest.param("POST", "/auth/login", '{"email": 5}', JSON, 400, 3, "MALFORMED_JSON", id="wrong-json-type"),
-        pytest.param("POST", "/referral/code", '{"expires_at": "tomorrow"}', JSON, 400, 3, "MALFORMED_JSON",
-                     id="bad-timestamp"),
-        pytest.param("GET", "/referral/referrals?page_size=many", None, "", 400, 3, "INVALID_QUERY_PARAMETER",
-                     id="bad-integer-query"),
-        pytest.param("POST", "/auth/register", LARGE_BODY, JSON, 413, 8, "PAYLOAD_TOO_LARGE", id="body-too-large"),
-        pytest.param("GET", f"/referral/code/by-email?email={LONG_EMAIL}", None, "", 431, 3, "HEADERS_TOO_LARGE",
-                     id="url-too-large"),
-        # Credentials never travel in a URL: calls with a body take no query string.
-        pytest.param("POST", f"/auth/login?email=a@example.com&password={PASSWORD}", "{}", JSON, 400, 3,
-                     "QUERY_PARAMETERS_NOT_ALLOWED", id="login-credentials-in-query"),
-        pytest.param("POST", "/auth/refresh?refresh_token=abc", "{}", JSON, 400, 3,
-                     "QUERY_PARAMETERS_NOT_ALLOWED", id="refresh-token-in-query"),
-        pytest.param("POST", "/auth/reset_password/confirm?token=abc&new_password=x", "{}", JSON, 400, 3,
-                     "QUERY_PARAMETERS_NOT_ALLOWED", id="reset-token-in-query"),
-        pytest.param("POST", f"/auth/register?email=a@example.com&password={PASSWORD}", "", "", 400, 3,
-                     "QUERY_PARAMETERS_NOT_ALLOWED", id="register-in-query"),
-        # What a cross-site form can post without a CORS preflight.
-        pytest.param("POST", "/auth/register", json.dumps({"email": "a@example.com", "password": PASSWORD}),
-                     "text/plain", 415, 3, "UNSUPPORTED_MEDIA_TYPE", id="text-plain-body"),
-        pytest.param("POST", "/auth/login", "email=a%40example.com", "application/x-www-form-urlencoded", 415, 3,
-                     "UNSUPPORTED_MEDIA_TYPE", id="form-body"),
-    ],
-)  # fmt: skip
+    [pytest.param(*case[:-1], id=case[-1]) for case in ENVOY_ERRORS],
+)
 def test_errors_envoy_makes_itself_have_the_same_json_shape_and_a_reason(
     rest: Rest,
     method: str,
