@@ -326,9 +326,11 @@ ENVOY_ERRORS = [
     ("POST", "/auth/login", '{"email": "a@b.c",', JSON, 400, 3, "MALFORMED_JSON", "bad-json"),
     ("POST", "/auth/login", '{"email": 5}', JSON, 400, 3, "MALFORMED_JSON", "wrong-json-type"),
     ("POST", "/referral/code", '{"expires_at": "tomorrow"}', JSON, 400, 3, "MALFORMED_JSON", "bad-timestamp"),
-    ("GET", "/referral/referrals?page_size=many", None, "", 400, 3, "INVALID_QUERY_PARAMETER", "bad-int-query"),
+    ("GET", "/referral/referrals?page_size=many", None, "", 400, 3, "INVALID_QUERY_PARAMETER",
+     "bad-int-query"),
     ("POST", "/auth/register", LARGE_BODY, JSON, 413, 8, "PAYLOAD_TOO_LARGE", "body-too-large"),
-    ("GET", f"/referral/code/by-email?email={LONG_EMAIL}", None, "", 431, 3, "HEADERS_TOO_LARGE", "url-too-large"),
+    ("GET", f"/referral/code/by-email?email={LONG_EMAIL}", None, "", 431, 3, "HEADERS_TOO_LARGE",
+     "url-too-large"),
     # Credentials never travel in a URL: calls with a body take no query string.
     ("POST", f"/auth/login?email=a@example.com&password={PASSWORD}", "{}", JSON, 400, 3,
      "QUERY_PARAMETERS_NOT_ALLOWED", "login-credentials-in-query"),
