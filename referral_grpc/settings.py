@@ -429,18 +429,33 @@ class Settings:
     rate_limit_auth_per_minute: int = integer(
         20, "Register, Login, RefreshToken per client address per minute", minimum=1, maximum=1200
     )
-    rate_limit_auth_burst: int = integer(10, "... at once", minimum=1, maximum=100_000)
+    rate_limit_auth_burst: int = integer(
+        10,
+        "Register, Login, RefreshToken a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
     rate_limit_reset_per_minute: int = integer(
         10,
         "RequestPasswordReset, ResetPassword, VerifyEmail per client address per minute",
         minimum=1,
         maximum=1200,
     )
-    rate_limit_reset_burst: int = integer(5, "... at once", minimum=1, maximum=100_000)
+    rate_limit_reset_burst: int = integer(
+        5,
+        "reset and verification calls a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
     rate_limit_lookup_per_minute: int = integer(
         600, "GetReferralCodeByEmail per client address per minute", minimum=1, maximum=1200
     )
-    rate_limit_lookup_burst: int = integer(100, "... at once", minimum=1, maximum=100_000)
+    rate_limit_lookup_burst: int = integer(
+        100,
+        "code lookups a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
 
     login_max_failures: int = integer(
         5, "consecutive failed logins allowed per account per window", minimum=1, maximum=1000

@@ -844,6 +844,9 @@ def test_docker_compose_services_are_complete_and_hold_no_secrets() -> None:
     )
     # Published admin port: loopback only.
     assert "127.0.0.1:9901:9901" in services["envoy"]["ports"]
+    # Envoy is healthy when ready: its /readyz on the API port.
+    assert "GET /readyz " in services["envoy"]["healthcheck"]["test"][-1]
+    assert "/dev/tcp/127.0.0.1/8080" in services["envoy"]["healthcheck"]["test"][-1]
 
 
 def test_docker_compose_envoy_matches_the_package_and_its_mounted_config_validates() -> None:
