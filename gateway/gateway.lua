@@ -7,8 +7,9 @@
 --     truncated, every other value dropped) as dynamic metadata;
 --   * refusals, answered as google.rpc.Status JSON with an ErrorInfo reason:
 --       - native gRPC (application/grpc) over HTTP/1.x: gRPC needs HTTP/2 (400 GRPC_REQUIRES_HTTP2);
---       - a REST call with a body that also has a query string: credentials and tokens belong in the
---         body, never in a URL that proxies and logs keep (400 QUERY_PARAMETERS_NOT_ALLOWED);
+--       - a POST to a REST path (the `rest` route of gateway/envoy.yaml) that also has a query
+--         string: credentials and tokens belong in the body, never in a URL that proxies and logs
+--         keep (400 QUERY_PARAMETERS_NOT_ALLOWED);
 --       - a REST body that is not JSON: text/plain, form and multipart bodies are what a cross-site
 --         form can post without a CORS preflight (415 UNSUPPORTED_MEDIA_TYPE).
 
@@ -140,7 +141,7 @@ function envoy_on_request(handle)
     end
     return
   end
-  if method ~= "POST" then
+  if method ~= "POST" or handle:metadata():get("rest_call") ~= true then
     return
   end
   if query ~= "" then
