@@ -18,13 +18,15 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from support import TEST_JWT_SECRET, wait_until
+import yaml
+from support import TEST_JWT_SECRET, make_settings, wait_until
 from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
-from referral_grpc.devstack.envoy_config import page_policy
+from referral_grpc.devstack.envoy_config import local_envoy_config, page_policy
 from referral_grpc.devstack.locations import PROJECT_ROOT, Address
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.gen import referral_service_pb2_grpc
 
 PASSWORD = "correct horse battery"
 APP_ORIGIN = "http://app.example.test:3000"
@@ -383,9 +385,6 @@ def test_the_services_own_429_has_a_retry_after_header_matching_retry_info(edge:
     assert 0 < int(throttled.headers["retry-after"]) <= 3600
     # And native gRPC callers get it as metadata.
     with grpc.insecure_channel(f"127.0.0.1:{edge.envoy.port}") as channel:
-        from referral_grpc.gen import auth_service_pb2 as auth_pb
-        from referral_grpc.gen import auth_service_pb2_grpc
-
         stub = auth_service_pb2_grpc.AuthServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
             stub.RequestPasswordReset(auth_pb.RequestPasswordResetRequest(email=email), timeout=10)
@@ -423,3 +422,46 @@ def test_the_server_takes_any_metadata_envoy_lets_through(edge: Edge) -> None:
                         timeout=10,
                     )
                 assert raised.value.code() == grpc.StatusCode.NOT_FOUND, (size, raised.value)  # type: ignore[attr-defined]
+
+
+def test_the_server_keeps_only_well_formed_request_ids_too(edge: Edge) -> None:
+    """Native gRPC straight to a server process: the same rule as Envoy's."""
+    with grpc.insecure_channel(f"{edge.backend[0]}:{edge.backend[1]}") as channel:
+        stub = referral_service_pb2_grpc.ReferralServiceStub(channel)
+        for sent, kept in [
+            ("abc-123_x.y:z", True),
+            ("semi;colon", False),
+            ("has space", False),
+            ("x" * 129, False),
+        ]:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.GetReferralCodeByEmail(
+                    ref_pb.GetReferralCodeByEmailRequest(email=new_email("rid")),
+                    metadata=[("x-request-id", sent)],
+                    timeout=10,
+                )
+            error: Any = raised.value
+            echoed = dict(error.initial_metadata())["x-request-id"]
+            assert (echoed == sent) == kept, (sent, echoed)
+            assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", echoed)
+
+
+def test_make_run_renders_the_cors_origins_setting() -> None:
+    def origins(**overrides: object) -> list[dict[str, Any]]:
+        config = local_envoy_config(make_settings(**overrides), [("127.0.0.1", 50051)])
+        [host] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"
+        ]["virtual_hosts"]
+        matchers: list[dict[str, Any]] = host["typed_per_filter_config"]["envoy.filters.http.cors"][
+            "allow_origin_string_match"
+        ]
+        return matchers
+
+    assert origins() == [{"exact": "http://localhost:3000"}, {"exact": "http://127.0.0.1:3000"}]
+    assert origins(cors_allowed_origins="https://app.example.com") == [{"exact": "https://app.example.com"}]
+    assert origins(cors_allowed_origins="*") == [{"safe_regex": {"regex": ".*"}}]
+    docker = yaml.safe_load((PROJECT_ROOT / "gateway" / "envoy.docker.yaml").read_text())
+    [host] = docker["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"
+    ]["virtual_hosts"]
+    assert host["typed_per_filter_config"]["envoy.filters.http.cors"]["allow_origin_string_match"] == []
