@@ -430,6 +430,7 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
         running_envoy([address], tmp_path) as envoy,
     ):
         statuses: list[tuple[int, dict[str, Any]]] = []
+        retry_after: list[str | None] = []
         for _attempt in range(3):
             barrier = threading.Barrier(8)
 
@@ -440,6 +441,8 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
                         "POST", "/auth/register", json={"email": new_email("crowd"), "password": PASSWORD}
                     )
                     statuses.append((response.status_code, response.json()))
+                    if response.status_code == 429:
+                        retry_after.append(response.headers.get("retry-after"))
 
             threads = [threading.Thread(target=register) for _ in range(8)]
             for thread in threads:
@@ -451,6 +454,8 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
         shed = [body for code, body in statuses if code == 429]
         assert shed, statuses
         assert shed[0]["code"] == 8 and set(shed[0]) == {"code", "message", "details"}
+        # SERVER_OVERLOADED asks for a retry in 1 s: the header says so too.
+        assert set(retry_after) == {"1"}, retry_after
         assert {code for code, _ in statuses} <= {200, 429}
 
 
