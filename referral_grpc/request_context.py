@@ -1,4 +1,4 @@
-"""What one request carries through every layer: its id, its deadline and its authenticated caller.
+"""What one request carries through every layer: its ids, its deadline and its authenticated caller.
 
 A bottom module: the store honours the deadline, the logs print the id, the api sets all three,
 and none of them has to import the others to share them.
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 # "-" outside requests (worker tasks, start-up): every log line has a request id column.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The W3C trace id of the caller's `traceparent`, when it sent one: the logs carry it so a request can be
+# found from the caller's own tracing.
+trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 # time.monotonic() by which the current request must be done, or None: set from the caller's gRPC
 # deadline, read by the store's transactions so they never commit after the caller gave up.

@@ -28,6 +28,8 @@ from .store.database import DatabaseProbe
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+# Request metadata a server process accepts: every header of a request that passed Envoy fits.
+MAX_METADATA_BYTES = 32 * 1024
 
 
 class DatabaseHealth:
@@ -178,6 +180,11 @@ def create_server(app: App, address: str | None = None) -> Server:
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
+            # Metadata over the soft limit (8 KiB by default) is refused at random up to the hard one,
+            # as RESOURCE_EXHAUSTED. Equal limits refuse consistently, and above what Envoy lets through
+            # (8 KiB of request headers, plus the few it adds) so that gateway clients get its 431.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             # Several server processes may share one port (SERVER_PROCESSES > 1).
             ("grpc.so_reuseport", 1),
             ("grpc.keepalive_time_ms", 60_000),

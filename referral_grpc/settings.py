@@ -32,6 +32,11 @@ README_TABLE_START = (
 )
 README_TABLE_END = "<!-- settings-table:end -->"
 
+# What a browser sends as Origin: scheme, host and port, no path.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
+# A web app's development server on this machine, which `make run` lets call the API.
+DEV_CORS_ORIGINS = "http://localhost:3000,http://127.0.0.1:3000"
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -144,7 +149,7 @@ def number(default: float, doc: str, *, minimum: float, maximum: float) -> Any:
 
 
 def text(
-    default: str, doc: str, *, secret: bool = False, verbatim: bool = False, default_doc: str = ""
+    default: str | Derived, doc: str, *, secret: bool = False, verbatim: bool = False, default_doc: str = ""
 ) -> Any:
     return _declare(Setting("text", default, doc, secret=secret, verbatim=verbatim, default_doc=default_doc))
 
@@ -414,6 +419,49 @@ class Settings:
         1, "Envoy worker threads in `make run` (0: one per core)", minimum=0, maximum=256
     )
     envoy_admin_port: int = integer(9901, "Envoy's admin port in `make run`", minimum=0, maximum=65535)
+    # Rendered into Envoy's CORS policy (referral_grpc/devstack/envoy_config.py).
+    cors_allowed_origins: str = text(
+        Derived(
+            f"empty (`{DEV_CORS_ORIGINS}` in development)",
+            lambda v: "" if _in_production(v) else DEV_CORS_ORIGINS,
+        ),
+        "browser origins allowed to call the API through Envoy (REST and gRPC-Web), comma-separated "
+        "`scheme://host[:port]`, or `*` for any; empty: none",
+    )
+    # Envoy's per-client token buckets on the public routes (gateway/envoy.yaml), rendered from these.
+    rate_limits: bool = boolean(
+        True, "Envoy's per-client rate limits on the public routes (off: behind a gateway that limits)"
+    )
+    rate_limit_auth_per_minute: int = integer(
+        20, "Register, Login, RefreshToken per client address per minute", minimum=1, maximum=1200
+    )
+    rate_limit_auth_burst: int = integer(
+        10,
+        "Register, Login, RefreshToken a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
+    rate_limit_reset_per_minute: int = integer(
+        10,
+        "RequestPasswordReset, ResetPassword, VerifyEmail per client address per minute",
+        minimum=1,
+        maximum=1200,
+    )
+    rate_limit_reset_burst: int = integer(
+        5,
+        "reset and verification calls a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
+    rate_limit_lookup_per_minute: int = integer(
+        600, "GetReferralCodeByEmail per client address per minute", minimum=1, maximum=1200
+    )
+    rate_limit_lookup_burst: int = integer(
+        100,
+        "code lookups a client address may make at once before the per-minute rate applies",
+        minimum=1,
+        maximum=100_000,
+    )
 
     login_max_failures: int = integer(
         5, "consecutive failed logins allowed per account per window", minimum=1, maximum=1000
@@ -455,6 +503,11 @@ class Settings:
     def production(self) -> bool:
         return self.environment == "production"
 
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """CORS_ALLOWED_ORIGINS as a list (from_env has checked each)."""
+        return _origins(self.cors_allowed_origins)
+
     @functools.cached_property
     def database(self) -> DatabaseTarget:
         """DATABASE_URL parsed (once per Settings; from_env has already checked it)."""
@@ -480,6 +533,7 @@ class Settings:
                     default = setting.default.compute(values) if derived else setting.default
                     values[name] = setting.read(env, name.upper(), default)
         _check_secrets(values)
+        _check_origins(values["cors_allowed_origins"])
         if _in_production(values):
             if values["debug"]:
                 raise ConfigError("DEBUG must be off in production")
@@ -582,6 +636,16 @@ def _check_secrets(values: dict[str, Any]) -> None:
 
 
 _DEFAULT_DB_PASSWORDS = frozenset({"postgres", "password", "admin", "root", "secret", "changeme", "123456"})
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+
+
+def _check_origins(value: str) -> None:
+    for origin in _origins(value):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError("CORS_ALLOWED_ORIGINS must list origins as scheme://host[:port], or *")
 
 
 def _default_credentials(database: DatabaseTarget) -> bool:

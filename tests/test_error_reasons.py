@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import grpc
@@ -98,3 +99,14 @@ def test_the_openapi_document_lists_every_reason() -> None:
     assert document["components"]["schemas"]["ErrorInfo"]["properties"]["reason"] == {
         "$ref": "#/components/schemas/ErrorReason"
     }
+
+
+def test_every_reason_the_gateway_sends_is_listed_in_the_contract() -> None:
+    """Envoy's own errors (local_reply_config, gateway/gateway.lua) use reasons of the contract too."""
+    gateway = PACKAGE.parent / "gateway"
+    config = (gateway / "envoy.yaml").read_text(encoding="utf-8")
+    script = (gateway / "gateway.lua").read_text(encoding="utf-8")
+    reasons = set(re.findall(r"reason: ([A-Z][A-Z0-9_]+)", config))
+    reasons |= set(re.findall(r'refuse\(handle, \d+, \d+, "([A-Z][A-Z0-9_]+)"', script))
+    assert {"MALFORMED_JSON", "UNKNOWN_PATH", "RATE_LIMITED", "QUERY_PARAMETERS_NOT_ALLOWED"} <= reasons
+    assert reasons <= CONTRACT, reasons - CONTRACT

@@ -25,12 +25,13 @@ import yaml
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
-from support import TEST_JWT_SECRET, make_settings
+from support import TEST_JWT_SECRET, make_settings, wait_until
 from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envoy_config
 from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
 from referral_grpc.devstack.locations import PROJECT_ROOT, Address, envoy_binary
+from referral_grpc.domain import errors
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -315,28 +316,82 @@ def test_service_errors_are_status_json_with_details(rest: Rest) -> None:
 
 
 LARGE_BODY = json.dumps({"email": "a@example.com", "password": "x" * 70_000})
+JSON = "application/json"
+LONG_EMAIL = "a" * 9000 + "@example.com"
+
+
+ENVOY_ERRORS = [
+    ("GET", "/no/such/path", None, "", 404, 5, "UNKNOWN_PATH", "unknown-path"),
+    ("GET", "/auth/login", None, "", 405, 12, "METHOD_NOT_ALLOWED", "wrong-method"),
+    ("POST", "/auth/login", '{"email": "a@b.c",', JSON, 400, 3, "MALFORMED_JSON", "bad-json"),
+    ("POST", "/auth/login", '{"email": 5}', JSON, 400, 3, "MALFORMED_JSON", "wrong-json-type"),
+    ("POST", "/referral/code", '{"expires_at": "tomorrow"}', JSON, 400, 3, "MALFORMED_JSON", "bad-timestamp"),
+    ("GET", "/referral/referrals?page_size=many", None, "", 400, 3, "INVALID_QUERY_PARAMETER",
+     "bad-int-query"),
+    ("POST", "/auth/register", LARGE_BODY, JSON, 413, 8, "PAYLOAD_TOO_LARGE", "body-too-large"),
+    ("GET", f"/referral/code/by-email?email={LONG_EMAIL}", None, "", 431, 3, "HEADERS_TOO_LARGE",
+     "url-too-large"),
+    # Credentials never travel in a URL: calls with a body take no query string.
+    ("POST", f"/auth/login?email=a@example.com&password={PASSWORD}", "{}", JSON, 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "login-credentials-in-query"),
+    ("POST", "/auth/refresh?refresh_token=abc", "{}", JSON, 400, 3, "QUERY_PARAMETERS_NOT_ALLOWED",
+     "refresh-token-in-query"),
+    ("POST", "/auth/reset_password/confirm?token=abc&new_password=x", "{}", JSON, 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "reset-token-in-query"),
+    ("POST", f"/auth/register?email=a@example.com&password={PASSWORD}", "", "", 400, 3,
+     "QUERY_PARAMETERS_NOT_ALLOWED", "register-in-query"),
+    # What a cross-site form can post without a CORS preflight.
+    ("POST", "/auth/register", json.dumps({"email": "a@example.com", "password": PASSWORD}), "text/plain",
+     415, 3, "UNSUPPORTED_MEDIA_TYPE", "text-plain-body"),
+    ("POST", "/auth/login", "email=a%40example.com", "application/x-www-form-urlencoded", 415, 3,
+     "UNSUPPORTED_MEDIA_TYPE", "form-body"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "body", "http_status", "grpc_code"),
-    [
-        pytest.param("GET", "/no/such/path", None, 404, 5, id="unknown-path"),
-        pytest.param("GET", "/auth/login", None, 405, 12, id="wrong-method"),
-        pytest.param("POST", "/auth/login", '{"email": "a@b.c",', 400, 3, id="bad-json"),
-        pytest.param("POST", "/auth/login", '{"email": 5}', 400, 3, id="wrong-json-type"),
-        pytest.param("POST", "/referral/code", '{"expires_at": "tomorrow"}', 400, 3, id="bad-timestamp"),
-        pytest.param("GET", "/referral/referrals?page_size=many", None, 400, 3, id="bad-integer-query"),
-        pytest.param("GET", "/referral/referrals?colour=red", None, 400, 3, id="unknown-query-param"),
-        pytest.param("POST", "/auth/register", LARGE_BODY, 413, 8, id="body-too-large"),
-    ],
+    ("method", "path", "body", "content_type", "http_status", "grpc_code", "reason"),
+    [pytest.param(*case[:-1], id=case[-1]) for case in ENVOY_ERRORS],
 )
-def test_errors_envoy_makes_itself_have_the_same_json_shape(
-    rest: Rest, method: str, path: str, body: str | None, http_status: int, grpc_code: int
+def test_errors_envoy_makes_itself_have_the_same_json_shape_and_a_reason(
+    rest: Rest,
+    method: str,
+    path: str,
+    body: str | None,
+    content_type: str,
+    http_status: int,
+    grpc_code: int,
+    reason: str,
 ) -> None:
-    response = rest.call(
-        method, path, data=body, headers={"content-type": "application/json"} if body else {}
-    )
-    assert_status(response, http_status, grpc_code)
+    headers = {"content-type": content_type} if content_type else {}
+    response = rest.call(method, path, data=body, headers=headers)
+    status = assert_status(response, http_status, grpc_code)
+    info = detail(status, "ErrorInfo")
+    assert (info["reason"], info["domain"]) == (reason, "referral.v1"), status
+    assert reason in errors.Reason.__members__
+    # The gateway's own words, never Envoy's or the transcoder's (which name proto types and values).
+    assert not re.search(
+        r"(?i)envoy|upstream|referral\.v1\.|TYPE_|could not find|local_", status["message"]
+    ), status
+    assert "server" not in response.headers
+
+
+def test_unknown_fields_in_the_body_and_the_query_are_ignored_alike(rest: Rest) -> None:
+    email = new_email("tolerant")
+    body = {"email": email, "password": PASSWORD, "favourite_colour": "red"}
+    assert_tokens(rest.ok("POST", "/auth/register", json=body))
+    missing = rest.call("GET", "/referral/code/by-email", params={"email": email, "colour": "red"})
+    assert detail(assert_status(missing, 404, 5), "ErrorInfo")["reason"] == "REFERRAL_CODE_NOT_FOUND"
+
+
+def test_native_grpc_over_http1_is_400_json_with_a_reason(rest: Rest) -> None:
+    """An HTTP/1.1 client sending application/grpc (to a REST or a gRPC path) is told gRPC needs HTTP/2."""
+    for path in ("/auth/login", "/referral.v1.AuthService/Login"):
+        response = rest.call(
+            "POST", path, data=b"\x00\x00\x00\x00\x00", headers={"content-type": "application/grpc"}
+        )
+        status = assert_status(response, 400, 3)
+        assert detail(status, "ErrorInfo")["reason"] == "GRPC_REQUIRES_HTTP2"
+        assert "grpc-status" not in response.headers
 
 
 def test_backend_down_is_503_json_for_rest_and_unavailable_for_grpc(
@@ -349,9 +404,15 @@ def test_backend_down_is_503_json_for_rest_and_unavailable_for_grpc(
     ):
         rest = Rest(envoy.url, session)
         assert_status(rest.call("GET", "/referral/referrals"), 401, 16)
+        assert rest.ok("GET", "/readyz") == {"status": "SERVING"}
         server.stop(timeout=15)
         down = assert_status(rest.call("GET", "/referral/referrals"), 503, 14)
-        assert down["details"] == []
+        assert detail(down, "ErrorInfo")["reason"] == "BACKEND_UNAVAILABLE"
+        # Readiness follows Envoy's health check of the backends; liveness is Envoy's alone.
+        wait_until(lambda: rest.call("GET", "/readyz").status_code == 503, 10, "readyz to fail")
+        not_ready = assert_status(rest.call("GET", "/readyz"), 503, 14)
+        assert detail(not_ready, "ErrorInfo")["reason"] == "BACKEND_UNAVAILABLE"
+        assert rest.ok("GET", "/healthz") == {"status": "SERVING"}
         with grpc.insecure_channel(f"127.0.0.1:{envoy.port}") as channel:
             stub = referral_service_pb2_grpc.ReferralServiceStub(channel)
             with pytest.raises(grpc.RpcError) as raised:
@@ -369,6 +430,7 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
         running_envoy([address], tmp_path) as envoy,
     ):
         statuses: list[tuple[int, dict[str, Any]]] = []
+        retry_after: list[str | None] = []
         for _attempt in range(3):
             barrier = threading.Barrier(8)
 
@@ -379,6 +441,8 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
                         "POST", "/auth/register", json={"email": new_email("crowd"), "password": PASSWORD}
                     )
                     statuses.append((response.status_code, response.json()))
+                    if response.status_code == 429:
+                        retry_after.append(response.headers.get("retry-after"))
 
             threads = [threading.Thread(target=register) for _ in range(8)]
             for thread in threads:
@@ -390,6 +454,8 @@ def test_resource_exhausted_is_429(env: dict[str, str], tmp_path: Path) -> None:
         shed = [body for code, body in statuses if code == 429]
         assert shed, statuses
         assert shed[0]["code"] == 8 and set(shed[0]) == {"code", "message", "details"}
+        # SERVER_OVERLOADED asks for a retry in 1 s: the header says so too.
+        assert set(retry_after) == {"1"}, retry_after
         assert {code for code, _ in statuses} <= {200, 429}
 
 
@@ -783,6 +849,9 @@ def test_docker_compose_services_are_complete_and_hold_no_secrets() -> None:
     )
     # Published admin port: loopback only.
     assert "127.0.0.1:9901:9901" in services["envoy"]["ports"]
+    # Envoy is healthy when ready: its /readyz on the API port.
+    assert "GET /readyz " in services["envoy"]["healthcheck"]["test"][-1]
+    assert "/dev/tcp/127.0.0.1/8080" in services["envoy"]["healthcheck"]["test"][-1]
 
 
 def test_docker_compose_envoy_matches_the_package_and_its_mounted_config_validates() -> None:

@@ -12,15 +12,20 @@ from typing import Any
 import grpc
 import pytest
 import requests
+import yaml
 from requests.adapters import HTTPAdapter
-from support import TEST_JWT_SECRET
+from support import TEST_JWT_SECRET, make_settings
 from support.envoy import Envoy, TokenBucket, migrate, running_envoy, running_server, server_env
 
 from referral_grpc.api.policy import SERVICES, method_path, policy_for, public_methods
 from referral_grpc.devstack.envoy_config import (
+    RATE_LIMIT_FAMILIES,
     RATE_LIMIT_FILTER,
+    default_token_buckets,
+    docker_envoy_config,
     dump_envoy_config,
     load_envoy_config,
+    local_envoy_config,
     rate_limited_routes,
     render_envoy_config,
 )
@@ -55,6 +60,8 @@ def _route_for(config: dict[str, Any], grpc_path: str) -> dict[str, Any]:
     [host] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
     for route in host["routes"]:
         match = route["match"]
+        if any(h["name"] in (":method", "access-control-request-method") for h in match.get("headers", [])):
+            continue  # CORS preflights and the 405s: never a gRPC POST
         if "path" in match:
             matched = match["path"] == grpc_path
         elif "safe_regex" in match:
@@ -130,6 +137,52 @@ def test_rendering_can_drop_or_replace_the_limits() -> None:
         render(token_buckets={"login": TokenBucket(1, 1, 1.0)})
     with pytest.raises(ValueError, match="rate_limits off"):
         render(rate_limits=False, token_buckets=TEST_LIMITS)
+
+
+def _buckets(config: dict[str, Any]) -> dict[str, TokenBucket]:
+    return {
+        name: TokenBucket.from_envoy(limit["descriptors"][0]["token_bucket"])
+        for name, limit in rate_limited_routes(config).items()
+    }
+
+
+def test_the_limits_come_from_the_settings_and_can_be_turned_off() -> None:
+    """RATE_LIMITS and RATE_LIMIT_<FAMILY>_PER_MINUTE / _BURST, rendered into `make run`'s Envoy."""
+    backends = [("127.0.0.1", 50051)]
+    assert _buckets(local_envoy_config(make_settings(), backends)) == DEFAULT_LIMITS
+    assert default_token_buckets() == {name: DEFAULT_LIMITS[name] for name in RATE_LIMIT_FAMILIES}
+    docker = yaml.safe_load(docker_envoy_config())
+    assert _buckets(docker) == DEFAULT_LIMITS
+
+    tuned = local_envoy_config(
+        make_settings(
+            rate_limit_auth_per_minute=30,
+            rate_limit_auth_burst=4,
+            rate_limit_reset_per_minute=7,
+            rate_limit_lookup_burst=1000,
+        ),
+        backends,
+    )
+    buckets = _buckets(tuned)
+    assert buckets["public-auth"] == TokenBucket(burst=4, per_fill=1, fill_interval=2.0)
+    assert buckets["password-reset"].burst == 5 and buckets["password-reset"].retry_after == 9
+    assert buckets["code-lookup"] == TokenBucket(burst=1000, per_fill=1, fill_interval=0.1)
+    headers = rate_limited_routes(tuned)["public-auth"]["response_headers_to_add"]
+    assert headers[0]["header"] == {"key": "retry-after", "value": "2"}
+
+    off = local_envoy_config(make_settings(rate_limits=False), backends)
+    assert rate_limited_routes(off) == {}
+    assert RATE_LIMIT_FILTER not in json.dumps(off)
+
+
+def test_each_family_has_its_own_runtime_switches() -> None:
+    config = load_envoy_config()
+    assert [layer["name"] for layer in config["layered_runtime"]["layers"]] == ["static", "admin"]
+    for name, limit in rate_limited_routes(config).items():
+        family = name.replace("-", "_")
+        assert limit["stat_prefix"] == family
+        assert limit["filter_enabled"]["runtime_key"] == f"rate_limit.{family}.enabled"
+        assert limit["filter_enforced"]["runtime_key"] == f"rate_limit.{family}.enforced"
 
 
 # --- a real Envoy with small limits --------------------------------------------------------------
@@ -293,3 +346,29 @@ def test_the_rendered_configs_validate(tmp_path: Path) -> None:
         path.write_text(dump_envoy_config(config))
         ok, output = validate_config_file(path)
         assert ok, output
+
+
+def _runtime(envoy: Envoy, key: str, value: int) -> None:
+    answer = requests.post(f"{envoy.admin_url}/runtime_modify", params={key: str(value)}, timeout=10)
+    assert answer.status_code == 200, answer.text
+
+
+def test_an_operator_changes_a_limit_live_through_the_runtime_admin_layer(envoy: Envoy) -> None:
+    with client("127.0.0.8") as session:
+
+        def reset_request() -> requests.Response:
+            return session.post(f"{envoy.url}/auth/reset_password", json={"email": some_email()}, timeout=10)
+
+        assert [reset_request().status_code for _ in range(3)] == [200, 200, 200]
+        assert_rate_limited(reset_request())
+        _runtime(envoy, "rate_limit.password_reset.enforced", 0)
+        try:
+            # Counted, never refused: the family's limit is in shadow mode.
+            assert [reset_request().status_code for _ in range(3)] == [200, 200, 200]
+            # The other families are untouched.
+            for _ in range(3):
+                login(session, envoy)
+            assert_rate_limited(login(session, envoy))
+        finally:
+            _runtime(envoy, "rate_limit.password_reset.enforced", 100)
+        assert_rate_limited(reset_request())

@@ -391,3 +391,19 @@ def test_reflection_only_where_it_is_on_and_health_everywhere(environment: str, 
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with running_api(make_settings(**overrides, grpc_reflection="true")) as api:
         assert "referral.v1.ReferralService" in _reflected_services(api.channel)
+
+
+def test_cors_origins_are_none_in_production_and_the_dev_page_in_development() -> None:
+    assert make_settings().cors_origins == ("http://localhost:3000", "http://127.0.0.1:3000")
+    assert Settings.from_env(production()).cors_origins == ()
+    chosen = make_settings(cors_allowed_origins=" https://app.example.com , http://[::1]:8000/ ,")
+    assert chosen.cors_origins == ("https://app.example.com", "http://[::1]:8000")
+    assert make_settings(cors_allowed_origins="*").cors_origins == ("*",)
+
+
+@pytest.mark.parametrize(
+    "value", ["app.example.com", "https://app.example.com/path", "ftp://x.example", "https://a.example?x"]
+)
+def test_a_cors_origin_that_a_browser_cannot_send_stops_the_start(value: str) -> None:
+    with pytest.raises(ConfigError, match="CORS_ALLOWED_ORIGINS"):
+        make_settings(cors_allowed_origins=value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
@@ -74,6 +76,27 @@ def _to_grpc(status: status_pb2.Status) -> grpc.Status:
     return converted
 
 
-def abort(context: grpc.ServicerContext, error: errors.DomainError) -> NoReturn:
+def response_headers(error: errors.DomainError) -> tuple[tuple[str, str], ...]:
+    """Initial metadata an error adds: `retry-after` in whole seconds, rounded up, when throttled.
+
+    Initial, not trailing: Envoy's transcoder turns the initial metadata into HTTP headers (trailers are
+    dropped), so REST clients get the same Retry-After header as from Envoy's own rate limits.
+    """
+    if isinstance(error, errors.ResourceExhausted):
+        return (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+    return ()
+
+
+def send_headers(context: grpc.ServicerContext, headers: Sequence[tuple[str, str]]) -> None:
+    """The call's initial metadata; nothing when the client has already gone (it would raise)."""
+    if context.is_active():
+        context.send_initial_metadata(tuple(headers))
+
+
+def abort(
+    context: grpc.ServicerContext, error: errors.DomainError, headers: Sequence[tuple[str, str]] = ()
+) -> NoReturn:
+    """End the call with `error`; `headers` (the request id) go out with the error's own initial metadata."""
+    send_headers(context, (*headers, *response_headers(error)))
     context.abort_with_status(to_status(error))
     raise AssertionError("abort_with_status returns only by raising")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -31,10 +32,11 @@ from ..request_context import (
     request_deadline,
     request_id,
     request_lifetime,
+    trace_id,
 )
 from . import idempotency
 from .admission import Admission
-from .errors import abort, code_for, internal_status
+from .errors import abort, code_for, internal_status, send_headers
 from .idempotency import IdempotencyStore
 from .policy import Policy, policy_for
 
@@ -42,7 +44,11 @@ log = logging.getLogger("referral_grpc.rpc")
 # One line per RPC; its own logger so operators can route or silence it.
 access_log = logging.getLogger("referral_grpc.access")
 
-MAX_REQUEST_ID_LENGTH = 128
+# What a client's x-request-id may be, kept end to end (Envoy's Lua filter applies the same rule):
+# 1 to 128 letters, digits and -_.: (a UUID always qualifies). Anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# W3C Trace Context: version-traceid-parentid-flags, lowercase hex.
+TRACEPARENT = re.compile(r"00-(?P<trace_id>[0-9a-f]{32})-(?P<parent_id>[0-9a-f]{16})-[0-9a-f]{2}")
 # grpc reports a call without a deadline as one with centuries left.
 _NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
 
@@ -74,15 +80,21 @@ def _bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
 
 
 def _incoming_request_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+    """The caller's x-request-id when well formed (the gateway's rule too), else a new one."""
     for key, value in metadata:
-        if (
-            key == "x-request-id"
-            and isinstance(value, str)
-            and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
-            and value.isprintable()
-        ):
+        if key == "x-request-id" and isinstance(value, str) and REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
+
+
+def _incoming_trace_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str | None:
+    """The trace id of a W3C `traceparent` (version 00), or None when absent or malformed."""
+    for key, value in metadata:
+        if key == "traceparent" and isinstance(value, str):
+            match = TRACEPARENT.fullmatch(value.strip())
+            if match and set(match["trace_id"]) != {"0"} and set(match["parent_id"]) != {"0"}:
+                return match["trace_id"]
+    return None
 
 
 def _deadline_seconds(context: grpc.ServicerContext) -> float | None:
@@ -218,9 +230,9 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
         def shed(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            with _request_scope(context):
+            with _request_scope(context) as headers:
                 try:
-                    abort(context, overloaded)
+                    abort(context, overloaded, headers)
                 finally:
                     self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter() - started)
 
@@ -235,9 +247,9 @@ class ApiInterceptor(grpc.ServerInterceptor):
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             outcome = _Outcome()
-            with _request_scope(context):
+            with _request_scope(context) as headers:
                 try:
-                    return self._call(method, policy, behavior, request, context, outcome)
+                    return self._call(method, policy, behavior, request, context, outcome, headers)
                 finally:
                     self._record(method, outcome.code, time.perf_counter() - started, access_level)
 
@@ -251,6 +263,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
         request: Any,
         context: grpc.ServicerContext,
         outcome: _Outcome,
+        headers: tuple[tuple[str, str], ...],
     ) -> Any:
         abandoned = threading.Event()
         # Fires when the call ends for any reason; before the handler returns only if the client
@@ -265,8 +278,11 @@ class ApiInterceptor(grpc.ServerInterceptor):
                     if isinstance(request, _Undecodable):
                         raise _undecodable()
                     if policy.idempotency:
-                        return self._idempotent(method, policy, principal, behavior, request, context)
-                    return behavior(request, context)
+                        response = self._idempotent(method, policy, principal, behavior, request, context)
+                    else:
+                        response = behavior(request, context)
+                send_headers(context, headers)
+                return response
             except errors.DomainError as exc:
                 failure: errors.DomainError | None = exc
             except Exception as exc:
@@ -274,13 +290,14 @@ class ApiInterceptor(grpc.ServerInterceptor):
                 if failure is None:
                     outcome.code = grpc.StatusCode.INTERNAL
                     log.exception("unhandled error in %s", method)
+                    send_headers(context, headers)
                     context.abort_with_status(internal_status())
                 log.warning("%s failed: %s", method, type(exc).__name__)
             finally:
                 self._release_connection()
             assert failure is not None  # every path without one has returned or aborted
             outcome.code = code_for(failure)
-            abort(context, failure)
+            abort(context, failure, headers)
 
     def _caller(self, policy: Policy, context: grpc.ServicerContext) -> Caller | None:
         if policy.public:
@@ -352,14 +369,20 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
 
 @contextmanager
-def _request_scope(context: grpc.ServicerContext) -> Iterator[None]:
-    """The call's request id, sent first so the caller sees it on errors as well as on success."""
-    rid = _incoming_request_id(tuple(context.invocation_metadata() or ()))
+def _request_scope(context: grpc.ServicerContext) -> Iterator[tuple[tuple[str, str], ...]]:
+    """The call's request id (and trace id) for the logs; yields the headers every answer carries.
+
+    They are sent with the answer, success or error, not before the work: an error adds headers of
+    its own (retry-after), and gRPC allows one set of initial metadata per call.
+    """
+    metadata = tuple(context.invocation_metadata() or ())
+    rid = _incoming_request_id(metadata)
     token = request_id.set(rid)
+    trace_token = trace_id.set(_incoming_trace_id(metadata))
     try:
-        context.send_initial_metadata((("x-request-id", rid),))
-        yield
+        yield (("x-request-id", rid),)
     finally:
+        trace_id.reset(trace_token)
         request_id.reset(token)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -12,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..settings import Settings
+from ..settings import Settings, declared_settings
 from .http_rules import rest_methods
 from .locations import Address, gateway_dir
 
@@ -22,6 +24,18 @@ LISTENER = "api"
 CLUSTER = "referral_grpc"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+CORS_FILTER = "envoy.filters.http.cors"
+# Route family (route name in gateway/envoy.yaml) -> the infix of its RATE_LIMIT_<X>_PER_MINUTE and
+# RATE_LIMIT_<X>_BURST settings.
+RATE_LIMIT_FAMILIES = {"public-auth": "auth", "password-reset": "reset", "code-lookup": "lookup"}
+# The pages Envoy serves (the docs) may run their own inline scripts, named by hash, and the bundled
+# assets; nothing from elsewhere, and no framing by another site (clickjacking).
+_PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'{scripts}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 # The route gateway/envoy.yaml holds as the template of every REST path's 405 route.
 METHOD_NOT_ALLOWED = "method-not-allowed"
 DOCKER_BACKEND: Address = ("server", 50051)
@@ -82,6 +96,11 @@ class TokenBucket:
             "fill_interval": f"{self.fill_interval:g}s",
         }
 
+    @classmethod
+    def per_minute(cls, rate: int, burst: int) -> TokenBucket:
+        """`rate` requests a minute, one token at a time, after a burst of `burst`."""
+        return cls(burst, 1, 60 / rate)
+
     @property
     def retry_after(self) -> int:
         """Whole seconds until the next token at the latest: what HTTP Retry-After can say."""
@@ -113,6 +132,60 @@ def _set_token_bucket(limit: dict[str, Any], bucket: TokenBucket) -> None:
     for header in limit["response_headers_to_add"]:
         if header["header"]["key"] == "retry-after":
             header["header"]["value"] = str(bucket.retry_after)
+
+
+def token_buckets(settings: Settings) -> dict[str, TokenBucket]:
+    """Route family -> its per-client bucket, from the RATE_LIMIT_* settings."""
+    return {
+        route: TokenBucket.per_minute(
+            getattr(settings, f"rate_limit_{infix}_per_minute"),
+            getattr(settings, f"rate_limit_{infix}_burst"),
+        )
+        for route, infix in RATE_LIMIT_FAMILIES.items()
+    }
+
+
+def default_token_buckets() -> dict[str, TokenBucket]:
+    """The buckets of the RATE_LIMIT_* defaults (the docker variant has no environment to read)."""
+    defaults = {name: setting.default for name, setting in declared_settings()}
+    return {
+        route: TokenBucket.per_minute(
+            defaults[f"rate_limit_{infix}_per_minute"], defaults[f"rate_limit_{infix}_burst"]
+        )
+        for route, infix in RATE_LIMIT_FAMILIES.items()
+    }
+
+
+def _set_cors_origins(config: dict[str, Any], origins: Sequence[str]) -> None:
+    """The virtual host's CORS policy allows exactly `origins` (`*`: any)."""
+    for host in _connection_manager(config)["route_config"]["virtual_hosts"]:
+        policy = host["typed_per_filter_config"][CORS_FILTER]
+        policy["allow_origin_string_match"] = [
+            {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin} for origin in origins
+        ]
+
+
+def page_policy(page: Path) -> str:
+    """The Content-Security-Policy of an HTML page: its inline scripts allowed by their SHA-256."""
+    scripts = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(page.read_text(encoding="utf-8"))
+    )
+    return _PAGE_POLICY.format(scripts=scripts)
+
+
+def _add_page_policies(config: dict[str, Any], root: Path) -> None:
+    """Every route serving an .html file gets that page's Content-Security-Policy."""
+    for host in _connection_manager(config)["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            filename = route.get("direct_response", {}).get("body", {}).get("filename", "")
+            if filename.endswith(".html"):
+                header = {"key": "content-security-policy", "value": page_policy(root / filename)}
+                # A new list: YAML anchors share one between routes.
+                route["response_headers_to_add"] = [
+                    *route.get("response_headers_to_add", []),
+                    {"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                ]
 
 
 def _without_rate_limits(config: dict[str, Any]) -> None:
@@ -163,6 +236,7 @@ def render_envoy_config(
     files_root: Path | None = None,
     rate_limits: bool = True,
     token_buckets: Mapping[str, TokenBucket] | None = None,
+    cors_origins: Sequence[str] = (),
     descriptors_root: Path | None = None,
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with other addresses: the listener, the admin, the gRPC backend endpoints.
@@ -176,6 +250,10 @@ def render_envoy_config(
     The per-client rate limits of the public routes are the file's unless `rate_limits` is false
     (no local_ratelimit at all: load tests and test clients all come from one loopback address) or
     `token_buckets` replaces some of them by route name (tests use small limits).
+
+    `cors_origins` are the browser origins the CORS policy allows (none by default).
+
+    Every HTML page served gets a Content-Security-Policy that names its inline scripts by hash.
 
     The descriptor set is read below `descriptors_root` (default: the project root), so a freshly
     generated one can be checked before it replaces the committed file.
@@ -191,6 +269,8 @@ def render_envoy_config(
         {"lb_endpoints": [{"endpoint": {"address": _socket_address(backend)}} for backend in backends]}
     ]
     _render_method_not_allowed(config, descriptors_root or gateway_dir().parent)
+    _add_page_policies(config, gateway_dir().parent)
+    _set_cors_origins(config, cors_origins)
     if token_buckets:
         if not rate_limits:
             raise ValueError("token_buckets given with rate_limits off")
@@ -218,6 +298,7 @@ def docker_envoy_config(descriptors_root: Path | None = None) -> str:
         listen=(CONTAINER_ANY, 8080),
         admin=(CONTAINER_ANY, 9901),
         backends=[DOCKER_BACKEND],
+        token_buckets=default_token_buckets(),
         descriptors_root=descriptors_root,
     )
     header = (
@@ -225,7 +306,8 @@ def docker_envoy_config(descriptors_root: Path | None = None) -> str:
         "# (referral_grpc/devstack/envoy_config.py): do not edit.\n"
         "# docker-compose variant: listener and admin on 0.0.0.0 inside the container (compose publishes\n"
         "# the admin port on the host's loopback only), backend `server:50051` (every replica). Files are\n"
-        "# relative to /etc/envoy, the container's working directory.\n"
+        "# relative to /etc/envoy, the container's working directory. Rate limits are the RATE_LIMIT_*\n"
+        "# defaults; no CORS origin is allowed (CORS_ALLOWED_ORIGINS is empty in production).\n"
     )
     return dump_envoy_config(config, header)
 
@@ -243,10 +325,14 @@ def server_addresses(settings: Settings) -> list[Address]:
 
 
 def local_envoy_config(settings: Settings, backends: Sequence[Address]) -> dict[str, Any]:
-    """`make run`'s config: ENVOY_PORT and ENVOY_ADMIN_PORT on loopback, in front of `backends`."""
+    """`make run`'s config: ENVOY_PORT and ENVOY_ADMIN_PORT on loopback, in front of `backends`, with
+    the RATE_LIMITS / RATE_LIMIT_* limits and the CORS_ALLOWED_ORIGINS origins."""
     return render_envoy_config(
         listen=("127.0.0.1", settings.envoy_port),
         admin=("127.0.0.1", settings.envoy_admin_port),
         backends=backends,
         files_root=gateway_dir().parent,
+        rate_limits=settings.rate_limits,
+        token_buckets=token_buckets(settings) if settings.rate_limits else None,
+        cors_origins=settings.cors_origins,
     )

@@ -58,6 +58,20 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CURRENCY_INVALID: _ClassVar[ErrorReason]
     AMOUNT_INVALID: _ClassVar[ErrorReason]
     OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
+    MALFORMED_JSON: _ClassVar[ErrorReason]
+    INVALID_QUERY_PARAMETER: _ClassVar[ErrorReason]
+    MALFORMED_REQUEST: _ClassVar[ErrorReason]
+    QUERY_PARAMETERS_NOT_ALLOWED: _ClassVar[ErrorReason]
+    UNSUPPORTED_MEDIA_TYPE: _ClassVar[ErrorReason]
+    GRPC_REQUIRES_HTTP2: _ClassVar[ErrorReason]
+    UNKNOWN_PATH: _ClassVar[ErrorReason]
+    METHOD_NOT_ALLOWED: _ClassVar[ErrorReason]
+    PAYLOAD_TOO_LARGE: _ClassVar[ErrorReason]
+    HEADERS_TOO_LARGE: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
+    BACKEND_UNAVAILABLE: _ClassVar[ErrorReason]
+    BACKEND_TIMEOUT: _ClassVar[ErrorReason]
+    GATEWAY_ERROR: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -110,3 +124,17 @@ IDEMPOTENCY_KEY_IN_USE: ErrorReason
 CURRENCY_INVALID: ErrorReason
 AMOUNT_INVALID: ErrorReason
 OCCURRED_AT_IN_FUTURE: ErrorReason
+MALFORMED_JSON: ErrorReason
+INVALID_QUERY_PARAMETER: ErrorReason
+MALFORMED_REQUEST: ErrorReason
+QUERY_PARAMETERS_NOT_ALLOWED: ErrorReason
+UNSUPPORTED_MEDIA_TYPE: ErrorReason
+GRPC_REQUIRES_HTTP2: ErrorReason
+UNKNOWN_PATH: ErrorReason
+METHOD_NOT_ALLOWED: ErrorReason
+PAYLOAD_TOO_LARGE: ErrorReason
+HEADERS_TOO_LARGE: ErrorReason
+RATE_LIMITED: ErrorReason
+BACKEND_UNAVAILABLE: ErrorReason
+BACKEND_TIMEOUT: ErrorReason
+GATEWAY_ERROR: ErrorReason

@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from ..request_context import request_id
+from ..request_context import request_id, trace_id
 from ..settings import Settings
 
 REDACTED = "[redacted]"
@@ -36,7 +36,12 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
 )
 _EMAIL = re.compile(r"\b([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*(@|%40)((?:[A-Za-z0-9\-]+\.)+[A-Za-z]{2,})\b")
-_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "trace_id",
+}
 
 
 def redact(text: str) -> str:
@@ -63,6 +68,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.trace_id = trace_id.get()
         record.msg = redact(record.getMessage())
         record.args = None
         if record.exc_info and not record.exc_text:
@@ -89,6 +95,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        trace = getattr(record, "trace_id", None)
+        if trace:
+            entry["trace_id"] = trace
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in entry:
                 entry[key] = value if isinstance(value, int | float | bool | None) else str(value)

@@ -65,6 +65,7 @@ def running_envoy(
     concurrency: int = 1,
     rate_limits: bool = False,
     token_buckets: Mapping[str, TokenBucket] | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Iterator[Envoy]:
     """Envoy from gateway/envoy.yaml in front of `backends`; listener and admin on free ports.
 
@@ -81,6 +82,7 @@ def running_envoy(
         files_root=PROJECT_ROOT,
         rate_limits=rate_limits,
         token_buckets=token_buckets,
+        cors_origins=cors_origins,
     )
     with (workdir / "envoy.log").open("a") as output:
         envoy = Envoy(config, workdir, output=output, concurrency=concurrency)

@@ -155,6 +155,57 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The event's occurred_at is further in the future than clock skew
     explains.
     """
+    MALFORMED_JSON: _ErrorReason.ValueType  # 60
+    """Reasons the gateway (Envoy) sends for errors it makes itself, before a
+    request reaches the service; the same google.rpc.Status JSON shape.
+    Numbered from 60, apart from the service's own.
+
+    The gateway could not read the request body as JSON of the call's request
+    message (a syntax error, or a value of the wrong type).
+    """
+    INVALID_QUERY_PARAMETER: _ErrorReason.ValueType  # 61
+    """A query parameter has a value of the wrong type (for example a page size
+    that is not a number).
+    """
+    MALFORMED_REQUEST: _ErrorReason.ValueType  # 62
+    """The gateway could not parse the HTTP request."""
+    QUERY_PARAMETERS_NOT_ALLOWED: _ErrorReason.ValueType  # 63
+    """A call that takes a JSON body was sent a query string too: its fields
+    (credentials and tokens among them) belong in the body only.
+    """
+    UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 64
+    """The request body is not JSON (HTTP 415): text/plain, form and multipart
+    bodies are refused, as a cross-site form could send them.
+    """
+    GRPC_REQUIRES_HTTP2: _ErrorReason.ValueType  # 65
+    """A native gRPC request (application/grpc) came over HTTP/1.x; gRPC needs
+    HTTP/2 (browsers use gRPC-Web).
+    """
+    UNKNOWN_PATH: _ErrorReason.ValueType  # 66
+    """No REST path or RPC matches the request."""
+    METHOD_NOT_ALLOWED: _ErrorReason.ValueType  # 67
+    """The path exists but not with this HTTP method (HTTP 405, with Allow)."""
+    PAYLOAD_TOO_LARGE: _ErrorReason.ValueType  # 68
+    """The request body is larger than the gateway accepts (64 KiB; HTTP 413)."""
+    HEADERS_TOO_LARGE: _ErrorReason.ValueType  # 69
+    """The URL and headers of the request are larger than the gateway accepts
+    (8 KiB; HTTP 431).
+    """
+    RATE_LIMITED: _ErrorReason.ValueType  # 70
+    """Too many requests from this client address to this group of public calls
+    (the gateway's per-client rate limit); retry after the delay in RetryInfo
+    and the Retry-After header.
+    """
+    BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 71
+    """No server process is available behind the gateway (HTTP 503; /readyz
+    fails too); retrying shortly is safe.
+    """
+    BACKEND_TIMEOUT: _ErrorReason.ValueType  # 72
+    """The server did not answer the gateway in time (HTTP 504); the call may or
+    may not have taken effect.
+    """
+    GATEWAY_ERROR: _ErrorReason.ValueType  # 73
+    """The gateway failed in a way no other reason describes."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -298,4 +349,55 @@ OCCURRED_AT_IN_FUTURE: ErrorReason.ValueType  # 49
 """The event's occurred_at is further in the future than clock skew
 explains.
 """
+MALFORMED_JSON: ErrorReason.ValueType  # 60
+"""Reasons the gateway (Envoy) sends for errors it makes itself, before a
+request reaches the service; the same google.rpc.Status JSON shape.
+Numbered from 60, apart from the service's own.
+
+The gateway could not read the request body as JSON of the call's request
+message (a syntax error, or a value of the wrong type).
+"""
+INVALID_QUERY_PARAMETER: ErrorReason.ValueType  # 61
+"""A query parameter has a value of the wrong type (for example a page size
+that is not a number).
+"""
+MALFORMED_REQUEST: ErrorReason.ValueType  # 62
+"""The gateway could not parse the HTTP request."""
+QUERY_PARAMETERS_NOT_ALLOWED: ErrorReason.ValueType  # 63
+"""A call that takes a JSON body was sent a query string too: its fields
+(credentials and tokens among them) belong in the body only.
+"""
+UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 64
+"""The request body is not JSON (HTTP 415): text/plain, form and multipart
+bodies are refused, as a cross-site form could send them.
+"""
+GRPC_REQUIRES_HTTP2: ErrorReason.ValueType  # 65
+"""A native gRPC request (application/grpc) came over HTTP/1.x; gRPC needs
+HTTP/2 (browsers use gRPC-Web).
+"""
+UNKNOWN_PATH: ErrorReason.ValueType  # 66
+"""No REST path or RPC matches the request."""
+METHOD_NOT_ALLOWED: ErrorReason.ValueType  # 67
+"""The path exists but not with this HTTP method (HTTP 405, with Allow)."""
+PAYLOAD_TOO_LARGE: ErrorReason.ValueType  # 68
+"""The request body is larger than the gateway accepts (64 KiB; HTTP 413)."""
+HEADERS_TOO_LARGE: ErrorReason.ValueType  # 69
+"""The URL and headers of the request are larger than the gateway accepts
+(8 KiB; HTTP 431).
+"""
+RATE_LIMITED: ErrorReason.ValueType  # 70
+"""Too many requests from this client address to this group of public calls
+(the gateway's per-client rate limit); retry after the delay in RetryInfo
+and the Retry-After header.
+"""
+BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 71
+"""No server process is available behind the gateway (HTTP 503; /readyz
+fails too); retrying shortly is safe.
+"""
+BACKEND_TIMEOUT: ErrorReason.ValueType  # 72
+"""The server did not answer the gateway in time (HTTP 504); the call may or
+may not have taken effect.
+"""
+GATEWAY_ERROR: ErrorReason.ValueType  # 73
+"""The gateway failed in a way no other reason describes."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
