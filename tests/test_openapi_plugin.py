@@ -16,10 +16,12 @@ import pytest
 from google.api import annotations_pb2
 from openapi_spec_validator import validate
 
-from referral_grpc.api.policy import public_methods
+from referral_grpc.api import idempotency
+from referral_grpc.api.policy import policy_for, public_methods
+from referral_grpc.domain import rewards
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
-from referral_grpc.gen import auth_service_pb2, referral_service_pb2
+from referral_grpc.gen import auth_service_pb2, referral_service_pb2, reward_service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "gateway" / "openapi" / "run-plugin"
@@ -70,7 +72,7 @@ def document(generated: tuple[dict[str, Any], Path]) -> dict[str, Any]:
 def http_rules() -> dict[tuple[str, str], str]:
     """(verb, path) -> full method name, read from the compiled descriptors (independently of the plugin)."""
     rules = {}
-    for module in (auth_service_pb2, referral_service_pb2):
+    for module in (auth_service_pb2, referral_service_pb2, reward_service_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 rule = method.GetOptions().Extensions[annotations_pb2.http]
@@ -97,7 +99,7 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
     rules = http_rules()
     assert documented == set(rules)
-    assert len(rules) == 11
+    assert len(rules) == 16
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(set(operation_ids)) == len(operation_ids)
     assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
@@ -183,7 +185,7 @@ def test_errors_are_google_rpc_status(document: dict[str, Any]) -> None:
     assert schema_of(document, "Any")["required"] == ["@type"]
 
 
-def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]) -> None:
+def test_each_route_names_the_credentials_the_server_accepts(document: dict[str, Any]) -> None:
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
@@ -195,9 +197,22 @@ def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]
     rules = http_rules()
     for path, item in document["paths"].items():
         for verb, operation in item.items():
-            public = rules[(verb, path)] in server_public
-            assert operation.get("security") == (None if public else [{"bearerAuth": []}]), (verb, path)
+            service, method = rules[(verb, path)].rsplit(".", 1)
+            policy = policy_for(f"/{service}/{method}")
+            expected: list[dict[str, list[str]]] | None = [{"bearerAuth": []}]
+            if rules[(verb, path)] in server_public:
+                expected = None
+            elif policy.takes_api_key:
+                expected = [{"apiKeyAuth": sorted(policy.api_key_scopes)}]
+                if policy.user_token_allowed:
+                    expected.append({"bearerAuth": []})
+            assert operation.get("security") == expected, (verb, path)
+            idempotency = [p for p in operation.get("parameters", []) if p["name"] == "Idempotency-Key"]
+            assert [p["required"] for p in idempotency] == (
+                [policy.idempotency == "required"] if policy.idempotency else []
+            ), (verb, path)
     assert len(server_public) == 6
+    assert document["components"]["securitySchemes"]["apiKeyAuth"]["name"] == "x-api-key"
 
 
 def test_descriptions_come_from_proto_comments(document: dict[str, Any]) -> None:
@@ -230,7 +245,8 @@ def request_fields(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_request_string_and_integer_states_its_limits(document: dict[str, Any]) -> None:
     """The convention is the only source of the limits: a field without one in its comment fails here."""
     for name, schema in request_fields(document).items():
-        if schema["type"] == "string" and schema.get("format") != "date-time":
+        # int64 is a JSON string of digits (proto3 JSON): its pattern is its limit.
+        if schema["type"] == "string" and schema.get("format") not in ("date-time", "int64"):
             assert "maxLength" in schema, f'{name}: its proto comment must say "at most N characters"'
         if schema["type"] == "integer":
             assert "minimum" in schema, f'{name}: its proto comment must say "N or more"'
@@ -238,6 +254,8 @@ def test_every_request_string_and_integer_states_its_limits(document: dict[str, 
 
 NO_NUL = "^[^\\u0000]*$"
 NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+INT64 = {"format": "int64", "pattern": "^-?[0-9]+$"}
+IDEMPOTENCY_KEY = {"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH}
 LIMIT_KEYWORDS = {"minLength", "maxLength", "pattern", "format", "minimum", "maximum"}
 
 
@@ -270,6 +288,28 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         "ReferralService_GetReferralCodeByEmail.email": email,
         "ReferralService_ListReferrals.page_size": {"format": "int32", "minimum": 0},
         "ReferralService_ListReferrals.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "RewardService_RecordEvent.event_id": {
+            "minLength": 1,
+            "maxLength": rewards.MAX_EVENT_ID_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "RewardService_RecordEvent.user_id": INT64,
+        "RewardService_RecordEvent.email": {"maxLength": limits.MAX_EMAIL_LENGTH, "format": "idn-email"},
+        "RewardService_RecordEvent.type": {"minLength": 1, "maxLength": 64},
+        "RewardService_RecordEvent.amount_minor": INT64,
+        "RewardService_RecordEvent.currency": {"minLength": 1, "maxLength": 3},
+        "RewardService_RecordEvent.occurred_at": {"format": "date-time"},
+        "RewardService_RecordEvent.refunds_event_id": {"maxLength": rewards.MAX_EVENT_ID_LENGTH},
+        "RewardService_GetBalance.user_id": INT64,
+        "RewardService_ListLedgerEntries.page_size": {"format": "int32", "minimum": 0},
+        "RewardService_ListLedgerEntries.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "RewardService_ListLedgerEntries.user_id": INT64,
+        "RewardService_RedeemRewards.user_id": INT64,
+        "RewardService_RedeemRewards.amount_minor": INT64,
+        "RewardService_RedeemRewards.currency": {"minLength": 1, "maxLength": 3},
+        "AuthService_Register.Idempotency-Key": IDEMPOTENCY_KEY,
+        "ReferralService_CreateReferralCode.Idempotency-Key": IDEMPOTENCY_KEY,
+        "RewardService_RedeemRewards.Idempotency-Key": IDEMPOTENCY_KEY,
     }
     fields = request_fields(document)
     assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"
