@@ -146,6 +146,18 @@ include-operation-id = "AuthService_ResetPassword"
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
+include-operation-id = [
+    "RewardService_RecordEvent",
+    "RewardService_GetBalance",
+    "RewardService_ListLedgerEntries",
+    "RewardService_RedeemRewards",
+]
+# 400 for int64 strings past the 64-bit range (the transcoder refuses them; a pattern cannot bound digits
+# by value), for a page token the server did not sign, and for a `user_id` sent with the run's access
+# token (user_id is for API keys: a user reads only their own ledger).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
 include-operation-id = ["AuthService_RefreshToken", "AuthService_Logout"]
 # Tokens are ASCII (URL-safe base64). The server also refuses format, private-use and unassigned
 # characters in them (400), which the document's pattern cannot list (see protoc-gen-openapi): ASCII

@@ -161,6 +161,19 @@ def assert_tokens(tokens: dict[str, Any], user_id: str | None = None) -> None:
     assert len(tokens["refresh_token"]) >= 32
 
 
+def cli(database: str, *args: str) -> str:
+    """`referral-grpc ARGS` on the test database; its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "referral_grpc", *args],
+        env=server_env(DATABASE_URL=database, JWT_SECRET=TEST_JWT_SECRET),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
 def reset_token(database: str, email: str) -> str:
     with psycopg2.connect(database) as conn, conn.cursor() as cur:
         cur.execute(
@@ -206,7 +219,9 @@ def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
     listing = rest.ok("GET", "/referral/referrals", token=token)
     assert listing["next_page_token"] == ""
     [referral] = listing["referrals"]
-    assert set(referral) == {"user_id", "email", "registered_at"}
+    # qualified_at is a message field: absent until the referral qualifies.
+    assert set(referral) == {"user_id", "email", "registered_at", "state"}
+    assert referral["state"] == "PENDING"
     assert referral["user_id"] == friend["user_id"]
     assert referral["email"] == bob
     assert abs(parse_time(referral["registered_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
@@ -510,8 +525,37 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, database: 
          lambda: {"json": {"token": reset_token(database, owner_email), "new_password": PASSWORD}}, None),
         ("AuthService_Logout", lambda: {"json": {"refresh_token": state["friend"]["refresh_token"]},
                                         "token": state["friend"]["access_token"]}, None),
+        ("RewardService_RecordEvent", lambda: {"headers": key, "json": {
+            "event_id": f"spec-{friend_email}", "user_id": state["newcomer"]["user_id"],
+            "type": "purchase", "amount_minor": "1000", "currency": "USD"}}, None),
+        ("RewardService_GetBalance", lambda: {"headers": key, "params": {"user_id": referrer["user_id"]}},
+         None),
+        ("RewardService_ListLedgerEntries", lambda: {"token": referrer["access_token"]}, None),
+        ("RewardService_RedeemRewards", lambda: {"headers": {**key, "Idempotency-Key": friend_email},
+            "json": {"user_id": referrer["user_id"], "amount_minor": "100", "currency": "USD"}}, None),
+        ("ReferralService_GetReferralStats", lambda: {"token": referrer["access_token"]}, None),
     ]  # fmt: skip
     state["friend"] = rest.register(friend_email)
+    # A backend's key, a program paying at once, and a referral for the rewards operations.
+    key = {
+        "x-api-key": cli(
+            database,
+            "apikey",
+            "create",
+            "--name",
+            f"spec-{friend_email}",
+            "--scope",
+            "events:write",
+            "--scope",
+            "rewards:read",
+            "--scope",
+            "rewards:redeem",
+        ).splitlines()[-1]
+    }
+    cli(database, "program", "set", "--currency", "USD", "--referrer-reward-minor", "500", "--hold-days", "0")
+    referrer = rest.register(new_email("spec-referrer"))
+    code = rest.ok("POST", "/referral/code", token=referrer["access_token"], json={"expires_at": in_days(3)})
+    state["newcomer"] = rest.register(new_email("spec-newcomer"), code=code["code"])
     operations = _operations()
     assert {name for name, _, _ in steps} == set(operations), "every documented operation is exercised"
 
