@@ -337,6 +337,17 @@ def test_service_errors_are_status_json_with_details(rest: Rest) -> None:
 LARGE_BODY = json.dumps({"email": "a@example.com", "password": "x" * 70_000})
 
 
+def test_header_names_grpc_cannot_carry_are_dropped_not_a_500(rest: Rest) -> None:
+    """HTTP allows "!" in a header name, gRPC metadata does not: without the gateway's filter the
+    server's gRPC core refused the whole call (INTERNAL, 500)."""
+    tokens = rest.register(new_email("odd-header"))
+    headers = {"x!odd": "1", "Weird.Name~": "2"}
+    listed = rest.call("GET", "/referral/referrals", token=tokens["access_token"], headers=headers)
+    assert listed.status_code == 200, listed.text
+    anonymous = rest.call("GET", "/rewards/balance", headers=headers)
+    assert (anonymous.status_code, anonymous.json()["message"]) == (401, "missing or invalid access token")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "http_status", "grpc_code"),
     [
