@@ -426,7 +426,7 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
                 "type": "purchase",
                 "amount_minor": "4900",
                 "currency": "USD",
-            }  # fmt: skip
+            }
         )
 
     # Every other request a retry of the previous one: a first (qualifying) event, then its duplicate.

@@ -27,7 +27,7 @@ from referral_grpc.devstack.stack import (
     validate_config_file,
 )
 from referral_grpc.gen import auth_service_pb2 as auth_pb
-from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc, reward_service_pb2
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 
 PASSWORD = "correct horse battery"
@@ -36,17 +36,18 @@ DEFAULT_LIMITS = {
     "public-auth": TokenBucket(burst=10, per_fill=1, fill_interval=3.0),  # 20 per minute
     "password-reset": TokenBucket(burst=5, per_fill=1, fill_interval=6.0),  # 10 per minute
     "code-lookup": TokenBucket(burst=100, per_fill=1, fill_interval=0.1),  # 600 per minute
+    "rewards": TokenBucket(burst=200, per_fill=10, fill_interval=0.1),  # 100 per second
 }
 # Small enough to exhaust in a few calls, slow enough that no token comes back during a test.
 TEST_LIMITS = {name: TokenBucket(burst=3, per_fill=3, fill_interval=60.0) for name in DEFAULT_LIMITS}
-OUR_SERVICES = ("/referral.v1.AuthService/", "/referral.v1.ReferralService/")
+OUR_SERVICES = ("/referral.v1.AuthService/", "/referral.v1.ReferralService/", "/referral.v1.RewardService/")
 
 
 def our_methods() -> list[str]:
     """The gRPC path of every RPC of our services, new ones included."""
     return [
         f"/{service.full_name}/{method.name}"
-        for module in (auth_pb, ref_pb)
+        for module in (auth_pb, ref_pb, reward_service_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]
@@ -72,9 +73,11 @@ def _route_for(config: dict[str, Any], grpc_path: str) -> dict[str, Any]:
 # --- the config ----------------------------------------------------------------------------------
 
 
-def test_exactly_the_public_rpcs_are_limited_per_client() -> None:
+def test_exactly_the_public_rpcs_and_the_backends_rpcs_are_limited_per_client() -> None:
     config = load_envoy_config()
+    # Public RPCs, and RewardService: a guard against a runaway backend (its keys are not users).
     public = {path for path in public_methods() if path.startswith(OUR_SERVICES)}
+    public |= {path for path in our_methods() if path.startswith("/referral.v1.RewardService/")}
     methods = our_methods()
     assert public and public <= set(methods)
     for path in methods:
@@ -230,8 +233,9 @@ def some_email() -> str:
             lambda: {"token": "x" * 43, "new_password": PASSWORD},
         ),
         ("127.0.0.6", "GET", "/referral/code/by-email", lambda: None),
+        ("127.0.0.8", "POST", "/events", lambda: {"event_id": "x"}),
     ],
-    ids=["reset-request", "reset-confirm", "code-lookup"],
+    ids=["reset-request", "reset-confirm", "code-lookup", "rewards"],
 )
 def test_every_public_route_family_is_limited(
     envoy: Envoy, source: str, method: str, path: str, body: Callable[[], dict[str, str] | None]
