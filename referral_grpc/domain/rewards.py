@@ -31,7 +31,6 @@ from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
 REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
 REDEMPTION = "redemption"
-ADJUSTMENT = "adjustment"
 PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
 REFERRER, REFEREE = "referrer", "referee"
 MAX_EVENT_ID_LENGTH = 128
