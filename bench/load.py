@@ -79,11 +79,12 @@ def static_script(method: str = "GET", body: str = "", headers: dict[str, str] |
     return "\n".join(lines) + "\n" + _DONE
 
 
-def write_request_lines(path: Path, rows: Iterable[tuple[str, str, str]]) -> Path:
-    """One request per line for cycle_script: path, bearer token (or ""), JSON body (or "")."""
+def write_request_lines(path: Path, rows: Iterable[tuple[str, ...]]) -> Path:
+    """One request per line for cycle_script: path, bearer token (or ""), JSON body (or ""), and optionally
+    more headers as "name=value;name=value"."""
     with path.open("w") as out:
-        for request_path, token, body in rows:
-            out.write(f"{request_path}\t{token}\t{body}\n")
+        for request_path, token, body, *headers in rows:
+            out.write(f"{request_path}\t{token}\t{body}\t{''.join(headers)}\n")
     return path
 
 
@@ -102,8 +103,9 @@ function init(args)
   local k = 0
   for line in io.lines(lines_file) do
     if k % nthreads == tid then
-      local path, token, body = line:match("^([^\\t]*)\\t([^\\t]*)\\t(.*)$")
+      local path, token, body, more = line:match("^([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t(.*)$")
       local headers = {{}}
+      for name, value in more:gmatch("([^=;]+)=([^;]*)") do headers[name] = value end
       if token ~= "" then headers["authorization"] = "Bearer " .. token end
       if body == "" then body = nil else headers["content-type"] = "application/json" end
       n = n + 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
+import psycopg2
 import redis
 from grpc_health.v1 import health_pb2
 
@@ -353,8 +354,94 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
     )
     ctx.add(f"CreateReferralCode, {len(user_tokens)} users rotating", "REST", conns, create, "REST")
 
-    # 6. Login vs the bcrypt ceiling, and lookup latency while logins saturate the CPU.
+    # 6. Rewards: RecordEvent with an API key, RedeemRewards.
+    _rewards(ctx, seconds, conns)
+
+    # 7. Login vs the bcrypt ceiling, and lookup latency while logins saturate the CPU.
     _logins(ctx, seconds)
+
+
+# Enough distinct newcomers that a run never wraps around to its first line.
+REWARD_EVENTS = 200_000
+
+
+def _cli(ctx: Context, *args: str) -> str:
+    """`python -m referral_grpc ARGS` on the bench database: what an operator would run."""
+    result = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-m", "referral_grpc", *args],
+        env=ctx.env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout
+
+
+def _rewards(ctx: Context, seconds: float, conns: int) -> None:
+    key = _cli(
+        ctx, "apikey", "create", "--name", "bench", "--scope", "events:write", "--scope", "rewards:redeem"
+    ).splitlines()[-1]
+    # Paid at once (no hold), so that the redemptions below have money to spend.
+    # The seeded users signed up over the past years: a window as long as the rules allow.
+    _cli(ctx, "program", "set", "--currency", "USD", "--referrer-reward-minor", "500",
+         "--referee-reward-minor", "100", "--hold-days", "0", "--attribution-days", "3650")  # fmt: skip
+    with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM users WHERE referrer_id IS NOT NULL ORDER BY id LIMIT %s", (REWARD_EVENTS // 2,)
+        )
+        newcomers = [row[0] for row in cursor.fetchall()]
+    headers = f"x-api-key={key}"
+
+    def purchase(n: int) -> str:
+        return json.dumps(
+            {
+                "event_id": f"bench-order-{n}",
+                "user_id": str(newcomers[n]),
+                "type": "purchase",
+                "amount_minor": "4900",
+                "currency": "USD",
+            }
+        )
+
+    # Every other request a retry of the previous one: a first (qualifying) event, then its duplicate.
+    rows = [("/events", "", purchase(n // 2), headers) for n in range(2 * len(newcomers))]
+    lines = load.write_request_lines(ctx.workdir / "events.tsv", rows)
+    events = load.run_wrk(
+        ctx.url,
+        load.cycle_script("POST", lines, 1),
+        connections=conns,
+        seconds=seconds,
+        path_prefix="/events",
+    )
+    ctx.add("RecordEvent, qualifying + duplicate 1:1, API key", "REST", conns, events, "REST")
+
+    # Each rewarded newcomer spends 1 cent at a time, every call with its own Idempotency-Key.
+    with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT user_id FROM ledger_entries WHERE kind = 'referee_reward' ORDER BY id")
+        paid = [row[0] for row in cursor.fetchall()]
+    if not paid:
+        raise RuntimeError("RecordEvent credited nobody: nothing to redeem")
+    rounds = max(1, REWARD_EVENTS // len(paid))
+    redeem_rows = (
+        (
+            "/rewards/redeem",
+            "",
+            json.dumps({"user_id": str(user), "amount_minor": "1", "currency": "USD"}),
+            f"{headers};idempotency-key=bench-{r}-{user}",
+        )
+        for r in range(min(rounds, 100))
+        for user in paid
+    )
+    lines = load.write_request_lines(ctx.workdir / "redeem.tsv", redeem_rows)
+    redeem = load.run_wrk(
+        ctx.url,
+        load.cycle_script("POST", lines, 1),
+        connections=conns,
+        seconds=seconds,
+        path_prefix="/rewards/redeem",
+    )
+    ctx.add(f"RedeemRewards, {len(paid):,} users, Idempotency-Key each", "REST", conns, redeem, "REST")
 
 
 def _cold_note(result: LoadResult, filled: int) -> str:

@@ -111,9 +111,21 @@ local function is_json(content_type)
   return media == "application/json" or (media ~= nil and media:match("^application/[%w.-]+%+json$") ~= nil)
 end
 
+-- gRPC metadata keys are [0-9a-z_.-] only: a REST header named otherwise (legal in HTTP, e.g.
+-- "x!y") would make the server's gRPC core refuse the whole call with INTERNAL (500). Such headers
+-- mean nothing to the API, so they are dropped before the call is made.
+local function drop_headers_grpc_cannot_carry(headers)
+  local dropped = {}
+  for key, _ in pairs(headers) do
+    if not key:match("^:?[0-9a-z_.%-]+$") then dropped[#dropped + 1] = key end
+  end
+  for _, key in ipairs(dropped) do headers:remove(key) end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove(REPLY_MARKER)
+  drop_headers_grpc_cannot_carry(headers)
   if not valid_request_id(headers:get("x-request-id")) then
     headers:replace("x-request-id", new_request_id())
   end

@@ -139,7 +139,7 @@ class RewardsMachine(RuleBasedStateMachine):
 
     @rule(target=people, referrer=people)
     def register_with_code(self, referrer: Member) -> Member:
-        # Codes live 30 days (rewards_helpers.code_of): a fresh one once the last is close to expiry.
+        # Codes live 30 days (support.rewards.code_of): a fresh one once the last is close to expiry.
         if not referrer.code or self._now() - referrer.code_issued_at > timedelta(days=29):
             referrer.code = self.rw.code_of(self._token(referrer))
             referrer.code_issued_at = self._now()

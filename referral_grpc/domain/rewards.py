@@ -31,7 +31,6 @@ from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
 REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
 REDEMPTION = "redemption"
-ADJUSTMENT = "adjustment"
 PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
 REFERRER, REFEREE = "referrer", "referee"
 MAX_EVENT_ID_LENGTH = 128
@@ -195,6 +194,11 @@ class RewardService:
         user = self._user(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
+        # A shortcut for retries, not what makes them safe: a read, so a duplicate costs no commit.
+        # Concurrent first sends all miss here, and the unique event_id decides between them below.
+        seen = RewardEvent.get_or_none(RewardEvent.event_id == e.event_id)
+        if seen is not None:
+            return self._duplicate(seen, content_hash)
         outbox_ids: list[int] = []
         with write_transaction(self._db):
             row = self._insert_event(e, user, occurred_at, content_hash, now)
