@@ -179,7 +179,8 @@ checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
 include-operation-id = "RewardService_RecordEvent"
-parameters = {{ "body.user_id" = {{ dictionary = "user_id", probability = 0.3 }}, "body.currency" = {{ dictionary = "currency", probability = 0.5 }} }}
+parameters."body.user_id" = {{ dictionary = "user_id", probability = 0.3 }}
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
 # 400 for rules across fields or beyond the schema: exactly one of user_id and email, refunds_event_id
 # only with type "refund", a currency code that is not in ISO 4217, a type outside its character set
 # (lower-case letters, digits, _ . -), an amount above 10^15, occurred_at more than 5 minutes ahead.
@@ -195,7 +196,8 @@ checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
 include-operation-id = "RewardService_RedeemRewards"
-parameters = {{ "body.user_id" = {{ dictionary = "user_id", probability = 0.5 }}, "body.currency" = {{ dictionary = "currency", probability = 0.5 }} }}
+parameters."body.user_id" = {{ dictionary = "user_id", probability = 0.5 }}
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
 # 400 for an amount above the available balance (INSUFFICIENT_BALANCE: state, not schema) and for a
 # currency code that is not in ISO 4217.
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}

@@ -556,8 +556,8 @@ def test_every_documented_operation_answers_as_documented(
         ("ReferralService_CreateReferralCode", lambda: {"token": token(), "json": {"expires_at": in_days(3)}},
          keep_code),
         ("RewardService_RecordEvent", lambda: as_backend(json={
-            "event_id": f"spec-{uuid.uuid4().hex}", "user_id": state["newcomer"]["user_id"], "type": "purchase",
-            "amount_minor": "1999", "currency": "USD", "occurred_at": in_days(0)}), None),
+            "event_id": f"spec-{uuid.uuid4().hex}", "user_id": state["newcomer"]["user_id"],
+            "type": "purchase", "amount_minor": "1999", "currency": "USD", "occurred_at": in_days(0)}), None),
         ("RewardService_GetBalance", lambda: {"token": token()}, None),
         ("RewardService_ListLedgerEntries",
          lambda: as_backend(params={"user_id": state["owner"]["user_id"], "page_size": 10}), None),
