@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 from support import TEST_JWT_SECRET
-from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
+from support.envoy import (
+    Envoy,
+    create_api_key,
+    migrate,
+    running_envoy,
+    running_server,
+    server_env,
+    set_program,
+)
 
 from referral_grpc.devstack.locations import PROJECT_ROOT
 
@@ -28,9 +36,21 @@ MAX_EXAMPLES = "100"
 
 
 @pytest.fixture(scope="module")
-def envoy(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
-    env = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
-    migrate(env)
+def env(module_pg_url: str) -> dict[str, str]:
+    values = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(values)
+    # A program that pays at once, and generously enough that generated redemptions can succeed.
+    set_program(values, "--currency=USD", f"--referrer-reward-minor={10**12}", "--hold-days=0")
+    return values
+
+
+@pytest.fixture(scope="module")
+def api_key(env: dict[str, str]) -> str:
+    return create_api_key(env, "fuzz", "events:write", "rewards:read", "rewards:redeem")
+
+
+@pytest.fixture(scope="module")
+def envoy(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
     workdir = tmp_path_factory.mktemp("fuzz-stack")
     with (
         running_server(env, workdir / "server.log") as (_, address),
@@ -44,16 +64,20 @@ class Known:
     """Real values, so that generated requests also reach the success paths and their response schemas."""
 
     access_token: str
+    api_key: str
     email: str
+    user_id: str
     page_token: str
     expires_at: str
 
 
-def known_values(base: str) -> Known:
-    """A user with an active code and two referrals; a second page of them; a valid expiry."""
+def known_values(base: str, api_key: str) -> Known:
+    """A user with an active code and two referrals, one of which earned them an available reward; a
+    second page of referrals; a valid expiry."""
 
-    def post(path: str, body: dict[str, str], token: str = "") -> dict[str, str]:
+    def post(path: str, body: dict[str, str], token: str = "", key: str = "") -> dict[str, str]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers |= {"x-api-key": key} if key else {}
         response = requests.post(base + path, json=body, headers=headers, timeout=15)
         assert response.status_code == 200, response.text
         answer: dict[str, str] = response.json()
@@ -66,6 +90,8 @@ def known_values(base: str) -> Known:
     for _ in range(2):
         friend = f"fuzz-friend-{uuid.uuid4().hex[:10]}@example.com"
         post("/auth/register", {"email": friend, "password": PASSWORD, "referral_code": code})
+    purchase = {"event_id": uuid.uuid4().hex, "email": friend, "type": "purchase", "currency": "USD"}
+    assert post("/events", purchase, key=api_key)["rewards"]
     page = requests.get(
         base + "/referral/referrals",
         params={"page_size": 1},
@@ -76,7 +102,9 @@ def known_values(base: str) -> Known:
     in_7_days = (datetime.now(UTC) + timedelta(days=7)).replace(microsecond=0)
     return Known(
         access_token=tokens["access_token"],
+        api_key=api_key,
         email=email,
+        user_id=tokens["user_id"],
         page_token=page["next_page_token"],
         expires_at=in_7_days.isoformat().replace("+00:00", "Z"),
     )
@@ -96,6 +124,8 @@ unexpected-methods = ["GET", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE
 owner_email = {{ values = [{email}] }}
 page_token = {{ values = [{page_token}] }}
 expires_at = {{ values = [{expires_at}] }}
+user_id = {{ values = [{user_id}] }}
+currency = {{ values = ["USD"] }}
 
 [[operations]]
 include-operation-id = "AuthService_Register"
@@ -148,6 +178,31 @@ include-operation-id = "AuthService_VerifyEmail"
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
+include-operation-id = "RewardService_RecordEvent"
+parameters."body.user_id" = {{ dictionary = "user_id", probability = 0.3 }}
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
+# 400 for rules across fields or beyond the schema: exactly one of user_id and email, refunds_event_id
+# only with type "refund", a currency code that is not in ISO 4217, a type outside its character set
+# (lower-case letters, digits, _ . -), an amount above 10^15, occurred_at more than 5 minutes ahead.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = ["RewardService_GetBalance", "RewardService_ListLedgerEntries"]
+parameters = {{ "query.user_id" = {{ dictionary = "user_id", probability = 0.5 }} }}
+# 400 without user_id: it is required with an API key (the credential used here) and refused with a
+# user's token, which a schema cannot make depend on the credential; ListLedgerEntries' page token is
+# signed by the server (PAGE_TOKEN_INVALID).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "RewardService_RedeemRewards"
+parameters."body.user_id" = {{ dictionary = "user_id", probability = 0.5 }}
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
+# 400 for an amount above the available balance (INSUFFICIENT_BALANCE: state, not schema) and for a
+# currency code that is not in ISO 4217.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
 include-operation-id = ["AuthService_RefreshToken", "AuthService_Logout"]
 # Tokens are ASCII (URL-safe base64). The server also refuses format, private-use and unassigned
 # characters in them (400), which the document's pattern cannot list (see protoc-gen-openapi): ASCII
@@ -163,6 +218,7 @@ def write_config(path: Path, known: Known) -> Path:
     # JSON strings of ASCII text are valid TOML basic strings.
     path.write_text(
         CONFIG.format(
+            user_id=json.dumps(known.user_id),
             email=json.dumps(known.email),
             page_token=json.dumps(known.page_token),
             expires_at=json.dumps(known.expires_at),
@@ -172,7 +228,9 @@ def write_config(path: Path, known: Known) -> Path:
     return path
 
 
-def schemathesis(base: str, config: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+def schemathesis(base: str, config: Path, known: Known, *args: str) -> subprocess.CompletedProcess[str]:
+    """Both credentials on every request: a user's token, and a backend's key with every rewards scope
+    (operations that take a key judge the call by it; the others ignore it)."""
     return subprocess.run(
         [
             str(SCHEMATHESIS),
@@ -183,7 +241,9 @@ def schemathesis(base: str, config: Path, token: str, *args: str) -> subprocess.
             "--url",
             base,
             "--header",
-            f"Authorization: Bearer {token}",
+            f"Authorization: Bearer {known.access_token}",
+            "--header",
+            f"x-api-key: {known.api_key}",
             "--seed",
             SEED,
             "--max-examples",
@@ -204,16 +264,18 @@ def schemathesis(base: str, config: Path, token: str, *args: str) -> subprocess.
     )
 
 
-def test_schemathesis_all_checks_positive_and_negative_data(envoy: Envoy, tmp_path: Path) -> None:
+def test_schemathesis_all_checks_positive_and_negative_data(
+    envoy: Envoy, api_key: str, tmp_path: Path
+) -> None:
     """Every check, valid and invalid data, every phase that applies: no 5xx, no response that breaks the
     document, no 2xx for input the document rules out, no 4xx for input it allows (but the exceptions
     in CONFIG)."""
-    known = known_values(envoy.url)
+    known = known_values(envoy.url, api_key)
     config = write_config(tmp_path / "schemathesis.toml", known)
     result = schemathesis(
         envoy.url,
         config,
-        known.access_token,
+        known,
         "--checks",
         "all",
         "--mode",
@@ -226,13 +288,13 @@ def test_schemathesis_all_checks_positive_and_negative_data(envoy: Envoy, tmp_pa
     assert summary is not None and int(summary[1]) > 1000, result.stdout[-2000:]
 
 
-def test_undeclared_methods_are_405_with_allow(envoy: Envoy, tmp_path: Path) -> None:
-    known = known_values(envoy.url)
+def test_undeclared_methods_are_405_with_allow(envoy: Envoy, api_key: str, tmp_path: Path) -> None:
+    known = known_values(envoy.url, api_key)
     config = write_config(tmp_path / "schemathesis.toml", known)
     result = schemathesis(
         envoy.url,
         config,
-        known.access_token,
+        known,
         "--checks",
         "unsupported_method,allow_header_conformance",
         "--phases",

@@ -26,7 +26,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
 from support import TEST_JWT_SECRET, make_settings, wait_until
-from support.envoy import Envoy, migrate, running_envoy, running_server, server_env
+from support.envoy import (
+    Envoy,
+    create_api_key,
+    migrate,
+    running_envoy,
+    running_server,
+    server_env,
+    set_program,
+)
 
 from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envoy_config
 from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
@@ -50,6 +58,20 @@ def env(module_pg_url: str) -> dict[str, str]:
     values = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
     migrate(values)
     return values
+
+
+@pytest.fixture(scope="module")
+def api_key(env: dict[str, str]) -> str:
+    """A backend's key with every rewards scope, and a program paying at once (no hold), both set up the
+    way an operator does: with the `referral-grpc` commands against the service's database."""
+    set_program(
+        env,
+        "--currency=USD",
+        "--referrer-reward-minor=500",
+        "--referee-reward-minor=200",
+        "--hold-days=0",
+    )
+    return create_api_key(env, "gateway-tests", "events:write", "rewards:read", "rewards:redeem")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +186,7 @@ def reset_token(database: str, email: str, kind: str = "password_reset") -> str:
 # --- REST happy paths --------------------------------------------------------------------------------
 
 
-def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
+def test_register_login_code_lookup_referral_and_listing(rest: Rest, api_key: str) -> None:
     alice = new_email("alice")
     registered = rest.register(alice)
     assert_tokens(registered)
@@ -193,10 +215,39 @@ def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
     listing = rest.ok("GET", "/referral/referrals", token=token)
     assert listing["next_page_token"] == ""
     [referral] = listing["referrals"]
-    assert set(referral) == {"user_id", "email", "registered_at"}
+    # qualified_at is a message field: printed only once set.
+    assert set(referral) == {"user_id", "email", "registered_at", "state"}
     assert referral["user_id"] == friend["user_id"]
     assert referral["email"] == bob
+    assert referral["state"] == "PENDING"
     assert abs(parse_time(referral["registered_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+
+    # A backend reports bob's first purchase with its API key: the referral qualifies and pays both.
+    purchase = {
+        "event_id": f"order-{uuid.uuid4().hex}",
+        "email": bob.upper(),
+        "type": "purchase",
+        "amount_minor": "4200",
+        "currency": "USD",
+    }
+    recorded = rest.ok("POST", "/events", json=purchase, headers={"x-api-key": api_key})
+    assert (recorded["duplicate"], recorded["referral_state"]) == (False, "QUALIFIED")
+    assert {(e["kind"], e["user_id"], e["amount_minor"]) for e in recorded["rewards"]} == {
+        ("REFERRER_REWARD", registered["user_id"], "500"),
+        ("REFEREE_REWARD", friend["user_id"], "200"),
+    }
+    again = rest.ok("POST", "/events", json=purchase, headers={"x-api-key": api_key})
+    assert again["duplicate"] is True and again["rewards"] == recorded["rewards"]
+    [qualified] = rest.ok("GET", "/referral/referrals", token=token)["referrals"]
+    assert qualified["state"] == "QUALIFIED"
+    assert abs(parse_time(qualified["qualified_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+    assert rest.ok("GET", "/referral/stats", token=token) == {
+        "pending": "0",
+        "qualified": "1",
+        "reversed": "0",
+        "rejected": "0",
+        "earned": [{"currency": "USD", "lifetime_earned_minor": "500"}],
+    }
 
     assert rest.ok("DELETE", "/referral/code", token=token) == {}
     assert_status(rest.call("GET", "/referral/code/by-email", params={"email": alice}), 404, 5)
@@ -540,7 +591,9 @@ def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:
     }
 
 
-def test_every_documented_operation_answers_as_documented(rest: Rest, module_pg_url: str) -> None:
+def test_every_documented_operation_answers_as_documented(
+    rest: Rest, module_pg_url: str, api_key: str
+) -> None:
     """A valid call of each operation in the document: 200 with a body that validates against its schema;
     and a failing call of each: an error status with the documented error schema."""
     owner_email, friend_email = new_email("spec-owner"), new_email("spec-friend")
@@ -552,6 +605,13 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, module_pg_
     def token() -> str:
         return str(state["owner"]["access_token"])
 
+    def keep_code(body: dict[str, Any]) -> None:
+        state["code"] = body
+        state["newcomer"] = rest.register(new_email("spec-newcomer"), code=body["code"])
+
+    def as_backend(**request: Any) -> dict[str, Any]:
+        return request | {"headers": {"x-api-key": api_key, **request.get("headers", {})}}
+
     credentials = {"email": owner_email, "password": PASSWORD}
     steps: list[tuple[str, Callable[[], dict[str, Any]], Callable[[Any], None] | None]] = [
         ("AuthService_Register", lambda: {"json": credentials}, remember("owner")),
@@ -560,7 +620,17 @@ def test_every_documented_operation_answers_as_documented(rest: Rest, module_pg_
         ("AuthService_VerifyEmail",
          lambda: {"json": {"token": reset_token(module_pg_url, owner_email, "email_verification")}}, None),
         ("ReferralService_CreateReferralCode", lambda: {"token": token(), "json": {"expires_at": in_days(3)}},
-         remember("code")),
+         keep_code),
+        ("RewardService_RecordEvent", lambda: as_backend(json={
+            "event_id": f"spec-{uuid.uuid4().hex}", "user_id": state["newcomer"]["user_id"],
+            "type": "purchase", "amount_minor": "1999", "currency": "USD", "occurred_at": in_days(0)}), None),
+        ("RewardService_GetBalance", lambda: {"token": token()}, None),
+        ("RewardService_ListLedgerEntries",
+         lambda: as_backend(params={"user_id": state["owner"]["user_id"], "page_size": 10}), None),
+        ("RewardService_RedeemRewards", lambda: as_backend(
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"user_id": state["owner"]["user_id"], "amount_minor": "100", "currency": "USD"}), None),
+        ("ReferralService_GetReferralStats", lambda: {"token": token()}, None),
         ("ReferralService_GetReferralCodeByEmail", lambda: {"params": {"email": owner_email}}, None),
         ("ReferralService_ListReferrals", lambda: {"token": token(), "params": {"page_size": 10}}, None),
         ("ReferralService_DeleteReferralCode", lambda: {"token": token()}, None),
@@ -884,6 +954,14 @@ def test_dockerfile_runs_the_project_as_non_root() -> None:
     assert user and user[-1].split(":")[0] not in {"root", "0"}
     ignored = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[1] == "*" and "!referral_grpc/" in ignored and "!migrations/" in ignored
+
+
+def test_header_names_grpc_cannot_carry_are_dropped_not_a_500(rest: Rest) -> None:
+    """HTTP allows "a~b" or "p%" as header names, gRPC metadata does not: the call still gets its answer."""
+    headers = {"a~b": "x", "Pgs%": ";?", "x-fine": "kept"}
+    assert_status(rest.call("GET", "/referral/referrals", headers=headers), 401, 16)
+    response = rest.call("GET", "/referral/code/by-email", params={"email": new_email("h")}, headers=headers)
+    assert_status(response, 404, 5)
 
 
 def test_a_method_the_path_does_not_have_is_405_json_with_allow(rest: Rest) -> None:

@@ -16,10 +16,11 @@ import pytest
 from google.api import annotations_pb2
 from openapi_spec_validator import validate
 
-from referral_grpc.api.policy import public_methods
+from referral_grpc.api import idempotency
+from referral_grpc.api.policy import SERVICES, Policy, policy_for, public_methods
+from referral_grpc.domain import programs, rewards
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
-from referral_grpc.gen import auth_service_pb2, referral_service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "gateway" / "openapi" / "run-plugin"
@@ -70,13 +71,18 @@ def document(generated: tuple[dict[str, Any], Path]) -> dict[str, Any]:
 def http_rules() -> dict[tuple[str, str], str]:
     """(verb, path) -> full method name, read from the compiled descriptors (independently of the plugin)."""
     rules = {}
-    for module in (auth_service_pb2, referral_service_pb2):
-        for service in module.DESCRIPTOR.services_by_name.values():
-            for method in service.methods:
-                rule = method.GetOptions().Extensions[annotations_pb2.http]
-                verb = rule.WhichOneof("pattern")
-                rules[(verb, getattr(rule, verb))] = method.full_name
+    for service in SERVICES:
+        for method in service.methods:
+            rule = method.GetOptions().Extensions[annotations_pb2.http]
+            verb = rule.WhichOneof("pattern")
+            rules[(verb, getattr(rule, verb))] = method.full_name
     return rules
+
+
+def policy_of(full_name: str) -> Policy:
+    """The server's policy of a method by full name (pkg.Service.Method)."""
+    service, method = full_name.rsplit(".", 1)
+    return policy_for(f"/{service}/{method}")
 
 
 def schema_of(document: dict[str, Any], name: str) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
     rules = http_rules()
     assert documented == set(rules)
-    assert len(rules) == 13
+    assert len(rules) == 18
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(set(operation_ids)) == len(operation_ids)
     assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
@@ -184,20 +190,64 @@ def test_errors_are_google_rpc_status(document: dict[str, Any]) -> None:
 
 
 def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]) -> None:
-    assert document["components"]["securitySchemes"]["bearerAuth"] == {
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
         "bearerFormat": "JWT",
         "description": "AuthTokens.access_token, sent as `Authorization: Bearer <access_token>`.",
     }
-    # The server's interceptor enforces the public list; the document must say the same.
+    assert {k: v for k, v in schemes["apiKeyAuth"].items() if k != "description"} == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "x-api-key",
+    }
+    # The server's interceptor enforces the policies; the document must say the same: no credentials
+    # on public RPCs, an API key with the RPC's scopes where one is taken (or else a user's token where
+    # that is allowed too), a user's token everywhere else.
     server_public = {name.strip("/").replace("/", ".") for name in public_methods() if "referral.v1" in name}
+    rules = http_rules()
+    key_operations = set()
+    for path, item in document["paths"].items():
+        for verb, operation in item.items():
+            method = rules[(verb, path)]
+            policy = policy_of(method)
+            expected = []
+            if policy.takes_api_key:
+                key_operations.add(method)
+                expected.append({"apiKeyAuth": sorted(policy.api_key_scopes)})
+            if method not in server_public and (not policy.takes_api_key or policy.user_token_allowed):
+                expected.append({"bearerAuth": []})
+            assert operation.get("security") == (expected or None), (verb, path)
+    assert len(server_public) == 7
+    assert key_operations == {
+        "referral.v1.RewardService.RecordEvent",
+        "referral.v1.RewardService.GetBalance",
+        "referral.v1.RewardService.ListLedgerEntries",
+        "referral.v1.RewardService.RedeemRewards",
+    }
+
+
+def test_idempotency_key_header_where_the_policy_honours_it(document: dict[str, Any]) -> None:
     rules = http_rules()
     for path, item in document["paths"].items():
         for verb, operation in item.items():
-            public = rules[(verb, path)] in server_public
-            assert operation.get("security") == (None if public else [{"bearerAuth": []}]), (verb, path)
-    assert len(server_public) == 7
+            method = rules[(verb, path)]
+            policy = policy_of(method)
+            headers = [p for p in operation.get("parameters", []) if p["in"] == "header"]
+            if not policy.idempotency:
+                assert headers == [], (verb, path)
+                continue
+            [header] = headers
+            assert header["name"] == "Idempotency-Key"
+            assert header.get("required", False) == (policy.idempotency == "required"), (verb, path)
+    required = [
+        op["operationId"]
+        for item in document["paths"].values()
+        for op in item.values()
+        if any(p["in"] == "header" and p.get("required") for p in op.get("parameters", []))
+    ]
+    assert required == ["RewardService_RedeemRewards"]
 
 
 def test_descriptions_come_from_proto_comments(document: dict[str, Any]) -> None:
@@ -230,13 +280,20 @@ def request_fields(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_request_string_and_integer_states_its_limits(document: dict[str, Any]) -> None:
     """The convention is the only source of the limits: a field without one in its comment fails here."""
     for name, schema in request_fields(document).items():
-        if schema["type"] == "string" and schema.get("format") != "date-time":
+        if schema["type"] == "string" and schema.get("format") == "int64":
+            # A 64-bit integer travels as a string of digits: its lower bound is a pattern.
+            assert schema["pattern"] in (INT64_0_OR_MORE, INT64_1_OR_MORE), f'{name}: say "N or more"'
+        elif schema["type"] == "string" and schema.get("format") != "date-time":
             assert "maxLength" in schema, f'{name}: its proto comment must say "at most N characters"'
         if schema["type"] == "integer":
             assert "minimum" in schema, f'{name}: its proto comment must say "N or more"'
 
 
 NO_NUL = "^[^\\u0000]*$"
+INT64_0_OR_MORE = "^[0-9]+$"
+INT64_1_OR_MORE = "^[0-9]*[1-9][0-9]*$"
+# Printable ASCII without surrounding spaces (HTTP drops those from a header value).
+PRINTABLE_ASCII = "^[!-~]([ -~]*[!-~])?$"
 NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 LIMIT_KEYWORDS = {"minLength", "maxLength", "pattern", "format", "minimum", "maximum"}
 
@@ -250,6 +307,9 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         "pattern": NO_NUL,
     }
     token = {"minLength": 1, "maxLength": limits.MAX_TOKEN_LENGTH, "pattern": NO_CONTROL}
+    # Every ISO 4217 code is three letters; the server refuses codes not in its list.
+    currency = {"minLength": 1, "maxLength": 3}
+    idempotency_key = {"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH, "pattern": PRINTABLE_ASCII}
     expected = {
         "AuthService_Register.email": email,
         "AuthService_Register.password": new_password,
@@ -271,6 +331,28 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         "ReferralService_GetReferralCodeByEmail.email": email,
         "ReferralService_ListReferrals.page_size": {"format": "int32", "minimum": 0},
         "ReferralService_ListReferrals.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "RewardService_RecordEvent.event_id": {
+            "minLength": 1,
+            "maxLength": rewards.MAX_EVENT_ID_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "RewardService_RecordEvent.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "RewardService_RecordEvent.email": {"maxLength": limits.MAX_EMAIL_LENGTH, "format": "idn-email"},
+        "RewardService_RecordEvent.type": {"minLength": 1, "maxLength": programs.MAX_EVENT_TYPE_LENGTH},
+        "RewardService_RecordEvent.amount_minor": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "RewardService_RecordEvent.currency": currency,
+        "RewardService_RecordEvent.occurred_at": {"format": "date-time"},
+        "RewardService_RecordEvent.refunds_event_id": {"maxLength": rewards.MAX_EVENT_ID_LENGTH},
+        "RewardService_GetBalance.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "RewardService_ListLedgerEntries.page_size": {"format": "int32", "minimum": 0},
+        "RewardService_ListLedgerEntries.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "RewardService_ListLedgerEntries.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "RewardService_RedeemRewards.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "RewardService_RedeemRewards.amount_minor": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "RewardService_RedeemRewards.currency": currency,
+        "AuthService_Register.Idempotency-Key": idempotency_key,
+        "ReferralService_CreateReferralCode.Idempotency-Key": idempotency_key,
+        "RewardService_RedeemRewards.Idempotency-Key": idempotency_key,
     }
     fields = request_fields(document)
     assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"

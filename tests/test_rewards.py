@@ -267,6 +267,14 @@ def test_refund_errors(rw: RewardsApi) -> None:
         ({"user_id": 10**9}, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", ""),
         ({"event_id": "e" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_TOO_LONG", "event_id"),
         ({"event_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_REQUIRED", "event_id"),
+        ({"event_id": "a\x1bb"}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_INVALID", "event_id"),
+        ({"event_id": "a\u202eb"}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_INVALID", "event_id"),
+        (
+            {"type": "refund", "refunds_event_id": "e" * 129},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "FIELD_TOO_LONG",
+            "refunds_event_id",
+        ),
         ({"type": "Purchase!"}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_INVALID", "type"),
         ({"future": 6}, grpc.StatusCode.INVALID_ARGUMENT, "OCCURRED_AT_IN_FUTURE", "occurred_at"),
         ({"refunds_event_id": "x"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "refunds_event_id"),
@@ -302,6 +310,14 @@ def test_bad_events_write_nothing(
         assert field in error.fields
     assert RewardEvent.select().count() == 0
     assert LedgerEntry.select().count() == 0
+
+
+def test_event_ids_may_hold_any_character_the_document_allows(rw: RewardsApi) -> None:
+    """The contract says "no control characters" (Unicode category C): spaces of any kind are fine."""
+    rw.set_program()
+    _, newcomer = rw.pair()
+    for event_id in ("order 1", "order\u00a01", "commande\u20281", "注文-1"):
+        assert rw.event(newcomer, event_id=event_id).event_id == event_id
 
 
 def test_redemption_spends_available_money_only(rw: RewardsApi, clock: FakeClock) -> None:

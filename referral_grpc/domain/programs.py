@@ -15,7 +15,8 @@ from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
 from .ports import Clock
 
-EVENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_EVENT_TYPE_LENGTH = 64
+EVENT_TYPE = re.compile(rf"^[a-z0-9][a-z0-9_.-]{{0,{MAX_EVENT_TYPE_LENGTH - 1}}}$")
 # `refund` reverses rewards: it can never be what earns them.
 REFUND = "refund"
 # Bounds that keep every product of amounts and basis points far inside a signed 64-bit integer.

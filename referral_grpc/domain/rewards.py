@@ -26,7 +26,7 @@ from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidAr
 from .ports import Clock, EmailDispatcher, Outbox
 from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program
 from .tokens import PageTokens
-from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
+from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, has_control_characters, normalize_email
 
 REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
@@ -224,8 +224,9 @@ class RewardService:
             bad("FIELD_REQUIRED", "event_id", "is required")
         elif len(e.event_id) > MAX_EVENT_ID_LENGTH:
             bad("FIELD_TOO_LONG", "event_id", f"must be at most {MAX_EVENT_ID_LENGTH} characters")
-        elif not e.event_id.isprintable():
-            bad("FIELD_INVALID", "event_id", "must be printable")
+        elif has_control_characters(e.event_id):
+            # The rule of every identifier the contract documents with "no control characters".
+            bad("FIELD_INVALID", "event_id", "must not contain control characters")
         if not e.type:
             bad("FIELD_REQUIRED", "type", "is required")
         elif not EVENT_TYPE.match(e.type):

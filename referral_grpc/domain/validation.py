@@ -25,7 +25,7 @@ MAX_CODE_INPUT_LENGTH = 32
 _SURROUNDING_WHITESPACE = " \t\r\n"
 
 
-def _has_control_characters(value: str) -> bool:
+def has_control_characters(value: str) -> bool:
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in value)
 
 
@@ -62,7 +62,7 @@ def normalize_email(raw: str, field: str = "email") -> tuple[str, str]:
         raise InvalidArgument.for_field(
             field, f"must be at most {MAX_EMAIL_LENGTH} characters", "EMAIL_INVALID"
         )
-    if _has_control_characters(value):
+    if has_control_characters(value):
         raise InvalidArgument.for_field(field, "must not contain control characters", "EMAIL_INVALID")
     normalized, problem = _validate_email(value)
     if problem:
@@ -152,7 +152,7 @@ def require(value: str, field: str) -> None:
 
 def check_printable(value: str, field: str, reason: str = "FIELD_INVALID") -> None:
     """Refuse control and format characters (NUL, ESC, bidi overrides...) in identifiers and tokens."""
-    if _has_control_characters(value):
+    if has_control_characters(value):
         raise InvalidArgument.for_field(field, "must not contain control characters", reason)
 
 

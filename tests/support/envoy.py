@@ -14,7 +14,16 @@ from referral_grpc.devstack.envoy_process import Envoy
 from referral_grpc.devstack.locations import PROJECT_ROOT, Address
 from referral_grpc.devstack.processes import Child, start_server
 
-__all__ = ["Envoy", "TokenBucket", "running_envoy", "running_server", "server_env"]
+__all__ = [
+    "Envoy",
+    "TokenBucket",
+    "create_api_key",
+    "migrate",
+    "running_envoy",
+    "running_server",
+    "server_env",
+    "set_program",
+]
 
 
 def server_env(**values: str) -> dict[str, str]:
@@ -38,6 +47,31 @@ def migrate(env: Mapping[str, str]) -> None:
         capture_output=True,
         timeout=60,
     )
+
+
+def _command(env: Mapping[str, str], *args: str) -> str:
+    """`python -m referral_grpc ARGS` on env's DATABASE_URL, as an operator runs it; its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "referral_grpc", *args],
+        env=dict(env),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def create_api_key(env: Mapping[str, str], name: str, *scopes: str) -> str:
+    """`referral-grpc apikey create`: the key, alone on the last line of its output."""
+    output = _command(env, "apikey", "create", "--name", name, *(f"--scope={scope}" for scope in scopes))
+    return output.splitlines()[-1]
+
+
+def set_program(env: Mapping[str, str], *options: str) -> None:
+    """`referral-grpc program set OPTIONS`: a new version of the program's rules."""
+    _command(env, "program", "set", *options)
 
 
 @contextmanager

@@ -174,29 +174,27 @@ class RecordEventRequest(_message.Message):
     control characters). Sending it again never records the event twice.
     """
     user_id: _builtins.int
-    """The identifier of the user the event belongs to (0 or more; 0 means
-    unset).
-    """
+    """The identifier of the user the event belongs to (1 or more)."""
     email: _builtins.str
     """The email address of the user the event belongs to, in any letter case
     (at most 254 characters).
     """
     type: _builtins.str
     """The kind of event, for example "purchase", "subscription_started" or
-    "refund" (1 to 64 characters: lower-case letters, digits, "_", "." and
+    "refund" (1 to 64 characters of lower-case letters, digits, "_", "." and
     "-").
     """
     amount_minor: _builtins.int
-    """The event's amount in minor units of the currency (cents for USD), 0 or
-    more.
+    """The event's amount in minor units of the currency (cents for USD): 0 or
+    more, and at most 10^15.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the amount's currency, for example "USD" (at most 3
-    characters).
+    """The ISO 4217 code of the amount's currency, for example "USD" (at most
+    3 characters).
     """
     refunds_event_id: _builtins.str
-    """For a "refund", the event_id of the event it refunds (at most 128
-    characters; required then, and refused for other types).
+    """For a "refund", the event_id of the event it refunds (required then,
+    and refused for other types; at most 128 characters).
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
@@ -369,7 +367,7 @@ class GetBalanceRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user whose balances to return (0 or more): required with an API
+    """The user whose balances to return (1 or more): required with an API
     key, unset with a user's access token.
     """
     def __init__(
@@ -464,7 +462,7 @@ class ListLedgerEntriesRequest(_message.Message):
     (at most 512 characters). Empty for the first page.
     """
     user_id: _builtins.int
-    """The user whose ledger to list (0 or more): required with an API key,
+    """The user whose ledger to list (1 or more): required with an API key,
     unset with a user's access token.
     """
     def __init__(
@@ -522,8 +520,8 @@ class RedeemRewardsRequest(_message.Message):
     user_id: _builtins.int
     """The user whose balance to spend (1 or more)."""
     amount_minor: _builtins.int
-    """The amount to spend in minor units (1 or more), at most the available
-    balance.
+    """The amount to spend in minor units: 1 or more, and at most the
+    available balance.
     """
     currency: _builtins.str
     """The ISO 4217 code of the balance to spend (at most 3 characters)."""
