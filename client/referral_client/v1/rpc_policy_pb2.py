@@ -23,15 +23,16 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
+from . import error_reason_pb2 as referral_dot_v1_dot_error__reason__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creferral/v1/rpc_policy.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\"<\n\tRpcPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x10\n\x08\x62locking\x18\x02 \x01(\x08\x12\r\n\x05quiet\x18\x03 \x01(\x08:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\x16.referral.v1.RpcPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creferral/v1/rpc_policy.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\x1a\x1ereferral/v1/error_reason.proto\"f\n\tRpcPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x10\n\x08\x62locking\x18\x02 \x01(\x08\x12\r\n\x05quiet\x18\x03 \x01(\x08\x12(\n\x06\x65rrors\x18\x04 \x03(\x0e\x32\x18.referral.v1.ErrorReason:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\x16.referral.v1.RpcPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'referral.v1.rpc_policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RPCPOLICY']._serialized_start=79
-  _globals['_RPCPOLICY']._serialized_end=139
+  _globals['_RPCPOLICY']._serialized_start=111
+  _globals['_RPCPOLICY']._serialized_end=213
 # @@protoc_insertion_point(module_scope)

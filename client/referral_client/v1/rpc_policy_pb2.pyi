@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import extension_dict as _extension_dict
+from . import error_reason_pb2 as _error_reason_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -31,6 +34,7 @@ class RpcPolicy(_message.Message):
     PUBLIC_FIELD_NUMBER: _builtins.int
     BLOCKING_FIELD_NUMBER: _builtins.int
     QUIET_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     public: _builtins.bool
     """Whether the RPC may be called without credentials. Every RPC without
     `public: true` requires an access token (default deny).
@@ -44,16 +48,26 @@ class RpcPolicy(_message.Message):
     """Whether the RPC is logged at DEBUG rather than INFO in the server's
     access log, for calls that load balancers make every second.
     """
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_error_reason_pb2.ErrorReason.ValueType]:
+        """The error reasons this RPC answers with besides those any RPC may send
+        (INVALID_ARGUMENT, REQUEST_UNDECODABLE, SERVER_OVERLOADED, DATABASE_BUSY,
+        DATABASE_UNAVAILABLE, DEADLINE_EXCEEDED) and, when it needs credentials,
+        INVALID_TOKEN and USER_NOT_FOUND. The OpenAPI document lists each under
+        the HTTP status it comes with.
+        """
+
     def __init__(
         self,
         *,
         public: _builtins.bool = ...,
         blocking: _builtins.bool = ...,
         quiet: _builtins.bool = ...,
+        errors: _abc.Iterable[_error_reason_pb2.ErrorReason.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocking", b"blocking", "public", b"public", "quiet", b"quiet"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocking", b"blocking", "errors", b"errors", "public", b"public", "quiet", b"quiet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
