@@ -16,10 +16,12 @@ COPY referral_grpc ./referral_grpc
 COPY migrations ./migrations
 RUN pip install . \
     && rm -rf /src \
+    && mkdir -p /app \
     && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin referral
 
 # Never root at run time; the image holds no state (PostgreSQL and Redis do) and the process writes
-# nothing: /app is root-owned and read-only to it (tests/test_container.py runs the same way).
+# nothing: /app (made above, as builders differ on creating a WORKDIR) is root-owned and read-only to it
+# (tests/test_container.py runs the same way).
 WORKDIR /app
 USER 10001:10001
 
