@@ -8,16 +8,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
-
-# migrations/ stays in the working directory: `referral-grpc migrate` looks for it there.
+# The sources are only built from: the migrations travel inside the wheel (referral_grpc.migrations),
+# so nothing at run time reads this folder, and it is removed after the install.
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY referral_grpc ./referral_grpc
 COPY migrations ./migrations
 RUN pip install . \
+    && rm -rf /src \
+    && mkdir -p /app \
     && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin referral
 
-# Never root at run time; the image holds no state (PostgreSQL and Redis do).
+# Never root at run time; the image holds no state (PostgreSQL and Redis do) and the process writes
+# nothing: /app (made above, as builders differ on creating a WORKDIR) is root-owned and read-only to it
+# (tests/test_container.py runs the same way).
+WORKDIR /app
 USER 10001:10001
 
 ENV ENVIRONMENT=production \

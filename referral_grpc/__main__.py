@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         from .app import build_app
-        from .server import serve
+        from .server import ListenError, serve
 
-        return serve(build_app(settings))
+        try:
+            return serve(build_app(settings))
+        except ListenError as exc:
+            log.error("%s", exc)
+            return 1
     from .infra.tasks import run_worker
 
     run_worker(settings)

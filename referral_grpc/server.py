@@ -147,6 +147,10 @@ class Server:
         self.grpc_server.stop(grace).wait()
 
 
+class ListenError(RuntimeError):
+    """The server cannot listen on its address."""
+
+
 def create_server(app: App, address: str | None = None) -> Server:
     """Build and start the server on `address` (default from settings; port 0 picks a free port)."""
     settings = app.settings
@@ -185,8 +189,8 @@ def create_server(app: App, address: str | None = None) -> Server:
             # (8 KiB of request headers, plus the few it adds) so that gateway clients get its 431.
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-            # Several server processes may share one port (SERVER_PROCESSES > 1).
-            ("grpc.so_reuseport", 1),
+            # Off unless asked for: a second server on a taken port would silently share it.
+            ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.max_pings_without_data", 0),
         ],
@@ -212,7 +216,13 @@ def create_server(app: App, address: str | None = None) -> Server:
             ),
             server,
         )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ListenError(
+            f"cannot listen on {address}: the port is taken (another server?) or the host is not this "
+            "machine's; choose another GRPC_PORT"
+        ) from error
     server.start()
     running = Server(server, health_servicer, port, metrics, admission)
     running.set_serving(True)

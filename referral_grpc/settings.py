@@ -304,6 +304,11 @@ class Settings:
         Derived("`true` (`false` in production)", lambda v: not _in_production(v)),
         "gRPC server reflection (what grpcurl's `list` uses); health checks answer either way",
     )
+    grpc_reuse_port: bool = boolean(
+        False,
+        "let other processes bind `GRPC_PORT` too (SO_REUSEPORT), for replacing a server on the same port; "
+        "off, a taken port fails the start",
+    )
     server_processes: int = integer(
         1,
         "server processes `make run` starts, on consecutive ports from `GRPC_PORT`, each an Envoy endpoint",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support import TEST_JWT_SECRET, closed_port
 
 from referral_grpc.devstack.envoy_config import (
     METHOD_NOT_ALLOWED,
@@ -24,6 +29,7 @@ from referral_grpc.devstack.envoy_config import (
 )
 from referral_grpc.devstack.http_rules import rest_methods
 from referral_grpc.devstack.locations import PROJECT_ROOT
+from referral_grpc.devstack.processes import start_server
 
 GATEWAY = PROJECT_ROOT / "gateway"
 # What only the development stack needs: the Envoy binary and the YAML of its configs.
@@ -178,3 +184,60 @@ def test_the_docker_image_installs_the_service_without_the_stack_extra() -> None
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
     installs = [target.strip() for target in re.findall(r"pip install ([^\n\\&]+)", dockerfile)]
     assert installs == ["."], installs
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port held the way another gRPC server would hold it: listening, with SO_REUSEPORT."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def _stack_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/referral.db",
+        "HUEY_SQLITE_PATH": str(tmp_path / "huey.db"),
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "BCRYPT_ROUNDS": "4",
+        **values,
+    }
+
+
+def test_make_run_refuses_a_taken_port_before_starting_anything(tmp_path: Path, taken_port: int) -> None:
+    env = _stack_env(
+        tmp_path,
+        GRPC_PORT=str(taken_port),
+        ENVOY_PORT=str(closed_port()),
+        ENVOY_ADMIN_PORT=str(closed_port()),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "referral_grpc.devstack", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"127.0.0.1:{taken_port} (GRPC_PORT) is already in use" in result.stderr
+    assert "another `make run`" in result.stderr
+    # Not even the migrations ran.
+    assert not (tmp_path / "referral.db").exists()
+
+
+def test_a_server_does_not_share_a_taken_port_unless_told_to(tmp_path: Path, taken_port: int) -> None:
+    env = _stack_env(tmp_path, GRPC_PORT=str(taken_port))
+    serve = [sys.executable, "-m", "referral_grpc", "serve"]
+    refused = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{taken_port}: the port is taken" in refused.stdout + refused.stderr
+
+    # GRPC_REUSE_PORT=true is the opt-in for replacing a server on the same port.
+    shared, address = start_server({**env, "GRPC_REUSE_PORT": "true"}, output=io.StringIO())
+    try:
+        assert address == ("127.0.0.1", taken_port)
+    finally:
+        assert shared.stop(timeout=30) == 0

@@ -431,6 +431,7 @@ def test_no_request_fails_through_envoy_while_a_server_is_replaced(tmp_path: Pat
     env = serve_env(
         tmp_path,
         GRPC_PORT=str(free_port()),
+        GRPC_REUSE_PORT="true",
         SHUTDOWN_DRAIN_SECONDS="1",
         GRPC_GRACE_SECONDS="10",
     )

@@ -571,7 +571,7 @@ def test_docs_page_and_its_bundled_assets_load(rest: Rest, path: str) -> None:
     page = rest.session.get(rest.base + path, timeout=10)
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
-    assert 'url: "/openapi.json"' in page.text
+    assert '<script src="/docs/docs.js">' in page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "no CDN: assets are bundled"
     assets = re.findall(r"""(?:src|href)="(/docs/[^"]+)""", page.text)
     expected_types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
@@ -581,6 +581,7 @@ def test_docs_page_and_its_bundled_assets_load(rest: Rest, path: str) -> None:
         assert response.status_code == 200, asset
         assert response.headers["content-type"].startswith(expected_types[Path(asset).suffix])
         assert response.content == (GATEWAY / asset.removeprefix("/")).read_bytes()
+    assert 'fetch("/openapi.json")' in (GATEWAY / "docs" / "docs.js").read_text()
 
 
 def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:

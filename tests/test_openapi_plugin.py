@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -17,8 +18,10 @@ from google.api import annotations_pb2
 from openapi_spec_validator import validate
 
 from referral_grpc.api import idempotency
+from referral_grpc.api.errors import CODES
 from referral_grpc.api.policy import SERVICES, Policy, policy_for, public_methods
-from referral_grpc.domain import programs, rewards
+from referral_grpc.devstack.envoy_config import load_envoy_config, rate_limited_routes
+from referral_grpc.domain import errors, programs, rewards
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
 
@@ -110,34 +113,47 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     assert document["paths"]["/referral/referrals"]["get"]["tags"] == ["ReferralService"]
 
 
+def fields_of(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    parameters: list[dict[str, Any]] = operation.get("parameters", [])
+    return parameters
+
+
 def test_get_and_delete_fields_are_query_parameters_with_proto_names(document: dict[str, Any]) -> None:
     by_email = document["paths"]["/referral/code/by-email"]["get"]
-    assert by_email["parameters"] == [
+    assert fields_of(by_email) == [
         {
             "name": "email",
             "in": "query",
             "schema": {"type": "string", "minLength": 1, "maxLength": 254, "format": "idn-email"},
+            "example": "ada@example.com",
             "description": (
-                "The email address of the code's owner, in any letter case (at most 254 characters)."
+                "The email address of the code's owner, in any letter case (at most 254 characters). "
+                "For example `ada@example.com`."
             ),
             "required": True,
         }
     ]
     assert "requestBody" not in by_email
-    listing = document["paths"]["/referral/referrals"]["get"]["parameters"]
+    listing = fields_of(document["paths"]["/referral/referrals"]["get"])
     assert [(p["name"], p["in"], p["schema"], p.get("required", False)) for p in listing] == [
         ("page_size", "query", {"type": "integer", "format": "int32", "minimum": 0}, False),
         ("page_token", "query", {"type": "string", "maxLength": 512}, False),
     ]
     delete = document["paths"]["/referral/code"]["delete"]
-    assert "parameters" not in delete and "requestBody" not in delete
+    assert fields_of(delete) == [] and "requestBody" not in delete
 
 
 def test_bodies_use_proto_field_names_required_from_field_behavior(document: dict[str, Any]) -> None:
     register = document["paths"]["/auth/register"]["post"]
     assert register["requestBody"] == {
         "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RegisterRequest"}}},
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/RegisterRequest"},
+                # The required fields only: an example referral code would fail for whoever tries it.
+                "example": {"email": "ada@example.com", "password": "correct horse battery staple"},
+            }
+        },
     }
     request = schema_of(document, "RegisterRequest")
     assert list(request["properties"]) == ["email", "password", "referral_code"]
@@ -164,7 +180,8 @@ def test_response_schemas_match_what_envoy_prints(document: dict[str, Any]) -> N
     assert code["properties"]["created_at"] == {
         "type": "string",
         "format": "date-time",
-        "description": "The moment the code was created.",
+        "examples": ["2026-11-26T12:00:00Z"],
+        "description": "The moment the code was created. For example `2026-11-26T12:00:00Z`.",
         "readOnly": True,
     }
     # A message field is only printed when set: not required.
@@ -266,7 +283,7 @@ def request_fields(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     fields = {}
     for item in document["paths"].values():
         for operation in item.values():
-            for parameter in operation.get("parameters", []):
+            for parameter in fields_of(operation):
                 fields[f"{operation['operationId']}.{parameter['name']}"] = parameter["schema"]
             if "requestBody" in operation:
                 body = operation["requestBody"]["content"]["application/json"]["schema"]
@@ -424,7 +441,7 @@ def test_limit_phrases_become_schema_keywords_on_a_synthetic_api(tmp_path: Path)
     validate(document)
     create = document["paths"]["/v1/{parent}/notes"]["post"]
     # A path parameter keeps its limits (a required string is a non-empty one), not its description.
-    assert create["parameters"][0]["schema"] == {"type": "string", "minLength": 1, "maxLength": 40}
+    assert fields_of(create)[0]["schema"] == {"type": "string", "minLength": 1, "maxLength": 40}
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert body["propertyNames"] == {"minLength": 1}
     fields = body["properties"]
@@ -433,7 +450,7 @@ def test_limit_phrases_become_schema_keywords_on_a_synthetic_api(tmp_path: Path)
     assert fields["notify"]["items"] == {"type": "string", "format": "idn-email"}
     assert fields["label"]["pattern"] == NO_CONTROL and fields["label"]["maxLength"] == 16
     assert fields["extra"] == {"type": "string", "description": "Free text, no limit stated."}
-    listing = document["paths"]["/v1/notes"]["get"]["parameters"]
+    listing = fields_of(document["paths"]["/v1/notes"]["get"])
     assert listing == [
         {
             "name": "page_size",
@@ -519,7 +536,7 @@ def test_generic_mappings_on_a_synthetic_api(tmp_path: Path) -> None:
     get = document["paths"]["/v2/{name}"]["get"]
     assert get["operationId"] == "ShelfService_GetBook"
     assert document["paths"]["/v2/books/{name}"]["get"]["operationId"] == "ShelfService_GetBook_1"
-    params = {(p["name"], p["in"]): p for p in get["parameters"]}
+    params = {(p["name"], p["in"]): p for p in fields_of(get)}
     assert set(params) == {
         ("name", "path"),
         ("filter.author", "query"),
@@ -535,7 +552,7 @@ def test_generic_mappings_on_a_synthetic_api(tmp_path: Path) -> None:
     assert update["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Book"
     }
-    assert [p["name"] for p in update["parameters"]] == ["book.name"]
+    assert [p["name"] for p in fields_of(update)] == ["book.name"]
     book = schema_of(document, "Book")["properties"]
     assert book["counts"]["additionalProperties"]["type"] == "string"
     assert book["loan"]["type"] == "string" and book["loan"]["pattern"].endswith("s$")
@@ -544,3 +561,196 @@ def test_generic_mappings_on_a_synthetic_api(tmp_path: Path) -> None:
     # Book is only ever a response of GetBook, but UpdateBook also sends it: nothing is forced required.
     assert "required" not in schema_of(document, "Book")
     assert "securitySchemes" in document["components"]
+
+
+# --- examples, statuses and reasons, headers, security: what "Try it out" and clients rely on -----------
+
+
+def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    return schema_of(document, schema["$ref"].rsplit("/", 1)[1]) if "$ref" in schema else schema
+
+
+def test_every_request_and_response_has_an_example_of_its_schema(document: dict[str, Any]) -> None:
+    for item in document["paths"].values():
+        for operation in item.values():
+            name = operation["operationId"]
+            if "requestBody" in operation:
+                body = operation["requestBody"]["content"]["application/json"]
+                schema = resolve(document, body["schema"])
+                if schema["properties"]:
+                    # Every required field, and nothing the request does not have.
+                    assert (
+                        set(schema.get("required", [])) <= set(body["example"]) <= set(schema["properties"])
+                    ), name
+            for parameter in fields_of(operation):
+                if parameter.get("required"):
+                    assert "example" in parameter, f"{name}.{parameter['name']}"
+            ok = operation["responses"]["200"]["content"]["application/json"]
+            schema = resolve(document, ok["schema"])
+            if schema["properties"]:
+                assert set(ok["example"]) == set(schema["properties"]), name
+
+
+def test_examples_are_plausible_values(document: dict[str, Any]) -> None:
+    register = document["paths"]["/auth/register"]["post"]["requestBody"]["content"]["application/json"]
+    email, password = register["example"]["email"], register["example"]["password"]
+    assert limits.normalize_email(email)[0] == email
+    limits.check_password(password, "password")  # long enough, not a common password
+    code = document["paths"]["/referral/code"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert re.fullmatch(r"[23456789ABCDEFGHJKMNPQRSTUVWXYZ]{10}", code["example"]["code"])
+    assert code["example"]["created_at"] < code["example"]["expires_at"]
+
+
+def test_a_new_codes_expiry_example_is_relative_to_the_moment_of_use(document: dict[str, Any]) -> None:
+    """The document is static: the far-future placeholder is marked, and the docs page computes the date."""
+    body = document["paths"]["/referral/code"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"] == {"expires_at": "2099-01-01T00:00:00Z"}
+    assert body["x-example-days-from-now"] == {"expires_at": 30}
+    field = schema_of(document, "CreateReferralCodeRequest")["properties"]["expires_at"]
+    assert field["x-example-days-from-now"] == 30
+    assert "x-example-days-from-now" in (ROOT / "gateway" / "docs" / "docs.js").read_text()
+
+
+def reasons_by_status(operation: dict[str, Any]) -> dict[int, list[str]]:
+    return {
+        int(status): response["x-error-reasons"]
+        for status, response in operation["responses"].items()
+        if "x-error-reasons" in response
+    }
+
+
+def test_each_operation_lists_its_statuses_with_the_reasons_they_carry(document: dict[str, Any]) -> None:
+    register = reasons_by_status(document["paths"]["/auth/register"]["post"])
+    assert set(register) == {400, 409, 429, 503, 504}
+    assert register[409] == ["EMAIL_TAKEN"]
+    assert {"EMAIL_INVALID", "PASSWORD_TOO_COMMON", "REFERRAL_CODE_UNKNOWN", "REFERRAL_CODE_EXPIRED"} <= set(
+        register[400]
+    )
+    assert {"SERVER_OVERLOADED", "RATE_LIMITED"} <= set(register[429])
+    login = reasons_by_status(document["paths"]["/auth/login"]["post"])
+    assert login[401] == ["INVALID_CREDENTIALS"] and "TOO_MANY_ATTEMPTS" in login[429]
+    lookup = reasons_by_status(document["paths"]["/referral/code/by-email"]["get"])
+    assert lookup[404] == ["REFERRAL_CODE_NOT_FOUND"]
+    assert 401 not in lookup  # public
+    listing = reasons_by_status(document["paths"]["/referral/referrals"]["get"])
+    assert listing[401] == ["INVALID_TOKEN"] and "USER_NOT_FOUND" in listing[404]
+    assert "RATE_LIMITED" not in listing[429]  # authenticated calls are limited per account instead
+    for status, response in document["paths"]["/auth/login"]["post"]["responses"].items():
+        if "x-error-reasons" in response:
+            examples = response["content"]["application/json"]["examples"]
+            assert list(examples) == response["x-error-reasons"]
+            for reason, example in examples.items():
+                info = example["value"]["details"][0]
+                assert info == {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": reason,
+                    "domain": "referral.v1",
+                    "metadata": {},
+                }
+            if status == "429":
+                assert "retry-after" in response["headers"]
+
+
+def test_every_reason_the_service_sends_is_under_some_operation(document: dict[str, Any]) -> None:
+    listed = {
+        reason
+        for item in document["paths"].values()
+        for operation in item.values()
+        for reasons in reasons_by_status(operation).values()
+        for reason in reasons
+    }
+    # Only a client that has gone away gets REQUEST_CANCELLED.
+    assert set(errors.Reason) - {"REQUEST_CANCELLED"} <= listed
+    assert listed <= set(schema_of(document, "ErrorReason")["enum"]) | {"RATE_LIMITED"}
+
+
+# The gRPC code of each domain error class (api/errors.py) and the HTTP status Envoy's transcoder gives it.
+HTTP_OF_CODE = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+
+def raised_reasons() -> set[tuple[str, str]]:
+    """(domain error class, reason) of every `Class("REASON", ...)` and `Class.for_field(..., "REASON")`
+    in the runtime code, read from its syntax tree."""
+    found = set()
+    classes = {cls.__name__ for cls in CODES}
+    for path in (ROOT / "referral_grpc").rglob("*.py"):
+        if "gen" in path.parts or "devstack" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            owner = func.value if isinstance(func, ast.Attribute) else None
+            literals = [
+                a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
+            reasons = [value for value in literals if value in set(errors.Reason)]
+            if name in classes and reasons[:1]:
+                found.add((name, reasons[0]))
+            elif name == "for_field" and reasons and isinstance(owner, ast.Name) and owner.id in classes:
+                found.add((owner.id, reasons[-1]))
+    return found
+
+
+def test_each_reasons_status_is_the_one_the_server_answers_with(document: dict[str, Any]) -> None:
+    status_of: dict[str, set[int]] = {}
+    for item in document["paths"].values():
+        for operation in item.values():
+            for status, reasons in reasons_by_status(operation).items():
+                for reason in reasons:
+                    status_of.setdefault(reason, set()).add(status)
+    raised = raised_reasons()
+    assert len(raised) > 20
+    by_name = {cls.__name__: code for cls, code in CODES.items()}
+    for cls, reason in raised:
+        assert status_of[reason] == {HTTP_OF_CODE[by_name[cls].name]}, (cls, reason)
+
+
+def test_rate_limit_headers_on_exactly_the_routes_envoy_limits(document: dict[str, Any]) -> None:
+    config = load_envoy_config()
+    limited = rate_limited_routes(config)
+    routes = [
+        route
+        for host in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["route_config"]["virtual_hosts"]
+        for route in host["routes"]
+        if route.get("name") in limited
+    ]
+
+    def is_limited(rpc: str) -> bool:
+        path = "/" + rpc.rsplit(".", 1)[0] + "/" + rpc.rsplit(".", 1)[1]
+        for route in routes:
+            match = route["match"]
+            if match.get("path") == path or (
+                "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path)
+            ):
+                return True
+        return False
+
+    rules = http_rules()
+    for (verb, path), rpc in rules.items():
+        operation = document["paths"][path][verb]
+        headers = operation["responses"]["200"]["headers"]
+        assert headers["x-request-id"] == {"$ref": "#/components/headers/RequestId"}
+        assert ("x-ratelimit-limit" in headers) == is_limited(rpc), rpc
+        assert ("RATE_LIMITED" in reasons_by_status(operation).get(429, [])) == is_limited(rpc), rpc
+    assert "x-request-id" in document["info"]["description"]
+
+
+def test_the_api_key_scheme_is_declared_beside_bearer(document: dict[str, Any]) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["apiKeyAuth"]["type"] == "apiKey"
+    assert schemes["apiKeyAuth"]["in"] == "header" and schemes["apiKeyAuth"]["name"] == "x-api-key"
+    assert schemes["bearerAuth"]["scheme"] == "bearer"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -75,8 +77,56 @@ def _iter_children(envoy: Envoy | None, servers: Sequence[Child], worker: Child 
         yield envoy.child
 
 
+def _ports_to_bind(settings: Settings) -> list[tuple[str, str, int]]:
+    """(setting, host, port) of every fixed port the stack listens on (0 picks a free one: never taken)."""
+    wanted = [
+        ("ENVOY_PORT", "127.0.0.1", settings.envoy_port),
+        ("ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy_admin_port),
+    ]
+    for index, (host, port) in enumerate(server_addresses(settings)):
+        wanted.append(("GRPC_PORT", host, port))
+        if settings.metrics_port:
+            wanted.append(("METRICS_PORT", settings.grpc_host, settings.metrics_port + index))
+    return [(name, host, port) for name, host, port in wanted if port]
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR ignores connections in TIME_WAIT, never a listening socket.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def taken_ports(settings: Settings) -> list[str]:
+    """A line for each port of the stack that something else already listens on."""
+    return [
+        f"  {host}:{port} ({name}) is already in use"
+        for name, host, port in _ports_to_bind(settings)
+        if _port_taken(host, port)
+    ]
+
+
 def run_stack(settings: Settings) -> int:
     """Run migrations, the server processes, the worker and Envoy until Ctrl-C/SIGTERM or a child dies."""
+    taken = taken_ports(settings)
+    if taken:
+        # Checked before anything starts: a second stack would otherwise fail half-way, or (with
+        # SO_REUSEPORT) share the first one's ports with another JWT key.
+        print(
+            "make run: not starting, these ports are taken (another `make run`?):\n"
+            + "\n".join(taken)
+            + "\nStop the other process or choose free ports, e.g. GRPC_PORT=50061 ENVOY_PORT=8081 "
+            "ENVOY_ADMIN_PORT=9902 make run",
+            file=sys.stderr,
+        )
+        return 1
     settings.ensure_local_dirs()
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -17,8 +18,12 @@ _ADVISORY_LOCK_KEY = 0x5EF3_2A11
 
 
 def migrations_dir() -> Path:
-    beside_package = Path(__file__).resolve().parents[2] / "migrations"
-    return beside_package if beside_package.is_dir() else Path.cwd() / "migrations"
+    """The scripts: installed (wheel or editable) they are the package referral_grpc.migrations, which
+    pyproject maps to the top-level migrations/ folder; in a bare checkout, that folder itself."""
+    spec = importlib.util.find_spec("referral_grpc.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def pending_migrations(db: pw.Database) -> list[str]:

@@ -29,15 +29,16 @@ class RegisterRequest(_message.Message):
     email: _builtins.str
     """The email address of the new account (at most 254 characters). It is
     validated, normalised, and compared case-insensitively.
+    For example `ada@example.com`.
     """
     password: _builtins.str
     """The password of the new account: 8 to 128 characters, any Unicode, no NUL
-    characters.
+    characters. For example `correct horse battery staple`.
     """
     referral_code: _builtins.str
     """An active referral code of another user (at most 32 characters, no control
     characters, case-insensitive). When set, the new account becomes that
-    user's referral.
+    user's referral. For example `K7M2Q9XPRW`.
     """
     def __init__(
         self,
@@ -63,9 +64,13 @@ class LoginRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """The email address of the account, in any letter case (at most 254 characters)."""
+    """The email address of the account, in any letter case (at most 254 characters).
+    For example `ada@example.com`.
+    """
     password: _builtins.str
-    """The password of the account (at most 128 characters, no NUL characters)."""
+    """The password of the account (at most 128 characters, no NUL characters).
+    For example `correct horse battery staple`.
+    """
     def __init__(
         self,
         *,
@@ -90,6 +95,7 @@ class RefreshTokenRequest(_message.Message):
     refresh_token: _builtins.str
     """The refresh token returned by an earlier Register, Login, ChangePassword
     or RefreshToken call (at most 128 characters, no control characters).
+    For example `9Sp0SUVJmyD-mwS1tX_8sP7kb1YQ97aJdNhvRLPrTak`.
     """
     def __init__(
         self,
@@ -114,6 +120,7 @@ class LogoutRequest(_message.Message):
     refresh_token: _builtins.str
     """The refresh token to revoke; it must belong to the caller (at most 128
     characters, no control characters).
+    For example `9Sp0SUVJmyD-mwS1tX_8sP7kb1YQ97aJdNhvRLPrTak`.
     """
     def __init__(
         self,
@@ -158,17 +165,23 @@ class AuthTokens(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_EXPIRES_IN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the signed-in user."""
+    """The identifier of the signed-in user. For example `42`."""
     access_token: _builtins.str
-    """A signed JWT to send as `Authorization: Bearer <access_token>`."""
+    """A signed JWT to send as `Authorization: Bearer <access_token>`.
+    For example `eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiIsImV4cCI6MTc5NjIxOTIwMH0.c2lnbmF0dXJl`.
+    """
     token_type: _builtins.str
-    """The scheme to use with the access token; always "Bearer"."""
+    """The scheme to use with the access token; always "Bearer".
+    For example `Bearer`.
+    """
     expires_in: _builtins.int
-    """The number of seconds the access token stays valid."""
+    """The number of seconds the access token stays valid. For example `900`."""
     refresh_token: _builtins.str
-    """An opaque, single-use token that RefreshToken exchanges for a new pair."""
+    """An opaque, single-use token that RefreshToken exchanges for a new pair.
+    For example `9Sp0SUVJmyD-mwS1tX_8sP7kb1YQ97aJdNhvRLPrTak`.
+    """
     refresh_expires_in: _builtins.int
-    """The number of seconds the refresh token stays valid."""
+    """The number of seconds the refresh token stays valid. For example `2592000`."""
     def __init__(
         self,
         *,
@@ -196,7 +209,7 @@ class RequestPasswordResetRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """The email address of the account whose password was forgotten (at most
-    254 characters).
+    254 characters). For example `ada@example.com`.
     """
     def __init__(
         self,
@@ -242,9 +255,12 @@ class ResetPasswordRequest(_message.Message):
     token: _builtins.str
     """The single-use token from the password-reset email (at most 128
     characters, no control characters).
+    For example `pk7ivsSABdq9cs29uI6_qVwZYFk5JYG5SEWuvc1A3Fg`.
     """
     new_password: _builtins.str
-    """The new password: 8 to 128 characters, any Unicode, no NUL characters."""
+    """The new password: 8 to 128 characters, any Unicode, no NUL characters.
+    For example `plum orchard lantern quietly`.
+    """
     def __init__(
         self,
         *,
@@ -285,9 +301,13 @@ class ChangePasswordRequest(_message.Message):
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
     current_password: _builtins.str
-    """The caller's current password (at most 128 characters, no NUL characters)."""
+    """The caller's current password (at most 128 characters, no NUL characters).
+    For example `correct horse battery staple`.
+    """
     new_password: _builtins.str
-    """The new password: 8 to 128 characters, any Unicode, no NUL characters."""
+    """The new password: 8 to 128 characters, any Unicode, no NUL characters.
+    For example `plum orchard lantern quietly`.
+    """
     def __init__(
         self,
         *,
@@ -312,6 +332,7 @@ class VerifyEmailRequest(_message.Message):
     token: _builtins.str
     """The single-use token from the verification email (at most 128
     characters, no control characters).
+    For example `YzUshqkAX5gIs4gdfstdCdrZt3jNfyHAJKE-BbUuy2o`.
     """
     def __init__(
         self,
@@ -335,10 +356,12 @@ class VerifyEmailResponse(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the account whose address is now verified."""
+    """The identifier of the account whose address is now verified.
+    For example `42`.
+    """
     @_builtins.property
     def email_verified_at(self) -> _timestamp_pb2.Timestamp:
-        """When the address was verified."""
+        """When the address was verified. For example `2026-11-26T12:05:00Z`."""
 
     def __init__(
         self,
@@ -385,11 +408,13 @@ class ResendVerificationEmailResponse(_message.Message):
     EMAIL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
     email_sent: _builtins.bool
     """Whether a new verification email was queued: false when the address was
-    already verified.
+    already verified. For example `true`.
     """
     @_builtins.property
     def email_verified_at(self) -> _timestamp_pb2.Timestamp:
-        """When the caller's address was verified; unset while it is not."""
+        """When the caller's address was verified; unset while it is not.
+        For example `2026-11-26T12:05:00Z`.
+        """
 
     def __init__(
         self,

@@ -71,15 +71,17 @@ class ReferralCode(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code itself: 10 characters from an alphabet without look-alike
-    characters. Input is accepted in any letter case.
+    characters. Input is accepted in any letter case. For example `K7M2Q9XPRW`.
     """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment after which the code can no longer be used."""
+        """The moment after which the code can no longer be used.
+        For example `2027-01-01T00:00:00Z`.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment the code was created."""
+        """The moment the code was created. For example `2026-11-26T12:00:00Z`."""
 
     def __init__(
         self,
@@ -106,7 +108,7 @@ class CreateReferralCodeRequest(_message.Message):
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the new code expires: in the future and at most the configured
-        horizon ahead (365 days by default).
+        horizon ahead (365 days by default). For example 30 days from now.
         """
 
     def __init__(
@@ -171,7 +173,7 @@ class GetReferralCodeByEmailRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """The email address of the code's owner, in any letter case (at most 254
-    characters).
+    characters). For example `ada@example.com`.
     """
     def __init__(
         self,
@@ -195,10 +197,12 @@ class GetReferralCodeByEmailResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The active referral code."""
+    """The active referral code. For example `K7M2Q9XPRW`."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment after which the code can no longer be used."""
+        """The moment after which the code can no longer be used.
+        For example `2027-01-01T00:00:00Z`.
+        """
 
     def __init__(
         self,
@@ -224,7 +228,7 @@ class ListReferralsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of referrals to return (0 or more): 50 when unset or
-    zero, larger values are lowered to 100.
+    zero, larger values are lowered to 100. For example `10`.
     """
     page_token: _builtins.str
     """The next_page_token of a previous response, to fetch the following page
@@ -253,7 +257,9 @@ class ListReferralsResponse(_message.Message):
     REFERRALS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """A token for the next page, or empty when this is the last page."""
+    """A token for the next page, or empty when this is the last page.
+    For example `MjAyNi0xMS0yNlQxMjowMDowMFp8NDM`.
+    """
     @_builtins.property
     def referrals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Referral]:
         """The referrals on this page, newest first."""
@@ -284,14 +290,16 @@ class Referral(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     QUALIFIED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the referred user."""
+    """The identifier of the referred user. For example `43`."""
     email: _builtins.str
-    """The email address of the referred user."""
+    """The email address of the referred user. For example `grace@example.com`."""
     state: Global___ReferralState.ValueType
     """Where the referral stands in the referral program."""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment the referred user registered."""
+        """The moment the referred user registered.
+        For example `2026-11-26T12:30:00Z`.
+        """
 
     @_builtins.property
     def qualified_at(self) -> _timestamp_pb2.Timestamp:

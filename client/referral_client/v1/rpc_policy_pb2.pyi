@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
+from . import error_reason_pb2 as _error_reason_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -71,6 +72,7 @@ class RpcPolicy(_message.Message):
     API_KEY_SCOPES_FIELD_NUMBER: _builtins.int
     USER_TOKEN_ALLOWED_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     public: _builtins.bool
     """Whether the RPC may be called without credentials. Every RPC without
     `public: true` requires an access token (default deny).
@@ -101,6 +103,15 @@ class RpcPolicy(_message.Message):
         UNAUTHENTICATED and a key without every scope listed is PERMISSION_DENIED.
         """
 
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_error_reason_pb2.ErrorReason.ValueType]:
+        """The error reasons this RPC answers with besides those any RPC may send
+        (INVALID_ARGUMENT, REQUEST_UNDECODABLE, SERVER_OVERLOADED, DATABASE_BUSY,
+        DATABASE_UNAVAILABLE, DEADLINE_EXCEEDED) and, when it needs credentials,
+        INVALID_TOKEN and USER_NOT_FOUND. The OpenAPI document lists each under
+        the HTTP status it comes with.
+        """
+
     def __init__(
         self,
         *,
@@ -110,10 +121,11 @@ class RpcPolicy(_message.Message):
         api_key_scopes: _abc.Iterable[_builtins.str] | None = ...,
         user_token_allowed: _builtins.bool = ...,
         idempotency: Global___Idempotency.ValueType = ...,
+        errors: _abc.Iterable[_error_reason_pb2.ErrorReason.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_scopes", b"api_key_scopes", "blocking", b"blocking", "idempotency", b"idempotency", "public", b"public", "quiet", b"quiet", "user_token_allowed", b"user_token_allowed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_scopes", b"api_key_scopes", "blocking", b"blocking", "errors", b"errors", "idempotency", b"idempotency", "public", b"public", "quiet", b"quiet", "user_token_allowed", b"user_token_allowed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
