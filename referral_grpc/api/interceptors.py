@@ -34,14 +34,14 @@ from .errors import abort, code_for, internal_status
 from .policy import Policy, policy_for
 
 log = logging.getLogger("referral_grpc.rpc")
-# One line per RPC; its own logger so operators can route or silence it.
-access_log = logging.getLogger("referral_grpc.access")
 
 MAX_REQUEST_ID_LENGTH = 128
 # grpc reports a call without a deadline as one with centuries left.
 _NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
 
 RpcObserver = Callable[[str, str, float], None]
+# One line per RPC: method, status code name, seconds, log level (INFO, or DEBUG for quiet RPCs).
+AccessLogger = Callable[[str, str, float, int], None]
 
 
 def current_principal() -> Principal:
@@ -145,7 +145,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
         authenticate: Callable[[str], Principal],
         release_connection: Callable[[], None],
         observe: RpcObserver | None = None,
-        access_log: bool = True,
+        access_log: AccessLogger | None = None,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
         admission: Admission | None = None,
     ) -> None:
@@ -265,15 +265,8 @@ class ApiInterceptor(grpc.ServerInterceptor):
     ) -> None:
         if self._observe is not None:
             self._observe(method, code.name, elapsed)
-        if self._access_log:
-            access_log.log(
-                access_level,
-                "%s %s %.1fms",
-                method,
-                code.name,
-                elapsed * 1000,
-                extra={"rpc_method": method, "grpc_code": code.name, "duration_ms": round(elapsed * 1000, 2)},
-            )
+        if self._access_log is not None:
+            self._access_log(method, code.name, elapsed, access_level)
 
 
 @contextmanager
