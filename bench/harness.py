@@ -28,7 +28,8 @@ from referral_grpc.devstack.locations import PROJECT_ROOT, Address
 PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
 BENCH_DATABASE = os.environ.get("BENCH_DATABASE", "referral_bench")
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-BENCH_KEY_PREFIX = "bench:"
+# Two benches on one machine (two checkouts) must not share these: set both per checkout.
+BENCH_KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "bench:")
 # A bench-only direct_response route: what Envoy alone costs (the proxy ceiling).
 NOOP_PATH = "/bench/noop"
 HEALTH_SERVICE = "grpc.health.v1.Health"
