@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         "0 = one per core)",
     )
     parser.add_argument("--log-level", default="info", help="servers' LOG_LEVEL (info: production default)")
-    parser.add_argument("--access-log", action="store_true", help="servers log a line per RPC too")
     parser.add_argument("--profile", action="store_true", help="py-spy the servers under the cache-hit load")
     parser.add_argument("--big-owner", type=int, default=1_000_000, help="referrals of the big owner")
     parser.add_argument("--lookup-users", type=int, default=100_000)

@@ -28,7 +28,8 @@ from referral_grpc.devstack.locations import PROJECT_ROOT, Address
 PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
 BENCH_DATABASE = os.environ.get("BENCH_DATABASE", "referral_bench")
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-BENCH_KEY_PREFIX = "bench:"
+# Two benches on one machine (two checkouts) must not share these: set both per checkout.
+BENCH_KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "bench:")
 # A bench-only direct_response route: what Envoy alone costs (the proxy ceiling).
 NOOP_PATH = "/bench/noop"
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -278,3 +279,60 @@ class RssSampler:
             self.samples.append((time.monotonic() - started, [rss_kib(pid) for pid in self._pids]))
             if self._stop.wait(self._interval):
                 return
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based), so 11 and 12 here.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of each part of the stack, so a scenario's cost can be given per request.
+
+    PostgreSQL is the backends connected to the bench database (the servers' pools), not the whole
+    cluster; Redis is the whole server process, shared with anything else using it on this machine.
+    """
+
+    database_url: str
+    redis_client: redis.Redis
+    server_pids: list[int]
+    envoy_pid: int = 0
+
+    def _postgres_pids(self) -> list[int]:
+        conn = psycopg2.connect(self.database_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()"
+                )
+                return [int(row[0]) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        redis_pid = int(self.redis_client.info("server")["process_id"])
+        parts = {
+            "server": self.server_pids,
+            "envoy": [self.envoy_pid] if self.envoy_pid else [],
+            "postgres": self._postgres_pids(),
+            "redis": [redis_pid],
+        }
+        return {name: {pid: cpu_seconds(pid) for pid in pids} for name, pids in parts.items()}
+
+    @staticmethod
+    def used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        """CPU seconds per part between two snapshots; a backend born in between counts from zero."""
+        return {
+            name: sum(max(0.0, now - before[name].get(pid, 0.0)) for pid, now in pids.items())
+            for name, pids in after.items()
+        }

@@ -248,13 +248,19 @@ def run_h2load(
 _ACCESS_LINE = re.compile(r'^\[(\S+)\] "\S+ (\S+) \S+" (\d+) grpc=(\S+) (\S+) ')
 
 
-def access_log_errors(log: Path, results: Sequence[LoadResult]) -> list[tuple[int, int]]:
+def access_log_errors(
+    log: Path, results: Sequence[LoadResult], expected: Sequence[int] = ()
+) -> list[tuple[int, int]]:
     """(requests, failures) per result from Envoy's access log: HTTP >= 400 or a gRPC status other than OK.
+
+    `expected` gives, per result, an HTTP status that is the right answer there (0: none), e.g. the
+    404 of a lookup of an unknown email.
 
     Native gRPC failures are HTTP 200 with grpc-status in the trailers, which h2load does not read;
     Envoy logs the status of every request, so this counts them for both REST and gRPC.
     """
     counts = [[0, 0] for _ in results]
+    expected = list(expected) or [0] * len(results)
     if not log.is_file():
         return [(0, 0) for _ in results]
     with log.open(errors="replace") as lines:
@@ -270,6 +276,8 @@ def access_log_errors(log: Path, results: Sequence[LoadResult]) -> list[tuple[in
             for index, result in enumerate(results):
                 if result.started <= moment <= result.ended and path.startswith(result.path_prefix):
                     counts[index][0] += 1
+                    if expected[index] and int(status) == expected[index]:
+                        continue
                     failed = int(status) >= 400 or grpc_status not in ("0", "-")
                     counts[index][1] += failed
     return [(total, failed) for total, failed in counts]

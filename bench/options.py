@@ -16,7 +16,6 @@ class Options:
     bcrypt_rounds: int
     envoy_concurrency: int | None
     log_level: str
-    access_log: bool
     profile: bool
     write_results: bool
     big_owner: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,17 +37,39 @@ class Row:
     ceiling: str
     note: str = ""
     logged_errors: int = 0
+    # Server processes behind Envoy: a ratio is taken against the ceiling of the same count.
+    procs: int = 1
+    # CPU seconds per part of the stack (server, envoy, postgres, redis) while the load ran.
+    cpu: dict[str, float] | None = None
+    # An HTTP status every request is meant to get (a lookup of unknown emails: 404), not an error.
+    expected_status: int = 0
 
     @property
     def errors(self) -> int:
-        return self.result.transport_errors + max(self.result.status_errors, self.logged_errors)
+        status = 0 if self.expected_status else max(self.result.status_errors, self.logged_errors)
+        return self.result.transport_errors + status
+
+    @property
+    def is_rpc_ceiling(self) -> bool:
+        return self.name.startswith(CEILING)
+
+
+CEILING = "ceiling: Health/Check"
+CPU_PARTS = ("server", "envoy", "postgres", "redis")
+
+
+def cpu_per_request(row: Row) -> str:
+    """CPU milliseconds per request of each part, server/Envoy/PostgreSQL/Redis."""
+    if not row.cpu or not row.result.requests:
+        return ""
+    return "/".join(f"{row.cpu[part] * 1000 / row.result.requests:.3f}" for part in CPU_PARTS)
 
 
 def format_row(row: Row, ratio: str = "") -> str:
     r = row.result
     return (
         f"| {row.name} | {row.proto} | {row.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-        f"| {row.errors} | {ratio} | {row.note} |"
+        f"| {row.errors} | {ratio} | {cpu_per_request(row)} | {row.note} |"
     )
 
 
@@ -54,18 +77,28 @@ def _find(rows: list[Row], prefix: str, proto: str) -> Row | None:
     return next((r for r in rows if r.name.startswith(prefix) and r.proto == proto), None)
 
 
+def ceilings(rows: list[Row], proto: str, procs: int) -> list[float]:
+    """Every measurement of the no-op RPC ceiling of this API and process count, in run order."""
+    return [r.result.rps for r in rows if r.is_rpc_ceiling and r.proto == proto and r.procs == procs]
+
+
+def ceiling_median(rows: list[Row], proto: str, procs: int) -> float:
+    values = ceilings(rows, proto, procs)
+    return statistics.median(values) if values else 0.0
+
+
 def _ratio(row: Row, rows: list[Row], facts: dict[str, Any]) -> str:
     if row.ceiling in ("REST", "gRPC"):
-        ceiling = _find(rows, "ceiling: Health/Check", row.proto)
-        if ceiling and ceiling.result.rps:
-            return f"{row.result.rps / ceiling.result.rps:.0%} of RPC"
+        median = ceiling_median(rows, row.proto, row.procs)
+        if median:
+            return f"{row.result.rps / median:.0%} of RPC"
     if row.ceiling == "bcrypt" and facts.get("login_ceiling"):
         return f"{row.result.rps / facts['login_ceiling']:.0%} of bcrypt"
     if row.ceiling == "probe":
         idle = _find(rows, "lookup probe", "REST")
         if idle and idle.result.p99_ms:
             return f"p99 {row.result.p99_ms / idle.result.p99_ms:.1f}x idle"
-    if row.name.startswith("ceiling: Health/Check") and row.proto == "REST":
+    if row.is_rpc_ceiling and row.proto == "REST":
         proxy = _find(rows, "ceiling: Envoy", "REST")
         if proxy and proxy.result.rps:
             return f"{row.result.rps / proxy.result.rps:.0%} of proxy"
@@ -88,34 +121,82 @@ def rss_summary(samples: list[tuple[float, list[int]]]) -> dict[str, Any]:
     }
 
 
+AB_ACCESS_LOG = "A/B access log"
+
+
+def ceiling_summary(rows: list[Row]) -> list[str]:
+    """The spread of each repeated ceiling: a ratio is only as good as the ceiling it divides by."""
+    out = []
+    for proto, procs in sorted({(r.proto, r.procs) for r in rows if r.is_rpc_ceiling}):
+        values = ceilings(rows, proto, procs)
+        median = statistics.median(values)
+        out.append(
+            f"- no-op RPC ceiling, {proto}, {procs}p: measured {len(values)} times through the run,"
+            f" median {median:,.0f} req/s, min {min(values):,.0f}, max {max(values):,.0f}"
+            f" (spread {(max(values) - min(values)) / median:.0%} of the median); ratios use the median"
+        )
+    return out
+
+
+def _median_rps(rows: list[Row], prefix: str) -> float:
+    values = [r.result.rps for r in rows if r.name.startswith(prefix)]
+    return statistics.median(values) if values else 0.0
+
+
 def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[str]:
+    """The targets of issue 15, each marked met or not against this run."""
     out = ["| target | measured | met |", "|---|---|---|"]
 
     def line(target: str, measured: str, ok: bool | None) -> None:
         out.append(f"| {target} | {measured} | {'n/a' if ok is None else ('yes' if ok else '**no**')} |")
 
+    median = ceiling_median(rows, "REST", options.processes)
+
+    def share(row: Row | None) -> float:
+        return row.result.rps / median if row and median else 0.0
+
+    def ratio_target(prefix: str, label: str, minimum: float, p99_below: float | None = None) -> None:
+        row = _find(rows, prefix, "REST")
+        if row is None:
+            return
+        line(f"{label} >= {minimum:.0%} of the REST no-op RPC", f"{share(row):.0%}", share(row) >= minimum)
+        if p99_below is not None:
+            line(
+                f"{label} p99 < {p99_below:g} ms",
+                f"{row.result.p99_ms:.2f} ms",
+                row.result.p99_ms < p99_below,
+            )
+
     procs = f"({options.processes}p)"
-    hit = _find(rows, f"lookup, cache hit {procs}", "REST")
-    hit_grpc = _find(rows, f"lookup, cache hit {procs}", "gRPC")
-    rpc = _find(rows, "ceiling: Health/Check", "REST")
-    if hit:
-        line("cache hit REST >= 3,500 req/s", f"{hit.result.rps:,.0f}", hit.result.rps >= 3500)
-        line("cache hit REST p99 < 10 ms", f"{hit.result.p99_ms:.2f} ms", hit.result.p99_ms < 10)
-        if rpc and rpc.result.rps:
-            ratio = hit.result.rps / rpc.result.rps
-            line("cache hit REST >= 70% of the no-op RPC ceiling (REST)", f"{ratio:.0%}", ratio >= 0.7)
-    if hit and hit_grpc:
-        line(
-            "cache hit gRPC > REST",
-            f"{hit_grpc.result.rps:,.0f} vs {hit.result.rps:,.0f}",
-            hit_grpc.result.rps > hit.result.rps,
-        )
+    ratio_target(f"lookup, cache hit {procs}", "lookup, cache hit, REST", 0.75, 8)
+    ratio_target(f"lookup, cold cache {procs}", "lookup, cold cache, REST", 0.35, 15)
+    # The biggest owner's two rows come last (1M referrals; fewer in a smoke run).
     lists = [r for r in rows if r.name.startswith("ListReferrals")]
-    if len(lists) == 4:
-        small_first, small_deep, big_first, big_deep = lists
-        for small, big, what in ((small_first, big_first, "first"), (small_deep, big_deep, "deep")):
-            ratio = big.result.p50_ms / small.result.p50_ms if small.result.p50_ms else 0
-            line(f"ListReferrals big/1k p50 <= 1.2x ({what} page)", f"{ratio:.2f}x", ratio <= 1.2)
+    if len(lists) >= 2:
+        first, deep = lists[-2:]
+        for row in (first, deep):
+            label = row.name.removeprefix("ListReferrals ")
+            line(
+                f"ListReferrals {label} >= 30% of the REST no-op RPC", f"{share(row):.0%}", share(row) >= 0.3
+            )
+        if first.result.rps and deep.result.rps:
+            apart = max(first.result.rps, deep.result.rps) / min(first.result.rps, deep.result.rps)
+            line("ListReferrals: those two within 1.2x (req/s)", f"{apart:.2f}x", apart <= 1.2)
+    ratio_target("CreateReferralCode", "CreateReferralCode", 0.2)
+    for missing in (
+        "RecordEvent >= 20% of the REST no-op RPC, zero duplicate credits",
+        "webhook deliveries per worker >= 1,000/s",
+        "WatchEvents commit-to-delivery p99 < 100 ms",
+    ):
+        line(missing, "not in this bench (the rewards RPCs are not on this branch)", None)
+    on, off = _median_rps(rows, f"{AB_ACCESS_LOG} on"), _median_rps(rows, f"{AB_ACCESS_LOG} off")
+    if on and off:
+        cost = 1 - on / off
+        line(
+            "access log costs < 10% of the cached lookup (A/B, medians)",
+            f"{cost:.1%} ({on:,.0f} on vs {off:,.0f} off req/s)",
+            cost < 0.10,
+        )
     ceiling = facts.get("login_ceiling")
     logins = [r for r in rows if r.name.startswith("Login")]
     if ceiling and logins:
@@ -137,10 +218,32 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
     if soak:
         changes = [float(c.rstrip("%")) / 100 for c in soak["change"] if c != "?"]
         line(
-            f"RSS flat within 10% over the soak ({soak['seconds']} s)",
+            f"RSS flat within 5% over a 5-minute soak (this one {soak['seconds']} s)",
             ", ".join(f"{s} -> {e} MiB" for s, e in zip(soak["start_mib"], soak["end_mib"], strict=True)),
-            all(abs(c) <= 0.10 for c in changes) if options.soak >= 300 else None,
+            all(abs(c) < 0.05 for c in changes) if options.soak >= 300 else None,
         )
+    if options.processes == 1:
+        hit, miss = (
+            _find(rows, "lookup, cache hit (1p)", "REST"),
+            _find(rows, "lookup, unknown email", "REST"),
+        )
+        if hit:
+            line(
+                "`make run` shape: cached lookup >= 3,500 req/s",
+                f"{hit.result.rps:,.0f}",
+                hit.result.rps >= 3500,
+            )
+            line(
+                "`make run` shape: cached lookup p99 < 10 ms",
+                f"{hit.result.p99_ms:.2f} ms",
+                hit.result.p99_ms < 10,
+            )
+        if miss:
+            line(
+                "`make run` shape: lookup that misses >= 2,000 req/s",
+                f"{miss.result.rps:,.0f}",
+                miss.result.rps >= 2000,
+            )
     return out
 
 
@@ -193,11 +296,22 @@ def render(rows: list[Row], facts: dict[str, Any], options: Options, machine: li
         "",
         *machine,
         "",
-        "| scenario | API | conns | req/s | p50 ms | p99 ms | errors | ratio | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| scenario | API | conns | req/s | p50 ms | p99 ms | errors | ratio | CPU ms/req | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     lines += [format_row(row, _ratio(row, rows, facts)) for row in rows]
-    lines += ["", "Targets:", "", *_targets(rows, facts, options), ""]
+    lines += [
+        "",
+        "CPU ms/req: CPU milliseconds per request of server/Envoy/PostgreSQL/Redis while the row ran"
+        " (PostgreSQL: the bench database's backends; Redis: the whole Redis process, shared).",
+        "",
+        *ceiling_summary(rows),
+        "",
+        "Targets (issue 15):",
+        "",
+        *_targets(rows, facts, options),
+        "",
+    ]
     for key, label in (("rss_soak", "RSS during the soak"), ("rss_whole_run", "RSS over the whole run")):
         summary = facts.get(key)
         if summary:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from referral_grpc.devstack.locations import PROJECT_ROOT
 from referral_grpc.domain.passwords import PasswordHasher
 from referral_grpc.gen import referral_service_pb2
+from referral_grpc.settings import Settings
 
 from . import harness, load, profile, report, seed
 from .grpcload import write_bodies
@@ -41,18 +42,33 @@ class Context:
     servers: harness.Servers
     descriptor: Path
     server_log: IO[bytes]
+    cpu: harness.CpuMeter
     envoy: harness.BenchEnvoy | None = None
     rows: list[report.Row] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
+    procs: int = 1
+    _cpu_used: dict[str, float] | None = None
 
-    def start_envoy(self, processes: int) -> harness.BenchEnvoy:
+    def start_envoy(self, processes: int, backends: harness.Servers | None = None) -> harness.BenchEnvoy:
+        """Envoy in front of the first `processes` servers (of `backends`, default the main ones)."""
         if self.envoy is not None:
             self.envoy.stop()
-        config = harness.bench_envoy_config(self.servers.addresses[:processes], self.descriptor)
+        servers = backends or self.servers
+        config = harness.bench_envoy_config(servers.addresses[:processes], self.descriptor)
         self.envoy = harness.BenchEnvoy(config, self.workdir, self.options.envoy_concurrency)
         self.envoy.wait_ready()
         self.envoy.wait_backends_healthy(processes)
+        self.procs = processes
+        self.cpu.server_pids = servers.pids[:processes]
+        self.cpu.envoy_pid = self.envoy.process.pid
         return self.envoy
+
+    def measure(self, load_run: Callable[[], LoadResult]) -> LoadResult:
+        """Run a load and keep the CPU each part of the stack used meanwhile, for the next row."""
+        before = self.cpu.snapshot()
+        result = load_run()
+        self._cpu_used = harness.CpuMeter.used(before, self.cpu.snapshot())
+        return result
 
     @property
     def url(self) -> str:
@@ -65,10 +81,20 @@ class Context:
         return f"127.0.0.1:{self.envoy.port}"
 
     def add(
-        self, name: str, proto: str, connections: int, result: LoadResult, ceiling: str, note: str = ""
+        self,
+        name: str,
+        proto: str,
+        connections: int,
+        result: LoadResult,
+        ceiling: str,
+        note: str = "",
+        expected_status: int = 0,
     ) -> None:
-        self.rows.append(report.Row(name, proto, connections, result, ceiling, note))
-        print(report.format_row(self.rows[-1]), flush=True)
+        row = report.Row(name, proto, connections, result, ceiling, note, procs=self.procs)
+        row.cpu, self._cpu_used = self._cpu_used, None
+        row.expected_status = expected_status
+        self.rows.append(row)
+        print(report.format_row(row), flush=True)
 
 
 def _say(message: str) -> None:
@@ -91,13 +117,14 @@ def _stack(options: Options) -> Iterator[Context]:
         "PASSWORD_PEPPER": pepper,
         "BCRYPT_ROUNDS": str(options.bcrypt_rounds),
         "GRPC_HOST": "127.0.0.1",
-        "LOG_LEVEL": options.log_level,
-        # Envoy logs every request already; the server's own line per RPC is switched off, as a
-        # deployment at these rates would (ACCESS_LOG=false). --access-log measures it on.
-        "ACCESS_LOG": "true" if options.access_log else "false",
-        "LOG_FORMAT": "json",
-        "HUEY_SQLITE_PATH": str(workdir / "huey.db"),
     }
+    # What ships: ENVIRONMENT=production with PostgreSQL and Redis and nothing else changed (ACCESS_LOG,
+    # LOG_FORMAT, pools at their defaults). Other configurations are extra, labelled rows.
+    if options.log_level.upper() != "INFO":
+        env["LOG_LEVEL"] = options.log_level
+    for name in ("ACCESS_LOG", "LOG_LEVEL", "LOG_FORMAT"):
+        if name in os.environ and name not in env:
+            del env[name]
     _say(f"workdir {workdir}; database {database_url}")
     harness.run_migrations(env)
     client = redis.Redis.from_url(harness.BENCH_REDIS_URL, decode_responses=True)
@@ -114,8 +141,10 @@ def _stack(options: Options) -> Iterator[Context]:
             servers=servers,
             server_log=server_log,
             descriptor=harness.bench_descriptor_set(workdir / "bench.pb"),
+            cpu=harness.CpuMeter(database_url, client, servers.pids),
         )
         context.facts["pepper"] = pepper
+        context.facts["access_log_default"] = Settings.from_env(env).access_log
         try:
             yield context
         finally:
@@ -201,7 +230,11 @@ def run(options: Options) -> int:
         ctx.facts["rss_whole_run"] = report.rss_summary(whole_run_rss.samples)
         assert ctx.envoy is not None
         ctx.envoy.stop()
-        counts = load.access_log_errors(ctx.envoy.access_log, [row.result for row in ctx.rows])
+        counts = load.access_log_errors(
+            ctx.envoy.access_log,
+            [row.result for row in ctx.rows],
+            [row.expected_status for row in ctx.rows],
+        )
         for row, (_, failed) in zip(ctx.rows, counts, strict=True):
             row.logged_errors = failed
         ctx.envoy = None
@@ -236,6 +269,24 @@ def _hit_grpc_load(ctx: Context, seconds: float, conns: int) -> LoadResult:
     )
 
 
+def _rest_ceiling(ctx: Context, conns: int) -> None:
+    """The transcoded no-op RPC once more: repeated through the run, since it moves with the machine."""
+    seconds = ctx.options.seconds if ctx.options.smoke else max(2.0, ctx.options.seconds / 2)
+    result = ctx.measure(
+        lambda: load.run_wrk(
+            ctx.url + GRPC_HEALTH,
+            load.static_script("POST", "{}"),
+            connections=conns,
+            seconds=seconds,
+            path_prefix=GRPC_HEALTH,
+        )
+    )
+    taken = sum(
+        1 for row in ctx.rows if row.is_rpc_ceiling and row.proto == "REST" and row.procs == ctx.procs
+    )
+    ctx.add(f"{report.CEILING} transcoded ({ctx.procs}p) #{taken + 1}", "REST", conns, result, "-")
+
+
 def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) -> None:
     opts = ctx.options
     procs = f"{opts.processes}p"
@@ -247,65 +298,108 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
         "ceiling: Envoy direct_response (proxy only)",
         "REST",
         conns,
-        load.run_wrk(
-            ctx.url + harness.NOOP_PATH,
-            load.static_script(),
-            connections=conns,
-            seconds=seconds,
-            path_prefix=harness.NOOP_PATH,
+        ctx.measure(
+            lambda: load.run_wrk(
+                ctx.url + harness.NOOP_PATH,
+                load.static_script(),
+                connections=conns,
+                seconds=seconds,
+                path_prefix=harness.NOOP_PATH,
+            )
         ),
         "-",
     )
+    _rest_ceiling(ctx, conns)
     ctx.add(
-        f"ceiling: Health/Check transcoded ({procs})",
-        "REST",
-        conns,
-        load.run_wrk(
-            ctx.url + GRPC_HEALTH,
-            load.static_script("POST", "{}"),
-            connections=conns,
-            seconds=seconds,
-            path_prefix=GRPC_HEALTH,
-        ),
-        "-",
-    )
-    ctx.add(
-        f"ceiling: Health/Check ({procs})",
+        f"{report.CEILING} ({procs})",
         "gRPC",
         conns,
-        load.run_h2load(
-            ctx.url + GRPC_HEALTH,
-            connections=conns,
-            seconds=seconds,
-            body=load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
-            path_prefix=GRPC_HEALTH,
+        ctx.measure(
+            lambda: load.run_h2load(
+                ctx.url + GRPC_HEALTH,
+                connections=conns,
+                seconds=seconds,
+                body=load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
+                path_prefix=GRPC_HEALTH,
+            )
         ),
         "-",
     )
 
     # 2. Cache hit: one email, cached after its first lookup.
-    ctx.add(f"lookup, cache hit ({procs})", "REST", conns, _hit_rest_load(ctx, seconds, conns), "REST")
-    ctx.add(f"lookup, cache hit ({procs})", "gRPC", conns, _hit_grpc_load(ctx, seconds, conns), "gRPC")
+    hit = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
+    ctx.add(f"lookup, cache hit ({procs})", "REST", conns, hit, "REST")
+    ctx.add(
+        f"lookup, cache hit ({procs})",
+        "gRPC",
+        conns,
+        ctx.measure(lambda: _hit_grpc_load(ctx, seconds, conns)),
+        "gRPC",
+    )
+    _rest_ceiling(ctx, conns)
 
-    # 3. Cold cache: every request a different user, cache flushed first.
-    users = opts.lookup_users
+    # 3. Cold cache: every request a different user, cache flushed first; then unknown emails.
+    _cold(ctx, seconds, conns)
+    _rest_ceiling(ctx, conns)
+
+    # 4. ListReferrals, first and deep page, 1k and big owners; tokens through Login.
+    _lists(ctx, seeded, seconds, conns)
+    _rest_ceiling(ctx, conns)
+
+    # 5. CreateReferralCode: many users, each rotating its code; tokens through Login.
+    emails = [seed.login_email(i) for i in range(opts.login_users)]
+    user_tokens = seed.login_all(ctx.target, emails)
+    expires = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = json.dumps({"expires_at": expires})
+    lines = load.write_request_lines(
+        ctx.workdir / "create.tsv", (("/referral/code", t, body) for t in user_tokens)
+    )
+    create = ctx.measure(
+        lambda: load.run_wrk(
+            ctx.url,
+            load.cycle_script("POST", lines, 1),
+            connections=conns,
+            seconds=seconds,
+            path_prefix="/referral/code",
+        )
+    )
+    ctx.add(f"CreateReferralCode, {len(user_tokens)} users rotating", "REST", conns, create, "REST")
+    _rest_ceiling(ctx, conns)
+
+    # 6. The access log, on and off, for the cached lookup.
+    _access_log_ab(ctx, conns)
+    _rest_ceiling(ctx, conns)
+
+    # 7. Rewards: RecordEvent with an API key (qualifying and duplicate events), RedeemRewards.
+    _rewards(ctx, seconds, conns)
+    _rest_ceiling(ctx, conns)
+
+    # 8. Login vs the bcrypt ceiling, and lookup latency while logins saturate the CPU.
+    _logins(ctx, seconds)
+
+
+def _cold(ctx: Context, seconds: float, conns: int) -> None:
+    procs = f"{ctx.options.processes}p"
+    users = ctx.options.lookup_users
     half = users // 2
     lines = load.write_request_lines(
         ctx.workdir / "cold.tsv", ((_rest_lookup_path(seed.lookup_email(i)), "", "") for i in range(half))
     )
     harness.flush_redis_prefix(ctx.redis)
-    cold = load.run_wrk(
-        ctx.url,
-        load.cycle_script("GET", lines, 1),
-        connections=conns,
-        seconds=seconds,
-        path_prefix="/referral/code",
+    cold = ctx.measure(
+        lambda: load.run_wrk(
+            ctx.url,
+            load.cycle_script("GET", lines, 1),
+            connections=conns,
+            seconds=seconds,
+            path_prefix="/referral/code",
+        )
     )
     filled = harness.count_redis_keys(ctx.redis, f"{harness.BENCH_KEY_PREFIX}code:*")
     ctx.add(f"lookup, cold cache ({procs})", "REST", conns, cold, "REST", _cold_note(cold, filled))
     harness.flush_redis_prefix(ctx.redis)
     bodies = [_lookup_body(seed.lookup_email(i)) for i in range(half, users)]
-    cold_grpc = _python_grpc_load(ctx, GRPC_LOOKUP, bodies, seconds)
+    cold_grpc = ctx.measure(lambda: _python_grpc_load(ctx, GRPC_LOOKUP, bodies, seconds))
     filled = harness.count_redis_keys(ctx.redis, f"{harness.BENCH_KEY_PREFIX}code:*")
     ctx.add(
         f"lookup, cold cache ({procs})",
@@ -315,8 +409,31 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
         "gRPC",
         _cold_note(cold_grpc, filled) + "; Python aio client",
     )
+    unknown = load.write_request_lines(
+        ctx.workdir / "unknown.tsv",
+        ((_rest_lookup_path(f"nobody{i}@{seed.DOMAIN}"), "", "") for i in range(10_000)),
+    )
+    miss = ctx.measure(
+        lambda: load.run_wrk(
+            ctx.url,
+            load.cycle_script("GET", unknown, 1),
+            connections=conns,
+            seconds=seconds,
+            path_prefix="/referral/code",
+        )
+    )
+    ctx.add(
+        f"lookup, unknown email ({procs})",
+        "REST",
+        conns,
+        miss,
+        "REST",
+        "404 NOT_FOUND by design (not errors): a Redis read and a PostgreSQL read each",
+        expected_status=404,
+    )
 
-    # 4. ListReferrals, first and deep page, 1k and big owners; tokens through Login.
+
+def _lists(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) -> None:
     owners = sorted(seeded.owner_ids)
     tokens = seed.login_all(ctx.target, [seed.owner_email(n) for n in owners])
     for count, token in zip(owners, tokens, strict=True):
@@ -328,37 +445,50 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
             raise RuntimeError(f"the deep page token of owner{count} does not give a full page")
         label = f"{count:,}" if count < 1_000_000 else f"{count // 1_000_000}M"
         for page, query in (("first page", ""), (f"page at row {depth:,}", f"?page_token={page_token}")):
-            result = load.run_wrk(
-                ctx.url + "/referral/referrals" + query,
-                load.static_script(headers={"authorization": f"Bearer {token}"}),
-                connections=conns,
-                seconds=seconds,
-                path_prefix="/referral/referrals",
+            result = ctx.measure(
+                lambda query=query, token=token: load.run_wrk(
+                    ctx.url + "/referral/referrals" + query,
+                    load.static_script(headers={"authorization": f"Bearer {token}"}),
+                    connections=conns,
+                    seconds=seconds,
+                    path_prefix="/referral/referrals",
+                )
             )
             ctx.add(f"ListReferrals {label} referrals, {page}", "REST", conns, result, "REST")
 
-    # 5. CreateReferralCode: many users, each rotating its code; tokens through Login.
-    emails = [seed.login_email(i) for i in range(opts.login_users)]
-    user_tokens = seed.login_all(ctx.target, emails)
-    expires = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = json.dumps({"expires_at": expires})
-    lines = load.write_request_lines(
-        ctx.workdir / "create.tsv", (("/referral/code", t, body) for t in user_tokens)
-    )
-    create = load.run_wrk(
-        ctx.url,
-        load.cycle_script("POST", lines, 1),
-        connections=conns,
-        seconds=seconds,
-        path_prefix="/referral/code",
-    )
-    ctx.add(f"CreateReferralCode, {len(user_tokens)} users rotating", "REST", conns, create, "REST")
 
-    # 6. Rewards: RecordEvent with an API key, RedeemRewards.
-    _rewards(ctx, seconds, conns)
+def _access_log_ab(ctx: Context, conns: int) -> None:
+    """The cached lookup with ACCESS_LOG on and off, alternating short bursts, one fresh server each.
 
-    # 7. Login vs the bcrypt ceiling, and lookup latency while logins saturate the CPU.
-    _logins(ctx, seconds)
+    Alternating (on, off, on, off, ...) spreads the machine's drift over both sides; the target
+    check compares the medians.
+    """
+    rounds = 1 if ctx.options.smoke else 3
+    seconds = ctx.options.seconds if ctx.options.smoke else max(2.0, ctx.options.seconds / 2)
+    sides = {
+        state: harness.start_servers({**ctx.env, "ACCESS_LOG": state}, 1, ctx.server_log)
+        for state in ("true", "false")
+    }
+    default = "true" if ctx.facts.get("access_log_default", True) else "false"
+    try:
+        for _ in range(rounds):
+            for state, servers in sides.items():
+                ctx.start_envoy(1, servers)
+                _hit_rest_load(ctx, 1, conns)
+                result = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
+                side = "on" if state == "true" else "off"
+                shipped = " (the production default)" if state == default else ""
+                ctx.add(
+                    f"{report.AB_ACCESS_LOG} {side}{shipped}, lookup, cache hit (1p)",
+                    "REST",
+                    conns,
+                    result,
+                    "REST",
+                )
+    finally:
+        for servers in sides.values():
+            servers.stop()
+        ctx.start_envoy(ctx.options.processes)
 
 
 # Enough distinct newcomers that a run never wraps around to its first line.
@@ -478,12 +608,14 @@ def _logins(ctx: Context, seconds: float) -> None:
         f"Login, {login_conns} conns (bcrypt cost {ctx.options.bcrypt_rounds})",
         "REST",
         login_conns,
-        load.run_wrk(
-            ctx.url + "/auth/login",
-            login_script,
-            connections=login_conns,
-            seconds=login_seconds,
-            path_prefix="/auth/login",
+        ctx.measure(
+            lambda: load.run_wrk(
+                ctx.url + "/auth/login",
+                login_script,
+                connections=login_conns,
+                seconds=login_seconds,
+                path_prefix="/auth/login",
+            )
         ),
         "bcrypt",
     )
@@ -518,8 +650,12 @@ def _compare_processes(ctx: Context, seconds: float, conns: int) -> None:
         harness.start_servers(ctx.env, other - len(ctx.servers.processes), ctx.server_log, ctx.servers)
     ctx.start_envoy(other)
     _hit_rest_load(ctx, 2, conns)
-    ctx.add(f"lookup, cache hit ({other}p)", "REST", conns, _hit_rest_load(ctx, seconds, conns), "REST")
-    ctx.add(f"lookup, cache hit ({other}p)", "gRPC", conns, _hit_grpc_load(ctx, seconds, conns), "gRPC")
+    _rest_ceiling(ctx, conns)
+    hit = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
+    ctx.add(f"lookup, cache hit ({other}p)", "REST", conns, hit, "REST")
+    hit_grpc = ctx.measure(lambda: _hit_grpc_load(ctx, seconds, conns))
+    ctx.add(f"lookup, cache hit ({other}p)", "gRPC", conns, hit_grpc, "gRPC")
+    _rest_ceiling(ctx, conns)
     ctx.start_envoy(ctx.options.processes)
 
 
@@ -536,12 +672,14 @@ def _soak(ctx: Context, seeded: seed.Seeded) -> None:
     lines = load.write_request_lines(ctx.workdir / "soak.tsv", rows)
     pids = ctx.servers.pids[: opts.processes]
     with harness.RssSampler(pids) as sampler:
-        result = load.run_wrk(
-            ctx.url,
-            load.cycle_script("GET", lines, 1),
-            connections=opts.connections,
-            seconds=opts.soak,
-            path_prefix="/referral",
+        result = ctx.measure(
+            lambda: load.run_wrk(
+                ctx.url,
+                load.cycle_script("GET", lines, 1),
+                connections=opts.connections,
+                seconds=opts.soak,
+                path_prefix="/referral",
+            )
         )
     ctx.facts["rss_soak"] = report.rss_summary(sampler.samples)
     ctx.add(f"soak {opts.soak:.0f} s: mixed lookups + lists", "REST", opts.connections, result, "REST")

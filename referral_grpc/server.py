@@ -22,6 +22,7 @@ from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
 from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc, reward_service_pb2_grpc
+from .infra.logs import AccessLog
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
 
@@ -172,7 +173,7 @@ def create_server(app: App, address: str | None = None) -> Server:
                 app.auth.authenticate,
                 app.release_connection,
                 observe=metrics.observe_rpc,
-                access_log=settings.access_log,
+                access_log=AccessLog() if settings.access_log else None,
                 blocking_pool=blocking_pool,
                 admission=admission,
                 authenticate_key=app.api_keys.authenticate,

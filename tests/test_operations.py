@@ -18,8 +18,9 @@ from support.api import Api, bearer, expect_error, in_days, running_api
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.infra.logs import configure_logging, redact
+from referral_grpc.infra.logs import AccessLog, configure_logging, redact
 from referral_grpc.infra.metrics import MetricsServer
+from referral_grpc.request_context import request_id
 
 REGISTER = "/referral.v1.AuthService/Register"
 
@@ -179,6 +180,30 @@ def test_info_level_keeps_the_access_line_and_drops_the_query_log(
     assert len(lines) == 1, output
     assert "INFO referral_grpc.access [t-1] /referral.v1.AuthService/Register OK" in lines[0]
     assert lines[0].endswith("ms")
+
+
+def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(make_settings(log_format="json"), stream)
+    method = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+    token = request_id.set('a "quoted" \\ id \u00e9')
+    try:
+        logging.getLogger("referral_grpc.access").info(
+            "%s %s %.1fms",
+            method,
+            "NOT_FOUND",
+            1.2345,
+            extra={"rpc_method": method, "grpc_code": "NOT_FOUND", "duration_ms": 1.23},
+        )
+        AccessLog()(method, "NOT_FOUND", 0.0012345, logging.INFO)
+        # Quiet RPCs log at DEBUG: below the INFO threshold, nothing is written.
+        AccessLog()(method, "OK", 0.001, logging.DEBUG)
+    finally:
+        request_id.reset(token)
+    ordinary, quick = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert ordinary.pop("time")[:10] == quick.pop("time")[:10]
+    assert quick == ordinary
+    assert quick["request_id"] == 'a "quoted" \\ id \u00e9'
 
 
 def test_tracebacks_are_redacted_too(restore_logging: None) -> None:

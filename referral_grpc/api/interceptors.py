@@ -41,8 +41,6 @@ from .idempotency import IdempotencyStore
 from .policy import Policy, policy_for
 
 log = logging.getLogger("referral_grpc.rpc")
-# One line per RPC; its own logger so operators can route or silence it.
-access_log = logging.getLogger("referral_grpc.access")
 
 # What a client's x-request-id may be, kept end to end (Envoy's Lua filter applies the same rule):
 # 1 to 128 letters, digits and -_.: (a UUID always qualifies). Anything else is replaced.
@@ -53,6 +51,8 @@ TRACEPARENT = re.compile(r"00-(?P<trace_id>[0-9a-f]{32})-(?P<parent_id>[0-9a-f]{
 _NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
 
 RpcObserver = Callable[[str, str, float], None]
+# One line per RPC: method, status code name, seconds, log level (INFO, or DEBUG for quiet RPCs).
+AccessLogger = Callable[[str, str, float, int], None]
 
 
 def current_principal() -> Principal:
@@ -173,7 +173,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
         authenticate: Callable[[str], Principal],
         release_connection: Callable[[], None],
         observe: RpcObserver | None = None,
-        access_log: bool = True,
+        access_log: AccessLogger | None = None,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
         admission: Admission | None = None,
         authenticate_key: Callable[[str], ApiKeyPrincipal] | None = None,
@@ -357,15 +357,8 @@ class ApiInterceptor(grpc.ServerInterceptor):
     ) -> None:
         if self._observe is not None:
             self._observe(method, code.name, elapsed)
-        if self._access_log:
-            access_log.log(
-                access_level,
-                "%s %s %.1fms",
-                method,
-                code.name,
-                elapsed * 1000,
-                extra={"rpc_method": method, "grpc_code": code.name, "duration_ms": round(elapsed * 1000, 2)},
-            )
+        if self._access_log is not None:
+            self._access_log(method, code.name, elapsed, access_level)
 
 
 @contextmanager

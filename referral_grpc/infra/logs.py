@@ -110,9 +110,71 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler `configure_logging` installs; AccessLog writes its JSON lines straight to it."""
+
+
+ACCESS_LOGGER = "referral_grpc.access"
+_ACCESS_JSON = (
+    '{"time": "%s", "level": "%s", "logger": "' + ACCESS_LOGGER + '", "message": "%s %s %.1fms",'
+    ' "request_id": %s, "rpc_method": "%s", "grpc_code": "%s", "duration_ms": %r}\n'
+)
+
+
+class AccessLog:
+    """One line per RPC (method, code, duration, request id), cheap enough to leave on.
+
+    The ordinary logging path (a LogRecord, the redacting filter's regexes, the JSON formatter) cost
+    about a third of a cached lookup's throughput. Every field of this line is ours except the request
+    id, which the redacting filter never rewrote either, so with the JSON handler installed the line
+    is formatted in one step and written under the handler's lock, in the very format JsonFormatter
+    gives. Any other set-up (text format, extra handlers) takes the ordinary path.
+    """
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+        self._root = logging.getLogger()
+
+    def __call__(self, method: str, code: str, seconds: float, level: int = logging.INFO) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        handlers = self._root.handlers
+        handler = handlers[0] if len(handlers) == 1 else None
+        if (
+            isinstance(handler, ServiceHandler)
+            and isinstance(handler.formatter, JsonFormatter)
+            and handler.level <= level
+            and not self._logger.handlers
+        ):
+            ms = seconds * 1000
+            line = _ACCESS_JSON % (
+                datetime.now(UTC).isoformat(),
+                logging.getLevelName(level),
+                method,
+                code,
+                ms,
+                json.dumps(request_id.get(), ensure_ascii=False),
+                method,
+                code,
+                round(ms, 2),
+            )
+            with handler.lock:  # type: ignore[union-attr]
+                handler.stream.write(line)
+                handler.flush()
+            return
+        self._logger.log(
+            level,
+            "%s %s %.1fms",
+            method,
+            code,
+            seconds * 1000,
+            extra={"rpc_method": method, "grpc_code": code, "duration_ms": round(seconds * 1000, 2)},
+        )
+
+
 def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
     """The handler `configure_logging` installs: redacting, with the request id, text or JSON."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = ServiceHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RedactingFilter())
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sqlite3
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -205,3 +206,8 @@ class DatabaseProbe:
             # A broken connection has nothing left to release.
             with contextlib.suppress(psycopg2.Error):
                 conn.close()
+
+
+def run_sql(db: pw.Database, sql: str, params: Sequence[object] = ()) -> Any:
+    """Run hand-written SQL (the hot paths' prebuilt statements) and return the DB-API cursor."""
+    return db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
