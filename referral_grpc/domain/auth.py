@@ -12,6 +12,7 @@ import peewee as pw
 from ..request_context import Principal
 from ..store.database import is_postgres, write_transaction
 from ..store.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from . import audit
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from .passwords import PasswordHasher
@@ -283,6 +284,8 @@ class AuthService:
             self._revoke_sessions(user.id, now)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+            # Last in the transaction: the audit lock is held only until the commit that follows.
+            audit.append(self._db, now, "password.change", f"user:{user.id}", actor=f"user:{user.id}")
         self._dispatcher.dispatch([outbox_id])
         return self._tokens(User.get_by_id(user.id), refresh)
 
@@ -367,6 +370,8 @@ class AuthService:
             self._revoke_sessions(row.user_id, now)
             user = User.get_by_id(row.user_id)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
+            # The holder of the emailed link acts as the account's owner.
+            audit.append(self._db, now, "password.reset", f"user:{user.id}", actor=f"user:{user.id}")
         # Proof of the mailbox ends a lockout: the owner can sign in with the new password at once.
         self._throttle.clear(self._limits.login, user.email_key)
         self._dispatcher.dispatch([outbox_id])

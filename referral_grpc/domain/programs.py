@@ -11,6 +11,7 @@ import peewee as pw
 
 from ..store.database import write_transaction
 from ..store.models import Program
+from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
 from .ports import Clock
@@ -136,9 +137,11 @@ class ProgramService:
     def set(self, rules: ProgramRules) -> ProgramRules:
         """Append `rules` as the newest version; referrals already judged keep the version they had."""
         validate(rules)
+        now = self._clock.now()
         with write_transaction(self._db):
+            before = current_program()
             row = Program.create(
-                created_at=self._clock.now(),
+                created_at=now,
                 event_types=",".join(dict.fromkeys(rules.event_types)),
                 currency=rules.currency,
                 min_amount_minor=rules.min_amount_minor,
@@ -152,7 +155,16 @@ class ProgramService:
                 hold_days=rules.hold_days,
                 max_rewarded_referrals=rules.max_rewarded_referrals,
             )
-        return _rules(row)
+            stored = _rules(row)
+            audit.append(
+                self._db,
+                now,
+                "program.update",
+                "program",
+                before=None if before is None else before.as_dict(),
+                after=stored.as_dict(),
+            )
+        return stored
 
     def current(self) -> ProgramRules | None:
         return current_program()

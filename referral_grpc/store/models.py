@@ -323,6 +323,33 @@ class IdempotencyRecord(BaseModel):
         indexes = ((("caller", "key"), True),)
 
 
+class AuditEvent(BaseModel):
+    """One audited action, hash-chained to the one before; a PostgreSQL trigger refuses UPDATE and DELETE."""
+
+    id = pw.BigAutoField()
+    # 1, 2, 3... with no gap: appends are serialised, so a missing number is a deleted row.
+    seq = pw.BigIntegerField(unique=True)
+    created_at = UTCDateTimeField()
+    # "key:<name>", "user:<id>", "operator" (the command line) or "system" (fraud decisions).
+    actor = pw.CharField(max_length=128)
+    action = pw.CharField(max_length=64)
+    target = pw.CharField(max_length=128)
+    # JSON of the values before and after the change, where the action has them.
+    before = pw.TextField(null=True)
+    after = pw.TextField(null=True)
+    request_id = pw.CharField(max_length=128)
+    # SHA-256 over the previous row's hash and this row's canonical content.
+    prev_hash = pw.CharField(max_length=64)
+    hash = pw.CharField(max_length=64)
+
+    class Meta:
+        table_name = "audit_events"
+        indexes = (
+            (("actor", "seq"), False),
+            (("target", "seq"), False),
+        )
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     User,
     ReferralCode,
@@ -336,4 +363,5 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Referral,
     LedgerEntry,
     IdempotencyRecord,
+    AuditEvent,
 )
