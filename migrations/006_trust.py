@@ -1,4 +1,4 @@
-"""Trust and safety: the hash-chained audit log.
+"""Trust and safety: the hash-chained audit log, blocked accounts.
 
 On PostgreSQL a trigger refuses UPDATE, DELETE and TRUNCATE on audit_events: no RPC or job can
 rewrite history; only someone who can disable the trigger can, and `audit verify` then finds it.
@@ -54,8 +54,11 @@ def migrate(migrator, database, fake=False, **kwargs):
     if isinstance(migrator.__database__, pw.PostgresqlDatabase):
         migrator.sql(AUDIT_APPEND_ONLY)
 
+    migrator.add_fields("users", blocked_at=TimestampTZ(null=True))
+
 
 def rollback(migrator, database, fake=False, **kwargs):
+    migrator.remove_fields("users", "blocked_at")
     if isinstance(migrator.__database__, pw.PostgresqlDatabase):
         migrator.sql("DROP TRIGGER IF EXISTS audit_events_no_truncate ON audit_events")
         migrator.sql("DROP TRIGGER IF EXISTS audit_events_append_only ON audit_events")

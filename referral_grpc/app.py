@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from .domain.admin import Administration
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
 from .domain.passwords import PasswordHasher
@@ -37,6 +38,7 @@ class App:
     api_keys: ApiKeyService
     programs: ProgramService
     rewards: RewardService
+    admin: Administration
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -142,4 +144,7 @@ def build_app(
         api_keys=ApiKeyService(db, clock),
         programs=ProgramService(db, clock),
         rewards=rewards,
+        admin=Administration(
+            db, clock, cache, rewards, PageTokens(settings.jwt_secret, purpose="audit-page-token-v1")
+        ),
     )

@@ -33,6 +33,7 @@ from .verification import EmailVerificationService
 log = logging.getLogger(__name__)
 
 INVALID_CREDENTIALS = "invalid email or password"
+ACCOUNT_BLOCKED = "this account is blocked; contact support"
 INVALID_REFRESH = "invalid or expired refresh token"
 # Where Login's optional proof comes from: request metadata, an HTTP header through Envoy.
 PROOF_FIELD = "x-refresh-token"
@@ -56,6 +57,14 @@ class IssuedTokens:
     expires_in: int
     refresh_token: str
     refresh_expires_in: int
+
+
+def end_sessions(user_id: int, now: datetime) -> None:
+    """Inside a write transaction: every access and refresh token of the user stops working."""
+    User.update(token_version=User.token_version + 1).where(User.id == user_id).execute()
+    RefreshToken.update(revoked_at=now).where(
+        (RefreshToken.user == user_id) & RefreshToken.revoked_at.is_null()
+    ).execute()
 
 
 def mask_email(email: str) -> str:
@@ -180,6 +189,9 @@ class AuthService:
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
         if not self._hasher.verify(password, user.password_hash):
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
+        # Only after the password: a guesser learns nothing about the account's state.
+        if user.blocked_at is not None:
+            raise Unauthenticated("ACCOUNT_BLOCKED", ACCOUNT_BLOCKED)
         self._throttle.clear(rule, key)
         if family:
             # The owner is back: whatever anonymous guessers ran up stops counting against them.
@@ -213,6 +225,9 @@ class AuthService:
             user = User.get_or_none(User.id == row.user_id)
             if user is None:
                 raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+            if user.blocked_at is not None:
+                # Blocking revokes every refresh token; this catches an exchange racing the block.
+                raise Unauthenticated("ACCOUNT_BLOCKED", ACCOUNT_BLOCKED)
             if claimed == 1:
                 self._store_refresh_token(user.id, row.family, successor, now)
                 return self._tokens(user, successor)
@@ -384,7 +399,8 @@ class AuthService:
             # peewee passes a string through as the locking clause; its stubs only know bool.
             query = query.for_update("FOR SHARE")  # type: ignore[arg-type]
         row: ReferralCode | None = query.first()
-        if row is None:
+        # A blocked owner's code is unknown, as if it did not exist.
+        if row is None or User.select(User.blocked_at).where(User.id == row.user_id).scalar() is not None:
             raise InvalidArgument.for_field(
                 "referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN"
             )

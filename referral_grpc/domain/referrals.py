@@ -128,6 +128,8 @@ class ReferralService:
             .join(User)
             .where(
                 (User.email_key == email_key)
+                # A blocked owner's code is a miss like any other.
+                & User.blocked_at.is_null()
                 & (ReferralCode.is_active == True)  # noqa: E712
                 & (ReferralCode.expires_at > now)
             )

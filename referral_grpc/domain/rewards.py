@@ -20,6 +20,7 @@ import peewee as pw
 
 from ..store.database import is_postgres, write_transaction
 from ..store.models import REWARD_KINDS, LedgerEntry, Referral, RewardEvent, User
+from . import audit
 from .auth import mask_email
 from .currencies import format_amount, is_currency
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -40,6 +41,8 @@ MAX_EVENT_ID_LENGTH = 128
 CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
+# An administrator's reason or note, kept in the audit log.
+MAX_NOTE_LENGTH = 500
 # The kinds that make up "lifetime earned": rewards net of their reversals.
 EARNING_KINDS = (*REWARD_KINDS, REVERSAL)
 
@@ -159,6 +162,11 @@ def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _blocked(*user_ids: int) -> bool:
+    """Whether any of the users is blocked: a referral with a blocked party earns nothing."""
+    return User.select().where(User.id.in_(user_ids) & User.blocked_at.is_null(False)).exists()
 
 
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
@@ -349,7 +357,7 @@ class RewardService:
             return skip(not_qualifying, state)
         if state == QUALIFIED:
             return skip("already_qualified", state)
-        if not self._eligible(user):
+        if not self._eligible(user) or _blocked(user.id, referral.referrer_id):
             return skip("referee_not_eligible", state)
         capped = self._referrer_capped(user.referrer_id, program)
         amounts = {
@@ -586,6 +594,57 @@ class RewardService:
                 created_at=now,
             )
         return Redemption(entry=_entry_view(row, {}), available_minor=available - amount_minor)
+
+    def adjust(self, user_id: int, amount_minor: int, currency: str, reason: str) -> EntryView:
+        """An operator's signed correction, available at once; the reason goes to the audit log."""
+        reason = reason.strip()
+        violations = []
+        if user_id <= 0:
+            violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
+        if amount_minor == 0 or abs(amount_minor) > MAX_AMOUNT_MINOR:
+            violations.append(
+                (
+                    "AMOUNT_INVALID",
+                    FieldViolation("amount_minor", f"must be non-zero, at most {MAX_AMOUNT_MINOR}"),
+                )
+            )
+        if not is_currency(currency):
+            violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
+        if not reason:
+            violations.append(("FIELD_REQUIRED", FieldViolation("reason", "is required")))
+        if len(reason) > MAX_NOTE_LENGTH:
+            violations.append(
+                ("FIELD_TOO_LONG", FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters"))
+            )
+        if violations:
+            code, first = violations[0]
+            raise InvalidArgument(
+                code, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+            )
+        now = self._clock.now()
+        with write_transaction(self._db):
+            self._lock_user(user_id)
+            row = LedgerEntry.create(
+                user=user_id,
+                kind=ADJUSTMENT,
+                amount_minor=amount_minor,
+                currency=currency,
+                available_at=now,
+                created_at=now,
+            )
+            audit.append(
+                self._db,
+                now,
+                "balance.adjust",
+                f"user:{user_id}",
+                after={
+                    "entry_id": row.id,
+                    "amount_minor": amount_minor,
+                    "currency": currency,
+                    "reason": reason,
+                },
+            )
+        return _entry_view(row, {})
 
     # --- statistics ----------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CURRENCY_INVALID: _ClassVar[ErrorReason]
     AMOUNT_INVALID: _ClassVar[ErrorReason]
     OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
+    ACCOUNT_BLOCKED: _ClassVar[ErrorReason]
+    PROGRAM_NOT_SET: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -110,3 +112,5 @@ IDEMPOTENCY_KEY_IN_USE: ErrorReason
 CURRENCY_INVALID: ErrorReason
 AMOUNT_INVALID: ErrorReason
 OCCURRED_AT_IN_FUTURE: ErrorReason
+ACCOUNT_BLOCKED: ErrorReason
+PROGRAM_NOT_SET: ErrorReason

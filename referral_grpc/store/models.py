@@ -78,6 +78,8 @@ class User(BaseModel):
     # signup with EMAIL_VERIFICATION=optional; with `required`, once both addresses are verified.
     # NULL while it does not count (or there is no referrer). The rewards feature reads this.
     referral_qualified_at = UTCDateTimeField(null=True)
+    # Set while an administrator blocks the account: no login, no refresh, no code, no rewards.
+    blocked_at = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "users"

@@ -155,6 +155,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The event's occurred_at is further in the future than clock skew
     explains.
     """
+    ACCOUNT_BLOCKED: _ErrorReason.ValueType  # 52
+    """The account is blocked by an administrator: it cannot log in or refresh."""
+    PROGRAM_NOT_SET: _ErrorReason.ValueType  # 53
+    """No referral program was ever set."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -298,4 +302,8 @@ OCCURRED_AT_IN_FUTURE: ErrorReason.ValueType  # 49
 """The event's occurred_at is further in the future than clock skew
 explains.
 """
+ACCOUNT_BLOCKED: ErrorReason.ValueType  # 52
+"""The account is blocked by an administrator: it cannot log in or refresh."""
+PROGRAM_NOT_SET: ErrorReason.ValueType  # 53
+"""No referral program was ever set."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
