@@ -1,4 +1,4 @@
-"""Trust and safety: the hash-chained audit log, blocked accounts.
+"""Trust and safety: the hash-chained audit log, blocked accounts, fraud decisions, hashed client signals.
 
 On PostgreSQL a trigger refuses UPDATE, DELETE and TRUNCATE on audit_events: no RPC or job can
 rewrite history; only someone who can disable the trigger can, and `audit verify` then finds it.
@@ -55,9 +55,55 @@ def migrate(migrator, database, fake=False, **kwargs):
         migrator.sql(AUDIT_APPEND_ONLY)
 
     migrator.add_fields("users", blocked_at=TimestampTZ(null=True))
+    migrator.add_fields(
+        "referrals",
+        fraud_decision=pw.CharField(max_length=8, null=True),
+        fraud_reasons=pw.TextField(null=True),
+        fraud_signals=pw.TextField(null=True),
+        fraud_rules_version=pw.BigIntegerField(null=True),
+        fraud_partial=pw.BooleanField(default=False),
+        review_outcome=pw.CharField(max_length=8, null=True),
+        review_note=pw.TextField(null=True),
+        reviewed_at=TimestampTZ(null=True),
+    )
+    migrator.add_index("referrals", "fraud_decision", "reviewed_at", "created_at")
+    migrator.add_fields("programs", fraud_rules=pw.TextField(default=""))
+
+    class User(Base):
+        id = pw.BigAutoField()
+
+        class Meta:
+            table_name = "users"
+
+    @migrator.create_model
+    class ClientSignal(Base):
+        id = pw.BigAutoField()
+        user = pw.ForeignKeyField(User, on_delete="CASCADE")
+        kind = pw.CharField(max_length=16)
+        address_hash = pw.CharField(max_length=64, null=True, index=True)
+        device_hash = pw.CharField(max_length=64, null=True, index=True)
+        created_at = TimestampTZ()
+        expires_at = TimestampTZ(index=True)
+
+        class Meta:
+            table_name = "client_signals"
 
 
 def rollback(migrator, database, fake=False, **kwargs):
+    migrator.remove_model("client_signals", cascade=True)
+    migrator.remove_fields("programs", "fraud_rules")
+    migrator.drop_index("referrals", "fraud_decision", "reviewed_at", "created_at")
+    migrator.remove_fields(
+        "referrals",
+        "fraud_decision",
+        "fraud_reasons",
+        "fraud_signals",
+        "fraud_rules_version",
+        "fraud_partial",
+        "review_outcome",
+        "review_note",
+        "reviewed_at",
+    )
     migrator.remove_fields("users", "blocked_at")
     if isinstance(migrator.__database__, pw.PostgresqlDatabase):
         migrator.sql("DROP TRIGGER IF EXISTS audit_events_no_truncate ON audit_events")

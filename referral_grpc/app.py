@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import peewee as pw
 
 from .domain.admin import Administration
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
+from .domain.fraud import FraudChecker, SignalHasher
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
 from .domain.programs import ProgramService
@@ -94,6 +96,7 @@ def build_app(
         resend_rule=resend_rule,
         required=verification_required,
     )
+    signals = SignalHasher(settings.jwt_secret, timedelta(days=settings.signal_retention_days))
     auth = AuthService(
         db=db,
         clock=clock,
@@ -110,6 +113,8 @@ def build_app(
         limits=limits,
         reset_request_min_seconds=settings.reset_request_min_seconds,
         email_verification=email_verification,
+        fraud=FraudChecker(signals),
+        signals=signals,
     )
     # Lookups by email are rate-limited per client address by Envoy (gateway/envoy.yaml), not per
     # target email here: a per-target limit cannot stop enumeration (each guess is a new email) and

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
-from ..domain.admin import Administration, UserProfile
+from ..domain.admin import Administration, ReviewView, UserProfile
 from ..domain.audit import AuditView
 from ..domain.errors import InvalidArgument, NotFound
+from ..domain.fraud import FraudRules
 from ..domain.programs import ProgramRules, ProgramService, Reward
 from ..domain.rewards import RewardService
 from ..gen import admin_service_pb2, admin_service_pb2_grpc, reward_service_pb2
@@ -82,11 +85,42 @@ def program(rules: ProgramRules) -> pb.Program:
     )
     if rules.created_at is not None:
         out.created_at.CopyFrom(convert.timestamp(rules.created_at))
+    out.fraud.CopyFrom(pb.FraudRules(**rules.fraud.as_dict()))
     return out
+
+
+def reviewed(view: ReviewView) -> pb.ReviewedReferral:
+    out = pb.ReviewedReferral(
+        user_id=view.user_id,
+        referrer_user_id=view.referrer_user_id,
+        state=view.state,
+        decision=view.decision,
+        reasons=[pb.FraudReason(code=r.code, message=r.message, enforced=r.enforced) for r in view.reasons],
+        rules_version=view.rules_version,
+        signals=view.signals,
+        partial=view.partial,
+        created_at=convert.timestamp(view.created_at),
+        review_outcome=view.review_outcome,
+        review_note=view.review_note,
+    )
+    if view.reviewed_at is not None:
+        out.reviewed_at.CopyFrom(convert.timestamp(view.reviewed_at))
+    return out
+
+
+def fraud_rules(message: pb.FraudRules) -> FraudRules:
+    """Empty modes keep their defaults; numbers are taken as given once the message is set."""
+    defaults = FraudRules()
+    values: dict[str, Any] = {
+        name: getattr(message, name) or default if isinstance(default, str) else getattr(message, name)
+        for name, default in defaults.as_dict().items()
+    }
+    return FraudRules(**values)
 
 
 def program_rules(message: pb.Program) -> ProgramRules:
     return ProgramRules(
+        fraud=fraud_rules(message.fraud) if message.HasField("fraud") else FraudRules(),
         currency=message.currency.strip().upper(),
         event_types=tuple(t.strip() for t in message.event_types if t.strip()),
         min_amount_minor=message.min_amount_minor,
@@ -135,6 +169,22 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         if not request.HasField("program"):
             raise InvalidArgument.for_field("program", "is required", "FIELD_REQUIRED")
         return program(self._programs.set(program_rules(request.program)))
+
+    def ListReferralsForReview(
+        self, request: pb.ListReferralsForReviewRequest, context: grpc.ServicerContext
+    ) -> pb.ListReferralsForReviewResponse:
+        page = self._admin.list_review(request.state, request.page_size, request.page_token)
+        return pb.ListReferralsForReviewResponse(
+            referrals=[reviewed(view) for view in page.referrals], next_page_token=page.next_page_token
+        )
+
+    def DecideReferral(
+        self, request: pb.DecideReferralRequest, context: grpc.ServicerContext
+    ) -> pb.ReviewedReferral:
+        if request.decision == pb.REVIEW_DECISION_UNSPECIFIED:
+            raise InvalidArgument.for_field("decision", "must be APPROVE or REJECT", "FIELD_REQUIRED")
+        self._rewards.decide(request.user_id, request.decision == pb.APPROVE, request.note)
+        return reviewed(self._admin.review_of(request.user_id))
 
     def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext

@@ -24,12 +24,16 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     def Register(self, request: pb_auth.RegisterRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         return convert.auth_tokens(
-            self._auth.register(request.email, request.password, request.referral_code)
+            self._auth.register(
+                request.email, request.password, request.referral_code, convert.client_info(context)
+            )
         )
 
     def Login(self, request: pb_auth.LoginRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         proof = convert.metadata_value(context, PROOF_FIELD)
-        return convert.auth_tokens(self._auth.login(request.email, request.password, proof))
+        return convert.auth_tokens(
+            self._auth.login(request.email, request.password, proof, convert.client_info(context))
+        )
 
     def RefreshToken(
         self, request: pb_auth.RefreshTokenRequest, context: grpc.ServicerContext

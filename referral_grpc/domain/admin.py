@@ -8,10 +8,11 @@ from datetime import datetime
 import peewee as pw
 
 from ..store.database import write_transaction
-from ..store.models import AuditEvent, ReferralCode, User
+from ..store.models import AuditEvent, Referral, ReferralCode, User
 from . import audit
 from .auth import end_sessions
 from .errors import InvalidArgument, NotFound
+from .fraud import DECISIONS, REVIEW, Reason, reasons_of
 from .ports import Clock, CodeCache
 from .rewards import MAX_NOTE_LENGTH, BalanceView, RewardService
 from .tokens import PageTokens
@@ -49,6 +50,45 @@ class UserProfile:
 class AuditPage:
     events: list[audit.AuditView]
     next_page_token: str
+
+
+@dataclass(frozen=True)
+class ReviewView:
+    user_id: int
+    referrer_user_id: int
+    state: str
+    decision: str
+    reasons: list[Reason]
+    rules_version: int
+    signals: str
+    partial: bool
+    created_at: datetime
+    review_outcome: str
+    review_note: str
+    reviewed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    referrals: list[ReviewView]
+    next_page_token: str
+
+
+def review_view(row: Referral) -> ReviewView:
+    return ReviewView(
+        user_id=row.referee_id,
+        referrer_user_id=row.referrer_id,
+        state=row.state,
+        decision=row.fraud_decision or "",
+        reasons=reasons_of(row),
+        rules_version=row.fraud_rules_version or 0,
+        signals=row.fraud_signals or "{}",
+        partial=row.fraud_partial,
+        created_at=row.created_at,
+        review_outcome=row.review_outcome or "",
+        review_note=row.review_note or "",
+        reviewed_at=row.reviewed_at,
+    )
 
 
 def _user_not_found() -> NotFound:
@@ -149,6 +189,36 @@ class Administration:
             events = events[:size]
             next_token = self._pages.encode(0, events[-1].created_at, events[-1].seq)
         return AuditPage(events, next_token)
+
+    def list_review(self, state: str, page_size: int, page_token: str) -> ReviewPage:
+        """Referrals by fraud decision, oldest first; "review" lists those still awaiting a decision."""
+        state = state.strip().lower() or REVIEW
+        if state not in DECISIONS:
+            raise InvalidArgument.for_field(
+                "state", f"must be one of {', '.join(DECISIONS)}", "FIELD_INVALID"
+            )
+        if page_size < 0:
+            raise InvalidArgument.for_field("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE")
+        size = min(page_size or DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE)
+        check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
+        query = Referral.select().where(Referral.fraud_decision == state)
+        if state == REVIEW:
+            query = query.where(Referral.reviewed_at.is_null())
+        if page_token:
+            after, after_id = self._pages.decode(page_token, 1)
+            query = query.where(
+                (Referral.created_at > after)
+                | ((Referral.created_at == after) & (Referral.referee > after_id))
+            )
+        rows = list(query.order_by(Referral.created_at, Referral.referee).limit(size + 1))
+        next_token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            next_token = self._pages.encode(1, rows[-1].created_at, rows[-1].referee_id)
+        return ReviewPage([review_view(row) for row in rows], next_token)
+
+    def review_of(self, user_id: int) -> ReviewView:
+        return review_view(Referral.get_by_id(user_id))
 
     def _locked_user(self, user_id: int) -> User:
         if user_id <= 0:

@@ -11,12 +11,14 @@ import peewee as pw
 
 from ..request_context import Principal
 from ..store.database import is_postgres, write_transaction
-from ..store.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from ..store.models import PENDING, REJECTED, PasswordResetToken, Referral, ReferralCode, RefreshToken, User
 from . import audit
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from .fraud import REJECT, ClientInfo, FraudChecker, SignalHasher, stored_fields
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
+from .programs import current_fraud_rules
 from .tokens import AccessTokens, SuccessorTokens, invalid_token, random_token, token_digest
 from .validation import (
     MAX_CODE_INPUT_LENGTH,
@@ -91,6 +93,8 @@ class AuthService:
         limits: Limits,
         reset_request_min_seconds: float,
         email_verification: EmailVerificationService,
+        fraud: FraudChecker,
+        signals: SignalHasher,
     ) -> None:
         self._db = db
         self._clock = clock
@@ -107,10 +111,14 @@ class AuthService:
         self._limits = limits
         self._reset_min_seconds = reset_request_min_seconds
         self._email_verification = email_verification
+        self._fraud = fraud
+        self._signals = signals
 
     # --- sign-in -------------------------------------------------------------------------
 
-    def register(self, email: str, password: str, referral_code: str = "") -> IssuedTokens:
+    def register(
+        self, email: str, password: str, referral_code: str = "", client: ClientInfo | None = None
+    ) -> IssuedTokens:
         email, email_key = normalize_email(email)
         check_password(password, "password")
         # Before normalize_code strips: "\x1f" alone must not silently become "no code".
@@ -155,6 +163,10 @@ class AuthService:
                 outbox_ids.append(self._email_verification.issue(user.id, email, now))
                 if referrer_id is not None:
                     referrer = User.get_by_id(referrer_id)
+                    # Judged before this signup's own signal is kept, which would count against it.
+                    self._judge_referral(user, referrer, client, now)
+                self._signals.record(user.id, "registration", client, now)
+                if referrer_id is not None:
                     outbox_ids.append(
                         self._outbox.queue_email(
                             "referral_joined",
@@ -170,7 +182,9 @@ class AuthService:
         self._dispatcher.dispatch(outbox_ids)
         return self._tokens(user, refresh)
 
-    def login(self, email: str, password: str, proof: str = "") -> IssuedTokens:
+    def login(
+        self, email: str, password: str, proof: str = "", client: ClientInfo | None = None
+    ) -> IssuedTokens:
         """Sign in. `proof` is optional: a live refresh token of the same account (see Limits)."""
         _, email_key = normalize_email(email)
         check_password_input(password, "password")
@@ -199,6 +213,7 @@ class AuthService:
         now = self._clock.now()
         with write_transaction(self._db):
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+            self._signals.record(user.id, "login", client, now)
         return self._tokens(user, refresh)
 
     def refresh(self, refresh_token: str) -> IssuedTokens:
@@ -392,6 +407,36 @@ class AuthService:
         self._dispatcher.dispatch([outbox_id])
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _judge_referral(
+        self, newcomer: User, referrer: User, client: ClientInfo | None, now: datetime
+    ) -> None:
+        """The fraud decision on a new referral, stored on it and audited; the newcomer is told nothing."""
+        rules, version = current_fraud_rules()
+        decision = self._fraud.evaluate(
+            newcomer.email, newcomer.email_status, referrer, client, rules, version, now
+        )
+        Referral.create(
+            referee=newcomer.id,
+            referrer=referrer.id,
+            state=REJECTED if decision.decision == REJECT else PENDING,
+            created_at=now,
+            **stored_fields(decision),
+        )
+        audit.append(
+            self._db,
+            now,
+            "fraud.decide",
+            f"user:{newcomer.id}",
+            actor=audit.SYSTEM,
+            after={
+                "decision": decision.decision,
+                "reasons": [r.code for r in decision.reasons if r.enforced],
+                "shadow": [r.code for r in decision.reasons if not r.enforced],
+                "rules_version": version,
+                "partial": decision.partial,
+            },
+        )
 
     def _usable_code(self, code: str, now: datetime, lock: bool = False) -> ReferralCode:
         query = ReferralCode.select().where(ReferralCode.code == code)

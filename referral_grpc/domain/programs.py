@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -14,6 +15,7 @@ from ..store.models import Program
 from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
+from .fraud import FraudRules, validate_fraud_rules
 from .ports import Clock
 
 EVENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -53,6 +55,7 @@ class ProgramRules:
     referee: Reward = field(default_factory=Reward)
     hold_days: int = 14
     max_rewarded_referrals: int = 0
+    fraud: FraudRules = field(default_factory=FraudRules)
     version: int = 0
     created_at: datetime | None = None
 
@@ -60,6 +63,7 @@ class ProgramRules:
         """The rules as `program show` prints them."""
         out = asdict(self)
         out["event_types"] = list(self.event_types)
+        out["fraud"] = self.fraud.as_dict()
         out["created_at"] = self.created_at.isoformat() if self.created_at else None
         return out
 
@@ -99,6 +103,7 @@ def validate(rules: ProgramRules) -> ProgramRules:
             bad(f"{who}_reward_cap_minor", f"must be between 0 and {MAX_AMOUNT_MINOR}")
         if reward.cap_minor and not reward.bps:
             bad(f"{who}_reward_cap_minor", "caps a percentage reward: give it with --" + who + "-reward-bps")
+    violations.extend(validate_fraud_rules(rules.fraud))
     if violations:
         raise InvalidArgument(
             "INVALID_ARGUMENT",
@@ -118,6 +123,7 @@ def _rules(row: Program) -> ProgramRules:
         referee=Reward(row.referee_reward_minor, row.referee_reward_bps, row.referee_reward_cap_minor),
         hold_days=row.hold_days,
         max_rewarded_referrals=row.max_rewarded_referrals,
+        fraud=FraudRules.from_json(row.fraud_rules),
         version=row.id,
         created_at=row.created_at,
     )
@@ -127,6 +133,12 @@ def current_program() -> ProgramRules | None:
     """The rules in force: the newest version, or None when no program was ever set."""
     row = Program.select().order_by(Program.id.desc()).first()
     return None if row is None else _rules(row)
+
+
+def current_fraud_rules() -> tuple[FraudRules, int]:
+    """The fraud rules in force and their program version; the defaults (version 0) before any program."""
+    program = current_program()
+    return (FraudRules(), 0) if program is None else (program.fraud, program.version)
 
 
 class ProgramService:
@@ -154,6 +166,7 @@ class ProgramService:
                 referee_reward_cap_minor=rules.referee.cap_minor,
                 hold_days=rules.hold_days,
                 max_rewarded_referrals=rules.max_rewarded_referrals,
+                fraud_rules=json.dumps(rules.fraud.as_dict(), sort_keys=True),
             )
             stored = _rules(row)
             audit.append(

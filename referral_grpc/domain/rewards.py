@@ -19,7 +19,17 @@ from typing import Any
 import peewee as pw
 
 from ..store.database import is_postgres, write_transaction
-from ..store.models import REWARD_KINDS, LedgerEntry, Referral, RewardEvent, User
+from ..store.models import (
+    PENDING,
+    QUALIFIED,
+    REJECTED,
+    REVERSED,
+    REWARD_KINDS,
+    LedgerEntry,
+    Referral,
+    RewardEvent,
+    User,
+)
 from . import audit
 from .auth import mask_email
 from .currencies import format_amount, is_currency
@@ -33,7 +43,6 @@ REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
 REDEMPTION = "redemption"
 ADJUSTMENT = "adjustment"
-PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
 REFERRER, REFEREE = "referrer", "referee"
 MAX_EVENT_ID_LENGTH = 128
 # Services' clocks disagree: an event a little ahead of ours is accepted, and one stamped a little
@@ -43,6 +52,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 # An administrator's reason or note, kept in the audit log.
 MAX_NOTE_LENGTH = 500
+# The fraud decision that holds rewards, and an administrator's approval of it.
+REVIEW, APPROVED = "review", "approved"
 # The kinds that make up "lifetime earned": rewards net of their reversals.
 EARNING_KINDS = (*REWARD_KINDS, REVERSAL)
 
@@ -118,6 +129,13 @@ class LedgerPage:
 class Redemption:
     entry: EntryView
     available_minor: int
+
+
+@dataclass(frozen=True)
+class Decided:
+    state: str
+    outcome: str
+    rewards: list[EntryView]
 
 
 @dataclass(frozen=True)
@@ -359,6 +377,12 @@ class RewardService:
             return skip("already_qualified", state)
         if not self._eligible(user) or _blocked(user.id, referral.referrer_id):
             return skip("referee_not_eligible", state)
+        if referral.fraud_decision == REVIEW and referral.review_outcome is None:
+            # Held: the first qualifying event waits for an administrator (DecideReferral).
+            Referral.update(qualifying_event=event.id).where(
+                (Referral.referee == user.id) & Referral.qualifying_event.is_null()
+            ).execute()
+            return skip("referral_in_review", state)
         capped = self._referrer_capped(user.referrer_id, program)
         amounts = {
             REFERRER: 0 if capped else program.referrer.amount_for(event.amount_minor),
@@ -645,6 +669,57 @@ class RewardService:
                 },
             )
         return _entry_view(row, {})
+
+    # --- review ----------------------------------------------------------------------------
+
+    def decide(self, referee_id: int, approve: bool, note: str) -> Decided:
+        """An administrator's decision on a referral held for review; approving credits the held event."""
+        note = note.strip()
+        check_length(note, "note", MAX_NOTE_LENGTH)
+        if referee_id <= 0:
+            raise InvalidArgument.for_field("user_id", "is required", "FIELD_REQUIRED")
+        now = self._clock.now()
+        outbox_ids: list[int] = []
+        released: EventResult | None = None
+        with write_transaction(self._db):
+            self._lock_user(referee_id)
+            referral = Referral.get_or_none(Referral.referee == referee_id)
+            if referral is None or referral.fraud_decision != REVIEW:
+                raise FailedPrecondition("REFERRAL_NOT_IN_REVIEW", "this referral was not held for review")
+            if referral.review_outcome is not None:
+                raise FailedPrecondition(
+                    "REFERRAL_ALREADY_DECIDED", f"this referral was already {referral.review_outcome}"
+                )
+            outcome = APPROVED if approve else REJECTED
+            changes: dict[str, Any] = {"review_outcome": outcome, "review_note": note, "reviewed_at": now}
+            if not approve:
+                changes["state"] = REJECTED
+            Referral.update(**changes).where(Referral.referee == referee_id).execute()
+            if approve and referral.qualifying_event_id is not None:
+                released = self._judge(
+                    RewardEvent.get_by_id(referral.qualifying_event_id),
+                    User.get_by_id(referee_id),
+                    now,
+                    outbox_ids,
+                )
+            audit.append(
+                self._db,
+                now,
+                "referral.decide",
+                f"user:{referee_id}",
+                before={"state": referral.state, "decision": REVIEW},
+                after={
+                    "outcome": outcome,
+                    "note": note,
+                    "credited": len(released.rewards) if released else 0,
+                },
+            )
+        self._dispatcher.dispatch(outbox_ids)
+        return Decided(
+            state=Referral.get_by_id(referee_id).state,
+            outcome=outcome,
+            rewards=released.rewards if released else [],
+        )
 
     # --- statistics ----------------------------------------------------------------------
 

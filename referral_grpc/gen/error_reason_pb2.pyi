@@ -60,6 +60,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
     ACCOUNT_BLOCKED: _ClassVar[ErrorReason]
     PROGRAM_NOT_SET: _ClassVar[ErrorReason]
+    REFERRAL_NOT_IN_REVIEW: _ClassVar[ErrorReason]
+    REFERRAL_ALREADY_DECIDED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -114,3 +116,5 @@ AMOUNT_INVALID: ErrorReason
 OCCURRED_AT_IN_FUTURE: ErrorReason
 ACCOUNT_BLOCKED: ErrorReason
 PROGRAM_NOT_SET: ErrorReason
+REFERRAL_NOT_IN_REVIEW: ErrorReason
+REFERRAL_ALREADY_DECIDED: ErrorReason

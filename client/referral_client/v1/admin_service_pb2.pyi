@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from . import reward_service_pb2 as _reward_service_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReviewDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_DECISION_UNSPECIFIED: _ReviewDecision.ValueType  # 0
+    """Not a decision: refused."""
+    APPROVE: _ReviewDecision.ValueType  # 1
+    """The referral is genuine: its held rewards are credited."""
+    REJECT: _ReviewDecision.ValueType  # 2
+    """The referral is fraudulent: it is REJECTED and never earns."""
+
+class ReviewDecision(_ReviewDecision, metaclass=_ReviewDecisionEnumTypeWrapper):
+    """ReviewDecision is what an administrator decides on a held referral."""
+
+REVIEW_DECISION_UNSPECIFIED: ReviewDecision.ValueType  # 0
+"""Not a decision: refused."""
+APPROVE: ReviewDecision.ValueType  # 1
+"""The referral is genuine: its held rewards are credited."""
+REJECT: ReviewDecision.ValueType  # 2
+"""The referral is fraudulent: it is REJECTED and never earns."""
+Global___ReviewDecision: _TypeAlias = ReviewDecision  # noqa: Y015
 
 @_typing.final
 class GetUserRequest(_message.Message):
@@ -348,6 +373,7 @@ class Program(_message.Message):
     REFEREE_REWARD_CAP_MINOR_FIELD_NUMBER: _builtins.int
     HOLD_DAYS_FIELD_NUMBER: _builtins.int
     MAX_REWARDED_REFERRALS_FIELD_NUMBER: _builtins.int
+    FRAUD_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version: it grows by one with every update."""
     currency: _builtins.str
@@ -382,6 +408,10 @@ class Program(_message.Message):
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The event types that qualify a referral, for example "purchase"."""
 
+    @_builtins.property
+    def fraud(self) -> Global___FraudRules:
+        """The fraud rules of this version; unset keeps the defaults."""
+
     def __init__(
         self,
         *,
@@ -399,14 +429,288 @@ class Program(_message.Message):
         referee_reward_cap_minor: _builtins.int = ...,
         hold_days: _builtins.int = ...,
         max_rewarded_referrals: _builtins.int = ...,
+        fraud: Global___FraudRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "fraud", b"fraud"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_days", b"attribution_days", "created_at", b"created_at", "currency", b"currency", "event_types", b"event_types", "hold_days", b"hold_days", "max_rewarded_referrals", b"max_rewarded_referrals", "min_amount_minor", b"min_amount_minor", "referee_reward_bps", b"referee_reward_bps", "referee_reward_cap_minor", b"referee_reward_cap_minor", "referee_reward_minor", b"referee_reward_minor", "referrer_reward_bps", b"referrer_reward_bps", "referrer_reward_cap_minor", b"referrer_reward_cap_minor", "referrer_reward_minor", b"referrer_reward_minor", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_days", b"attribution_days", "created_at", b"created_at", "currency", b"currency", "event_types", b"event_types", "fraud", b"fraud", "hold_days", b"hold_days", "max_rewarded_referrals", b"max_rewarded_referrals", "min_amount_minor", b"min_amount_minor", "referee_reward_bps", b"referee_reward_bps", "referee_reward_cap_minor", b"referee_reward_cap_minor", "referee_reward_minor", b"referee_reward_minor", "referrer_reward_bps", b"referrer_reward_bps", "referrer_reward_cap_minor", b"referrer_reward_cap_minor", "referrer_reward_minor", b"referrer_reward_minor", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Program: _TypeAlias = Program  # noqa: Y015
+
+@_typing.final
+class FraudRules(_message.Message):
+    """FraudRules are the signals judged when someone registers with a code.
+    Each signal's mode is "reject", "review", "shadow" (recorded, not acted
+    on) or "off"; an empty mode keeps the signal's default. Thresholds are 0
+    to 1000000.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELF_REFERRAL_FIELD_NUMBER: _builtins.int
+    SHARED_ADDRESS_ALLOWANCE_FIELD_NUMBER: _builtins.int
+    RECENT_LOGIN_DAYS_FIELD_NUMBER: _builtins.int
+    DISPOSABLE_FIELD_NUMBER: _builtins.int
+    VELOCITY_FIELD_NUMBER: _builtins.int
+    REFERRALS_PER_HOUR_FIELD_NUMBER: _builtins.int
+    REFERRALS_PER_DAY_FIELD_NUMBER: _builtins.int
+    REGISTRATIONS_PER_ADDRESS_PER_DAY_FIELD_NUMBER: _builtins.int
+    YOUNG_REFERRER_FIELD_NUMBER: _builtins.int
+    YOUNG_REFERRER_HOURS_FIELD_NUMBER: _builtins.int
+    self_referral: _builtins.str
+    """The mode of self-referral: the newcomer's address reaches the
+    referrer's mailbox, or they share a device or (beyond the allowance) a
+    client address. Default "reject".
+    """
+    shared_address_allowance: _builtins.int
+    """How many newcomers may come from the referrer's own client address
+    before it counts as self-referral (an office, a household). Default 1.
+    """
+    recent_login_days: _builtins.int
+    """How many days of the referrer's logins count for shared addresses and
+    devices. Default 30.
+    """
+    disposable: _builtins.str
+    """The mode of the disposable-mailbox signal. Default "reject"."""
+    velocity: _builtins.str
+    """The mode of the velocity signals. Default "review"."""
+    referrals_per_hour: _builtins.int
+    """More referrals than this for one referrer within an hour fire velocity.
+    Default 5.
+    """
+    referrals_per_day: _builtins.int
+    """More referrals than this for one referrer within a day fire velocity.
+    Default 20.
+    """
+    registrations_per_address_per_day: _builtins.int
+    """More registrations than this from one client address within a day fire
+    velocity. Default 5.
+    """
+    young_referrer: _builtins.str
+    """The mode of the young-referrer signal. Default "shadow"."""
+    young_referrer_hours: _builtins.int
+    """A referrer younger than this many hours fires young-referrer. Default 24."""
+    def __init__(
+        self,
+        *,
+        self_referral: _builtins.str = ...,
+        shared_address_allowance: _builtins.int = ...,
+        recent_login_days: _builtins.int = ...,
+        disposable: _builtins.str = ...,
+        velocity: _builtins.str = ...,
+        referrals_per_hour: _builtins.int = ...,
+        referrals_per_day: _builtins.int = ...,
+        registrations_per_address_per_day: _builtins.int = ...,
+        young_referrer: _builtins.str = ...,
+        young_referrer_hours: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposable", b"disposable", "recent_login_days", b"recent_login_days", "referrals_per_day", b"referrals_per_day", "referrals_per_hour", b"referrals_per_hour", "registrations_per_address_per_day", b"registrations_per_address_per_day", "self_referral", b"self_referral", "shared_address_allowance", b"shared_address_allowance", "velocity", b"velocity", "young_referrer", b"young_referrer", "young_referrer_hours", b"young_referrer_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudRules: _TypeAlias = FraudRules  # noqa: Y015
+
+@_typing.final
+class ListReferralsForReviewRequest(_message.Message):
+    """ListReferralsForReviewRequest asks for one page of referrals by fraud
+    decision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """The fraud decision to list, in lower case: "review" (default: those
+    still awaiting a decision), "allow" or "reject".
+    """
+    page_size: _builtins.int
+    """The most referrals to return (default 50, at most 200)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferralsForReviewRequest: _TypeAlias = ListReferralsForReviewRequest  # noqa: Y015
+
+@_typing.final
+class ListReferralsForReviewResponse(_message.Message):
+    """ListReferralsForReviewResponse is one page of referrals, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    @_builtins.property
+    def referrals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewedReferral]:
+        """The referrals."""
+
+    def __init__(
+        self,
+        *,
+        referrals: _abc.Iterable[Global___ReviewedReferral] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "referrals", b"referrals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferralsForReviewResponse: _TypeAlias = ListReferralsForReviewResponse  # noqa: Y015
+
+@_typing.final
+class DecideReferralRequest(_message.Message):
+    """DecideReferralRequest is an administrator's decision on a held referral."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The newcomer whose referral is decided."""
+    decision: Global___ReviewDecision.ValueType
+    """Approve or reject."""
+    note: _builtins.str
+    """Why (at most 500 characters); kept on the referral and in the audit log."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        decision: Global___ReviewDecision.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "note", b"note", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideReferralRequest: _TypeAlias = DecideReferralRequest  # noqa: Y015
+
+@_typing.final
+class ReviewedReferral(_message.Message):
+    """ReviewedReferral is a referral with the fraud decision made at signup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    RULES_VERSION_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REVIEW_OUTCOME_FIELD_NUMBER: _builtins.int
+    REVIEW_NOTE_FIELD_NUMBER: _builtins.int
+    REVIEWED_AT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The newcomer."""
+    referrer_user_id: _builtins.int
+    """The referrer whose code the newcomer used."""
+    state: _builtins.str
+    """The referral's state in lower case: pending, qualified, reversed or
+    rejected.
+    """
+    decision: _builtins.str
+    """The fraud decision: allow, review or reject."""
+    rules_version: _builtins.int
+    """The program version whose fraud rules decided (0: the defaults)."""
+    signals: _builtins.str
+    """The signal values the rules saw, as a JSON object."""
+    partial: _builtins.bool
+    """Whether a signal could not be checked (the email verifier was down)."""
+    review_outcome: _builtins.str
+    """An administrator's decision: "approved", "rejected", or empty."""
+    review_note: _builtins.str
+    """The administrator's note."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___FraudReason]:
+        """Every signal that fired, enforced or in shadow mode."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the newcomer registered."""
+
+    @_builtins.property
+    def reviewed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the administrator decided; unset before."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        referrer_user_id: _builtins.int = ...,
+        state: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        reasons: _abc.Iterable[Global___FraudReason] | None = ...,
+        rules_version: _builtins.int = ...,
+        signals: _builtins.str = ...,
+        partial: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        review_outcome: _builtins.str = ...,
+        review_note: _builtins.str = ...,
+        reviewed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "reviewed_at", b"reviewed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decision", b"decision", "partial", b"partial", "reasons", b"reasons", "referrer_user_id", b"referrer_user_id", "review_note", b"review_note", "review_outcome", b"review_outcome", "reviewed_at", b"reviewed_at", "rules_version", b"rules_version", "signals", b"signals", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewedReferral: _TypeAlias = ReviewedReferral  # noqa: Y015
+
+@_typing.final
+class FraudReason(_message.Message):
+    """FraudReason is one signal that fired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ENFORCED_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """A stable code, for example "self_referral_email" or
+    "velocity_address_day".
+    """
+    message: _builtins.str
+    """A sentence saying what was seen."""
+    enforced: _builtins.bool
+    """Whether the signal was enforced (false in shadow mode)."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+        enforced: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "enforced", b"enforced", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudReason: _TypeAlias = FraudReason  # noqa: Y015
 
 @_typing.final
 class ListAuditEventsRequest(_message.Message):

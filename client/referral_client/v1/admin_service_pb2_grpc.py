@@ -70,6 +70,16 @@ class AdminServiceStub:
                 request_serializer=referral_dot_v1_dot_admin__service__pb2.UpdateProgramRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_admin__service__pb2.Program.FromString,
                 _registered_method=True)
+        self.ListReferralsForReview = channel.unary_unary(
+                '/referral.v1.AdminService/ListReferralsForReview',
+                request_serializer=referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewResponse.FromString,
+                _registered_method=True)
+        self.DecideReferral = channel.unary_unary(
+                '/referral.v1.AdminService/DecideReferral',
+                request_serializer=referral_dot_v1_dot_admin__service__pb2.DecideReferralRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_admin__service__pb2.ReviewedReferral.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/referral.v1.AdminService/ListAuditEvents',
                 request_serializer=referral_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
@@ -138,6 +148,27 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReferralsForReview(self, request, context):
+        """ListReferralsForReview lists referrals by their fraud decision, oldest
+        first, with the reasons and signal values behind it. With `state`
+        "review" (the default) it is the queue of referrals still awaiting a
+        decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideReferral(self, request, context):
+        """DecideReferral approves or rejects a referral held for review.
+        Approving credits the rewards its held qualifying event earned (through
+        the ledger); rejecting sets it REJECTED for good. A referral not held is
+        FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
+        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """ListAuditEvents lists the audit log, newest first, one page at a time,
         optionally only the rows of one actor or one target.
@@ -178,6 +209,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.UpdateProgram,
                     request_deserializer=referral_dot_v1_dot_admin__service__pb2.UpdateProgramRequest.FromString,
                     response_serializer=referral_dot_v1_dot_admin__service__pb2.Program.SerializeToString,
+            ),
+            'ListReferralsForReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReferralsForReview,
+                    request_deserializer=referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewResponse.SerializeToString,
+            ),
+            'DecideReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideReferral,
+                    request_deserializer=referral_dot_v1_dot_admin__service__pb2.DecideReferralRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_admin__service__pb2.ReviewedReferral.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -352,6 +393,60 @@ class AdminService:
             '/referral.v1.AdminService/UpdateProgram',
             referral_dot_v1_dot_admin__service__pb2.UpdateProgramRequest.SerializeToString,
             referral_dot_v1_dot_admin__service__pb2.Program.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReferralsForReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AdminService/ListReferralsForReview',
+            referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewRequest.SerializeToString,
+            referral_dot_v1_dot_admin__service__pb2.ListReferralsForReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AdminService/DecideReferral',
+            referral_dot_v1_dot_admin__service__pb2.DecideReferralRequest.SerializeToString,
+            referral_dot_v1_dot_admin__service__pb2.ReviewedReferral.FromString,
             options,
             channel_credentials,
             insecure,

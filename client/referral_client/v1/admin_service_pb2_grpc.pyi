@@ -68,6 +68,19 @@ class AdminServiceStub:
     once; referrals already judged keep the version they were judged
     under. Values out of range are INVALID_ARGUMENT with field violations.
     """
+    ListReferralsForReview: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListReferralsForReviewRequest, _admin_service_pb2.ListReferralsForReviewResponse]
+    """ListReferralsForReview lists referrals by their fraud decision, oldest
+    first, with the reasons and signal values behind it. With `state`
+    "review" (the default) it is the queue of referrals still awaiting a
+    decision.
+    """
+    DecideReferral: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DecideReferralRequest, _admin_service_pb2.ReviewedReferral]
+    """DecideReferral approves or rejects a referral held for review.
+    Approving credits the rewards its held qualifying event earned (through
+    the ledger); rejecting sets it REJECTED for good. A referral not held is
+    FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
+    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
     """ListAuditEvents lists the audit log, newest first, one page at a time,
     optionally only the rows of one actor or one target.
@@ -111,6 +124,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """UpdateProgram stores the given rules as a new version, in force at
     once; referrals already judged keep the version they were judged
     under. Values out of range are INVALID_ARGUMENT with field violations.
+    """
+    ListReferralsForReview: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListReferralsForReviewRequest, _admin_service_pb2.ListReferralsForReviewResponse]  # type: ignore[assignment]
+    """ListReferralsForReview lists referrals by their fraud decision, oldest
+    first, with the reasons and signal values behind it. With `state`
+    "review" (the default) it is the queue of referrals still awaiting a
+    decision.
+    """
+    DecideReferral: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DecideReferralRequest, _admin_service_pb2.ReviewedReferral]  # type: ignore[assignment]
+    """DecideReferral approves or rejects a referral held for review.
+    Approving credits the rewards its held qualifying event earned (through
+    the ledger); rejecting sets it REJECTED for good. A referral not held is
+    FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
+    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """ListAuditEvents lists the audit log, newest first, one page at a time,
@@ -188,6 +214,31 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """UpdateProgram stores the given rules as a new version, in force at
         once; referrals already judged keep the version they were judged
         under. Values out of range are INVALID_ARGUMENT with field violations.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReferralsForReview(
+        self,
+        request: _admin_service_pb2.ListReferralsForReviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListReferralsForReviewResponse, _abc.Awaitable[_admin_service_pb2.ListReferralsForReviewResponse]]:
+        """ListReferralsForReview lists referrals by their fraud decision, oldest
+        first, with the reasons and signal values behind it. With `state`
+        "review" (the default) it is the queue of referrals still awaiting a
+        decision.
+        """
+
+    @_abc_1.abstractmethod
+    def DecideReferral(
+        self,
+        request: _admin_service_pb2.DecideReferralRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ReviewedReferral, _abc.Awaitable[_admin_service_pb2.ReviewedReferral]]:
+        """DecideReferral approves or rejects a referral held for review.
+        Approving credits the rewards its held qualifying event earned (through
+        the ledger); rejecting sets it REJECTED for good. A referral not held is
+        FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
+        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
         """
 
     @_abc_1.abstractmethod

@@ -159,6 +159,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The account is blocked by an administrator: it cannot log in or refresh."""
     PROGRAM_NOT_SET: _ErrorReason.ValueType  # 53
     """No referral program was ever set."""
+    REFERRAL_NOT_IN_REVIEW: _ErrorReason.ValueType  # 54
+    """The referral was not held for review: there is nothing to decide."""
+    REFERRAL_ALREADY_DECIDED: _ErrorReason.ValueType  # 55
+    """The referral held for review was already approved or rejected."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -306,4 +310,8 @@ ACCOUNT_BLOCKED: ErrorReason.ValueType  # 52
 """The account is blocked by an administrator: it cannot log in or refresh."""
 PROGRAM_NOT_SET: ErrorReason.ValueType  # 53
 """No referral program was ever set."""
+REFERRAL_NOT_IN_REVIEW: ErrorReason.ValueType  # 54
+"""The referral was not held for review: there is nothing to decide."""
+REFERRAL_ALREADY_DECIDED: ErrorReason.ValueType  # 55
+"""The referral held for review was already approved or rejected."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
