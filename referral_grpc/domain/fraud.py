@@ -153,7 +153,7 @@ class FraudChecker:
         rules_version: int,
         now: datetime,
     ) -> Decision:
-        """Judge a newcomer registering with `referrer`'s code, before their own rows exist."""
+        """Judge a newcomer registering with `referrer`'s code: their user row exists, their signal not yet."""
         client = client or ClientInfo()
         address = self._hasher.digest(client.address)
         device = self._hasher.digest(client.device_id[:MAX_DEVICE_ID_LENGTH])
@@ -224,9 +224,10 @@ class FraudChecker:
                 )
 
         if rules.velocity != "off":
+            # The newcomer's own row exists already (same transaction): it is counted once.
             referred = User.select().where(User.referrer == referrer.id)
-            last_hour = referred.where(User.created_at > now - timedelta(hours=1)).count() + 1
-            last_day = referred.where(User.created_at > now - timedelta(days=1)).count() + 1
+            last_hour = referred.where(User.created_at > now - timedelta(hours=1)).count()
+            last_day = referred.where(User.created_at > now - timedelta(days=1)).count()
             from_address = 0
             if address is not None:
                 from_address = (
