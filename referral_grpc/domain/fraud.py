@@ -153,7 +153,7 @@ class FraudChecker:
         rules_version: int,
         now: datetime,
     ) -> Decision:
-        """Judge a newcomer registering with `referrer`'s code: their user row exists, their signal not yet."""
+        """Judge a newcomer who used `referrer`'s code; their user row exists, their signal not yet."""
         client = client or ClientInfo()
         address = self._hasher.digest(client.address)
         device = self._hasher.digest(client.device_id[:MAX_DEVICE_ID_LENGTH])
