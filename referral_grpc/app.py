@@ -11,6 +11,7 @@ import peewee as pw
 from .domain.admin import Administration
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
+from .domain.data_rights import DataRights
 from .domain.fraud import FraudChecker, SignalHasher
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
@@ -41,6 +42,7 @@ class App:
     programs: ProgramService
     rewards: RewardService
     admin: Administration
+    data_rights: DataRights
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -152,4 +154,5 @@ def build_app(
         admin=Administration(
             db, clock, cache, rewards, PageTokens(settings.jwt_secret, purpose="audit-page-token-v1")
         ),
+        data_rights=DataRights(db, clock, hasher, cache),
     )

@@ -192,7 +192,7 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     # The generated *_pb2_grpc modules carry no type stubs.
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        AuthServicer(app.auth, app.email_verification), server
+        AuthServicer(app.auth, app.email_verification, app.data_rights), server
     )
     referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ReferralServicer(app.referrals, app.rewards), server
