@@ -63,10 +63,10 @@ def client_info(context: grpc.ServicerContext) -> ClientInfo:
         # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555": the host, without the port.
         peer = context.peer() or ""
         address = peer.partition(":")[2].rpartition(":")[0].strip("[]")
-        # A local process (a sidecar, a script, the tests) says nothing about who the client is:
-        # every such call would otherwise share one address and trip the address signals.
-        if _is_loopback(address):
-            address = ""
+    # A local process (a script, a developer's curl, the tests) says nothing about who the client
+    # is: every such call would otherwise share one address and trip the address signals.
+    if _is_loopback(address):
+        address = ""
     return ClientInfo(address=address, device_id=metadata_value(context, "x-device-id").strip())
 
 
