@@ -10,6 +10,7 @@ from typing import Any
 from .domain.apikeys import SCOPES, ApiKeyService
 from .domain.audit import verify_chain
 from .domain.errors import DomainError, InvalidArgument
+from .domain.fraud import FraudRules
 from .domain.ports import SystemClock
 from .domain.programs import ProgramRules, ProgramService, Reward
 from .settings import Settings
@@ -124,8 +125,11 @@ def _audit_verify() -> int:
 
 def _program(programs: ProgramService, args: argparse.Namespace) -> int:
     if args.action == "set":
+        current = programs.current()
         rules = programs.set(
             ProgramRules(
+                # The fraud rules are set through AdminService.UpdateProgram; a new version keeps them.
+                fraud=current.fraud if current is not None else FraudRules(),
                 currency=args.currency.strip().upper(),
                 event_types=tuple(t.strip() for t in args.event_types.split(",") if t.strip()),
                 min_amount_minor=args.min_amount_minor,
