@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -278,3 +279,29 @@ def test_client_signals_are_keyed_hashes_that_expire(fraud: Fraud, clock: FakeCl
         metadata=(("x-forwarded-for", "203.0.113.78"),),
     )
     assert [r.kind for r in ClientSignal.select().where(ClientSignal.user == tokens.user_id)] == ["login"]
+
+
+def test_concurrent_signups_of_one_referrer_are_counted_exactly(pg_url: str, clock: FakeClock) -> None:
+    """Without the per-referrer lock, parallel signups all count the same earlier referrals."""
+    settings = make_settings(database_url=pg_url, reset_request_min_seconds=0)
+    with running_api(settings, clock=clock, verifier=StandInVerifier()) as api:
+        key = api.app.api_keys.create("backend", ALL_REWARD_SCOPES).key
+        fraud = Fraud(RewardsApi(api, clock, reward_service_pb2_grpc.RewardServiceStub(api.channel), key))
+        fraud.rw.set_program(fraud=FraudRules(referrals_per_hour=3))
+        _, code = fraud.referrer()
+        start = threading.Barrier(8)
+        ids: list[int] = []
+
+        def signup(n: int) -> None:
+            start.wait()
+            ids.append(
+                int(fraud.register(f"parallel{n}@example.com", code=code, address=f"203.0.113.{n}").user_id)
+            )
+
+        threads = [threading.Thread(target=signup, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        decisions = sorted(fraud.decision(user_id)[0] for user_id in ids)
+        assert decisions == ["allow"] * 3 + ["review"] * 5

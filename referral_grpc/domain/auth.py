@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 INVALID_CREDENTIALS = "invalid email or password"
 ACCOUNT_BLOCKED = "this account is blocked; contact support"
+# The first key of the per-referrer advisory locks (the second is the referrer's id).
+_REFERRER_LOCK_SPACE = 0x5EF3
 INVALID_REFRESH = "invalid or expired refresh token"
 # Where Login's optional proof comes from: request metadata, an HTTP header through Envoy.
 PROOF_FIELD = "x-refresh-token"
@@ -412,6 +414,11 @@ class AuthService:
         self, newcomer: User, referrer: User, client: ClientInfo | None, now: datetime
     ) -> None:
         """The fraud decision on a new referral, stored on it and audited; the newcomer is told nothing."""
+        if is_postgres(self._db):
+            # One referrer's signups are judged one at a time, so the velocity counts are exact.
+            self._db.execute_sql(  # type: ignore[no-untyped-call]
+                "SELECT pg_advisory_xact_lock(%s, %s)", (_REFERRER_LOCK_SPACE, referrer.id % 2**31)
+            )
         rules, version = current_fraud_rules()
         decision = self._fraud.evaluate(
             newcomer.email, newcomer.email_status, referrer, client, rules, version, now
