@@ -192,7 +192,9 @@ def test_register_login_code_lookup_referral_and_listing(rest: Rest) -> None:
     listing = rest.ok("GET", "/referral/referrals", token=token)
     assert listing["next_page_token"] == ""
     [referral] = listing["referrals"]
-    assert set(referral) == {"user_id", "email", "registered_at"}
+    # The referral row is written at signup, with its fraud decision: it is pending from the start.
+    assert set(referral) == {"user_id", "email", "registered_at", "state"}
+    assert referral["state"] == "PENDING"
     assert referral["user_id"] == friend["user_id"]
     assert referral["email"] == bob
     assert abs(parse_time(referral["registered_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
