@@ -54,9 +54,11 @@ class GetUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier; leave 0 to look up by email."""
+    """The user's identifier (0 or more); leave 0 to look up by email."""
     email: _builtins.str
-    """The user's email address, in any letter case; used when user_id is 0."""
+    """The user's email address, in any letter case (at most 254 characters);
+    used when user_id is 0.
+    """
     def __init__(
         self,
         *,
@@ -226,7 +228,7 @@ class BlockUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier."""
+    """The user's identifier (1 or more)."""
     note: _builtins.str
     """Why the user is blocked (at most 500 characters); kept in the audit log."""
     def __init__(
@@ -252,7 +254,7 @@ class UnblockUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier."""
+    """The user's identifier (1 or more)."""
     note: _builtins.str
     """Why the block is lifted (at most 500 characters); kept in the audit log."""
     def __init__(
@@ -280,13 +282,13 @@ class AdjustBalanceRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier."""
+    """The user's identifier (1 or more)."""
     amount_minor: _builtins.int
     """The signed amount in minor units of the currency: positive credits,
     negative debits; never zero.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the amount's currency."""
+    """The ISO 4217 code of the amount's currency (at most 3 characters)."""
     reason: _builtins.str
     """Why the balance is corrected (1 to 500 characters); kept in the audit
     log.
@@ -527,12 +529,16 @@ class ListReferralsForReviewRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """The fraud decision to list, in lower case: "review" (default: those
-    still awaiting a decision), "allow" or "reject".
+    still awaiting a decision), "allow" or "reject" (at most 6 characters).
     """
     page_size: _builtins.int
-    """The most referrals to return (default 50, at most 200)."""
+    """The most referrals to return (0 or more; 0 means 50, and more than 200
+    means 200).
+    """
     page_token: _builtins.str
-    """The next_page_token of the previous page; empty for the first page."""
+    """The next_page_token of the previous page (at most 512 characters);
+    empty for the first page.
+    """
     def __init__(
         self,
         *,
@@ -586,7 +592,7 @@ class DecideReferralRequest(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The newcomer whose referral is decided."""
+    """The newcomer whose referral is decided (1 or more)."""
     decision: Global___ReviewDecision.ValueType
     """Approve or reject."""
     note: _builtins.str
@@ -723,13 +729,21 @@ class ListAuditEventsRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most rows to return (default 50, at most 200)."""
+    """The most rows to return (0 or more; 0 means 50, and more than 200
+    means 200).
+    """
     page_token: _builtins.str
-    """The next_page_token of the previous page; empty for the first page."""
+    """The next_page_token of the previous page (at most 512 characters);
+    empty for the first page.
+    """
     actor: _builtins.str
-    """Only rows of this actor, for example "key:ops" or "user:42"."""
+    """Only rows of this actor, for example "key:ops" or "user:42" (at most
+    128 characters).
+    """
     target: _builtins.str
-    """Only rows about this target, for example "user:42" or "program"."""
+    """Only rows about this target, for example "user:42" or "program" (at
+    most 128 characters).
+    """
     def __init__(
         self,
         *,
