@@ -9,8 +9,18 @@ import peewee as pw
 
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
+from .domain.events import EventLog, EventStream
 from .domain.passwords import PasswordHasher
-from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
+from .domain.ports import (
+    Clock,
+    CodeCache,
+    EmailDispatcher,
+    EmailVerifier,
+    EventSignal,
+    Rule,
+    SystemClock,
+    Throttle,
+)
 from .domain.programs import ProgramService
 from .domain.referrals import ReferralService
 from .domain.rewards import RewardService
@@ -37,11 +47,18 @@ class App:
     api_keys: ApiKeyService
     programs: ProgramService
     rewards: RewardService
+    events: EventLog
+    event_signal: EventSignal
+    event_stream: EventStream
 
     def release_connection(self) -> None:
-        """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
-        if not isinstance(self.db, pw.SqliteDatabase) and not self.db.is_closed():
-            self.db.close()
+        _release_connection(self.db)
+
+
+def _release_connection(db: pw.Database) -> None:
+    """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
+    if not isinstance(db, pw.SqliteDatabase) and not db.is_closed():
+        db.close()
 
 
 def build_app(
@@ -55,6 +72,7 @@ def build_app(
 ) -> App:
     """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
     from .infra.cache import make_code_cache
+    from .infra.event_signal import make_event_signal
     from .infra.hunter import make_email_verifier
     from .infra.outbox import SqlOutbox
     from .infra.tasks import make_dispatcher
@@ -128,6 +146,8 @@ def build_app(
         page_tokens=PageTokens(settings.jwt_secret, purpose="ledger-page-token-v1"),
         eligible=referral_eligibility(verification_required),
     )
+    events = EventLog(db)
+    event_signal = make_event_signal(settings)
     return App(
         settings,
         db,
@@ -142,4 +162,7 @@ def build_app(
         api_keys=ApiKeyService(db, clock),
         programs=ProgramService(db, clock),
         rewards=rewards,
+        events=events,
+        event_signal=event_signal,
+        event_stream=EventStream(events, event_signal, lambda: _release_connection(db)),
     )

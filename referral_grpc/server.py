@@ -15,13 +15,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.admission import Admission, CountingExecutor, InFlight
+from .api.events import EventServicer
 from .api.idempotency import IdempotencyStore
 from .api.interceptors import ApiInterceptor
 from .api.policy import SERVICES
 from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
-from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc, reward_service_pb2_grpc
+from .gen import (
+    auth_service_pb2_grpc,
+    event_service_pb2_grpc,
+    referral_service_pb2_grpc,
+    reward_service_pb2_grpc,
+)
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
 
@@ -193,6 +199,9 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     reward_service_pb2_grpc.add_RewardServiceServicer_to_server(  # type: ignore[no-untyped-call]
         RewardServicer(app.rewards), server
+    )
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        EventServicer(app.events, app.event_stream), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -65,6 +65,8 @@ KEY_RPCS = {
     "/referral.v1.RewardService/GetBalance": {"rewards:read"},
     "/referral.v1.RewardService/ListLedgerEntries": {"rewards:read"},
     "/referral.v1.RewardService/RedeemRewards": {"rewards:redeem"},
+    "/referral.v1.EventService/ListEvents": {"events:read"},
+    "/referral.v1.EventService/WatchEvents": {"events:read"},
 }
 # Of those, the ones a user's own access token may call instead.
 KEY_OR_USER_RPCS = {"/referral.v1.RewardService/GetBalance", "/referral.v1.RewardService/ListLedgerEntries"}

@@ -14,6 +14,7 @@ from ..store.database import is_postgres, write_transaction
 from ..store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from .events import REFERRAL_CREATED, USER_PASSWORD_CHANGED, USER_REGISTERED, NewEvent, append_events
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
 from .tokens import AccessTokens, SuccessorTokens, invalid_token, random_token, token_digest
@@ -154,6 +155,12 @@ class AuthService:
                         )
                     )
                 refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+                registered = {"user_id": user.id, "referrer_user_id": referrer_id or 0}
+                events = [NewEvent(USER_REGISTERED, registered)]
+                if referrer_id is not None:
+                    referral = {"referee_user_id": user.id, "referrer_user_id": referrer_id, "code": code}
+                    events.append(NewEvent(REFERRAL_CREATED, referral))
+                append_events(self._db, events, now)
         except pw.IntegrityError:
             # The unique index on email_key decides between concurrent registrations.
             raise AlreadyExists("EMAIL_TAKEN", "an account with this email already exists") from None
@@ -283,6 +290,8 @@ class AuthService:
             self._revoke_sessions(user.id, now)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+            changed = {"user_id": user.id, "via": "change"}
+            append_events(self._db, [NewEvent(USER_PASSWORD_CHANGED, changed)], now)
         self._dispatcher.dispatch([outbox_id])
         return self._tokens(User.get_by_id(user.id), refresh)
 
@@ -367,6 +376,8 @@ class AuthService:
             self._revoke_sessions(row.user_id, now)
             user = User.get_by_id(row.user_id)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
+            changed = {"user_id": user.id, "via": "reset"}
+            append_events(self._db, [NewEvent(USER_PASSWORD_CHANGED, changed)], now)
         # Proof of the mailbox ends a lockout: the owner can sign in with the new password at once.
         self._throttle.clear(self._limits.login, user.email_key)
         self._dispatcher.dispatch([outbox_id])

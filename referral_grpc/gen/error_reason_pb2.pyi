@@ -58,6 +58,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CURRENCY_INVALID: _ClassVar[ErrorReason]
     AMOUNT_INVALID: _ClassVar[ErrorReason]
     OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
+    CURSOR_INVALID: _ClassVar[ErrorReason]
+    EVENT_TYPE_UNKNOWN: _ClassVar[ErrorReason]
+    PAGE_SIZE_TOO_LARGE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -110,3 +113,6 @@ IDEMPOTENCY_KEY_IN_USE: ErrorReason
 CURRENCY_INVALID: ErrorReason
 AMOUNT_INVALID: ErrorReason
 OCCURRED_AT_IN_FUTURE: ErrorReason
+CURSOR_INVALID: ErrorReason
+EVENT_TYPE_UNKNOWN: ErrorReason
+PAGE_SIZE_TOO_LARGE: ErrorReason

@@ -323,6 +323,27 @@ class IdempotencyRecord(BaseModel):
         indexes = ((("caller", "key"), True),)
 
 
+class Event(BaseModel):
+    """The event log: one row per state change, appended in the transaction of the change.
+
+    `id` is the cursor: writers append in commit order (store.database.append_events), so a reader
+    that has seen cursor N has seen every event that will ever have a smaller one.
+    """
+
+    id = pw.BigAutoField()
+    # The public id ("evt_" + 26 characters); the webhook-id of every delivery of the event.
+    event_id = pw.CharField(max_length=40, unique=True)
+    # The dotted name, e.g. "referral.qualified".
+    type = pw.CharField(max_length=48)
+    occurred_at = UTCDateTimeField()
+    # JSON of the type's payload message (referral.v1 event_service.proto), field names as in the proto.
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        indexes = ((("type", "id"), False),)
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     User,
     ReferralCode,
@@ -336,4 +357,5 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Referral,
     LedgerEntry,
     IdempotencyRecord,
+    Event,
 )

@@ -155,6 +155,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The event's occurred_at is further in the future than clock skew
     explains.
     """
+    CURSOR_INVALID: _ErrorReason.ValueType  # 53
+    """An event cursor is negative or beyond the largest int64."""
+    EVENT_TYPE_UNKNOWN: _ErrorReason.ValueType  # 54
+    """An event type named in a request is not one the service knows."""
+    PAGE_SIZE_TOO_LARGE: _ErrorReason.ValueType  # 55
+    """A page size is larger than the RPC allows."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -298,4 +304,10 @@ OCCURRED_AT_IN_FUTURE: ErrorReason.ValueType  # 49
 """The event's occurred_at is further in the future than clock skew
 explains.
 """
+CURSOR_INVALID: ErrorReason.ValueType  # 53
+"""An event cursor is negative or beyond the largest int64."""
+EVENT_TYPE_UNKNOWN: ErrorReason.ValueType  # 54
+"""An event type named in a request is not one the service knows."""
+PAGE_SIZE_TOO_LARGE: ErrorReason.ValueType  # 55
+"""A page size is larger than the RPC allows."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
