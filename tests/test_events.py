@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from support import FakeClock, make_settings
+import requests
+from support import TEST_JWT_SECRET, FakeClock, make_settings
 from support.api import bearer, expect_error
+from support.envoy import migrate, running_envoy, running_server, server_env
 from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.api.events import payload_field
@@ -306,3 +311,53 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+def test_list_events_over_rest_through_envoy(pg_url: str, tmp_path: Path) -> None:
+    env = server_env(DATABASE_URL=pg_url, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(env)
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "referral_grpc",
+            "apikey",
+            "create",
+            "--name",
+            "reader",
+            "--scope",
+            "events:read",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    with (
+        running_server(env, tmp_path / "server.log") as (_, address),
+        running_envoy([address], tmp_path) as envoy,
+    ):
+        base = envoy.url
+        for n in range(3):
+            body = {"email": f"rest{n}@example.com", "password": "correct horse battery"}
+            assert requests.post(f"{base}/auth/register", json=body, timeout=10).status_code == 200
+        page = requests.get(
+            f"{base}/events",
+            params={"after_cursor": "0", "types": "user.registered", "page_size": "2"},
+            headers={"x-api-key": key},
+            timeout=10,
+        )
+        assert page.status_code == 200, page.text
+        document = page.json()
+        assert [e["type"] for e in document["events"]] == ["user.registered"] * 2
+        assert document["events"][0]["user_registered"]["user_id"] == "1"  # int64: a JSON string
+        assert document["next_cursor"] == document["events"][1]["cursor"]
+        bad = requests.get(
+            f"{base}/events", params={"page_size": "5000"}, headers={"x-api-key": key}, timeout=10
+        )
+        assert bad.status_code == 400 and bad.json()["details"][0]["reason"] == "PAGE_SIZE_TOO_LARGE", (
+            bad.text
+        )
+        assert requests.get(f"{base}/events", timeout=10).status_code == 401
