@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import peewee as pw
 
@@ -26,6 +27,7 @@ from .domain.referrals import ReferralService
 from .domain.rewards import RewardService
 from .domain.tokens import AccessTokens, PageTokens, SuccessorTokens
 from .domain.verification import EmailVerificationService, referral_eligibility
+from .domain.webhooks import WebhookService
 from .settings import Settings
 from .store.database import init_database
 
@@ -47,6 +49,7 @@ class App:
     api_keys: ApiKeyService
     programs: ProgramService
     rewards: RewardService
+    webhooks: WebhookService
     events: EventLog
     event_signal: EventSignal
     event_stream: EventStream
@@ -77,6 +80,7 @@ def build_app(
     from .infra.outbox import SqlOutbox
     from .infra.tasks import make_dispatcher
     from .infra.throttle import Throttle as RedisThrottle
+    from .infra.webhooks import url_checker
 
     settings.ensure_local_dirs()
     if settings.jwt_secret_generated:
@@ -162,6 +166,9 @@ def build_app(
         api_keys=ApiKeyService(db, clock),
         programs=ProgramService(db, clock),
         rewards=rewards,
+        webhooks=WebhookService(
+            db, clock, url_checker(settings), timedelta(hours=settings.webhook_secret_overlap_hours)
+        ),
         events=events,
         event_signal=event_signal,
         event_stream=EventStream(events, event_signal, lambda: _release_connection(db)),

@@ -21,12 +21,14 @@ from .api.interceptors import ApiInterceptor
 from .api.policy import SERVICES
 from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
+from .api.webhooks import WebhookServicer
 from .app import App
 from .gen import (
     auth_service_pb2_grpc,
     event_service_pb2_grpc,
     referral_service_pb2_grpc,
     reward_service_pb2_grpc,
+    webhook_service_pb2_grpc,
 )
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
@@ -202,6 +204,9 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     event_service_pb2_grpc.add_EventServiceServicer_to_server(  # type: ignore[no-untyped-call]
         EventServicer(app.events, app.event_stream), server
+    )
+    webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        WebhookServicer(app.webhooks), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -14,6 +14,7 @@ from ..gen import (
     referral_service_pb2,
     reward_service_pb2,
     rpc_policy_pb2,
+    webhook_service_pb2,
 )
 
 # Our services: their policy is declared next to each RPC in proto/referral/v1.
@@ -22,6 +23,7 @@ SERVICES: tuple[descriptor.ServiceDescriptor, ...] = (
     referral_service_pb2.DESCRIPTOR.services_by_name["ReferralService"],
     reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"],
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 
 

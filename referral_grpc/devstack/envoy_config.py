@@ -130,7 +130,13 @@ def _method_not_allowed_route(template: dict[str, Any], path: str, methods: Sequ
     """The template for one path: every method but `methods` is answered 405 with them in Allow."""
     route = copy.deepcopy(template)
     route["name"] = f"{METHOD_NOT_ALLOWED} {path}"
-    route["match"]["path"] = path
+    if "{" in path:
+        del route["match"]["path"]
+        # Each {field} is one path segment.
+        pattern = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(path))
+        route["match"]["safe_regex"] = {"regex": f"^{pattern}$"}
+    else:
+        route["match"]["path"] = path
     [method] = route["match"]["headers"]
     method["string_match"]["safe_regex"]["regex"] = f"^({'|'.join(map(re.escape, methods))})$"
     [allow] = route["response_headers_to_add"]

@@ -33,10 +33,11 @@ def rest_methods(descriptor_set: Path, services: Iterable[str]) -> dict[str, lis
             raise ValueError(f"{descriptor_set} declares no service {name}")
         for rpc in declared[name].method:
             for verb, path in _bindings(rpc.options.Extensions[annotations_pb2.http]):
-                # Envoy routes below match literal paths; a template such as /v1/{name} needs a
-                # uri_template matcher first.
-                if "{" in path:
-                    raise ValueError(f"{name}.{rpc.name}: path templates are not supported: {path}")
+                # Single-segment variables only (/webhooks/{id}): the routes match them by regex.
+                if "=" in path or "*" in path:
+                    raise ValueError(
+                        f"{name}.{rpc.name}: only {{field}} path variables are supported: {path}"
+                    )
                 if verb not in methods.setdefault(path, []):
                     methods[path].append(verb)
     return methods

@@ -12,7 +12,7 @@ from typing import Any
 import peewee as pw
 
 from ..store.database import lock_event_log, notify_events
-from ..store.models import Event
+from ..store.models import Event, WebhookDelivery, WebhookEndpoint
 from .errors import FieldViolation, InvalidArgument
 from .ports import EventSignal
 
@@ -88,6 +88,9 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
         if event.type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {event.type!r}")
     lock_event_log(db)
+    # The webhook outbox: a delivery row per subscribed endpoint, in this same transaction, so an
+    # event is either committed with every delivery it owes or not at all.
+    endpoints = [(e.id, set(e.event_types.split())) for e in WebhookEndpoint.select()]
     last = 0
     for event in events:
         row = Event.create(
@@ -97,6 +100,13 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
             payload=json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
         )
         last = row.id
+        owed = [
+            {"endpoint": endpoint, "event": row.id, "next_attempt_at": now, "created_at": now}
+            for endpoint, types in endpoints
+            if not types or event.type in types
+        ]
+        if owed:
+            WebhookDelivery.insert_many(owed).execute()
     notify_events(db, last)
 
 

@@ -61,6 +61,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CURSOR_INVALID: _ClassVar[ErrorReason]
     EVENT_TYPE_UNKNOWN: _ClassVar[ErrorReason]
     PAGE_SIZE_TOO_LARGE: _ClassVar[ErrorReason]
+    WEBHOOK_URL_INVALID: _ClassVar[ErrorReason]
+    WEBHOOK_ENDPOINT_NOT_FOUND: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -116,3 +118,5 @@ OCCURRED_AT_IN_FUTURE: ErrorReason
 CURSOR_INVALID: ErrorReason
 EVENT_TYPE_UNKNOWN: ErrorReason
 PAGE_SIZE_TOO_LARGE: ErrorReason
+WEBHOOK_URL_INVALID: ErrorReason
+WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason

@@ -161,6 +161,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An event type named in a request is not one the service knows."""
     PAGE_SIZE_TOO_LARGE: _ErrorReason.ValueType  # 55
     """A page size is larger than the RPC allows."""
+    WEBHOOK_URL_INVALID: _ErrorReason.ValueType  # 56
+    """A webhook URL is malformed, not https in production, or resolves to an
+    address deliveries may not go to.
+    """
+    WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 57
+    """No webhook endpoint has this id."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -310,4 +316,10 @@ EVENT_TYPE_UNKNOWN: ErrorReason.ValueType  # 54
 """An event type named in a request is not one the service knows."""
 PAGE_SIZE_TOO_LARGE: ErrorReason.ValueType  # 55
 """A page size is larger than the RPC allows."""
+WEBHOOK_URL_INVALID: ErrorReason.ValueType  # 56
+"""A webhook URL is malformed, not https in production, or resolves to an
+address deliveries may not go to.
+"""
+WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 57
+"""No webhook endpoint has this id."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
