@@ -327,6 +327,8 @@ def test_list_events_over_rest_through_envoy(pg_url: str, tmp_path: Path) -> Non
             "reader",
             "--scope",
             "events:read",
+            "--scope",
+            "webhooks:manage",
         ],
         env=env,
         check=True,
@@ -361,3 +363,14 @@ def test_list_events_over_rest_through_envoy(pg_url: str, tmp_path: Path) -> Non
             bad.text
         )
         assert requests.get(f"{base}/events", timeout=10).status_code == 401
+        hook = {"url": "https://hooks.example.com/referrals", "event_types": ["referral.qualified"]}
+        created_hook = requests.post(f"{base}/webhooks", json=hook, headers={"x-api-key": key}, timeout=10)
+        assert created_hook.status_code == 200, created_hook.text
+        endpoint_id = created_hook.json()["endpoint"]["id"]
+        assert created_hook.json()["secret"].startswith("whsec_")
+        got = requests.get(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert got.json()["status"] == "ENABLED" and got.json()["event_types"] == ["referral.qualified"]
+        wrong = requests.put(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert wrong.status_code == 405 and set(wrong.headers["allow"].split(", ")) == {"GET", "DELETE"}
+        deleted = requests.delete(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert deleted.status_code == 200

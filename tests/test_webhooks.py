@@ -265,3 +265,37 @@ def test_private_addresses_need_the_switch(pg_url: str, clock: FakeClock) -> Non
             )
             assert (refused.reason, set(refused.fields)) == ("WEBHOOK_URL_INVALID", {"url"}), url
     assert not forbidden_address("93.184.215.14") and forbidden_address("::ffff:127.0.0.1")
+
+
+def test_a_failing_endpoint_is_disabled_and_its_events_wait_for_re_enabling(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    receiver = Receiver(failures=3)
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=receiver.url, event_types=["user.registered"]), metadata=auth
+    )
+    endpoint = wh_pb.GetWebhookEndpointRequest(id=created.endpoint.id)
+    start_worker(worker_env(pg_url, redis_url, key_prefix, WEBHOOK_DISABLE_AFTER_FAILURES="3"))
+    rw.person()
+    wait_until(
+        lambda: stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.DISABLED,
+        30,
+        "the endpoint disabled after 3 failures",
+    )
+    rw.person()  # waits, with the first one, while the endpoint is disabled
+    assert len(receiver.received) == 3
+    # Rotation: until the overlap ends, both secrets sign.
+    rotated = stub.RotateWebhookSecret(
+        wh_pb.RotateWebhookSecretRequest(id=created.endpoint.id), metadata=auth
+    )
+    # Re-enabling (a redelivery of nothing: after the last cursor) sends what waited.
+    last = Event.select().order_by(Event.id.desc()).first().id
+    enable = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=last)
+    assert stub.RedeliverEvents(enable, metadata=auth).queued == 0
+    registered = {row.event_id for row in Event.select().where(Event.type == "user.registered")}
+    wait_until(lambda: set(receiver.ids()[3:]) == registered, 30, "the waiting events after re-enabling")
+    assert stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.ENABLED
+    for secret in (created.secret, rotated.secret):
+        Webhook(secret).verify(*reversed(receiver.received[-1]))
+    receiver.close()

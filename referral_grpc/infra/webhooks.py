@@ -90,10 +90,16 @@ def url_checker(settings: Settings) -> Callable[[str], str]:
             return "must use https"
         if parts.username or parts.password:
             return "must not carry credentials"
+        if settings.webhook_allow_private_networks:
+            return ""
         try:
-            _resolve(parts.hostname, port or 443, settings.webhook_allow_private_networks)
-        except RefusedAddress as exc:
-            return str(exc)
+            infos = socket.getaddrinfo(parts.hostname, port or 443, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            # DNS may be down for a moment or not yet set up: each delivery checks again anyway.
+            return ""
+        for info in infos:
+            if forbidden_address(str(info[4][0])):
+                return f"resolves to {info[4][0]}, a loopback, private or link-local address"
         return ""
 
     return check
