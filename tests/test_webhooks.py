@@ -5,6 +5,7 @@ Every delivery is verified with `standardwebhooks`, the Standard Webhooks refere
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 from standardwebhooks import Webhook
 from support import TEST_JWT_SECRET, FakeClock, wait_until
@@ -169,6 +171,11 @@ def test_the_rewards_walk_arrives_signed_once_per_event_after_retries(
     assert len(ids) == len(logged) + 2
     assert all(ids.count(i) == (1 + ids[:2].count(i)) for i in set(ids)), [(i[-4:], logged[i]) for i in ids]
     assert {doc["type"] for doc in documents} == set(logged.values())
+    # Each body is what the OpenAPI document's `webhooks` entry for its type describes.
+    spec = json.loads((REPO / "gateway" / "openapi.json").read_text())
+    for doc in documents:
+        pointer = f"#/webhooks/{doc['type']}/post/requestBody/content/application~1json/schema"
+        jsonschema.validate(doc, {**spec, "$ref": pointer})
     qualified = next(doc for doc in documents if doc["type"] == "referral.qualified")
     assert set(qualified["data"]) == {
         "referee_user_id",

@@ -118,7 +118,10 @@ def event_body(event: Event) -> bytes:
     assert field.message_type is not None  # every payload field is a message
     message = getattr(event_service_pb2, field.message_type.name)()
     json_format.ParseDict(json.loads(event.payload), message)
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    # As the REST gateway prints messages: proto field names, zeros included (the schema requires them).
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     document = {
         "type": event.type,
         "timestamp": event.occurred_at.isoformat().replace("+00:00", "Z"),
