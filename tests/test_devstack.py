@@ -60,7 +60,15 @@ def test_every_rest_path_gets_a_405_route_with_its_methods() -> None:
             methods = allow["header"]["value"].split(", ")
             assert method["string_match"]["safe_regex"]["regex"] == f"^({'|'.join(methods)})$"
             assert route["direct_response"]["status"] == 405
-            rendered[route["match"]["path"]] = set(methods)
+            path = route["name"].removeprefix(f"{METHOD_NOT_ALLOWED} ")
+            if "{" in path:
+                # A path with variables matches any one segment in their place, and nothing longer.
+                pattern = re.compile(route["match"]["safe_regex"]["regex"])
+                sample = re.sub(r"\{[^}]*\}", "42", path)
+                assert pattern.match(sample) and not pattern.match(sample + "/x"), path
+            else:
+                assert route["match"]["path"] == path
+            rendered[path] = set(methods)
     documented = json.loads((GATEWAY / "openapi.json").read_text())["paths"]
     assert rendered == {path: {verb.upper() for verb in item} for path, item in documented.items()}
     assert METHOD_NOT_ALLOWED not in [route.get("name") for route in _routes(config)]
@@ -105,13 +113,17 @@ def test_rest_methods_refuses_an_unknown_service(tmp_path: Path) -> None:
         rest_methods(_descriptor_set(tmp_path), ["shop.v1.CartService"])
 
 
-def test_rest_methods_refuses_a_path_template_it_cannot_route(tmp_path: Path) -> None:
+def test_rest_methods_takes_single_segment_variables_and_refuses_wider_templates(tmp_path: Path) -> None:
     file = descriptor_pb2.FileDescriptorProto(name="t.proto", package="t")
-    method = file.service.add(name="S").method.add(name="Get", input_type=".t.M", output_type=".t.M")
+    service = file.service.add(name="S")
+    method = service.method.add(name="Get", input_type=".t.M", output_type=".t.M")
     method.options.Extensions[annotations_pb2.http].get = "/items/{name}"
     path = tmp_path / "t.pb"
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
-    with pytest.raises(ValueError, match="path templates"):
+    assert rest_methods(path, ["t.S"]) == {"/items/{name}": ["GET"]}
+    method.options.Extensions[annotations_pb2.http].get = "/items/{name=shelves/*}"
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
+    with pytest.raises(ValueError, match=r"only \{field\} path variables"):
         rest_methods(path, ["t.S"])
 
 
