@@ -27,8 +27,8 @@ from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.gen import webhook_service_pb2 as wh_pb
 from referral_grpc.gen import webhook_service_pb2_grpc
-from referral_grpc.infra.webhooks import forbidden_address
-from referral_grpc.store.models import Event
+from referral_grpc.infra.webhooks import forbidden_address, post
+from referral_grpc.store.models import Event, WebhookDelivery
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -306,3 +306,58 @@ def test_a_failing_endpoint_is_disabled_and_its_events_wait_for_re_enabling(
     for secret in (created.secret, rotated.secret):
         Webhook(secret).verify(*reversed(receiver.received[-1]))
     receiver.close()
+
+
+def test_the_sender_follows_no_redirect_and_checks_the_address_when_it_connects() -> None:
+    hits: list[str] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("location", "/elsewhere")
+            self.send_header("content-length", "5")
+            self.end_headers()
+            self.wfile.write(b"moved")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        answer = post(url, {}, b"{}", timeout=5, allow_private=True)
+        assert (answer.http_status, answer.body, hits) == (302, "moved", ["/hook"])
+        # Without the switch the loopback address is refused at connection time: nothing is sent.
+        refused = post(url, {}, b"{}", timeout=5, allow_private=False)
+        assert refused.http_status == 0 and refused.error.startswith("refused") and hits == ["/hook"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redeliver_queues_a_range_or_one_event_again(database_url: str, clock: FakeClock) -> None:
+    with running_rewards(database_url, clock, webhook_allow_private_networks="true") as rw:
+        stub, auth = manage(rw)
+        created = stub.CreateWebhookEndpoint(
+            wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/x", event_types=["user.registered"]),
+            metadata=auth,
+        )
+        for _ in range(3):
+            rw.person()
+        events = list(Event.select().order_by(Event.id))
+        WebhookDelivery.update(status="delivered").execute()
+        one = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, event_id=events[1].event_id)
+        assert stub.RedeliverEvents(one, metadata=auth).queued == 1
+        pending = WebhookDelivery.select().where(WebhookDelivery.status == "pending")
+        assert [d.event_id for d in pending] == [events[1].id]
+        after = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=events[0].id)
+        assert stub.RedeliverEvents(after, metadata=auth).queued == 2
+        assert WebhookDelivery.select().where(WebhookDelivery.status == "pending").count() == 2
+        missing = expect_error(
+            stub.RedeliverEvents,
+            wh_pb.RedeliverEventsRequest(id=created.endpoint.id, event_id="evt_x"),
+            metadata=auth,
+        )
+        assert missing.code == grpc.StatusCode.NOT_FOUND
