@@ -34,6 +34,20 @@ from .harness import PG_SERVER_URL
 
 DATABASE = "referral_bench_events"
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- events-bench:begin -->", "<!-- events-bench:end -->"
+
+
+def write_section(table: str) -> None:
+    """Replace this benchmark's block of RESULTS.md, or append one; `python -m bench` leaves it alone."""
+    block = f"{BEGIN}\n## Events and webhooks (`python -m bench.events`)\n\n{table}\n{END}"
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if BEGIN in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        RESULTS.write_text(head + block + tail)
+    else:
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def _recreate_database() -> str:
@@ -164,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__)
     parser.add_argument("--stream-events", type=int, default=300)
     parser.add_argument("--deliveries", type=int, default=2000)
+    parser.add_argument(
+        "--no-write", dest="write_results", action="store_false", help="leave RESULTS.md alone"
+    )
     args = parser.parse_args(argv)
     database_url = _recreate_database()
     settings = Settings.from_env(
@@ -174,12 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     db.close()
     p50, p99 = stream_latency(settings, args.stream_events)
     rate = webhook_throughput(settings, database_url, args.deliveries)
-    print("| scenario | result |")
-    print("|---|---|")
     stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {args.stream_events} events"
-    print(f"| {stream} | p50 {p50:.1f} ms, p99 {p99:.1f} ms |")
-    webhooks = f"webhook deliveries, 1 worker process, loopback receiver, {args.deliveries} events"
-    print(f"| {webhooks} | {rate:.0f} /s |")
+    webhooks = f"webhook deliveries, 1 worker process (WORKER_THREADS default), loopback receiver, {args.deliveries} events"
+    table = "\n".join(
+        [
+            "| scenario | result |",
+            "|---|---|",
+            f"| {stream} | p50 {p50:.1f} ms, p99 {p99:.1f} ms |",
+            f"| {webhooks} | {rate:.0f} deliveries/s |",
+            "",
+            f"Load average at the end: {os.getloadavg()[0]:.1f} (2 cores, shared).",
+        ]
+    )
+    print(table)
+    if args.write_results:
+        write_section(table)
     return 0
 
 
