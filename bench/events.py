@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p50, p99 = stream_latency(settings, args.stream_events)
     rate = webhook_throughput(settings, database_url, args.deliveries)
     stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {args.stream_events} events"
-    webhooks = f"webhook deliveries, 1 worker process (WORKER_THREADS default), loopback receiver, {args.deliveries} events"
+    webhooks = (
+        f"webhook deliveries, 1 worker process (default threads), loopback receiver, {args.deliveries} events"
+    )
     table = "\n".join(
         [
             "| scenario | result |",
