@@ -621,8 +621,13 @@ def reasons_by_status(operation: dict[str, Any]) -> dict[int, list[str]]:
 
 def test_each_operation_lists_its_statuses_with_the_reasons_they_carry(document: dict[str, Any]) -> None:
     register = reasons_by_status(document["paths"]["/auth/register"]["post"])
-    assert set(register) == {400, 409, 429, 503, 504}
-    assert register[409] == ["EMAIL_TAKEN"]
+    # The service's statuses, and the gateway's own answers to a call with a JSON body (GATEWAY_REASONS).
+    assert set(register) == {400, 409, 429, 503, 504} | {404, 405, 413, 415, 431, 502}
+    assert register[413] == ["PAYLOAD_TOO_LARGE"] and register[415] == ["UNSUPPORTED_MEDIA_TYPE"]
+    assert register[431] == ["HEADERS_TOO_LARGE"]
+    assert {"MALFORMED_JSON", "QUERY_PARAMETERS_NOT_ALLOWED"} <= set(register[400])
+    # Register honours an Idempotency-Key (IDEMPOTENCY_OPTIONAL).
+    assert register[409] == ["EMAIL_TAKEN", "IDEMPOTENCY_KEY_REUSED", "IDEMPOTENCY_KEY_IN_USE"]
     assert {"EMAIL_INVALID", "PASSWORD_TOO_COMMON", "REFERRAL_CODE_UNKNOWN", "REFERRAL_CODE_EXPIRED"} <= set(
         register[400]
     )
@@ -630,8 +635,11 @@ def test_each_operation_lists_its_statuses_with_the_reasons_they_carry(document:
     login = reasons_by_status(document["paths"]["/auth/login"]["post"])
     assert login[401] == ["INVALID_CREDENTIALS"] and "TOO_MANY_ATTEMPTS" in login[429]
     lookup = reasons_by_status(document["paths"]["/referral/code/by-email"]["get"])
-    assert lookup[404] == ["REFERRAL_CODE_NOT_FOUND"]
+    assert lookup[404] == ["REFERRAL_CODE_NOT_FOUND", "UNKNOWN_PATH"]
     assert 401 not in lookup  # public
+    # No body: nothing too large or of the wrong media type, but its query parameters are checked.
+    assert 413 not in lookup and 415 not in lookup and lookup[431] == ["HEADERS_TOO_LARGE"]
+    assert "INVALID_QUERY_PARAMETER" in lookup[400] and "MALFORMED_JSON" not in lookup[400]
     listing = reasons_by_status(document["paths"]["/referral/referrals"]["get"])
     assert listing[401] == ["INVALID_TOKEN"] and "USER_NOT_FOUND" in listing[404]
     assert "RATE_LIMITED" not in listing[429]  # authenticated calls are limited per account instead
@@ -651,6 +659,16 @@ def test_each_operation_lists_its_statuses_with_the_reasons_they_carry(document:
                 assert "retry-after" in response["headers"]
 
 
+# Reasons only the operator's `apikey` command prints (no RPC manages API keys), and proof of that: the
+# gRPC edge never touches the service that raises them.
+COMMAND_LINE_REASONS = {"API_KEY_NAME_TAKEN", "API_KEY_NOT_FOUND", "SCOPE_UNKNOWN"}
+
+
+def test_api_key_management_is_out_of_reach_of_the_rpcs() -> None:
+    for path in (ROOT / "referral_grpc" / "api").rglob("*.py"):
+        assert not re.search(r"ApiKeyService|check_scopes|\.revoke\(", path.read_text()), path
+
+
 def test_every_reason_the_service_sends_is_under_some_operation(document: dict[str, Any]) -> None:
     listed = {
         reason
@@ -660,7 +678,8 @@ def test_every_reason_the_service_sends_is_under_some_operation(document: dict[s
         for reason in reasons
     }
     # Only a client that has gone away gets REQUEST_CANCELLED.
-    assert set(errors.Reason) - {"REQUEST_CANCELLED"} <= listed
+    assert set(errors.Reason) - {"REQUEST_CANCELLED"} - COMMAND_LINE_REASONS <= listed
+    assert not COMMAND_LINE_REASONS & listed
     assert listed <= set(schema_of(document, "ErrorReason")["enum"]) | {"RATE_LIMITED"}
 
 
@@ -672,6 +691,7 @@ HTTP_OF_CODE = {
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
     "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
@@ -713,7 +733,7 @@ def test_each_reasons_status_is_the_one_the_server_answers_with(document: dict[s
     raised = raised_reasons()
     assert len(raised) > 20
     by_name = {cls.__name__: code for cls, code in CODES.items()}
-    for cls, reason in raised:
+    for cls, reason in raised - {(cls, reason) for cls, reason in raised if reason in COMMAND_LINE_REASONS}:
         assert status_of[reason] == {HTTP_OF_CODE[by_name[cls].name]}, (cls, reason)
 
 

@@ -175,11 +175,13 @@ def page_policy(page: Path) -> str:
 
 
 def _add_page_policies(config: dict[str, Any], root: Path) -> None:
-    """Every route serving an .html file gets that page's Content-Security-Policy."""
+    """Every route serving an .html file gets that page's Content-Security-Policy, unless the route
+    declares its own (the account pages' stricter one): a page has exactly one policy."""
     for host in _connection_manager(config)["route_config"]["virtual_hosts"]:
         for route in host["routes"]:
             filename = route.get("direct_response", {}).get("body", {}).get("filename", "")
-            if filename.endswith(".html"):
+            declared = {h["header"]["key"] for h in route.get("response_headers_to_add", [])}
+            if filename.endswith(".html") and "content-security-policy" not in declared:
                 header = {"key": "content-security-policy", "value": page_policy(root / filename)}
                 # A new list: YAML anchors share one between routes.
                 route["response_headers_to_add"] = [

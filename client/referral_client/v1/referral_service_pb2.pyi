@@ -294,7 +294,9 @@ class Referral(_message.Message):
     email: _builtins.str
     """The email address of the referred user. For example `grace@example.com`."""
     state: Global___ReferralState.ValueType
-    """Where the referral stands in the referral program."""
+    """Where the referral stands in the referral program. For example
+    `QUALIFIED`.
+    """
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """The moment the referred user registered.
@@ -303,7 +305,9 @@ class Referral(_message.Message):
 
     @_builtins.property
     def qualified_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment the referral qualified; unset while it has not."""
+        """The moment the referral qualified; unset while it has not. For example
+        `2026-11-28T09:15:00Z`.
+        """
 
     def __init__(
         self,
@@ -353,13 +357,17 @@ class ReferralStats(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     EARNED_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
-    """The number of the caller's referrals that are pending."""
+    """The number of the caller's referrals that are pending. For example `3`."""
     qualified: _builtins.int
-    """The number of the caller's referrals that qualified."""
+    """The number of the caller's referrals that qualified. For example `2`."""
     reversed: _builtins.int
-    """The number of the caller's referrals whose qualifying event was refunded."""
+    """The number of the caller's referrals whose qualifying event was refunded.
+    For example `1`.
+    """
     rejected: _builtins.int
-    """The number of the caller's referrals that were rejected."""
+    """The number of the caller's referrals that were rejected. For example
+    `0`.
+    """
     @_builtins.property
     def earned(self) -> _containers.RepeatedCompositeFieldContainer[Global___EarnedAmount]:
         """The rewards the caller earned, one entry per currency."""
@@ -390,9 +398,11 @@ class EarnedAmount(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     LIFETIME_EARNED_MINOR_FIELD_NUMBER: _builtins.int
     currency: _builtins.str
-    """The ISO 4217 code of the currency, for example "USD"."""
+    """The ISO 4217 code of the currency. For example `USD`."""
     lifetime_earned_minor: _builtins.int
-    """Rewards credited minus rewards reversed, in minor units (cents for USD)."""
+    """Rewards credited minus rewards reversed, in minor units (cents for USD).
+    For example `1000`.
+    """
     def __init__(
         self,
         *,

@@ -180,34 +180,38 @@ class RecordEventRequest(_message.Message):
     event_id: _builtins.str
     """The caller's unique identifier of the event (1 to 128 characters, no
     control characters). Sending it again never records the event twice.
+    For example `order-1042`.
     """
     user_id: _builtins.int
-    """The identifier of the user the event belongs to (1 or more)."""
+    """The identifier of the user the event belongs to (1 or more). For
+    example `42`.
+    """
     email: _builtins.str
     """The email address of the user the event belongs to, in any letter case
-    (at most 254 characters).
+    (at most 254 characters). For example `ada@example.com`.
     """
     type: _builtins.str
-    """The kind of event, for example "purchase", "subscription_started" or
+    """The kind of event, such as "purchase", "subscription_started" or
     "refund" (1 to 64 characters of lower-case letters, digits, "_", "." and
-    "-").
+    "-"). For example `purchase`.
     """
     amount_minor: _builtins.int
     """The event's amount in minor units of the currency (cents for USD): 0 or
-    more, and at most 10^15.
+    more, and at most 10^15. For example `4999`.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the amount's currency, for example "USD" (at most
-    3 characters).
+    """The ISO 4217 code of the amount's currency (at most 3 characters). For
+    example `USD`.
     """
     refunds_event_id: _builtins.str
     """For a "refund", the event_id of the event it refunds (required then,
-    and refused for other types; at most 128 characters).
+    and refused for other types; at most 128 characters). For example
+    `order-1041`.
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When the event happened; at most 5 minutes in the future. The time of
-        the call when unset.
+        the call when unset. For example `2026-11-26T12:00:00Z`.
         """
 
     def __init__(
@@ -242,15 +246,15 @@ class RecordEventResponse(_message.Message):
     REWARDS_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The event_id of the request."""
+    """The event_id of the request. For example `order-1042`."""
     duplicate: _builtins.bool
     """Whether this event_id had been recorded before (this is then the first
     result, and nothing more was credited), or, for a refund, whether the
-    event it names had already been refunded.
+    event it names had already been refunded. For example `false`.
     """
     referral_state: _referral_service_pb2.ReferralState.ValueType
     """The state of the user's own referral after the event; unspecified when
-    the user registered without a code.
+    the user registered without a code. For example `QUALIFIED`.
     """
     @_builtins.property
     def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
@@ -286,9 +290,9 @@ class SkippedReward(_message.Message):
     BENEFICIARY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     beneficiary: Global___Beneficiary.ValueType
-    """Who the reward would have been for."""
+    """Who the reward would have been for. For example `REFEREE`."""
     reason: Global___SkipReason.ValueType
-    """Why it was not credited."""
+    """Why it was not credited. For example `NO_REWARD_CONFIGURED`."""
     def __init__(
         self,
         *,
@@ -321,30 +325,34 @@ class LedgerEntry(_message.Message):
     AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The identifier of the entry."""
+    """The identifier of the entry. For example `7`."""
     kind: Global___LedgerEntryKind.ValueType
-    """Why the entry exists."""
+    """Why the entry exists. For example `REFERRER_REWARD`."""
     amount_minor: _builtins.int
     """The amount in minor units: positive for rewards, negative for reversals
-    and redemptions.
+    and redemptions. For example `500`.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the amount's currency."""
+    """The ISO 4217 code of the amount's currency. For example `USD`."""
     user_id: _builtins.int
-    """The user whose ledger the entry belongs to."""
+    """The user whose ledger the entry belongs to. For example `41`."""
     referral_user_id: _builtins.int
-    """The newcomer whose referral the entry concerns (0 for redemptions)."""
+    """The newcomer whose referral the entry concerns (0 for redemptions). For
+    example `42`.
+    """
     event_id: _builtins.str
-    """The event that created the entry (empty for redemptions)."""
+    """The event that created the entry (empty for redemptions). For example
+    `order-1042`.
+    """
     @_builtins.property
     def available_at(self) -> _timestamp_pb2.Timestamp:
         """From this moment the entry counts in the available balance; before it,
-        in the pending balance.
+        in the pending balance. For example `2026-12-10T12:00:00Z`.
         """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """The moment the entry was written."""
+        """The moment the entry was written. For example `2026-11-26T12:00:00Z`."""
 
     def __init__(
         self,
@@ -376,7 +384,7 @@ class GetBalanceRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """The user whose balances to return (1 or more): required with an API
-    key, unset with a user's access token.
+    key, unset with a user's access token. For example `41`.
     """
     def __init__(
         self,
@@ -426,16 +434,18 @@ class Balance(_message.Message):
     PENDING_MINOR_FIELD_NUMBER: _builtins.int
     LIFETIME_EARNED_MINOR_FIELD_NUMBER: _builtins.int
     currency: _builtins.str
-    """The ISO 4217 code of the currency."""
+    """The ISO 4217 code of the currency. For example `USD`."""
     available_minor: _builtins.int
     """The sum of the entries already available: what can be redeemed. It can
     be negative after a refund of rewards that were available; later rewards
-    pay it off.
+    pay it off. For example `1500`.
     """
     pending_minor: _builtins.int
-    """The sum of the entries still on hold."""
+    """The sum of the entries still on hold. For example `500`."""
     lifetime_earned_minor: _builtins.int
-    """Rewards credited minus rewards reversed, whatever was redeemed."""
+    """Rewards credited minus rewards reversed, whatever was redeemed. For
+    example `2000`.
+    """
     def __init__(
         self,
         *,
@@ -463,15 +473,16 @@ class ListLedgerEntriesRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of entries to return (0 or more): 50 when unset or
-    zero, larger values are lowered to 100.
+    zero, larger values are lowered to 100. For example `10`.
     """
     page_token: _builtins.str
     """The next_page_token of a previous response, to fetch the following page
-    (at most 512 characters). Empty for the first page.
+    (at most 512 characters). Empty for the first page. For example
+    `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
     """
     user_id: _builtins.int
     """The user whose ledger to list (1 or more): required with an API key,
-    unset with a user's access token.
+    unset with a user's access token. For example `41`.
     """
     def __init__(
         self,
@@ -497,7 +508,9 @@ class ListLedgerEntriesResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """A token for the next page, or empty when this is the last page."""
+    """A token for the next page, or empty when this is the last page.
+    For example `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
         """The entries on this page, newest first."""
@@ -526,13 +539,15 @@ class RedeemRewardsRequest(_message.Message):
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user whose balance to spend (1 or more)."""
+    """The user whose balance to spend (1 or more). For example `41`."""
     amount_minor: _builtins.int
     """The amount to spend in minor units: 1 or more, and at most the
-    available balance.
+    available balance. For example `1000`.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the balance to spend (at most 3 characters)."""
+    """The ISO 4217 code of the balance to spend (at most 3 characters). For
+    example `USD`.
+    """
     def __init__(
         self,
         *,
@@ -557,7 +572,9 @@ class RedeemRewardsResponse(_message.Message):
     ENTRY_FIELD_NUMBER: _builtins.int
     AVAILABLE_MINOR_FIELD_NUMBER: _builtins.int
     available_minor: _builtins.int
-    """The available balance in the currency after the redemption."""
+    """The available balance in the currency after the redemption. For
+    example `500`.
+    """
     @_builtins.property
     def entry(self) -> Global___LedgerEntry:
         """The redemption's ledger entry (a negative amount)."""
