@@ -20,7 +20,7 @@ from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.infra.logs import AccessLog, configure_logging, redact
 from referral_grpc.infra.metrics import MetricsServer
-from referral_grpc.request_context import request_id
+from referral_grpc.request_context import request_id, trace_id
 
 REGISTER = "/referral.v1.AuthService/Register"
 
@@ -182,11 +182,13 @@ def test_info_level_keeps_the_access_line_and_drops_the_query_log(
     assert lines[0].endswith("ms")
 
 
-def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None) -> None:
+@pytest.mark.parametrize("trace", [None, "4bf92f3577b34da6a3ce929d0e0e4736"])
+def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None, trace: str | None) -> None:
     stream = io.StringIO()
     configure_logging(make_settings(log_format="json"), stream)
     method = "/referral.v1.ReferralService/GetReferralCodeByEmail"
     token = request_id.set('a "quoted" \\ id \u00e9')
+    traced = trace_id.set(trace)
     try:
         logging.getLogger("referral_grpc.access").info(
             "%s %s %.1fms",
@@ -199,11 +201,13 @@ def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None
         # Quiet RPCs log at DEBUG: below the INFO threshold, nothing is written.
         AccessLog()(method, "OK", 0.001, logging.DEBUG)
     finally:
+        trace_id.reset(traced)
         request_id.reset(token)
     ordinary, quick = (json.loads(line) for line in stream.getvalue().splitlines())
     assert ordinary.pop("time")[:10] == quick.pop("time")[:10]
     assert quick == ordinary
     assert quick["request_id"] == 'a "quoted" \\ id \u00e9'
+    assert quick.get("trace_id") == trace
 
 
 def test_tracebacks_are_redacted_too(restore_logging: None) -> None:

@@ -117,7 +117,7 @@ class ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
 ACCESS_LOGGER = "referral_grpc.access"
 _ACCESS_JSON = (
     '{"time": "%s", "level": "%s", "logger": "' + ACCESS_LOGGER + '", "message": "%s %s %.1fms",'
-    ' "request_id": %s, "rpc_method": "%s", "grpc_code": "%s", "duration_ms": %r}\n'
+    ' "request_id": %s%s, "rpc_method": "%s", "grpc_code": "%s", "duration_ms": %r}\n'
 )
 
 
@@ -147,6 +147,9 @@ class AccessLog:
             and not self._logger.handlers
         ):
             ms = seconds * 1000
+            trace = trace_id.get()
+            # Where JsonFormatter puts it: right after the request id, and only when the caller sent one.
+            traced = f', "trace_id": {json.dumps(trace, ensure_ascii=False)}' if trace else ""
             line = _ACCESS_JSON % (
                 datetime.now(UTC).isoformat(),
                 logging.getLevelName(level),
@@ -154,6 +157,7 @@ class AccessLog:
                 code,
                 ms,
                 json.dumps(request_id.get(), ensure_ascii=False),
+                traced,
                 method,
                 code,
                 round(ms, 2),
