@@ -7,11 +7,14 @@ import re
 import subprocess
 import sys
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from support import make_settings
-from support.api import running_api
+from support.api import Api, bearer, running_api, ts
+
+from referral_grpc.gen import referral_service_pb2 as ref_pb
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "client"
@@ -97,14 +100,8 @@ def test_the_readme_example_runs_against_a_real_server(
         assert result.stdout == "login failed: UNAUTHENTICATED INVALID_CREDENTIALS None\n"
 
 
-def _code_of(api: object, token: str) -> str:
-    from datetime import UTC, datetime, timedelta
-
-    from support.api import bearer, ts
-
-    from referral_grpc.gen import referral_service_pb2 as ref_pb
-
-    created = api.referrals.CreateReferralCode(  # type: ignore[attr-defined]
+def _code_of(api: Api, token: str) -> str:
+    created = api.referrals.CreateReferralCode(
         ref_pb.CreateReferralCodeRequest(expires_at=ts(datetime.now(UTC) + timedelta(days=30))),
         metadata=bearer(token),
     )

@@ -107,7 +107,7 @@ def test_pool_exhaustion_waits_a_bounded_time_then_fails_with_unavailable(pg_url
         assert timed(lambda: lookup(api, "nobody@example.com"))[0] == grpc.StatusCode.NOT_FOUND  # answered
 
 
-def test_concurrency_cap_sheds_extra_rpcs_with_resource_exhausted(pg_url: str) -> None:
+def test_concurrency_cap_sheds_extra_rpcs_at_once_with_a_reason_and_counts_them(pg_url: str) -> None:
     settings = make_settings(
         database_url=pg_url,
         db_pool_size=1,
@@ -116,6 +116,8 @@ def test_concurrency_cap_sheds_extra_rpcs_with_resource_exhausted(pg_url: str) -
         grpc_max_workers=4,
     )
     with running_api(settings) as api:
+        admission = api.server.admission
+        assert admission is not None
         api.app.db.close()
         api.app.db.connect()  # the two admitted RPCs wait for the pool until we let go
         try:
@@ -125,17 +127,26 @@ def test_concurrency_cap_sheds_extra_rpcs_with_resource_exhausted(pg_url: str) -
                 )
                 for _ in range(2)
             ]
-            time.sleep(0.5)  # both reach the server and block on the pool
+            wait_for(lambda: admission.in_flight.count == 2, 10, "both calls in flight")
             assert not any(future.done() for future in waiting)
-            code, elapsed = timed(lambda: lookup(api, "nobody@example.com"))
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert elapsed < 1.0  # shed at once, not queued behind the blocked ones
+            started = time.monotonic()
+            error = expect_error(lookup, api, "nobody@example.com")
+            assert time.monotonic() - started < 1.0  # shed at once, not queued behind the blocked ones
+            assert (error.code, error.reason, error.retry_delay) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SERVER_OVERLOADED",
+                1.0,
+            )
+            assert handled(api, LOOKUP).get("RESOURCE_EXHAUSTED") == 1
         finally:
             api.app.db.close()
         for future in waiting:
             with pytest.raises(grpc.RpcError) as answered:
                 future.result(timeout=15)
             assert answered.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        # The admitted calls finished: the server takes calls again.
+        wait_for(lambda: admission.in_flight.count == 0, 10, "the calls to finish")
+        assert timed(lambda: lookup(api, "nobody@example.com"))[0] == grpc.StatusCode.NOT_FOUND
 
 
 def test_oversized_request_is_rejected_with_resource_exhausted(sqlite_url: str) -> None:

@@ -157,40 +157,15 @@ class HunterStub:
         """The base URL, as HUNTER_URL expects it (no path)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def set_default(
-        self,
-        status: str = "valid",
-        *,
-        http_status: int = 200,
-        delay: float = 0.0,
-        body: bytes | str | None = None,
-        headers: Mapping[str, str] | None = None,
-        trickle: float = 0.0,
-        trickle_headers: bool = False,
-    ) -> None:
-        """The answer for every email without one of its own."""
+    def set_default(self, status: str = "valid", **answer: Any) -> None:
+        """The answer for every email without one of its own (options as `set_answer`)."""
         with self._lock:
-            self._default = StubAnswer(
-                status, http_status, delay, body, dict(headers or {}), trickle, trickle_headers
-            )
+            self._default = _answer(status, **answer)
 
-    def set_answer(
-        self,
-        email: str,
-        status: str = "valid",
-        *,
-        http_status: int = 200,
-        delay: float = 0.0,
-        body: bytes | str | None = None,
-        headers: Mapping[str, str] | None = None,
-        trickle: float = 0.0,
-        trickle_headers: bool = False,
-    ) -> None:
+    def set_answer(self, email: str, status: str = "valid", **answer: Any) -> None:
         """The answer for exactly this email (as received, after URL decoding)."""
         with self._lock:
-            self._answers[email] = StubAnswer(
-                status, http_status, delay, body, dict(headers or {}), trickle, trickle_headers
-            )
+            self._answers[email] = _answer(status, **answer)
 
     def reset(self) -> None:
         """Forget answers and recorded requests; the default goes back to `valid`."""
@@ -363,3 +338,18 @@ def _handler_for(stub: HunterStub) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def _answer(
+    status: str,
+    *,
+    http_status: int = 200,
+    delay: float = 0.0,
+    body: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
+    trickle: float = 0.0,
+    trickle_headers: bool = False,
+) -> StubAnswer:
+    """A stub answer; `trickle` sends one body byte every that many seconds (after the headers, or
+    with them byte by byte when `trickle_headers`)."""
+    return StubAnswer(status, http_status, delay, body, dict(headers or {}), trickle, trickle_headers)
