@@ -9,7 +9,7 @@ GOOGLEAPIS = $$($(PY) -c 'import google.api, os; print(os.path.dirname(os.path.d
 PROTOC = $(PY) -m grpc_tools.protoc -I proto -I $(GOOGLEAPIS)
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: help install run serve worker migrate test test-slow generate check-generated lint fmt bench bench-smoke bench-tools clean
+.PHONY: help install run serve worker migrate test test-tools test-slow generate check-generated lint fmt bench bench-smoke bench-tools clean
 
 help:
 	@echo "make run        run the whole stack (gRPC :50051, REST :8080) with embedded defaults"
@@ -48,7 +48,7 @@ migrate: $(VENV)/.run-stamp
 	$(PY) -m referral_grpc migrate
 
 # What CI runs: generated files in sync with proto/, lint, then the suite (slow fault tests excluded).
-test: $(VENV)/.dev-stamp
+test: $(VENV)/.dev-stamp test-tools
 	$(MAKE) --no-print-directory check-generated lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -125,6 +125,16 @@ fmt: $(VENV)/.dev-stamp
 	$(VENV)/bin/ruff check --fix referral_grpc tests gateway bench
 
 # Load generators come from Debian (wrk, nghttp2-client's h2load); py-spy from the dev extra.
+# From Debian, what the tests run besides Python: chromium and its driver for the browser tests (nothing
+# is downloaded at run time), curl and jq for the README walk-through (tests/test_readme.py).
+test-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v curl >/dev/null && \
+		command -v jq >/dev/null || \
+		{ echo "installing chromium, chromium-driver, curl and jq from Debian (the tests need them)"; \
+		  $$(test "$$(id -u)" = 0 || echo sudo) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$(test "$$(id -u)" = 0 || echo sudo) \
+		  apt-get install -y -qq --no-install-recommends chromium chromium-driver curl jq; }
+
 bench-tools:
 	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
 		{ $$(test "$$(id -u)" = 0 || echo sudo) apt-get update -qq && \
