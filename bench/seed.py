@@ -109,6 +109,15 @@ def seed(database_url: str, plan: SeedPlan, real_hash: str) -> Seeded:
                 """,
                 (count, count, DUMMY_HASH, owner_id, count),
             )
+        # Verified owners and newcomers, so their referrals count for rewards under the production
+        # default EMAIL_VERIFICATION=required (the RecordEvent and RedeemRewards rows need credits).
+        cur.execute(
+            "UPDATE users SET email_verified_at = created_at WHERE id = ANY(%s)", (list(owner_ids.values()),)
+        )
+        cur.execute(
+            "UPDATE users SET email_verified_at = created_at, referral_qualified_at = created_at"
+            " WHERE referrer_id IS NOT NULL"
+        )
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("VACUUM ANALYZE users")
