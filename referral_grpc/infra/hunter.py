@@ -109,24 +109,31 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        # Every exchange running, from its start: close() must cut one whose request is still being
+        # sent too, not only those already waiting for the answer.
+        self._active: set[_Exchange] = set()
         self._watched: set[_Exchange] = set()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
     def exchange(self, deadline: float) -> Iterator[_Exchange]:
         exchange = _Exchange(self, deadline)
+        with self._cond:
+            self._active.add(exchange)
         _current.exchange = exchange
         try:
             yield exchange
         finally:
             _current.exchange = None
             with self._cond:
+                self._active.discard(exchange)
                 self._watched.discard(exchange)
 
     def watch(self, exchange: _Exchange, sock: socket.socket) -> None:
         with self._cond:
             exchange.sock = sock
-            if exchange.deadline <= time.monotonic():
+            # Past its deadline already, or cut by close() before its request was sent.
+            if exchange.expired or exchange.deadline <= time.monotonic():
                 exchange.cut()
                 return
             self._watched.add(exchange)
@@ -139,7 +146,7 @@ class _Watchdog:
         """Cut the exchanges in flight and stop the thread (a later exchange starts a new one)."""
         with self._cond:
             thread, self._thread = self._thread, None
-            for exchange in self._watched:
+            for exchange in self._active:
                 exchange.cut()
             self._watched.clear()
             self._cond.notify_all()
