@@ -1,4 +1,4 @@
-"""Command line of the service: serve, worker, migrate, apikey, program (`make run` is in devstack)."""
+"""Command line of the service: serve, worker, migrate, apikey, program, audit (`make run` is in devstack)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings)
 
-    if args.command in ("apikey", "program"):
+    if args.command in ("apikey", "program", "audit"):
         from .commands import run as run_command
 
         settings.ensure_local_dirs()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import peewee as pw
 
+from .domain.admin import Administration
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
+from .domain.data_rights import DataRights
+from .domain.fraud import FraudChecker, SignalHasher
 from .domain.passwords import PasswordHasher
 from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
 from .domain.programs import ProgramService
@@ -37,6 +41,8 @@ class App:
     api_keys: ApiKeyService
     programs: ProgramService
     rewards: RewardService
+    admin: Administration
+    data_rights: DataRights
 
     def release_connection(self) -> None:
         """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
@@ -92,6 +98,7 @@ def build_app(
         resend_rule=resend_rule,
         required=verification_required,
     )
+    signals = SignalHasher(settings.jwt_secret, timedelta(days=settings.signal_retention_days))
     auth = AuthService(
         db=db,
         clock=clock,
@@ -108,6 +115,8 @@ def build_app(
         limits=limits,
         reset_request_min_seconds=settings.reset_request_min_seconds,
         email_verification=email_verification,
+        fraud=FraudChecker(signals),
+        signals=signals,
     )
     # Lookups by email are rate-limited per client address by Envoy (gateway/envoy.yaml), not per
     # target email here: a per-target limit cannot stop enumeration (each guess is a new email) and
@@ -142,4 +151,8 @@ def build_app(
         api_keys=ApiKeyService(db, clock),
         programs=ProgramService(db, clock),
         rewards=rewards,
+        admin=Administration(
+            db, clock, cache, rewards, PageTokens(settings.jwt_secret, purpose="audit-page-token-v1")
+        ),
+        data_rights=DataRights(db, clock, hasher, cache),
     )

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.admin import AdminServicer
 from .api.admission import Admission, CountingExecutor, InFlight
 from .api.idempotency import IdempotencyStore
 from .api.interceptors import ApiInterceptor
@@ -21,7 +22,12 @@ from .api.policy import SERVICES
 from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
 from .app import App
-from .gen import auth_service_pb2_grpc, referral_service_pb2_grpc, reward_service_pb2_grpc
+from .gen import (
+    admin_service_pb2_grpc,
+    auth_service_pb2_grpc,
+    referral_service_pb2_grpc,
+    reward_service_pb2_grpc,
+)
 from .infra.logs import AccessLog
 from .infra.metrics import Metrics, MetricsServer
 from .store.database import DatabaseProbe
@@ -198,13 +204,16 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     # The generated *_pb2_grpc modules carry no type stubs.
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        AuthServicer(app.auth, app.email_verification), server
+        AuthServicer(app.auth, app.email_verification, app.data_rights), server
     )
     referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ReferralServicer(app.referrals, app.rewards), server
     )
     reward_service_pb2_grpc.add_RewardServiceServicer_to_server(  # type: ignore[no-untyped-call]
         RewardServicer(app.rewards), server
+    )
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        AdminServicer(app.admin, app.programs, app.rewards), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

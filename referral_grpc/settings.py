@@ -486,6 +486,12 @@ class Settings:
         100_000, "accounts tracked in memory per throttle rule", minimum=100, maximum=10_000_000
     )
     # It must exceed the slowest normal known-email path (DB writes), or the latency tells which is which.
+    signal_retention_days: int = integer(
+        30,
+        "days the keyed hashes of client addresses and device ids are kept for fraud checks",
+        minimum=1,
+        maximum=3650,
+    )
     reset_request_min_seconds: float = number(
         0.1, "every reset request takes at least this long, known email or not", minimum=0, maximum=10
     )

@@ -65,6 +65,16 @@ KEY_RPCS = {
     "/referral.v1.RewardService/GetBalance": {"rewards:read"},
     "/referral.v1.RewardService/ListLedgerEntries": {"rewards:read"},
     "/referral.v1.RewardService/RedeemRewards": {"rewards:redeem"},
+    # Administration: never a user's token.
+    "/referral.v1.AdminService/GetUser": {"admin:read"},
+    "/referral.v1.AdminService/GetProgram": {"admin:read"},
+    "/referral.v1.AdminService/ListAuditEvents": {"admin:read"},
+    "/referral.v1.AdminService/BlockUser": {"admin:write"},
+    "/referral.v1.AdminService/UnblockUser": {"admin:write"},
+    "/referral.v1.AdminService/AdjustBalance": {"admin:write"},
+    "/referral.v1.AdminService/UpdateProgram": {"admin:write"},
+    "/referral.v1.AdminService/ListReferralsForReview": {"admin:read"},
+    "/referral.v1.AdminService/DecideReferral": {"admin:write"},
 }
 # Of those, the ones a user's own access token may call instead.
 KEY_OR_USER_RPCS = {"/referral.v1.RewardService/GetBalance", "/referral.v1.RewardService/ListLedgerEntries"}

@@ -27,7 +27,7 @@ from referral_grpc.devstack.envoy_config import (
     load_envoy_config,
     render_envoy_config,
 )
-from referral_grpc.devstack.http_rules import rest_methods
+from referral_grpc.devstack.http_rules import path_regex, rest_methods
 from referral_grpc.devstack.locations import PROJECT_ROOT
 from referral_grpc.devstack.processes import start_server
 
@@ -66,7 +66,12 @@ def test_every_rest_path_gets_a_405_route_with_its_methods() -> None:
             methods = allow["header"]["value"].split(", ")
             assert method["string_match"]["safe_regex"]["regex"] == f"^({'|'.join(methods)})$"
             assert route["direct_response"]["status"] == 405
-            rendered[route["match"]["path"]] = set(methods)
+            path = route["name"].removeprefix(f"{METHOD_NOT_ALLOWED} ")
+            # A literal path matches as itself; a template as the regex of its segments.
+            assert route["match"].get("path", "") == path or route["match"]["safe_regex"][
+                "regex"
+            ] == path_regex(path)
+            rendered[path] = set(methods)
     documented = json.loads((GATEWAY / "openapi.json").read_text())["paths"]
     assert rendered == {path: {verb.upper() for verb in item} for path, item in documented.items()}
     assert METHOD_NOT_ALLOWED not in [route.get("name") for route in _routes(config)]
@@ -114,11 +119,17 @@ def test_rest_methods_refuses_an_unknown_service(tmp_path: Path) -> None:
 def test_rest_methods_refuses_a_path_template_it_cannot_route(tmp_path: Path) -> None:
     file = descriptor_pb2.FileDescriptorProto(name="t.proto", package="t")
     method = file.service.add(name="S").method.add(name="Get", input_type=".t.M", output_type=".t.M")
-    method.options.Extensions[annotations_pb2.http].get = "/items/{name}"
+    method.options.Extensions[annotations_pb2.http].get = "/items/{name=shelves/*}"
     path = tmp_path / "t.pb"
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
     with pytest.raises(ValueError, match="path templates"):
         rest_methods(path, ["t.S"])
+
+
+def test_single_segment_templates_become_a_regex_of_one_segment() -> None:
+    pattern = re.compile(path_regex("/admin/users/{user_id}/block"))
+    assert pattern.match("/admin/users/42/block")
+    assert not pattern.match("/admin/users/42/x/block") and not pattern.match("/admin/users/42/blocked")
 
 
 # --- commands and packaging ------------------------------------------------------------------------

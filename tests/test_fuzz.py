@@ -160,9 +160,9 @@ parameters = {{ "body.expires_at" = {{ dictionary = "expires_at", probability = 
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
-include-operation-id = "AuthService_ChangePassword"
+include-operation-id = ["AuthService_ChangePassword", "AuthService_DeleteMyAccount"]
 # 400 for a wrong current password (WRONG_PASSWORD: the real one cannot be generated, and must not be:
-# a change would end the session this run uses) and for a new password on the blocklist.
+# a change or an erasure would end the session this run uses) and for a new password on the blocklist.
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]

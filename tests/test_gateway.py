@@ -215,8 +215,10 @@ def test_register_login_code_lookup_referral_and_listing(rest: Rest, api_key: st
     listing = rest.ok("GET", "/referral/referrals", token=token)
     assert listing["next_page_token"] == ""
     [referral] = listing["referrals"]
-    # qualified_at is a message field: printed only once set.
+    # qualified_at is a message field: printed only once set. The referral row is written at signup,
+    # with its fraud decision: it is pending from the start.
     assert set(referral) == {"user_id", "email", "registered_at", "state"}
+    assert referral["state"] == "PENDING"
     assert referral["user_id"] == friend["user_id"]
     assert referral["email"] == bob
     assert referral["state"] == "PENDING"

@@ -27,6 +27,7 @@ from support import FakeClock
 from support.api import bearer, expect_error
 from support.rewards import RewardsApi, running_rewards
 
+from referral_grpc.domain.fraud import FraudRules
 from referral_grpc.domain.programs import ProgramRules, Reward
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -87,6 +88,8 @@ class Model:
 
 programs = st.builds(
     ProgramRules,
+    # The machine refers many newcomers per hour: velocity is recorded (shadow), not held for review.
+    fraud=st.just(FraudRules(velocity="shadow")),
     # Mostly the currency and type the events mostly use: qualifying events must be common.
     currency=st.sampled_from(("USD", "USD", "EUR")),
     event_types=st.sampled_from([("purchase",), ("purchase", "subscription_started")]),

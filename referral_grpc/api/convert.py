@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import UTC, datetime
 
 import grpc
@@ -9,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from ..domain.auth import IssuedTokens
 from ..domain.errors import InvalidArgument
+from ..domain.fraud import ClientInfo
 from ..domain.verification import Resent, Verified
 from ..gen import auth_service_pb2
 
@@ -46,6 +48,33 @@ def metadata_value(context: grpc.ServicerContext, key: str) -> str:
         if name == key and isinstance(value, str):
             return value
     return ""
+
+
+def client_info(context: grpc.ServicerContext) -> ClientInfo:
+    """The client's address and optional device id, for fraud checks.
+
+    Envoy (use_remote_address, no trusted hops) appends the peer it saw to x-forwarded-for, so only
+    the last entry is trustworthy; a direct gRPC caller is the channel's peer itself.
+    """
+    forwarded = metadata_value(context, "x-forwarded-for")
+    if forwarded:
+        address = forwarded.rsplit(",", 1)[-1].strip()
+    else:
+        # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555": the host, without the port.
+        peer = context.peer() or ""
+        address = peer.partition(":")[2].rpartition(":")[0].strip("[]")
+    # A local process (a script, a developer's curl, the tests) says nothing about who the client
+    # is: every such call would otherwise share one address and trip the address signals.
+    if _is_loopback(address):
+        address = ""
+    return ClientInfo(address=address, device_id=metadata_value(context, "x-device-id").strip())
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def verified(result: Verified) -> auth_service_pb2.VerifyEmailResponse:

@@ -8,13 +8,20 @@ from typing import Any
 
 from google.protobuf import descriptor
 
-from ..gen import auth_service_pb2, referral_service_pb2, reward_service_pb2, rpc_policy_pb2
+from ..gen import (
+    admin_service_pb2,
+    auth_service_pb2,
+    referral_service_pb2,
+    reward_service_pb2,
+    rpc_policy_pb2,
+)
 
 # Our services: their policy is declared next to each RPC in proto/referral/v1.
 SERVICES: tuple[descriptor.ServiceDescriptor, ...] = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_service_pb2.DESCRIPTOR.services_by_name["ReferralService"],
     reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"],
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
 )
 
 

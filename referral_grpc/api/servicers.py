@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from ..domain.auth import PROOF_FIELD, AuthService
+from ..domain.data_rights import DataRights
 from ..domain.referrals import ReferralService
 from ..domain.rewards import RewardService
 from ..domain.verification import EmailVerificationService
@@ -18,18 +19,25 @@ pb_ref = referral_service_pb2
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: AuthService, verification: EmailVerificationService) -> None:
+    def __init__(
+        self, auth: AuthService, verification: EmailVerificationService, data_rights: DataRights
+    ) -> None:
         self._auth = auth
         self._verification = verification
+        self._data_rights = data_rights
 
     def Register(self, request: pb_auth.RegisterRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         return convert.auth_tokens(
-            self._auth.register(request.email, request.password, request.referral_code)
+            self._auth.register(
+                request.email, request.password, request.referral_code, convert.client_info(context)
+            )
         )
 
     def Login(self, request: pb_auth.LoginRequest, context: grpc.ServicerContext) -> pb_auth.AuthTokens:
         proof = convert.metadata_value(context, PROOF_FIELD)
-        return convert.auth_tokens(self._auth.login(request.email, request.password, proof))
+        return convert.auth_tokens(
+            self._auth.login(request.email, request.password, proof, convert.client_info(context))
+        )
 
     def RefreshToken(
         self, request: pb_auth.RefreshTokenRequest, context: grpc.ServicerContext
@@ -69,6 +77,19 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         self, request: pb_auth.ResendVerificationEmailRequest, context: grpc.ServicerContext
     ) -> pb_auth.ResendVerificationEmailResponse:
         return convert.resent(self._verification.resend(current_principal()))
+
+    def ExportMyData(
+        self, request: pb_auth.ExportMyDataRequest, context: grpc.ServicerContext
+    ) -> pb_auth.ExportMyDataResponse:
+        response = pb_auth.ExportMyDataResponse()
+        response.data.update(self._data_rights.export(current_principal().user_id))
+        return response
+
+    def DeleteMyAccount(
+        self, request: pb_auth.DeleteMyAccountRequest, context: grpc.ServicerContext
+    ) -> pb_auth.DeleteMyAccountResponse:
+        self._data_rights.erase(current_principal().user_id, request.current_password)
+        return pb_auth.DeleteMyAccountResponse()
 
 
 class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..settings import Settings, declared_settings
-from .http_rules import rest_methods
+from .http_rules import path_regex, rest_methods
 from .locations import Address, gateway_dir
 
 # Keys of the Envoy config that name files (relative to the project root in gateway/envoy.yaml).
@@ -205,7 +205,11 @@ def _method_not_allowed_route(template: dict[str, Any], path: str, methods: Sequ
     """The template for one path: every method but `methods` is answered 405 with them in Allow."""
     route = copy.deepcopy(template)
     route["name"] = f"{METHOD_NOT_ALLOWED} {path}"
-    route["match"]["path"] = path
+    if "{" in path:
+        del route["match"]["path"]
+        route["match"]["safe_regex"] = {"regex": path_regex(path)}
+    else:
+        route["match"]["path"] = path
     [method] = route["match"]["headers"]
     method["string_match"]["safe_regex"]["regex"] = f"^({'|'.join(map(re.escape, methods))})$"
     [allow] = route["response_headers_to_add"]

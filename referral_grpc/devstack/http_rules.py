@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,11 @@ def _bindings(rule: http_pb2.HttpRule) -> Iterator[tuple[str, str]]:
         yield from _bindings(extra)
 
 
+def path_regex(path: str) -> str:
+    """An anchored regex for a REST path whose `{variable}` segments match any one segment."""
+    return "^" + re.sub(r"\\\{[a-z_.]+\\\}", "[^/]+", re.escape(path)) + "$"
+
+
 def rest_methods(descriptor_set: Path, services: Iterable[str]) -> dict[str, list[str]]:
     """REST path -> its HTTP methods, for the RPCs of `services` (full names, e.g. referral.v1.AuthService).
 
@@ -33,10 +39,11 @@ def rest_methods(descriptor_set: Path, services: Iterable[str]) -> dict[str, lis
             raise ValueError(f"{descriptor_set} declares no service {name}")
         for rpc in declared[name].method:
             for verb, path in _bindings(rpc.options.Extensions[annotations_pb2.http]):
-                # Envoy routes below match literal paths; a template such as /v1/{name} needs a
-                # uri_template matcher first.
-                if "{" in path:
-                    raise ValueError(f"{name}.{rpc.name}: path templates are not supported: {path}")
+                if "=" in path or "*" in path:
+                    # path_regex() turns only single-segment variables such as /v1/{name} into a regex.
+                    raise ValueError(
+                        f"{name}.{rpc.name}: multi-segment path templates are not supported: {path}"
+                    )
                 if verb not in methods.setdefault(path, []):
                     methods[path].append(verb)
     return methods

@@ -13,6 +13,7 @@ import peewee as pw
 from ..request_context import ApiKeyPrincipal
 from ..store.database import write_transaction
 from ..store.models import ApiKey
+from . import audit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from .ports import Clock
 from .validation import check_length
@@ -114,6 +115,7 @@ class ApiKeyService:
                     scopes=" ".join(granted),
                     created_at=now,
                 )
+                audit.append(self._db, now, "apikey.create", f"key:{name}", after={"scopes": list(granted)})
         except pw.IntegrityError:
             raise AlreadyExists("API_KEY_NAME_TAKEN", f"an API key named {name!r} already exists") from None
         return CreatedKey(key=key, view=_view(row))
@@ -128,7 +130,13 @@ class ApiKeyService:
             if row is None:
                 raise NotFound("API_KEY_NOT_FOUND", f"no API key is named {name!r}")
             # Revoking twice keeps the first revocation time.
-            ApiKey.update(revoked_at=now).where((ApiKey.id == row.id) & ApiKey.revoked_at.is_null()).execute()
+            revoked = (
+                ApiKey.update(revoked_at=now)
+                .where((ApiKey.id == row.id) & ApiKey.revoked_at.is_null())
+                .execute()
+            )
+            if revoked:
+                audit.append(self._db, now, "apikey.revoke", f"key:{row.name}")
             return _view(ApiKey.get_by_id(row.id))
 
     def authenticate(self, key: str) -> ApiKeyPrincipal:

@@ -11,11 +11,14 @@ import peewee as pw
 
 from ..request_context import Principal
 from ..store.database import is_postgres, run_sql, write_transaction
-from ..store.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from ..store.models import PENDING, REJECTED, PasswordResetToken, Referral, ReferralCode, RefreshToken, User
+from . import audit
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from .fraud import REJECT, ClientInfo, FraudChecker, SignalHasher, stored_fields
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
+from .programs import current_fraud_rules
 from .tokens import AccessTokens, SuccessorTokens, invalid_token, random_token, token_digest
 from .validation import (
     MAX_CODE_INPUT_LENGTH,
@@ -32,6 +35,9 @@ from .verification import EmailVerificationService
 log = logging.getLogger(__name__)
 
 INVALID_CREDENTIALS = "invalid email or password"
+ACCOUNT_BLOCKED = "this account is blocked; contact support"
+# The first key of the per-referrer advisory locks (the second is the referrer's id).
+_REFERRER_LOCK_SPACE = 0x5EF3
 INVALID_REFRESH = "invalid or expired refresh token"
 # Where Login's optional proof comes from: request metadata, an HTTP header through Envoy.
 PROOF_FIELD = "x-refresh-token"
@@ -55,6 +61,14 @@ class IssuedTokens:
     expires_in: int
     refresh_token: str
     refresh_expires_in: int
+
+
+def end_sessions(user_id: int, now: datetime) -> None:
+    """Inside a write transaction: every access and refresh token of the user stops working."""
+    User.update(token_version=User.token_version + 1).where(User.id == user_id).execute()
+    RefreshToken.update(revoked_at=now).where(
+        (RefreshToken.user == user_id) & RefreshToken.revoked_at.is_null()
+    ).execute()
 
 
 def mask_email(email: str) -> str:
@@ -81,6 +95,8 @@ class AuthService:
         limits: Limits,
         reset_request_min_seconds: float,
         email_verification: EmailVerificationService,
+        fraud: FraudChecker,
+        signals: SignalHasher,
     ) -> None:
         self._db = db
         self._token_version_sql = f'SELECT token_version FROM "{User._meta.table_name}" WHERE id = {db.param}'  # noqa: S608
@@ -98,10 +114,14 @@ class AuthService:
         self._limits = limits
         self._reset_min_seconds = reset_request_min_seconds
         self._email_verification = email_verification
+        self._fraud = fraud
+        self._signals = signals
 
     # --- sign-in -------------------------------------------------------------------------
 
-    def register(self, email: str, password: str, referral_code: str = "") -> IssuedTokens:
+    def register(
+        self, email: str, password: str, referral_code: str = "", client: ClientInfo | None = None
+    ) -> IssuedTokens:
         email, email_key = normalize_email(email)
         check_password(password, "password")
         # Before normalize_code strips: "\x1f" alone must not silently become "no code".
@@ -146,6 +166,10 @@ class AuthService:
                 outbox_ids.append(self._email_verification.issue(user.id, email, now))
                 if referrer_id is not None:
                     referrer = User.get_by_id(referrer_id)
+                    # Judged before this signup's own signal is kept, which would count against it.
+                    self._judge_referral(user, referrer, client, now)
+                self._signals.record(user.id, "registration", client, now)
+                if referrer_id is not None:
                     outbox_ids.append(
                         self._outbox.queue_email(
                             "referral_joined",
@@ -161,7 +185,9 @@ class AuthService:
         self._dispatcher.dispatch(outbox_ids)
         return self._tokens(user, refresh)
 
-    def login(self, email: str, password: str, proof: str = "") -> IssuedTokens:
+    def login(
+        self, email: str, password: str, proof: str = "", client: ClientInfo | None = None
+    ) -> IssuedTokens:
         """Sign in. `proof` is optional: a live refresh token of the same account (see Limits)."""
         _, email_key = normalize_email(email)
         check_password_input(password, "password")
@@ -180,6 +206,9 @@ class AuthService:
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
         if not self._hasher.verify(password, user.password_hash):
             raise Unauthenticated("INVALID_CREDENTIALS", INVALID_CREDENTIALS)
+        # Only after the password: a guesser learns nothing about the account's state.
+        if user.blocked_at is not None:
+            raise Unauthenticated("ACCOUNT_BLOCKED", ACCOUNT_BLOCKED)
         self._throttle.clear(rule, key)
         if family:
             # The owner is back: whatever anonymous guessers ran up stops counting against them.
@@ -187,6 +216,7 @@ class AuthService:
         now = self._clock.now()
         with write_transaction(self._db):
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+            self._signals.record(user.id, "login", client, now)
         return self._tokens(user, refresh)
 
     def refresh(self, refresh_token: str) -> IssuedTokens:
@@ -213,6 +243,9 @@ class AuthService:
             user = User.get_or_none(User.id == row.user_id)
             if user is None:
                 raise Unauthenticated("INVALID_REFRESH_TOKEN", INVALID_REFRESH)
+            if user.blocked_at is not None:
+                # Blocking revokes every refresh token; this catches an exchange racing the block.
+                raise Unauthenticated("ACCOUNT_BLOCKED", ACCOUNT_BLOCKED)
             if claimed == 1:
                 self._store_refresh_token(user.id, row.family, successor, now)
                 return self._tokens(user, successor)
@@ -286,6 +319,8 @@ class AuthService:
             self._revoke_sessions(user.id, now)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+            # Last in the transaction: the audit lock is held only until the commit that follows.
+            audit.append(self._db, now, "password.change", f"user:{user.id}", actor=f"user:{user.id}")
         self._dispatcher.dispatch([outbox_id])
         return self._tokens(User.get_by_id(user.id), refresh)
 
@@ -370,11 +405,48 @@ class AuthService:
             self._revoke_sessions(row.user_id, now)
             user = User.get_by_id(row.user_id)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
+            # The holder of the emailed link acts as the account's owner.
+            audit.append(self._db, now, "password.reset", f"user:{user.id}", actor=f"user:{user.id}")
         # Proof of the mailbox ends a lockout: the owner can sign in with the new password at once.
         self._throttle.clear(self._limits.login, user.email_key)
         self._dispatcher.dispatch([outbox_id])
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _judge_referral(
+        self, newcomer: User, referrer: User, client: ClientInfo | None, now: datetime
+    ) -> None:
+        """The fraud decision on a new referral, stored on it and audited; the newcomer is told nothing."""
+        if is_postgres(self._db):
+            # One referrer's signups are judged one at a time, so the velocity counts are exact.
+            self._db.execute_sql(  # type: ignore[no-untyped-call]
+                "SELECT pg_advisory_xact_lock(%s, %s)", (_REFERRER_LOCK_SPACE, referrer.id % 2**31)
+            )
+        rules, version = current_fraud_rules()
+        decision = self._fraud.evaluate(
+            newcomer.email, newcomer.email_status, referrer, client, rules, version, now
+        )
+        Referral.create(
+            referee=newcomer.id,
+            referrer=referrer.id,
+            state=REJECTED if decision.decision == REJECT else PENDING,
+            created_at=now,
+            **stored_fields(decision),
+        )
+        audit.append(
+            self._db,
+            now,
+            "fraud.decide",
+            f"user:{newcomer.id}",
+            actor=audit.SYSTEM,
+            after={
+                "decision": decision.decision,
+                "reasons": [r.code for r in decision.reasons if r.enforced],
+                "shadow": [r.code for r in decision.reasons if not r.enforced],
+                "rules_version": version,
+                "partial": decision.partial,
+            },
+        )
 
     def _usable_code(self, code: str, now: datetime, lock: bool = False) -> ReferralCode:
         query = ReferralCode.select().where(ReferralCode.code == code)
@@ -382,7 +454,8 @@ class AuthService:
             # peewee passes a string through as the locking clause; its stubs only know bool.
             query = query.for_update("FOR SHARE")  # type: ignore[arg-type]
         row: ReferralCode | None = query.first()
-        if row is None:
+        # A blocked owner's code is unknown, as if it did not exist.
+        if row is None or User.select(User.blocked_at).where(User.id == row.user_id).scalar() is not None:
             raise InvalidArgument.for_field(
                 "referral_code", "is not a valid referral code", "REFERRAL_CODE_UNKNOWN"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -11,8 +12,10 @@ import peewee as pw
 
 from ..store.database import write_transaction
 from ..store.models import Program
+from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
+from .fraud import FraudRules, validate_fraud_rules
 from .ports import Clock
 
 MAX_EVENT_TYPE_LENGTH = 64
@@ -53,6 +56,7 @@ class ProgramRules:
     referee: Reward = field(default_factory=Reward)
     hold_days: int = 14
     max_rewarded_referrals: int = 0
+    fraud: FraudRules = field(default_factory=FraudRules)
     version: int = 0
     created_at: datetime | None = None
 
@@ -60,6 +64,7 @@ class ProgramRules:
         """The rules as `program show` prints them."""
         out = asdict(self)
         out["event_types"] = list(self.event_types)
+        out["fraud"] = self.fraud.as_dict()
         out["created_at"] = self.created_at.isoformat() if self.created_at else None
         return out
 
@@ -99,6 +104,7 @@ def validate(rules: ProgramRules) -> ProgramRules:
             bad(f"{who}_reward_cap_minor", f"must be between 0 and {MAX_AMOUNT_MINOR}")
         if reward.cap_minor and not reward.bps:
             bad(f"{who}_reward_cap_minor", "caps a percentage reward: give it with --" + who + "-reward-bps")
+    violations.extend(validate_fraud_rules(rules.fraud))
     if violations:
         raise InvalidArgument(
             "INVALID_ARGUMENT",
@@ -118,6 +124,7 @@ def _rules(row: Program) -> ProgramRules:
         referee=Reward(row.referee_reward_minor, row.referee_reward_bps, row.referee_reward_cap_minor),
         hold_days=row.hold_days,
         max_rewarded_referrals=row.max_rewarded_referrals,
+        fraud=FraudRules.from_json(row.fraud_rules),
         version=row.id,
         created_at=row.created_at,
     )
@@ -129,6 +136,12 @@ def current_program() -> ProgramRules | None:
     return None if row is None else _rules(row)
 
 
+def current_fraud_rules() -> tuple[FraudRules, int]:
+    """The fraud rules in force and their program version; the defaults (version 0) before any program."""
+    program = current_program()
+    return (FraudRules(), 0) if program is None else (program.fraud, program.version)
+
+
 class ProgramService:
     def __init__(self, db: pw.Database, clock: Clock) -> None:
         self._db = db
@@ -137,9 +150,11 @@ class ProgramService:
     def set(self, rules: ProgramRules) -> ProgramRules:
         """Append `rules` as the newest version; referrals already judged keep the version they had."""
         validate(rules)
+        now = self._clock.now()
         with write_transaction(self._db):
+            before = current_program()
             row = Program.create(
-                created_at=self._clock.now(),
+                created_at=now,
                 event_types=",".join(dict.fromkeys(rules.event_types)),
                 currency=rules.currency,
                 min_amount_minor=rules.min_amount_minor,
@@ -152,8 +167,18 @@ class ProgramService:
                 referee_reward_cap_minor=rules.referee.cap_minor,
                 hold_days=rules.hold_days,
                 max_rewarded_referrals=rules.max_rewarded_referrals,
+                fraud_rules=json.dumps(rules.fraud.as_dict(), sort_keys=True),
             )
-        return _rules(row)
+            stored = _rules(row)
+            audit.append(
+                self._db,
+                now,
+                "program.update",
+                "program",
+                before=None if before is None else before.as_dict(),
+                after=stored.as_dict(),
+            )
+        return stored
 
     def current(self) -> ProgramRules | None:
         return current_program()

@@ -59,7 +59,9 @@ class _Statements:
         self.code_by_email = (
             f'SELECT c.code, c.expires_at, u.email_verified_at FROM "{codes}" c'  # noqa: S608
             f' JOIN "{users}" u ON u.id = c.user_id'
-            f" WHERE u.email_key = {p} AND c.is_active AND c.expires_at > {p} LIMIT 1"
+            # A blocked owner's code is a miss like any other.
+            f" WHERE u.email_key = {p} AND u.blocked_at IS NULL"
+            f" AND c.is_active AND c.expires_at > {p} LIMIT 1"
         )
         # Keyset pagination on the (referrer_id, created_at, id) index: no OFFSET, no COUNT, so a
         # page deep in a million rows costs what the first one does.

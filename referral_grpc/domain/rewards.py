@@ -19,7 +19,18 @@ from typing import Any
 import peewee as pw
 
 from ..store.database import is_postgres, write_transaction
-from ..store.models import REWARD_KINDS, LedgerEntry, Referral, RewardEvent, User
+from ..store.models import (
+    PENDING,
+    QUALIFIED,
+    REJECTED,
+    REVERSED,
+    REWARD_KINDS,
+    LedgerEntry,
+    Referral,
+    RewardEvent,
+    User,
+)
+from . import audit
 from .auth import mask_email
 from .currencies import format_amount, is_currency
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -31,7 +42,7 @@ from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, has_control_charact
 REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
 REDEMPTION = "redemption"
-PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
+ADJUSTMENT = "adjustment"
 REFERRER, REFEREE = "referrer", "referee"
 MAX_EVENT_ID_LENGTH = 128
 # Services' clocks disagree: an event a little ahead of ours is accepted, and one stamped a little
@@ -39,6 +50,10 @@ MAX_EVENT_ID_LENGTH = 128
 CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
+# An administrator's reason or note, kept in the audit log.
+MAX_NOTE_LENGTH = 500
+# The fraud decision that holds rewards, and an administrator's approval of it.
+REVIEW, APPROVED = "review", "approved"
 # The kinds that make up "lifetime earned": rewards net of their reversals.
 EARNING_KINDS = (*REWARD_KINDS, REVERSAL)
 
@@ -117,6 +132,13 @@ class Redemption:
 
 
 @dataclass(frozen=True)
+class Decided:
+    state: str
+    outcome: str
+    rewards: list[EntryView]
+
+
+@dataclass(frozen=True)
 class ReferralStatsView:
     by_state: dict[str, int]
     earned: dict[str, int]
@@ -158,6 +180,11 @@ def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _blocked(*user_ids: int) -> bool:
+    """Whether any of the users is blocked: a referral with a blocked party earns nothing."""
+    return User.select().where(User.id.in_(user_ids) & User.blocked_at.is_null(False)).exists()
 
 
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
@@ -354,8 +381,14 @@ class RewardService:
             return skip(not_qualifying, state)
         if state == QUALIFIED:
             return skip("already_qualified", state)
-        if not self._eligible(user):
+        if not self._eligible(user) or _blocked(user.id, referral.referrer_id):
             return skip("referee_not_eligible", state)
+        if referral.fraud_decision == REVIEW and referral.review_outcome is None:
+            # Held: the first qualifying event waits for an administrator (DecideReferral).
+            Referral.update(qualifying_event=event.id).where(
+                (Referral.referee == user.id) & Referral.qualifying_event.is_null()
+            ).execute()
+            return skip("referral_in_review", state)
         capped = self._referrer_capped(user.referrer_id, program)
         amounts = {
             REFERRER: 0 if capped else program.referrer.amount_for(event.amount_minor),
@@ -591,6 +624,108 @@ class RewardService:
                 created_at=now,
             )
         return Redemption(entry=_entry_view(row, {}), available_minor=available - amount_minor)
+
+    def adjust(self, user_id: int, amount_minor: int, currency: str, reason: str) -> EntryView:
+        """An operator's signed correction, available at once; the reason goes to the audit log."""
+        reason = reason.strip()
+        violations = []
+        if user_id <= 0:
+            violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
+        if amount_minor == 0 or abs(amount_minor) > MAX_AMOUNT_MINOR:
+            violations.append(
+                (
+                    "AMOUNT_INVALID",
+                    FieldViolation("amount_minor", f"must be non-zero, at most {MAX_AMOUNT_MINOR}"),
+                )
+            )
+        if not is_currency(currency):
+            violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
+        if not reason:
+            violations.append(("FIELD_REQUIRED", FieldViolation("reason", "is required")))
+        if len(reason) > MAX_NOTE_LENGTH:
+            violations.append(
+                ("FIELD_TOO_LONG", FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters"))
+            )
+        if violations:
+            code, first = violations[0]
+            raise InvalidArgument(
+                code, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+            )
+        now = self._clock.now()
+        with write_transaction(self._db):
+            self._lock_user(user_id)
+            row = LedgerEntry.create(
+                user=user_id,
+                kind=ADJUSTMENT,
+                amount_minor=amount_minor,
+                currency=currency,
+                available_at=now,
+                created_at=now,
+            )
+            audit.append(
+                self._db,
+                now,
+                "balance.adjust",
+                f"user:{user_id}",
+                after={
+                    "entry_id": row.id,
+                    "amount_minor": amount_minor,
+                    "currency": currency,
+                    "reason": reason,
+                },
+            )
+        return _entry_view(row, {})
+
+    # --- review ----------------------------------------------------------------------------
+
+    def decide(self, referee_id: int, approve: bool, note: str) -> Decided:
+        """An administrator's decision on a referral held for review; approving credits the held event."""
+        note = note.strip()
+        check_length(note, "note", MAX_NOTE_LENGTH)
+        if referee_id <= 0:
+            raise InvalidArgument.for_field("user_id", "is required", "FIELD_REQUIRED")
+        now = self._clock.now()
+        outbox_ids: list[int] = []
+        released: EventResult | None = None
+        with write_transaction(self._db):
+            self._lock_user(referee_id)
+            referral = Referral.get_or_none(Referral.referee == referee_id)
+            if referral is None or referral.fraud_decision != REVIEW:
+                raise FailedPrecondition("REFERRAL_NOT_IN_REVIEW", "this referral was not held for review")
+            if referral.review_outcome is not None:
+                raise FailedPrecondition(
+                    "REFERRAL_ALREADY_DECIDED", f"this referral was already {referral.review_outcome}"
+                )
+            outcome = APPROVED if approve else REJECTED
+            changes: dict[str, Any] = {"review_outcome": outcome, "review_note": note, "reviewed_at": now}
+            if not approve:
+                changes["state"] = REJECTED
+            Referral.update(**changes).where(Referral.referee == referee_id).execute()
+            if approve and referral.qualifying_event_id is not None:
+                released = self._judge(
+                    RewardEvent.get_by_id(referral.qualifying_event_id),
+                    User.get_by_id(referee_id),
+                    now,
+                    outbox_ids,
+                )
+            audit.append(
+                self._db,
+                now,
+                "referral.decide",
+                f"user:{referee_id}",
+                before={"state": referral.state, "decision": REVIEW},
+                after={
+                    "outcome": outcome,
+                    "note": note,
+                    "credited": len(released.rewards) if released else 0,
+                },
+            )
+        self._dispatcher.dispatch(outbox_ids)
+        return Decided(
+            state=Referral.get_by_id(referee_id).state,
+            outcome=outcome,
+            rewards=released.rewards if released else [],
+        )
 
     # --- statistics ----------------------------------------------------------------------
 

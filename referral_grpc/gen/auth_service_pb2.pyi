@@ -2,6 +2,7 @@ import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from . import rpc_policy_pb2 as _rpc_policy_pb2
 from google.protobuf import descriptor as _descriptor
@@ -10,6 +11,26 @@ from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExportMyDataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportMyDataResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: _struct_pb2.Struct
+    def __init__(self, data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class DeleteMyAccountRequest(_message.Message):
+    __slots__ = ("current_password",)
+    CURRENT_PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    current_password: str
+    def __init__(self, current_password: _Optional[str] = ...) -> None: ...
+
+class DeleteMyAccountResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("email", "password", "referral_code")

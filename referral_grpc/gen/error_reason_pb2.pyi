@@ -58,6 +58,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CURRENCY_INVALID: _ClassVar[ErrorReason]
     AMOUNT_INVALID: _ClassVar[ErrorReason]
     OCCURRED_AT_IN_FUTURE: _ClassVar[ErrorReason]
+    ACCOUNT_BLOCKED: _ClassVar[ErrorReason]
+    PROGRAM_NOT_SET: _ClassVar[ErrorReason]
+    REFERRAL_NOT_IN_REVIEW: _ClassVar[ErrorReason]
+    REFERRAL_ALREADY_DECIDED: _ClassVar[ErrorReason]
     MALFORMED_JSON: _ClassVar[ErrorReason]
     INVALID_QUERY_PARAMETER: _ClassVar[ErrorReason]
     MALFORMED_REQUEST: _ClassVar[ErrorReason]
@@ -124,6 +128,10 @@ IDEMPOTENCY_KEY_IN_USE: ErrorReason
 CURRENCY_INVALID: ErrorReason
 AMOUNT_INVALID: ErrorReason
 OCCURRED_AT_IN_FUTURE: ErrorReason
+ACCOUNT_BLOCKED: ErrorReason
+PROGRAM_NOT_SET: ErrorReason
+REFERRAL_NOT_IN_REVIEW: ErrorReason
+REFERRAL_ALREADY_DECIDED: ErrorReason
 MALFORMED_JSON: ErrorReason
 INVALID_QUERY_PARAMETER: ErrorReason
 MALFORMED_REQUEST: ErrorReason

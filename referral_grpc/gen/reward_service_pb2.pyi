@@ -44,6 +44,7 @@ class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFERRAL_REVERSED: _ClassVar[SkipReason]
     REFERRAL_REJECTED: _ClassVar[SkipReason]
     REFEREE_NOT_ELIGIBLE: _ClassVar[SkipReason]
+    REFERRAL_IN_REVIEW: _ClassVar[SkipReason]
 LEDGER_ENTRY_KIND_UNSPECIFIED: LedgerEntryKind
 REFERRER_REWARD: LedgerEntryKind
 REFEREE_REWARD: LedgerEntryKind
@@ -66,6 +67,7 @@ NO_REWARD_CONFIGURED: SkipReason
 REFERRAL_REVERSED: SkipReason
 REFERRAL_REJECTED: SkipReason
 REFEREE_NOT_ELIGIBLE: SkipReason
+REFERRAL_IN_REVIEW: SkipReason
 
 class RecordEventRequest(_message.Message):
     __slots__ = ("event_id", "user_id", "email", "type", "amount_minor", "currency", "occurred_at", "refunds_event_id")

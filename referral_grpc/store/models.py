@@ -78,6 +78,8 @@ class User(BaseModel):
     # signup with EMAIL_VERIFICATION=optional; with `required`, once both addresses are verified.
     # NULL while it does not count (or there is no referrer). The rewards feature reads this.
     referral_qualified_at = UTCDateTimeField(null=True)
+    # Set while an administrator blocks the account: no login, no refresh, no code, no rewards.
+    blocked_at = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "users"
@@ -215,6 +217,8 @@ class Program(BaseModel):
     referee_reward_cap_minor = pw.BigIntegerField()
     hold_days = pw.IntegerField()
     max_rewarded_referrals = pw.IntegerField()
+    # JSON of the fraud rules' modes and thresholds; "" keeps the defaults.
+    fraud_rules = pw.TextField(default="")
 
     class Meta:
         table_name = "programs"
@@ -243,6 +247,10 @@ class RewardEvent(BaseModel):
         table_name = "reward_events"
 
 
+# The values of Referral.state.
+PENDING, QUALIFIED, REVERSED, REJECTED = "pending", "qualified", "reversed", "rejected"
+
+
 class Referral(BaseModel):
     """Where a newcomer's referral stands; written when an event first concerns it (no row = pending)."""
 
@@ -250,7 +258,7 @@ class Referral(BaseModel):
     referee_id: int
     referrer = pw.ForeignKeyField(User, on_delete="CASCADE", backref="referred")
     referrer_id: int
-    state = pw.CharField(max_length=16, default="pending")
+    state = pw.CharField(max_length=16, default=PENDING)
     # The program version the referral was judged under, and the event that qualified it.
     program = pw.ForeignKeyField(Program, null=True, on_delete="RESTRICT")
     program_id: int | None
@@ -261,10 +269,27 @@ class Referral(BaseModel):
     qualified_at = UTCDateTimeField(null=True)
     reversed_at = UTCDateTimeField(null=True)
     created_at = UTCDateTimeField()
+    # The fraud decision made at signup: allow, review or reject; NULL for referrals made before it existed.
+    fraud_decision = pw.CharField(max_length=8, null=True)
+    # JSON: [{"code", "message", "enforced"}], and the signal values the rules saw.
+    fraud_reasons = pw.TextField(null=True)
+    fraud_signals = pw.TextField(null=True)
+    # The program version whose fraud rules decided (0: the defaults, no program set).
+    fraud_rules_version = pw.BigIntegerField(null=True)
+    # Some signal could not be checked (the email verifier was down): decided on the rest.
+    fraud_partial = pw.BooleanField(default=False)
+    # An administrator's decision on a referral held for review: approved or rejected.
+    review_outcome = pw.CharField(max_length=8, null=True)
+    review_note = pw.TextField(null=True)
+    reviewed_at = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "referrals"
-        indexes = ((("referrer", "state"), False),)
+        indexes = (
+            (("referrer", "state"), False),
+            # The review queue, oldest first.
+            (("fraud_decision", "reviewed_at", "created_at"), False),
+        )
 
 
 class LedgerEntry(BaseModel):
@@ -323,6 +348,51 @@ class IdempotencyRecord(BaseModel):
         indexes = ((("caller", "key"), True),)
 
 
+class ClientSignal(BaseModel):
+    """Where a user registered or logged in from, as keyed hashes (never raw), kept until `expires_at`."""
+
+    id = pw.BigAutoField()
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="client_signals")
+    user_id: int
+    # "registration" or "login".
+    kind = pw.CharField(max_length=16)
+    # HMAC-SHA256 of the client address and of the x-device-id header, with a server key.
+    address_hash = pw.CharField(max_length=64, null=True, index=True)
+    device_hash = pw.CharField(max_length=64, null=True, index=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField(index=True)
+
+    class Meta:
+        table_name = "client_signals"
+
+
+class AuditEvent(BaseModel):
+    """One audited action, hash-chained to the one before; a PostgreSQL trigger refuses UPDATE and DELETE."""
+
+    id = pw.BigAutoField()
+    # 1, 2, 3... with no gap: appends are serialised, so a missing number is a deleted row.
+    seq = pw.BigIntegerField(unique=True)
+    created_at = UTCDateTimeField()
+    # "key:<name>", "user:<id>", "operator" (the command line) or "system" (fraud decisions).
+    actor = pw.CharField(max_length=128)
+    action = pw.CharField(max_length=64)
+    target = pw.CharField(max_length=128)
+    # JSON of the values before and after the change, where the action has them.
+    before = pw.TextField(null=True)
+    after = pw.TextField(null=True)
+    request_id = pw.CharField(max_length=128)
+    # SHA-256 over the previous row's hash and this row's canonical content.
+    prev_hash = pw.CharField(max_length=64)
+    hash = pw.CharField(max_length=64)
+
+    class Meta:
+        table_name = "audit_events"
+        indexes = (
+            (("actor", "seq"), False),
+            (("target", "seq"), False),
+        )
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     User,
     ReferralCode,
@@ -336,4 +406,6 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Referral,
     LedgerEntry,
     IdempotencyRecord,
+    ClientSignal,
+    AuditEvent,
 )

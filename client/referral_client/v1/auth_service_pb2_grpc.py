@@ -81,6 +81,16 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.FromString,
                 _registered_method=True)
+        self.ExportMyData = channel.unary_unary(
+                '/referral.v1.AuthService/ExportMyData',
+                request_serializer=referral_dot_v1_dot_auth__service__pb2.ExportMyDataRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__service__pb2.ExportMyDataResponse.FromString,
+                _registered_method=True)
+        self.DeleteMyAccount = channel.unary_unary(
+                '/referral.v1.AuthService/DeleteMyAccount',
+                request_serializer=referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -174,6 +184,28 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportMyData(self, request, context):
+        """ExportMyData returns everything the service holds about the caller, as
+        one JSON object: the account, codes, referrer, referrals (their user ids
+        and registration times), ledger, security events (the audit rows about
+        the account) and consents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMyAccount(self, request, context):
+        """DeleteMyAccount erases the caller's personal data at once, after
+        checking their current password: the email address becomes a
+        pseudonym, codes are deactivated, every token is revoked and the hashed
+        client signals are dropped. Referral links and ledger entries stay (with
+        the pseudonym), so other people's balances and the audit chain stay
+        whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +253,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ResendVerificationEmail,
                     request_deserializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.SerializeToString,
+            ),
+            'ExportMyData': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportMyData,
+                    request_deserializer=referral_dot_v1_dot_auth__service__pb2.ExportMyDataRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__service__pb2.ExportMyDataResponse.SerializeToString,
+            ),
+            'DeleteMyAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMyAccount,
+                    request_deserializer=referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -468,6 +510,60 @@ class AuthService:
             '/referral.v1.AuthService/ResendVerificationEmail',
             referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailRequest.SerializeToString,
             referral_dot_v1_dot_auth__service__pb2.ResendVerificationEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMyData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ExportMyData',
+            referral_dot_v1_dot_auth__service__pb2.ExportMyDataRequest.SerializeToString,
+            referral_dot_v1_dot_auth__service__pb2.ExportMyDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMyAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/DeleteMyAccount',
+            referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountRequest.SerializeToString,
+            referral_dot_v1_dot_auth__service__pb2.DeleteMyAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,20 @@ class AuthServiceStub:
     RequestPasswordReset. When the caller's address is already verified it
     sends nothing and answers OK with `email_verified_at` set.
     """
+    ExportMyData: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ExportMyDataRequest, _auth_service_pb2.ExportMyDataResponse]
+    """ExportMyData returns everything the service holds about the caller, as
+    one JSON object: the account, codes, referrer, referrals (their user ids
+    and registration times), ledger, security events (the audit rows about
+    the account) and consents.
+    """
+    DeleteMyAccount: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.DeleteMyAccountRequest, _auth_service_pb2.DeleteMyAccountResponse]
+    """DeleteMyAccount erases the caller's personal data at once, after
+    checking their current password: the email address becomes a
+    pseudonym, codes are deactivated, every token is revoked and the hashed
+    client signals are dropped. Referral links and ledger entries stay (with
+    the pseudonym), so other people's balances and the audit chain stay
+    whole.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -140,6 +154,20 @@ class AuthServiceAsyncStub(AuthServiceStub):
     token sent before stops working. Throttled per account like
     RequestPasswordReset. When the caller's address is already verified it
     sends nothing and answers OK with `email_verified_at` set.
+    """
+    ExportMyData: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ExportMyDataRequest, _auth_service_pb2.ExportMyDataResponse]  # type: ignore[assignment]
+    """ExportMyData returns everything the service holds about the caller, as
+    one JSON object: the account, codes, referrer, referrals (their user ids
+    and registration times), ledger, security events (the audit rows about
+    the account) and consents.
+    """
+    DeleteMyAccount: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.DeleteMyAccountRequest, _auth_service_pb2.DeleteMyAccountResponse]  # type: ignore[assignment]
+    """DeleteMyAccount erases the caller's personal data at once, after
+    checking their current password: the email address becomes a
+    pseudonym, codes are deactivated, every token is revoked and the hashed
+    client signals are dropped. Referral links and ledger entries stay (with
+    the pseudonym), so other people's balances and the audit chain stay
+    whole.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -248,6 +276,32 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         token sent before stops working. Throttled per account like
         RequestPasswordReset. When the caller's address is already verified it
         sends nothing and answers OK with `email_verified_at` set.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportMyData(
+        self,
+        request: _auth_service_pb2.ExportMyDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.ExportMyDataResponse, _abc.Awaitable[_auth_service_pb2.ExportMyDataResponse]]:
+        """ExportMyData returns everything the service holds about the caller, as
+        one JSON object: the account, codes, referrer, referrals (their user ids
+        and registration times), ledger, security events (the audit rows about
+        the account) and consents.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteMyAccount(
+        self,
+        request: _auth_service_pb2.DeleteMyAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.DeleteMyAccountResponse, _abc.Awaitable[_auth_service_pb2.DeleteMyAccountResponse]]:
+        """DeleteMyAccount erases the caller's personal data at once, after
+        checking their current password: the email address becomes a
+        pseudonym, codes are deactivated, every token is revoked and the hashed
+        client signals are dropped. Referral links and ledger entries stay (with
+        the pseudonym), so other people's balances and the audit chain stay
+        whole.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

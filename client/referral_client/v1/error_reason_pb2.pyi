@@ -155,6 +155,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The event's occurred_at is further in the future than clock skew
     explains.
     """
+    ACCOUNT_BLOCKED: _ErrorReason.ValueType  # 52
+    """The account is blocked by an administrator: it cannot log in or refresh."""
+    PROGRAM_NOT_SET: _ErrorReason.ValueType  # 53
+    """No referral program was ever set."""
+    REFERRAL_NOT_IN_REVIEW: _ErrorReason.ValueType  # 54
+    """The referral was not held for review: there is nothing to decide."""
+    REFERRAL_ALREADY_DECIDED: _ErrorReason.ValueType  # 55
+    """The referral held for review was already approved or rejected."""
     MALFORMED_JSON: _ErrorReason.ValueType  # 60
     """Reasons the gateway (Envoy) sends for errors it makes itself, before a
     request reaches the service; the same google.rpc.Status JSON shape.
@@ -349,6 +357,14 @@ OCCURRED_AT_IN_FUTURE: ErrorReason.ValueType  # 49
 """The event's occurred_at is further in the future than clock skew
 explains.
 """
+ACCOUNT_BLOCKED: ErrorReason.ValueType  # 52
+"""The account is blocked by an administrator: it cannot log in or refresh."""
+PROGRAM_NOT_SET: ErrorReason.ValueType  # 53
+"""No referral program was ever set."""
+REFERRAL_NOT_IN_REVIEW: ErrorReason.ValueType  # 54
+"""The referral was not held for review: there is nothing to decide."""
+REFERRAL_ALREADY_DECIDED: ErrorReason.ValueType  # 55
+"""The referral held for review was already approved or rejected."""
 MALFORMED_JSON: ErrorReason.ValueType  # 60
 """Reasons the gateway (Envoy) sends for errors it makes itself, before a
 request reaches the service; the same google.rpc.Status JSON shape.

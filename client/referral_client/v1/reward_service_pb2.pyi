@@ -117,6 +117,10 @@ class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason
     """The newcomer is not eligible (for example, their email address is not
     verified where the deployment requires it).
     """
+    REFERRAL_IN_REVIEW: _SkipReason.ValueType  # 13
+    """The referral is held for an administrator's review; an approval credits
+    this event's rewards, a rejection never does.
+    """
 
 class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper):
     """SkipReason says why an event credited a reward to nobody."""
@@ -150,6 +154,10 @@ REFERRAL_REJECTED: SkipReason.ValueType  # 11
 REFEREE_NOT_ELIGIBLE: SkipReason.ValueType  # 12
 """The newcomer is not eligible (for example, their email address is not
 verified where the deployment requires it).
+"""
+REFERRAL_IN_REVIEW: SkipReason.ValueType  # 13
+"""The referral is held for an administrator's review; an approval credits
+this event's rewards, a rejection never does.
 """
 Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
