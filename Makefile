@@ -144,6 +144,8 @@ bench-tools:
 # It writes bench/RESULTS.md. Its own database (referral_bench), Redis prefix (bench:) and free ports.
 bench: $(VENV)/.dev-stamp bench-tools
 	$(PY) -m bench $(BENCH_ARGS)
+	# Stream commit-to-delivery latency and webhook deliveries per worker process (own database).
+	$(PY) -m bench.events
 
 # About 2 s per scenario on small data: proves the stack and every scenario work; asserts no timing.
 bench-smoke: $(VENV)/.dev-stamp bench-tools

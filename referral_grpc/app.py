@@ -12,14 +12,25 @@ from .domain.admin import Administration
 from .domain.apikeys import ApiKeyService
 from .domain.auth import AuthService, Limits
 from .domain.data_rights import DataRights
+from .domain.events import EventLog, EventStream
 from .domain.fraud import FraudChecker, SignalHasher
 from .domain.passwords import PasswordHasher
-from .domain.ports import Clock, CodeCache, EmailDispatcher, EmailVerifier, Rule, SystemClock, Throttle
+from .domain.ports import (
+    Clock,
+    CodeCache,
+    EmailDispatcher,
+    EmailVerifier,
+    EventSignal,
+    Rule,
+    SystemClock,
+    Throttle,
+)
 from .domain.programs import ProgramService
 from .domain.referrals import ReferralService
 from .domain.rewards import RewardService
 from .domain.tokens import AccessTokens, PageTokens, SuccessorTokens
 from .domain.verification import EmailVerificationService, referral_eligibility
+from .domain.webhooks import WebhookService
 from .settings import Settings
 from .store.database import init_database
 
@@ -43,11 +54,19 @@ class App:
     rewards: RewardService
     admin: Administration
     data_rights: DataRights
+    webhooks: WebhookService
+    events: EventLog
+    event_signal: EventSignal
+    event_stream: EventStream
 
     def release_connection(self) -> None:
-        """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
-        if not isinstance(self.db, pw.SqliteDatabase) and not self.db.is_closed():
-            self.db.close()
+        _release_connection(self.db)
+
+
+def _release_connection(db: pw.Database) -> None:
+    """Return a pooled PostgreSQL connection after each RPC; SQLite keeps its per-thread one."""
+    if not isinstance(db, pw.SqliteDatabase) and not db.is_closed():
+        db.close()
 
 
 def build_app(
@@ -61,10 +80,12 @@ def build_app(
 ) -> App:
     """Wire everything; tests pass their own clock (or any collaborator) instead of the real one."""
     from .infra.cache import make_code_cache
+    from .infra.event_signal import make_event_signal
     from .infra.hunter import make_email_verifier
     from .infra.outbox import SqlOutbox
     from .infra.tasks import make_dispatcher
     from .infra.throttle import Throttle as RedisThrottle
+    from .infra.webhooks import url_checker
 
     settings.ensure_local_dirs()
     if settings.jwt_secret_generated:
@@ -137,6 +158,8 @@ def build_app(
         page_tokens=PageTokens(settings.jwt_secret, purpose="ledger-page-token-v1"),
         eligible=referral_eligibility(verification_required),
     )
+    events = EventLog(db)
+    event_signal = make_event_signal(settings)
     return App(
         settings,
         db,
@@ -155,4 +178,10 @@ def build_app(
             db, clock, cache, rewards, PageTokens(settings.jwt_secret, purpose="audit-page-token-v1")
         ),
         data_rights=DataRights(db, clock, hasher, cache),
+        webhooks=WebhookService(
+            db, clock, url_checker(settings), timedelta(hours=settings.webhook_secret_overlap_hours)
+        ),
+        events=events,
+        event_signal=event_signal,
+        event_stream=EventStream(events, event_signal, lambda: _release_connection(db)),
     )

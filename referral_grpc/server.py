@@ -16,17 +16,21 @@ from grpc_reflection.v1alpha import reflection
 
 from .api.admin import AdminServicer
 from .api.admission import Admission, CountingExecutor, InFlight
+from .api.events import EventServicer
 from .api.idempotency import IdempotencyStore
 from .api.interceptors import ApiInterceptor
 from .api.policy import SERVICES
 from .api.rewards import RewardServicer
 from .api.servicers import AuthServicer, ReferralServicer
+from .api.webhooks import WebhookServicer
 from .app import App
 from .gen import (
     admin_service_pb2_grpc,
     auth_service_pb2_grpc,
+    event_service_pb2_grpc,
     referral_service_pb2_grpc,
     reward_service_pb2_grpc,
+    webhook_service_pb2_grpc,
 )
 from .infra.logs import AccessLog
 from .infra.metrics import Metrics, MetricsServer
@@ -214,6 +218,12 @@ def create_server(app: App, address: str | None = None) -> Server:
     )
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
         AdminServicer(app.admin, app.programs, app.rewards), server
+    )
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        EventServicer(app.events, app.event_stream), server
+    )
+    webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        WebhookServicer(app.webhooks), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

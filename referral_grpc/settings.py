@@ -189,6 +189,14 @@ class DatabaseTarget:
         return f"{self.connect_params['host']}:{self.connect_params['port']}/{self.database}"
 
 
+def parse_retry_schedule(value: str) -> tuple[float, ...]:
+    """ "5,30,120" -> (5.0, 30.0, 120.0): at least one delay, each between 0 and a day."""
+    delays = tuple(float(part) for part in value.split(",") if part.strip())
+    if not delays or not all(0 <= delay <= 86_400 for delay in delays):
+        raise ValueError("give comma-separated seconds between 0 and 86400, e.g. 5,30,120")
+    return delays
+
+
 def parse_database_url(database_url: str) -> DatabaseTarget:
     """`sqlite:///path` or `postgresql://user:password@host:port/name?libpq_option=value`."""
     scheme = database_url.partition("://")[0].lower()
@@ -372,6 +380,26 @@ class Settings:
         3600.0, "longest wait between SMTP retries, seconds", minimum=0.01, maximum=86_400
     )
     worker_threads: int = integer(2, "worker consumer threads", minimum=1, maximum=64)
+    webhook_retry_schedule: str = text(
+        "5,30,120,600,1800,3600,7200,14400,28800,43200",
+        "comma-separated seconds before each webhook retry (each with up to 20 % jitter); the last repeats",
+    )
+    webhook_timeout: float = number(10.0, "seconds a webhook receiver has to answer", minimum=0.1, maximum=60)
+    webhook_disable_after_failures: int = integer(
+        20,
+        "consecutive failed webhook attempts that disable an endpoint (its events wait for re-enabling)",
+        minimum=1,
+        maximum=10_000,
+    )
+    webhook_allow_private_networks: bool = boolean(
+        False, "deliver webhooks to loopback, private, link-local and metadata addresses (tests, `make run`)"
+    )
+    webhook_secret_overlap_hours: int = integer(
+        24,
+        "hours a rotated webhook secret still signs deliveries, next to the new one",
+        minimum=0,
+        maximum=720,
+    )
     hunter_recheck_interval: float = number(
         600.0, "seconds between re-checks of addresses Hunter could not verify", minimum=1, maximum=86_400
     )
@@ -530,6 +558,11 @@ class Settings:
         return self.database.is_sqlite
 
     @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        """WEBHOOK_RETRY_SCHEDULE as seconds (checked by from_env)."""
+        return parse_retry_schedule(self.webhook_retry_schedule)
+
+    @property
     def hash_concurrency(self) -> int:
         """How many bcrypt hashes may run at once: one per core unless configured."""
         return self.password_hash_concurrency or (os.cpu_count() or 1)
@@ -551,6 +584,10 @@ class Settings:
                 raise ConfigError("DEBUG must be off in production")
             if values["bcrypt_rounds"] < 10:
                 raise ConfigError("BCRYPT_ROUNDS must be at least 10 in production")
+        try:
+            parse_retry_schedule(values["webhook_retry_schedule"])
+        except ValueError as exc:
+            raise ConfigError(f"WEBHOOK_RETRY_SCHEDULE: {exc}") from None
         settings = cls(**values)
         database = settings.database  # a bad DATABASE_URL stops the start, not the first query
         if settings.production and _default_credentials(database):

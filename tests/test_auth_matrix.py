@@ -75,6 +75,15 @@ KEY_RPCS = {
     "/referral.v1.AdminService/UpdateProgram": {"admin:write"},
     "/referral.v1.AdminService/ListReferralsForReview": {"admin:read"},
     "/referral.v1.AdminService/DecideReferral": {"admin:write"},
+    "/referral.v1.EventService/ListEvents": {"events:read"},
+    "/referral.v1.EventService/WatchEvents": {"events:read"},
+    "/referral.v1.WebhookService/CreateWebhookEndpoint": {"webhooks:manage"},
+    "/referral.v1.WebhookService/ListWebhookEndpoints": {"webhooks:manage"},
+    "/referral.v1.WebhookService/GetWebhookEndpoint": {"webhooks:manage"},
+    "/referral.v1.WebhookService/DeleteWebhookEndpoint": {"webhooks:manage"},
+    "/referral.v1.WebhookService/RotateWebhookSecret": {"webhooks:manage"},
+    "/referral.v1.WebhookService/ListWebhookDeliveries": {"webhooks:manage"},
+    "/referral.v1.WebhookService/RedeliverEvents": {"webhooks:manage"},
 }
 # Of those, the ones a user's own access token may call instead.
 KEY_OR_USER_RPCS = {"/referral.v1.RewardService/GetBalance", "/referral.v1.RewardService/ListLedgerEntries"}

@@ -116,13 +116,16 @@ def test_rest_methods_refuses_an_unknown_service(tmp_path: Path) -> None:
         rest_methods(_descriptor_set(tmp_path), ["shop.v1.CartService"])
 
 
-def test_rest_methods_refuses_a_path_template_it_cannot_route(tmp_path: Path) -> None:
+def test_rest_methods_takes_single_segment_variables_and_refuses_wider_templates(tmp_path: Path) -> None:
     file = descriptor_pb2.FileDescriptorProto(name="t.proto", package="t")
     method = file.service.add(name="S").method.add(name="Get", input_type=".t.M", output_type=".t.M")
-    method.options.Extensions[annotations_pb2.http].get = "/items/{name=shelves/*}"
+    method.options.Extensions[annotations_pb2.http].get = "/items/{name}"
     path = tmp_path / "t.pb"
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
-    with pytest.raises(ValueError, match="path templates"):
+    assert rest_methods(path, ["t.S"]) == {"/items/{name}": ["GET"]}
+    method.options.Extensions[annotations_pb2.http].get = "/items/{name=shelves/*}"
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
+    with pytest.raises(ValueError, match=r"multi-segment path templates are not supported"):
         rest_methods(path, ["t.S"])
 
 

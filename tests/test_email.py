@@ -957,4 +957,8 @@ def test_tasks_are_registered_under_stable_names(tmp_path: Path) -> None:
     assert type(tasks.huey) is SqliteHuey
     # Queued messages name their task: a rename would strand what an older server enqueued.
     names = set(tasks.huey._registry._registry)
-    assert names == {"referral_grpc.infra.tasks.deliver_email", "referral_grpc.infra.tasks.recheck_email"}
+    assert names == {
+        "referral_grpc.infra.tasks.deliver_email",
+        "referral_grpc.infra.tasks.recheck_email",
+        "referral_grpc.infra.tasks.deliver_webhook",
+    }

@@ -197,8 +197,10 @@ class ApiInterceptor(grpc.ServerInterceptor):
         policy = policy_for(details.method)
         if handler is not None and self._admission is not None and self._admission.full():
             return self._shed(details.method, handler, self._admission)
+        if handler is not None and handler.unary_stream is not None and not policy.public:
+            return self._stream_handler(details.method, policy, handler)
         if handler is None or handler.unary_unary is None:
-            # Streaming methods are only health Watch and reflection: public by design.
+            # Public streams (health Watch, reflection) pass; any other stream shape is ours to refuse.
             if handler is not None and not policy.public:
                 return _deny_handler()
             return handler
@@ -221,6 +223,76 @@ class ApiInterceptor(grpc.ServerInterceptor):
             # The original handler is kept alive by the server's registry, so its id stays unique.
             self._wrapped[key] = wrapped
         return wrapped
+
+    def _stream_handler(self, method: str, policy: Policy, handler: Any) -> Any:
+        key = (method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, policy, handler.unary_stream),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+            self._wrapped[key] = wrapped
+        return wrapped
+
+    def _wrap_stream(
+        self, method: str, policy: Policy, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        """A server stream: steps 1, 3 and 5 as for unary calls before the first message, then 6 at its end.
+
+        The servicer validates before returning its iterator, so bad input is a status. The stream
+        has no deadline of its own (it lasts until the caller leaves) and no idempotency.
+        """
+
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            failure: errors.DomainError | None = None
+            with _request_scope(context):
+                try:
+                    principal = self._caller(policy, context)
+                    if isinstance(request, _Undecodable):
+                        raise _undecodable()
+                    with caller(principal):
+                        messages = behavior(request, context)
+                except errors.DomainError as exc:
+                    failure = exc
+                except Exception as exc:
+                    failure = translate(exc)
+                    if failure is None:
+                        self._record(method, grpc.StatusCode.INTERNAL, time.perf_counter() - started)
+                        log.exception("unhandled error in %s", method)
+                        context.abort_with_status(internal_status())
+                finally:
+                    self._release_connection()
+                if failure is not None:
+                    self._record(method, code_for(failure), time.perf_counter() - started)
+                    abort(context, failure)
+            return self._observed(method, messages, context, started)
+
+        return wrapper
+
+    def _observed(
+        self, method: str, messages: Iterator[Any], context: grpc.ServicerContext, started: float
+    ) -> Iterator[Any]:
+        code = grpc.StatusCode.OK
+        try:
+            yield from messages
+            if not context.is_active():
+                code = grpc.StatusCode.CANCELLED
+        except Exception as exc:
+            failure = translate(exc) if not isinstance(exc, errors.DomainError) else exc
+            if failure is None:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", method)
+                context.abort_with_status(internal_status())
+            else:
+                code = code_for(failure)
+                log.warning("%s failed: %s", method, type(exc).__name__)
+                abort(context, failure)
+        finally:
+            self._release_connection()
+            self._record(method, code, time.perf_counter() - started)
 
     def _shed(self, method: str, handler: Any, admission: Admission) -> Any:
         """A handler that refuses the call at once: RESOURCE_EXHAUSTED, SERVER_OVERLOADED, retry in 1 s."""

@@ -11,9 +11,11 @@ from google.protobuf import descriptor
 from ..gen import (
     admin_service_pb2,
     auth_service_pb2,
+    event_service_pb2,
     referral_service_pb2,
     reward_service_pb2,
     rpc_policy_pb2,
+    webhook_service_pb2,
 )
 
 # Our services: their policy is declared next to each RPC in proto/referral/v1.
@@ -22,6 +24,8 @@ SERVICES: tuple[descriptor.ServiceDescriptor, ...] = (
     referral_service_pb2.DESCRIPTOR.services_by_name["ReferralService"],
     reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"],
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 
 

@@ -26,6 +26,8 @@ def child_env(settings: Settings, **overrides: str) -> dict[str, str]:
     if settings.jwt_secret_generated:
         # A development secret made up at start: every server process must sign with the same one.
         env["JWT_SECRET"] = settings.jwt_secret
+    # A development receiver runs on this machine; an explicit setting still wins.
+    env.setdefault("WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
     env.update(overrides)
     return env
 

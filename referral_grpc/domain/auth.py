@@ -15,6 +15,14 @@ from ..store.models import PENDING, REJECTED, PasswordResetToken, Referral, Refe
 from . import audit
 from .codes import normalize_code
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from .events import (
+    REFERRAL_CREATED,
+    REFERRAL_REJECTED,
+    USER_PASSWORD_CHANGED,
+    USER_REGISTERED,
+    NewEvent,
+    append_events,
+)
 from .fraud import REJECT, ClientInfo, FraudChecker, SignalHasher, stored_fields
 from .passwords import PasswordHasher
 from .ports import Clock, EmailDispatcher, EmailVerifier, Outbox, Rule, Throttle
@@ -164,10 +172,11 @@ class AuthService:
                 )
                 outbox_ids.append(self._outbox.queue_email("welcome", email, {}, now))
                 outbox_ids.append(self._email_verification.issue(user.id, email, now))
+                rejection = ""
                 if referrer_id is not None:
                     referrer = User.get_by_id(referrer_id)
                     # Judged before this signup's own signal is kept, which would count against it.
-                    self._judge_referral(user, referrer, client, now)
+                    rejection = self._judge_referral(user, referrer, client, now)
                 self._signals.record(user.id, "registration", client, now)
                 if referrer_id is not None:
                     outbox_ids.append(
@@ -179,6 +188,21 @@ class AuthService:
                         )
                     )
                 refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
+                registered = {"user_id": user.id, "referrer_user_id": referrer_id or 0}
+                events = [NewEvent(USER_REGISTERED, registered)]
+                if referrer_id is not None:
+                    referral = {"referee_user_id": user.id, "referrer_user_id": referrer_id, "code": code}
+                    events.append(NewEvent(REFERRAL_CREATED, referral))
+                if rejection:
+                    rejected = {
+                        "referee_user_id": user.id,
+                        "referrer_user_id": referrer_id,
+                        "reason": rejection,
+                    }
+                    events.append(NewEvent(REFERRAL_REJECTED, rejected))
+                # After the audit row of the fraud decision: every transaction takes the audit lock
+                # before the event log's, so the two global locks cannot deadlock.
+                append_events(self._db, events, now)
         except pw.IntegrityError:
             # The unique index on email_key decides between concurrent registrations.
             raise AlreadyExists("EMAIL_TAKEN", "an account with this email already exists") from None
@@ -319,8 +343,11 @@ class AuthService:
             self._revoke_sessions(user.id, now)
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             refresh = self._new_refresh_token(user.id, uuid.uuid4().hex, now)
-            # Last in the transaction: the audit lock is held only until the commit that follows.
+            # Last in the transaction (the audit row, then the event: every transaction takes the two
+            # global locks in this order), so they are held only until the commit that follows.
             audit.append(self._db, now, "password.change", f"user:{user.id}", actor=f"user:{user.id}")
+            changed = {"user_id": user.id, "via": "change"}
+            append_events(self._db, [NewEvent(USER_PASSWORD_CHANGED, changed)], now)
         self._dispatcher.dispatch([outbox_id])
         return self._tokens(User.get_by_id(user.id), refresh)
 
@@ -407,6 +434,8 @@ class AuthService:
             outbox_id = self._outbox.queue_email("password_changed", user.email, {}, now)
             # The holder of the emailed link acts as the account's owner.
             audit.append(self._db, now, "password.reset", f"user:{user.id}", actor=f"user:{user.id}")
+            changed = {"user_id": user.id, "via": "reset"}
+            append_events(self._db, [NewEvent(USER_PASSWORD_CHANGED, changed)], now)
         # Proof of the mailbox ends a lockout: the owner can sign in with the new password at once.
         self._throttle.clear(self._limits.login, user.email_key)
         self._dispatcher.dispatch([outbox_id])
@@ -415,8 +444,11 @@ class AuthService:
 
     def _judge_referral(
         self, newcomer: User, referrer: User, client: ClientInfo | None, now: datetime
-    ) -> None:
-        """The fraud decision on a new referral, stored on it and audited; the newcomer is told nothing."""
+    ) -> str:
+        """The fraud decision on a new referral, stored on it and audited; the newcomer is told nothing.
+
+        Returns the first enforced reason of a rejection, or "" when the referral was not rejected.
+        """
         if is_postgres(self._db):
             # One referrer's signups are judged one at a time, so the velocity counts are exact.
             self._db.execute_sql(  # type: ignore[no-untyped-call]
@@ -447,6 +479,9 @@ class AuthService:
                 "partial": decision.partial,
             },
         )
+        if decision.decision != REJECT:
+            return ""
+        return next((r.code for r in decision.reasons if r.enforced), "rejected")
 
     def _usable_code(self, code: str, now: datetime, lock: bool = False) -> ReferralCode:
         query = ReferralCode.select().where(ReferralCode.code == code)

@@ -148,3 +148,13 @@ class Outbox(Protocol):
     def queue_email(self, kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
         """Insert a pending email inside the caller's transaction; return its id for the dispatcher."""
         ...
+
+
+class EventSignal(Protocol):
+    """Wakes event stream readers when the log may have grown (LISTEN/NOTIFY, or polling)."""
+
+    def wait(self, after_cursor: int, timeout: float) -> None:
+        """Return once an event after `after_cursor` may have committed, or after `timeout` seconds."""
+        ...
+
+    def close(self) -> None: ...

@@ -12,6 +12,7 @@ from ..store.database import is_postgres, run_sql, write_transaction
 from ..store.models import Referral, ReferralCode, User
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
+from .events import CODE_CREATED, CODE_DELETED, NewEvent, append_events, timestamp
 from .ports import CachedCode, Clock, CodeCache
 from .tokens import PageTokens
 from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
@@ -127,6 +128,8 @@ class ReferralService:
                     run_sql(
                         self._db, self._sql.insert_code, (user_id, code, created, _stamp(expires_at), True)
                     )
+                    issued = {"user_id": user_id, "code": code, "expires_at": timestamp(expires_at)}
+                    append_events(self._db, [NewEvent(CODE_CREATED, issued)], now)
                 break
             except pw.IntegrityError:
                 # A code collision (1 in ~1e14) or a concurrent create that slipped past the
@@ -150,6 +153,9 @@ class ReferralService:
                 ReferralCode.update(is_active=False, deactivated_at=now).where(
                     ReferralCode.id == active.id
                 ).execute()
+                if active.expires_at > now:
+                    deleted = {"user_id": user_id, "code": active.code}
+                    append_events(self._db, [NewEvent(CODE_DELETED, deleted)], now)
         self._cache.invalidate(email_key)
         # An expired code was not usable anyway: deleting it is deactivation, but nothing was active.
         if active is None or active.expires_at <= now:

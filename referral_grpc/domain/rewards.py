@@ -34,6 +34,17 @@ from . import audit
 from .auth import mask_email
 from .currencies import format_amount, is_currency
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from .events import (
+    REFERRAL_QUALIFIED,
+    REFERRAL_REJECTED,
+    REFERRAL_REVERSED,
+    REWARD_CREDITED,
+    REWARD_REDEEMED,
+    REWARD_REVERSED,
+    NewEvent,
+    append_events,
+    timestamp,
+)
 from .ports import Clock, EmailDispatcher, Outbox
 from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program
 from .tokens import PageTokens
@@ -192,6 +203,28 @@ def _tuples(query: Any) -> list[tuple[Any, ...]]:
     return list(query.tuples())
 
 
+def _credited(row: LedgerEntry) -> dict[str, Any]:
+    return {
+        "user_id": row.user_id,
+        "ledger_entry_id": row.id,
+        "kind": row.kind,
+        "amount_minor": row.amount_minor,
+        "currency": row.currency,
+        "referee_user_id": row.referral_user_id,
+        "available_at": timestamp(row.available_at),
+    }
+
+
+def _reversed(row: LedgerEntry) -> dict[str, Any]:
+    return {
+        "user_id": row.user_id,
+        "ledger_entry_id": row.id,
+        "reversed_ledger_entry_id": row.reverses_id,
+        "amount_minor": row.amount_minor,
+        "currency": row.currency,
+    }
+
+
 def _sum(expression: Any) -> Any:
     return pw.fn.COALESCE(pw.fn.SUM(expression), 0)
 
@@ -227,14 +260,16 @@ class RewardService:
         if seen is not None:
             return self._duplicate(seen, content_hash)
         outbox_ids: list[int] = []
+        events: list[NewEvent] = []
         with write_transaction(self._db):
             row = self._insert_event(e, user, occurred_at, content_hash, now)
             if row is None:
                 first = RewardEvent.get(RewardEvent.event_id == e.event_id)
             elif refunded is not None:
-                result = self._refund(row, refunded, now)
+                result = self._refund(row, refunded, now, events)
             else:
-                result = self._judge(row, user, now, outbox_ids)
+                result = self._judge(row, user, now, outbox_ids, events)
+            append_events(self._db, events, now)
         if row is None:
             return self._duplicate(first, content_hash)
         self._dispatcher.dispatch(outbox_ids)
@@ -360,7 +395,9 @@ class RewardService:
         RewardEvent.update(outcome=json.dumps(outcome)).where(RewardEvent.id == event.id).execute()
         return result
 
-    def _judge(self, event: RewardEvent, user: User, now: datetime, outbox_ids: list[int]) -> EventResult:
+    def _judge(
+        self, event: RewardEvent, user: User, now: datetime, outbox_ids: list[int], events: list[NewEvent]
+    ) -> EventResult:
         def skip(reason: str, state: str | None) -> EventResult:
             both = [Skipped(REFERRER, reason), Skipped(REFEREE, reason)]
             return self._finish(event, EventResult(event.event_id, False, state, [], both))
@@ -444,6 +481,14 @@ class RewardService:
                     now,
                 )
             )
+        qualified = {
+            "referee_user_id": user.id,
+            "referrer_user_id": user.referrer_id,
+            "qualifying_event_id": event.event_id,
+            "program_version": program.version,
+        }
+        events.append(NewEvent(REFERRAL_QUALIFIED, qualified))
+        events.extend(NewEvent(REWARD_CREDITED, _credited(row)) for row in credited)
         names = {event.id: event.event_id}
         result = EventResult(
             event.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
@@ -490,7 +535,9 @@ class RewardService:
         )
         return bool(rewarded >= program.max_rewarded_referrals)
 
-    def _refund(self, event: RewardEvent, refunded: RewardEvent, now: datetime) -> EventResult:
+    def _refund(
+        self, event: RewardEvent, refunded: RewardEvent, now: datetime, events: list[NewEvent]
+    ) -> EventResult:
         earlier = (
             RewardEvent.select()
             .where((RewardEvent.refunds_event == refunded.id) & (RewardEvent.id != event.id))
@@ -523,12 +570,24 @@ class RewardService:
             except pw.IntegrityError:
                 # `reverses` is unique: another refund of this event reversed it first.
                 continue
-        Referral.update(state=REVERSED, reversed_at=now).where(
-            (Referral.referee == refunded.user_id)
-            & (Referral.state == QUALIFIED)
-            & (Referral.qualifying_event == refunded.id)
-        ).execute()
+        reversed_referrals = (
+            Referral.update(state=REVERSED, reversed_at=now)
+            .where(
+                (Referral.referee == refunded.user_id)
+                & (Referral.state == QUALIFIED)
+                & (Referral.qualifying_event == refunded.id)
+            )
+            .execute()
+        )
         referral = Referral.get_or_none(Referral.referee == refunded.user_id)
+        if reversed_referrals == 1 and referral is not None:
+            payload = {
+                "referee_user_id": referral.referee_id,
+                "referrer_user_id": referral.referrer_id,
+                "refund_event_id": event.event_id,
+            }
+            events.append(NewEvent(REFERRAL_REVERSED, payload))
+        events.extend(NewEvent(REWARD_REVERSED, _reversed(row)) for row in reversals)
         duplicate = earlier or (bool(rewards) and not reversals)
         names = {event.id: event.event_id}
         result = EventResult(
@@ -623,6 +682,13 @@ class RewardService:
                 available_at=now,
                 created_at=now,
             )
+            redeemed = {
+                "user_id": user_id,
+                "ledger_entry_id": row.id,
+                "amount_minor": amount_minor,
+                "currency": currency,
+            }
+            append_events(self._db, [NewEvent(REWARD_REDEEMED, redeemed)], now)
         return Redemption(entry=_entry_view(row, {}), available_minor=available - amount_minor)
 
     def adjust(self, user_id: int, amount_minor: int, currency: str, reason: str) -> EntryView:
@@ -701,13 +767,22 @@ class RewardService:
             if not approve:
                 changes["state"] = REJECTED
             Referral.update(**changes).where(Referral.referee == referee_id).execute()
+            events: list[NewEvent] = []
             if approve and referral.qualifying_event_id is not None:
                 released = self._judge(
                     RewardEvent.get_by_id(referral.qualifying_event_id),
                     User.get_by_id(referee_id),
                     now,
                     outbox_ids,
+                    events,
                 )
+            if not approve:
+                rejected = {
+                    "referee_user_id": referee_id,
+                    "referrer_user_id": referral.referrer_id,
+                    "reason": "rejected_on_review",
+                }
+                events.append(NewEvent(REFERRAL_REJECTED, rejected))
             audit.append(
                 self._db,
                 now,
@@ -720,6 +795,8 @@ class RewardService:
                     "credited": len(released.rewards) if released else 0,
                 },
             )
+            # The audit row before the events: every transaction takes the two locks in one order.
+            append_events(self._db, events, now)
         self._dispatcher.dispatch(outbox_ids)
         return Decided(
             state=Referral.get_by_id(referee_id).state,

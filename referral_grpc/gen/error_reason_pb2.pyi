@@ -76,6 +76,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_UNAVAILABLE: _ClassVar[ErrorReason]
     BACKEND_TIMEOUT: _ClassVar[ErrorReason]
     GATEWAY_ERROR: _ClassVar[ErrorReason]
+    CURSOR_INVALID: _ClassVar[ErrorReason]
+    EVENT_TYPE_UNKNOWN: _ClassVar[ErrorReason]
+    PAGE_SIZE_TOO_LARGE: _ClassVar[ErrorReason]
+    WEBHOOK_URL_INVALID: _ClassVar[ErrorReason]
+    WEBHOOK_ENDPOINT_NOT_FOUND: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_ARGUMENT: ErrorReason
 FIELD_REQUIRED: ErrorReason
@@ -146,3 +151,8 @@ RATE_LIMITED: ErrorReason
 BACKEND_UNAVAILABLE: ErrorReason
 BACKEND_TIMEOUT: ErrorReason
 GATEWAY_ERROR: ErrorReason
+CURSOR_INVALID: ErrorReason
+EVENT_TYPE_UNKNOWN: ErrorReason
+PAGE_SIZE_TOO_LARGE: ErrorReason
+WEBHOOK_URL_INVALID: ErrorReason
+WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason

@@ -29,6 +29,8 @@ from ..store.models import database
 from .breaker import CircuitBreaker
 from .mailer import Mailer, make_mailer
 from .outbox import BackgroundDispatcher, DeliveryConfig, HueyDispatcher, deliver, relay_pending
+from .webhooks import WebhookConfig, claim_due
+from .webhooks import deliver as deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 # an instance built in the gRPC server enqueues what the worker's instance runs.
 DELIVER_EMAIL = "deliver_email"
 RECHECK_EMAIL = "recheck_email"
+DELIVER_WEBHOOK = "deliver_webhook"
 
 _RELAY_BATCH = 100
 _RECHECK_BATCH = 100
@@ -85,12 +88,22 @@ class Tasks:
         self._lock = threading.Lock()
         self.deliver_email: TaskWrapper = huey.task(name=DELIVER_EMAIL)(self._deliver_email)
         self.recheck_email: TaskWrapper = huey.task(name=RECHECK_EMAIL)(self._recheck_email)
+        self.webhook_config = WebhookConfig.from_settings(settings)
+        self.deliver_webhook: TaskWrapper = huey.task(name=DELIVER_WEBHOOK)(self._deliver_webhook)
         # For `huey_consumer`, which knows nothing of run_worker: bind the models in each worker thread.
         huey.on_startup(name="bind_database")(self._ensure_database)
 
     def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None:
         """Queue `deliver_email(outbox_id)`, after `delay` seconds if given; raises when the queue is down."""
         self.huey.enqueue(self.deliver_email.s(outbox_id, delay=delay))
+
+    def enqueue_webhook(self, delivery_id: int) -> None:
+        self.huey.enqueue(self.deliver_webhook.s(delivery_id))
+
+    def _deliver_webhook(self, delivery_id: int) -> None:
+        # A failure is recorded with its next attempt's time; the relay enqueues it when due.
+        with database.connection_context():
+            deliver_webhook(delivery_id, self.webhook_config, self.clock.now)
 
     def enqueue_recheck(self, user_id: int) -> None:
         self.huey.enqueue(self.recheck_email.s(user_id))
@@ -224,6 +237,24 @@ class Worker:
             log.warning("Outbox relay pass failed, next in %ss: %s", self.settings.outbox_relay_interval, exc)
         if total:
             log.info("Outbox relay enqueued %d email(s)", total)
+        return total + self.relay_webhooks()
+
+    def relay_webhooks(self) -> int:
+        """Enqueue every webhook delivery that is due; one not enqueued is due again after its lease."""
+        total = 0
+        try:
+            with database.connection_context():
+                while True:
+                    ids = claim_due(self.tasks.clock.now(), self.tasks.webhook_config.lease, _RELAY_BATCH)
+                    for delivery_id in ids:
+                        self.tasks.enqueue_webhook(delivery_id)
+                    total += len(ids)
+                    if len(ids) < _RELAY_BATCH:
+                        break
+        except Exception as exc:
+            log.warning(
+                "Webhook relay pass failed, next in %ss: %s", self.settings.outbox_relay_interval, exc
+            )
         return total
 
     def enqueue_rechecks(self) -> int:

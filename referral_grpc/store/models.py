@@ -393,6 +393,93 @@ class AuditEvent(BaseModel):
         )
 
 
+class Event(BaseModel):
+    """The event log: one row per state change, appended in the transaction of the change.
+
+    `id` is the cursor: writers append in commit order (store.database.append_events), so a reader
+    that has seen cursor N has seen every event that will ever have a smaller one.
+    """
+
+    id = pw.BigAutoField()
+    # The public id ("evt_" + 26 characters); the webhook-id of every delivery of the event.
+    event_id = pw.CharField(max_length=40, unique=True)
+    # The dotted name, e.g. "referral.qualified".
+    type = pw.CharField(max_length=48)
+    occurred_at = UTCDateTimeField()
+    # JSON of the type's payload message (referral.v1 event_service.proto), field names as in the proto.
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        indexes = ((("type", "id"), False),)
+
+
+class WebhookEndpoint(BaseModel):
+    """A receiver of signed event deliveries, managed by backends with the webhooks:manage scope."""
+
+    id = pw.BigAutoField()
+    url = pw.TextField()
+    # Space-separated dotted event types; empty: every type.
+    event_types = pw.TextField()
+    description = pw.CharField(max_length=256)
+    # "whsec_" + base64 of 32 random bytes: needed in clear to sign, so stored as is.
+    secret = pw.CharField(max_length=64)
+    # The secret before the last rotation; it signs too until previous_secret_expires_at.
+    previous_secret = pw.CharField(max_length=64, null=True)
+    previous_secret_expires_at = UTCDateTimeField(null=True)
+    # "enabled", or "disabled" after WEBHOOK_DISABLE_AFTER_FAILURES consecutive failures.
+    status = pw.CharField(max_length=16, default="enabled")
+    consecutive_failures = pw.IntegerField(default=0)
+    last_success_at = UTCDateTimeField(null=True)
+    created_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "webhook_endpoints"
+
+
+class WebhookDelivery(BaseModel):
+    """One event for one endpoint: written with the event, pending until a 2xx answer (at least once)."""
+
+    id = pw.BigAutoField()
+    endpoint = pw.ForeignKeyField(WebhookEndpoint, on_delete="CASCADE", index=False)
+    endpoint_id: int
+    event = pw.ForeignKeyField(Event, on_delete="CASCADE")
+    event_id: int
+    # "pending" or "delivered".
+    status = pw.CharField(max_length=16, default="pending")
+    attempts = pw.IntegerField(default=0)
+    # When the next attempt is due; moved ahead by a lease while an attempt runs.
+    next_attempt_at = UTCDateTimeField()
+    created_at = UTCDateTimeField()
+    delivered_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "webhook_deliveries"
+        indexes = (
+            (("endpoint", "event"), True),
+            (("status", "next_attempt_at"), False),
+        )
+
+
+class WebhookAttempt(BaseModel):
+    """Every attempt of a delivery, kept for ListWebhookDeliveries."""
+
+    id = pw.BigAutoField()
+    delivery = pw.ForeignKeyField(WebhookDelivery, on_delete="CASCADE")
+    delivery_id: int
+    attempt = pw.IntegerField()
+    # The HTTP status, or 0 when there was no answer (see error).
+    http_status = pw.IntegerField()
+    error = pw.TextField()
+    latency_ms = pw.IntegerField()
+    # The first 1 KiB of the receiver's answer.
+    response_body = pw.TextField()
+    attempted_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "webhook_attempts"
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     User,
     ReferralCode,
@@ -408,4 +495,8 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     IdempotencyRecord,
     ClientSignal,
     AuditEvent,
+    Event,
+    WebhookEndpoint,
+    WebhookDelivery,
+    WebhookAttempt,
 )

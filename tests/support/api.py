@@ -74,6 +74,7 @@ def running_api(settings: Settings, **collaborators: Any) -> Iterator[Api]:
     finally:
         channel.close()
         server.stop(0)
+        app.event_signal.close()
         app.db.close()
 
 

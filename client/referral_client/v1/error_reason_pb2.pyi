@@ -214,6 +214,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     GATEWAY_ERROR: _ErrorReason.ValueType  # 73
     """The gateway failed in a way no other reason describes."""
+    CURSOR_INVALID: _ErrorReason.ValueType  # 74
+    """An event cursor is negative or beyond the largest int64."""
+    EVENT_TYPE_UNKNOWN: _ErrorReason.ValueType  # 75
+    """An event type named in a request is not one the service knows."""
+    PAGE_SIZE_TOO_LARGE: _ErrorReason.ValueType  # 76
+    """A page size is larger than the RPC allows."""
+    WEBHOOK_URL_INVALID: _ErrorReason.ValueType  # 56
+    """A webhook URL is malformed, not https in production, or resolves to an
+    address deliveries may not go to.
+    """
+    WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 57
+    """No webhook endpoint has this id."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every value the service puts in `google.rpc.ErrorInfo.reason`
@@ -416,4 +428,16 @@ may not have taken effect.
 """
 GATEWAY_ERROR: ErrorReason.ValueType  # 73
 """The gateway failed in a way no other reason describes."""
+CURSOR_INVALID: ErrorReason.ValueType  # 74
+"""An event cursor is negative or beyond the largest int64."""
+EVENT_TYPE_UNKNOWN: ErrorReason.ValueType  # 75
+"""An event type named in a request is not one the service knows."""
+PAGE_SIZE_TOO_LARGE: ErrorReason.ValueType  # 76
+"""A page size is larger than the RPC allows."""
+WEBHOOK_URL_INVALID: ErrorReason.ValueType  # 56
+"""A webhook URL is malformed, not https in production, or resolves to an
+address deliveries may not go to.
+"""
+WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 57
+"""No webhook endpoint has this id."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

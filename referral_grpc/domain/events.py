@@ -1,0 +1,215 @@
+"""The event log: facts appended in the transaction of the change they describe, read by cursor."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import peewee as pw
+
+from ..store.database import lock_event_log, notify_events
+from ..store.models import Event, WebhookDelivery, WebhookEndpoint
+from .errors import FieldViolation, InvalidArgument
+from .ports import EventSignal
+
+# Every event type, declared once: the contract's payload messages (event_service.proto) carry the
+# same names, and tests/test_events.py checks that the two agree.
+USER_REGISTERED = "user.registered"
+USER_PASSWORD_CHANGED = "user.password_changed"  # noqa: S105 - an event name, not a secret
+CODE_CREATED = "code.created"
+CODE_DELETED = "code.deleted"
+REFERRAL_CREATED = "referral.created"
+REFERRAL_QUALIFIED = "referral.qualified"
+REFERRAL_REVERSED = "referral.reversed"
+# Written by the fraud checks of a later feature; declared now so consumers can subscribe to it.
+REFERRAL_REJECTED = "referral.rejected"
+REWARD_CREDITED = "reward.credited"
+REWARD_REVERSED = "reward.reversed"
+REWARD_REDEEMED = "reward.redeemed"
+EVENT_TYPES: tuple[str, ...] = (
+    USER_REGISTERED,
+    USER_PASSWORD_CHANGED,
+    CODE_CREATED,
+    CODE_DELETED,
+    REFERRAL_CREATED,
+    REFERRAL_QUALIFIED,
+    REFERRAL_REVERSED,
+    REFERRAL_REJECTED,
+    REWARD_CREDITED,
+    REWARD_REVERSED,
+    REWARD_REDEEMED,
+)
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_CURSOR = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    type: str
+    # The payload message's fields by their proto names: ids, amounts, RFC 3339 times; never a secret.
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class EventView:
+    cursor: int
+    event_id: str
+    type: str
+    occurred_at: datetime
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[EventView]
+    # The cursor to ask after next: the last event's, or the request's when the page is empty.
+    next_cursor: int
+
+
+def timestamp(value: datetime) -> str:
+    """An RFC 3339 UTC time, as Protobuf's JSON mapping of Timestamp reads and writes it."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) -> None:
+    """Append to the log inside the caller's write transaction, as its last statements.
+
+    Last, because the log's lock is held from here to the commit: taken before a row lock it
+    could wait on a transaction that waits on it (a deadlock), and held longer it delays others.
+    """
+    if not events:
+        return
+    for event in events:
+        if event.type not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {event.type!r}")
+    lock_event_log(db)
+    # The webhook outbox: a delivery row per subscribed endpoint, in this same transaction, so an
+    # event is either committed with every delivery it owes or not at all.
+    endpoints = [(e.id, set(e.event_types.split())) for e in WebhookEndpoint.select()]
+    last = 0
+    for event in events:
+        row = Event.create(
+            event_id=f"evt_{uuid.uuid4().hex}",
+            type=event.type,
+            occurred_at=now,
+            payload=json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
+        )
+        last = row.id
+        owed = [
+            {"endpoint": endpoint, "event": row.id, "next_attempt_at": now, "created_at": now}
+            for endpoint, types in endpoints
+            if not types or event.type in types
+        ]
+        if owed:
+            WebhookDelivery.insert_many(owed).execute()
+    notify_events(db, last)
+
+
+def _violations(after_cursor: int, types: Sequence[str]) -> list[tuple[str, FieldViolation]]:
+    """What is wrong with a cursor and a type filter, as (reason, violation) pairs."""
+    found: list[tuple[str, FieldViolation]] = []
+    if not 0 <= after_cursor <= MAX_CURSOR:
+        found.append(
+            ("CURSOR_INVALID", FieldViolation("after_cursor", "must be 0 or the cursor of an event"))
+        )
+    for i, name in enumerate(types):
+        if name not in EVENT_TYPES:
+            found.append(
+                ("EVENT_TYPE_UNKNOWN", FieldViolation(f"types[{i}]", f"{name!r} is not an event type"))
+            )
+    return found
+
+
+def _raise_for(violations: list[tuple[str, FieldViolation]]) -> None:
+    if violations:
+        reason, first = violations[0]
+        raise InvalidArgument(
+            reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+        )
+
+
+class EventLog:
+    """Reads of the log: pages for pull-based consumers, batches for the stream."""
+
+    def __init__(self, db: pw.Database) -> None:
+        self._db = db
+
+    def list_events(self, after_cursor: int, types: Sequence[str], page_size: int) -> EventPage:
+        violations = _violations(after_cursor, types)
+        if page_size < 0:
+            violations.append(("PAGE_SIZE_NEGATIVE", FieldViolation("page_size", "must not be negative")))
+        elif page_size > MAX_PAGE_SIZE:
+            violations.append(
+                ("PAGE_SIZE_TOO_LARGE", FieldViolation("page_size", f"must be at most {MAX_PAGE_SIZE}"))
+            )
+        if violations:
+            reason, first = violations[0]
+            raise InvalidArgument(
+                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
+            )
+        events = self.read(after_cursor, types, page_size or DEFAULT_PAGE_SIZE)
+        return EventPage(events, events[-1].cursor if events else after_cursor)
+
+    def read(
+        self, after_cursor: int, types: Sequence[str], limit: int, up_to: int | None = None
+    ) -> list[EventView]:
+        """Committed events after the cursor, in cursor order (which is commit order)."""
+        query = Event.select().where(Event.id > after_cursor)
+        if up_to is not None:
+            query = query.where(Event.id <= up_to)
+        if types:
+            query = query.where(Event.type.in_(sorted(set(types))))
+        rows = list(query.order_by(Event.id).limit(limit))
+        return [
+            EventView(row.id, row.event_id, row.type, row.occurred_at, json.loads(row.payload))
+            for row in rows
+        ]
+
+    def last_cursor(self) -> int:
+        return int(Event.select(pw.fn.COALESCE(pw.fn.MAX(Event.id), 0)).scalar())
+
+
+# Rows read per query while catching up; a stream then waits for the signal.
+WATCH_BATCH = 500
+# A waiting stream checks this often whether its caller is still there.
+WATCH_SLICE = 1.0
+
+
+class EventStream:
+    """WatchEvents: the log after a cursor, then new events as they commit, until the caller leaves.
+
+    Reads run up to a high-water mark read first: every event up to it is committed (cursor order
+    is commit order), so the next read can start right after it without missing a late commit.
+    """
+
+    def __init__(self, log: EventLog, signal: EventSignal, release: Callable[[], None]) -> None:
+        self._log = log
+        self._signal = signal
+        # Returns the pooled connection between reads: a stream must not hold one while it waits.
+        self._release = release
+
+    def watch(
+        self, after_cursor: int, types: Sequence[str], alive: Callable[[], bool]
+    ) -> Iterator[EventView]:
+        _raise_for(_violations(after_cursor, types))
+        return self._follow(after_cursor, tuple(types), alive)
+
+    def _follow(self, cursor: int, types: tuple[str, ...], alive: Callable[[], bool]) -> Iterator[EventView]:
+        while alive():
+            try:
+                high = self._log.last_cursor()
+                batch = self._log.read(cursor, types, WATCH_BATCH, up_to=high) if high > cursor else []
+            finally:
+                self._release()
+            yield from batch
+            if len(batch) == WATCH_BATCH:
+                cursor = batch[-1].cursor
+                continue
+            # A cursor from the future stays where it is: the stream waits for the log to reach it.
+            cursor = max(cursor, high)
+            self._signal.wait(cursor, WATCH_SLICE)

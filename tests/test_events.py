@@ -1,0 +1,376 @@
+"""The event log over a real server: every change appends its event, ListEvents pages, WatchEvents resumes."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import requests
+from support import TEST_JWT_SECRET, FakeClock, make_settings
+from support.api import bearer, expect_error
+from support.envoy import migrate, running_envoy, running_server, server_env
+from support.rewards import RewardsApi, running_rewards
+
+from referral_grpc.api.events import payload_field
+from referral_grpc.domain.events import EVENT_TYPES, USER_REGISTERED, NewEvent, append_events
+from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import event_service_pb2 as ev_pb
+from referral_grpc.gen import event_service_pb2_grpc
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.store.database import init_database, write_transaction
+from referral_grpc.store.migrate import run_migrations
+from referral_grpc.store.models import Event
+
+
+@pytest.fixture
+def rw(database_url: str, clock: FakeClock) -> Iterator[RewardsApi]:
+    with running_rewards(database_url, clock) as api:
+        yield api
+
+
+def events_stub(rw: RewardsApi) -> event_service_pb2_grpc.EventServiceStub:
+    return event_service_pb2_grpc.EventServiceStub(rw.api.channel)
+
+
+def reader(rw: RewardsApi) -> tuple[tuple[str, str]]:
+    return (("x-api-key", rw.new_key("events:read")),)
+
+
+def list_all(rw: RewardsApi, **request: Any) -> list[ev_pb.Event]:
+    response = events_stub(rw).ListEvents(ev_pb.ListEventsRequest(**request), metadata=reader(rw))
+    return list(response.events)
+
+
+def payload(event: ev_pb.Event) -> Any:
+    return getattr(event, event.WhichOneof("payload"))
+
+
+def test_every_declared_type_has_its_payload_message() -> None:
+    oneof = ev_pb.Event.DESCRIPTOR.oneofs_by_name["payload"]
+    assert sorted(f.name for f in oneof.fields) == sorted(payload_field(t) for t in EVENT_TYPES)
+
+
+def test_the_rewards_walk_writes_each_change_once_in_order(rw: RewardsApi, clock: FakeClock) -> None:
+    rw.set_program()
+    referrer, referrer_email, token = rw.person()
+    code = rw.code_of(token)
+    newcomer, newcomer_email, newcomer_token = rw.person(code)
+    purchase = rw.event(newcomer, amount_minor=12_345)
+    clock.advance(days=14)
+    rw.redeem(referrer, 200, "redeem-1")
+    rw.event(newcomer, type="refund", refunds=purchase.event_id)
+    # Two weeks on, the access tokens have expired: sign in again.
+    token, newcomer_token = (
+        rw.api.auth.Login(auth_pb.LoginRequest(email=email, password="correct horse battery")).access_token
+        for email in (referrer_email, newcomer_email)
+    )
+    rw.api.auth.ChangePassword(
+        auth_pb.ChangePasswordRequest(
+            current_password="correct horse battery", new_password="a new long passphrase"
+        ),
+        metadata=bearer(newcomer_token),
+    )
+    rw.api.referrals.DeleteReferralCode(ref_pb.DeleteReferralCodeRequest(), metadata=bearer(token))
+
+    events = list_all(rw)
+    assert [e.type for e in events] == [
+        "user.registered",
+        "code.created",
+        "user.registered",
+        "referral.created",
+        "referral.qualified",
+        "reward.credited",
+        "reward.credited",
+        "reward.redeemed",
+        "referral.reversed",
+        "reward.reversed",
+        "reward.reversed",
+        "user.password_changed",
+        "code.deleted",
+    ]
+    cursors = [e.cursor for e in events]
+    assert cursors == sorted(set(cursors)) and cursors[0] > 0
+    assert len({e.id for e in events}) == len(events) and all(e.id.startswith("evt_") for e in events)
+    assert all(e.WhichOneof("payload") == payload_field(e.type) for e in events)
+    by_type = {e.type: payload(e) for e in events}
+    assert by_type["referral.created"] == ev_pb.ReferralCreated(
+        referee_user_id=newcomer, referrer_user_id=referrer, code=code
+    )
+    assert by_type["referral.qualified"].qualifying_event_id == purchase.event_id
+    credited = {
+        (p.user_id, p.kind, p.amount_minor)
+        for p in map(payload, events)
+        if isinstance(p, ev_pb.RewardCredited)
+    }
+    assert credited == {(referrer, "referrer_reward", 500), (newcomer, "referee_reward", 1234)}
+    assert by_type["reward.redeemed"] == ev_pb.RewardRedeemed(
+        user_id=referrer,
+        ledger_entry_id=by_type["reward.redeemed"].ledger_entry_id,
+        amount_minor=200,
+        currency="USD",
+    )
+    assert by_type["user.password_changed"] == ev_pb.UserPasswordChanged(user_id=newcomer, via="change")
+    assert by_type["code.deleted"] == ev_pb.CodeDeleted(user_id=referrer, code=code)
+    # No secret reaches the log: no token, hash or password in any payload.
+    stored = " ".join(row.payload for row in Event.select())
+    for secret in (token, newcomer_token, "correct horse battery", "password_hash"):
+        assert secret not in stored
+
+
+def test_a_change_that_fails_appends_nothing(rw: RewardsApi) -> None:
+    referrer, email, _ = rw.person()
+    before = Event.select().count()
+    with pytest.raises(grpc.RpcError):
+        rw.redeem(referrer, 1, "too-much")  # nothing available yet
+    with pytest.raises(grpc.RpcError):
+        rw.api.register(email.upper())  # taken
+    assert Event.select().count() == before
+
+
+def test_list_events_pages_and_filters(rw: RewardsApi) -> None:
+    for _ in range(5):
+        rw.pair()
+    everything = list_all(rw)
+    stub, auth = events_stub(rw), reader(rw)
+    seen: list[ev_pb.Event] = []
+    cursor = 0
+    while True:
+        page = stub.ListEvents(ev_pb.ListEventsRequest(after_cursor=cursor, page_size=3), metadata=auth)
+        seen.extend(page.events)
+        if not page.events:
+            assert page.next_cursor == cursor
+            break
+        assert len(page.events) <= 3 and page.next_cursor == page.events[-1].cursor
+        cursor = page.next_cursor
+    assert [e.id for e in seen] == [e.id for e in everything]
+    created = list_all(rw, types=["referral.created", "code.created"])
+    assert {e.type for e in created} == {"referral.created", "code.created"} and len(created) == 10
+
+
+def test_list_events_refuses_bad_input_and_missing_scopes(rw: RewardsApi) -> None:
+    stub, auth = events_stub(rw), reader(rw)
+    bad = expect_error(
+        stub.ListEvents,
+        ev_pb.ListEventsRequest(after_cursor=-1, types=["user.registered", "user.deleted"], page_size=1001),
+        metadata=auth,
+    )
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and bad.reason == "CURSOR_INVALID"
+    assert set(bad.fields) == {"after_cursor", "types[1]", "page_size"}
+    negative = expect_error(stub.ListEvents, ev_pb.ListEventsRequest(page_size=-1), metadata=auth)
+    assert (negative.reason, set(negative.fields)) == ("PAGE_SIZE_NEGATIVE", {"page_size"})
+    unknown = expect_error(stub.ListEvents, ev_pb.ListEventsRequest(types=["nope"]), metadata=auth)
+    assert unknown.reason == "EVENT_TYPE_UNKNOWN"
+    no_key = expect_error(stub.ListEvents, ev_pb.ListEventsRequest())
+    assert no_key.code == grpc.StatusCode.UNAUTHENTICATED
+    wrong_scope = expect_error(stub.ListEvents, ev_pb.ListEventsRequest(), metadata=rw.auth)
+    assert (wrong_scope.code, wrong_scope.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "API_KEY_SCOPE_MISSING",
+    )
+
+
+class Watcher:
+    """A WatchEvents call read on a thread of its own, so the test can act while it waits."""
+
+    def __init__(self, rw: RewardsApi, after_cursor: int, types: tuple[str, ...] = ()) -> None:
+        request = ev_pb.WatchEventsRequest(after_cursor=after_cursor, types=types)
+        self.call = events_stub(rw).WatchEvents(request, metadata=reader(rw))
+        self.received: list[ev_pb.Event] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                self.received.append(event)
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[ev_pb.Event]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.received) >= count, (len(self.received), count)
+        return self.received
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+def test_watch_replays_then_streams_and_resumes_without_gaps_or_duplicates(rw: RewardsApi) -> None:
+    for _ in range(3):
+        rw.pair()  # 4 events each
+    first = Watcher(rw, 0)
+    first.wait_for(12)
+    for _ in range(2):
+        rw.pair()
+    received = first.wait_for(20)[:15]
+    first.cancel()
+    # Reconnect mid-way with the last cursor seen, while new events keep committing.
+    second = Watcher(rw, received[-1].cursor)
+    for _ in range(3):
+        rw.pair()
+    received += second.wait_for(17)
+    second.cancel()
+    logged = list_all(rw, page_size=1000)
+    assert [e.id for e in received] == [e.id for e in logged]
+    assert len({e.id for e in received}) == len(received) == 32
+
+
+def test_watch_filters_types_and_a_cursor_from_the_future_waits(rw: RewardsApi) -> None:
+    rw.pair()
+    last = list_all(rw)[-1].cursor
+    ahead = Watcher(rw, last + 3, ("user.registered",))
+    filtered = Watcher(rw, 0, ("user.registered",))
+    for _ in range(3):
+        rw.pair()
+    got = filtered.wait_for(8)
+    assert {e.type for e in got} == {"user.registered"}
+    future = ahead.wait_for(2)
+    assert all(e.cursor > last + 3 and e.type == "user.registered" for e in future)
+    for watcher in (ahead, filtered):
+        assert watcher.call.is_active()  # still open: it waits for more
+        watcher.cancel()
+
+
+def test_watch_refuses_bad_input_and_callers_without_the_scope(rw: RewardsApi) -> None:
+    stub = events_stub(rw)
+
+    def first(request: ev_pb.WatchEventsRequest, **kwargs: Any) -> Any:
+        return next(iter(stub.WatchEvents(request, **kwargs)))
+
+    bad = expect_error(first, ev_pb.WatchEventsRequest(after_cursor=-5, types=["x.y"]), metadata=reader(rw))
+    assert (bad.code, bad.reason, set(bad.fields)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CURSOR_INVALID",
+        {"after_cursor", "types[0]"},
+    )
+    assert expect_error(first, ev_pb.WatchEventsRequest()).code == grpc.StatusCode.UNAUTHENTICATED
+    denied = expect_error(first, ev_pb.WatchEventsRequest(), metadata=rw.auth)
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_cursors_follow_commit_order_under_concurrent_writers(pg_url: str) -> None:
+    """Readers polling "after my cursor" while writers commit out of insert order never miss an event.
+
+    Each writer holds its transaction open for a random moment after appending; without the
+    event log's lock a later insert commits first and the reader moves past the earlier cursor.
+    """
+    db = init_database(make_settings(database_url=pg_url))
+    run_migrations(db)
+    writers, per_writer = 8, 15
+    done = threading.Event()
+    seen: list[int] = []
+
+    def write(n: int) -> None:
+        rng = random.Random(n)
+        for i in range(per_writer):
+            with write_transaction(db):
+                append_events(db, [NewEvent(USER_REGISTERED, {"user_id": n * 1000 + i})], _now())
+                time.sleep(rng.uniform(0, 0.01))
+        db.close()
+
+    def read() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            rows = list(Event.select(Event.id).where(Event.id > cursor).order_by(Event.id))
+            db.close()
+            for row in rows:
+                seen.append(row.id)
+                cursor = row.id
+            if finished:
+                return
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    poller = threading.Thread(target=read)
+    poller.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    poller.join()
+    every = [row.id for row in Event.select(Event.id).order_by(Event.id)]
+    db.close()
+    assert len(every) == writers * per_writer
+    assert seen == every
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def test_list_events_over_rest_through_envoy(pg_url: str, tmp_path: Path) -> None:
+    env = server_env(DATABASE_URL=pg_url, JWT_SECRET=TEST_JWT_SECRET)
+    migrate(env)
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "referral_grpc",
+            "apikey",
+            "create",
+            "--name",
+            "reader",
+            "--scope",
+            "events:read",
+            "--scope",
+            "webhooks:manage",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    with (
+        running_server(env, tmp_path / "server.log") as (_, address),
+        running_envoy([address], tmp_path) as envoy,
+    ):
+        base = envoy.url
+        for n in range(3):
+            body = {"email": f"rest{n}@example.com", "password": "correct horse battery"}
+            assert requests.post(f"{base}/auth/register", json=body, timeout=10).status_code == 200
+        page = requests.get(
+            f"{base}/events",
+            params={"after_cursor": "0", "types": "user.registered", "page_size": "2"},
+            headers={"x-api-key": key},
+            timeout=10,
+        )
+        assert page.status_code == 200, page.text
+        document = page.json()
+        assert [e["type"] for e in document["events"]] == ["user.registered"] * 2
+        assert document["events"][0]["user_registered"]["user_id"] == "1"  # int64: a JSON string
+        assert document["next_cursor"] == document["events"][1]["cursor"]
+        bad = requests.get(
+            f"{base}/events", params={"page_size": "5000"}, headers={"x-api-key": key}, timeout=10
+        )
+        assert bad.status_code == 400 and bad.json()["details"][0]["reason"] == "PAGE_SIZE_TOO_LARGE", (
+            bad.text
+        )
+        assert requests.get(f"{base}/events", timeout=10).status_code == 401
+        hook = {"url": "https://hooks.example.com/referrals", "event_types": ["referral.qualified"]}
+        created_hook = requests.post(f"{base}/webhooks", json=hook, headers={"x-api-key": key}, timeout=10)
+        assert created_hook.status_code == 200, created_hook.text
+        endpoint_id = created_hook.json()["endpoint"]["id"]
+        assert created_hook.json()["secret"].startswith("whsec_")
+        got = requests.get(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert got.json()["status"] == "ENABLED" and got.json()["event_types"] == ["referral.qualified"]
+        wrong = requests.put(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert wrong.status_code == 405 and set(wrong.headers["allow"].split(", ")) == {"GET", "DELETE"}
+        deleted = requests.delete(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
+        assert deleted.status_code == 200

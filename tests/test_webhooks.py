@@ -1,0 +1,363 @@
+"""Webhooks end to end: a real worker process POSTs signed events to a real loopback receiver.
+
+Every delivery is verified with `standardwebhooks`, the Standard Webhooks reference library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jsonschema
+import pytest
+from standardwebhooks import Webhook
+from support import TEST_JWT_SECRET, FakeClock, wait_until
+from support.api import expect_error
+from support.rewards import RewardsApi, running_rewards
+
+from referral_grpc.gen import webhook_service_pb2 as wh_pb
+from referral_grpc.gen import webhook_service_pb2_grpc
+from referral_grpc.infra.webhooks import forbidden_address, post
+from referral_grpc.store.models import Event, WebhookDelivery
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Receiver:
+    """An HTTP server on loopback that records every POST; answers 500 to the first `failures` of them.
+
+    With `stall_first`, the first request is held that many seconds before it is answered.
+    """
+
+    def __init__(self, failures: int = 0, stall_first: float = 0.0) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self._failures = failures
+        self._stall_first = stall_first
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with receiver._lock:
+                    receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    count = len(receiver.received)
+                if count == 1 and receiver._stall_first:
+                    time.sleep(receiver._stall_first)
+                status = 500 if count <= receiver._failures else 204
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A stalled answer must not hold up close().
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks?source=referrals"
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [headers["webhook-id"] for headers, _ in self.received]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def worker_env(pg_url: str, redis_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "OUTBOX_RELAY_INTERVAL": "0.05",
+        "WEBHOOK_RETRY_SCHEDULE": "0.2,0.4",
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+        **extra,
+    }
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+
+    def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(processes)}.log").open("w")
+        logs.append(log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "referral_grpc", "worker"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+    for log in logs:
+        log.close()
+
+
+@pytest.fixture
+def rw(pg_url: str, clock: FakeClock) -> Iterator[RewardsApi]:
+    with running_rewards(pg_url, clock, webhook_allow_private_networks="true") as api:
+        yield api
+
+
+def manage(rw: RewardsApi) -> tuple[webhook_service_pb2_grpc.WebhookServiceStub, tuple[tuple[str, str]]]:
+    return webhook_service_pb2_grpc.WebhookServiceStub(rw.api.channel), (
+        ("x-api-key", rw.new_key("webhooks:manage")),
+    )
+
+
+def verified(receiver: Receiver, secret: str) -> list[dict[str, Any]]:
+    """Every request the receiver got, verified by the reference library (raises on a bad one)."""
+    webhook = Webhook(secret)
+    return [webhook.verify(body, headers) for headers, body in receiver.received]
+
+
+def rewards_walk(rw: RewardsApi) -> None:
+    """Register with a code, purchase, refund."""
+    rw.set_program()
+    _, newcomer = rw.pair()
+    purchase = rw.event(newcomer, amount_minor=10_000)
+    rw.event(newcomer, type="refund", refunds=purchase.event_id)
+
+
+def test_the_rewards_walk_arrives_signed_once_per_event_after_retries(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    receiver = Receiver(failures=2)
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=receiver.url, description="backend"), metadata=auth
+    )
+    assert created.secret.startswith("whsec_") and created.endpoint.status == wh_pb.ENABLED
+    start_worker(worker_env(pg_url, redis_url, key_prefix))
+    rewards_walk(rw)
+    logged = {row.event_id: row.type for row in Event.select()}
+    wait_until(
+        lambda: len(receiver.ids()) >= len(logged) + 2, 30, "every event and 2 retries at the receiver"
+    )
+    documents = verified(receiver, created.secret)
+    # The 2 attempts answered 500 were retried with the same id; every other event arrived once.
+    ids = receiver.ids()
+    assert set(ids) == set(logged)
+    assert len(ids) == len(logged) + 2
+    assert all(ids.count(i) == (1 + ids[:2].count(i)) for i in set(ids)), [(i[-4:], logged[i]) for i in ids]
+    assert {doc["type"] for doc in documents} == set(logged.values())
+    # Each body is what the OpenAPI document's `webhooks` entry for its type describes.
+    spec = json.loads((REPO / "gateway" / "openapi.json").read_text())
+    for doc in documents:
+        pointer = f"#/webhooks/{doc['type']}/post/requestBody/content/application~1json/schema"
+        jsonschema.validate(doc, {**spec, "$ref": pointer})
+    qualified = next(doc for doc in documents if doc["type"] == "referral.qualified")
+    assert set(qualified["data"]) == {
+        "referee_user_id",
+        "referrer_user_id",
+        "qualifying_event_id",
+        "program_version",
+    }
+    request = wh_pb.ListWebhookDeliveriesRequest(id=created.endpoint.id)
+
+    def statuses() -> list[int]:
+        return sorted(a.http_status for a in stub.ListWebhookDeliveries(request, metadata=auth).attempts)
+
+    # The receiver answers before the worker records the answer.
+    wait_until(lambda: len(statuses()) == len(ids), 10, "every attempt recorded")
+    assert statuses() == [204] * len(logged) + [500, 500]
+    endpoint = stub.GetWebhookEndpoint(wh_pb.GetWebhookEndpointRequest(id=created.endpoint.id), metadata=auth)
+    assert endpoint.consecutive_failures == 0 and endpoint.HasField("last_success_at")
+    receiver.close()
+
+
+def test_a_worker_killed_mid_delivery_loses_nothing(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    receiver = Receiver(stall_first=30)
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(wh_pb.CreateWebhookEndpointRequest(url=receiver.url), metadata=auth)
+    env = worker_env(pg_url, redis_url, key_prefix, OUTBOX_LEASE="2", WORKER_THREADS="1")
+    first = start_worker(env)
+    rewards_walk(rw)
+    wait_until(lambda: len(receiver.received) == 1, 30, "the first delivery to be under way")
+    first.kill()  # SIGKILL: no cleanup, the attempt is never recorded
+    first.wait(5)
+    start_worker(env)
+    logged = {row.event_id for row in Event.select()}
+    wait_until(
+        lambda: set(receiver.ids()) >= logged and receiver.ids().count(receiver.ids()[0]) == 2,
+        60,
+        "every event, and the interrupted one again, after the restart",
+    )
+    verified(receiver, created.secret)
+    ids = receiver.ids()
+    duplicates = len(ids) - len(set(ids))
+    print(f"fault test: events sent {len(logged)}, received {len(set(ids))}, duplicates by id {duplicates}")
+    assert set(ids) == logged
+    # The interrupted one arrived again, with the same webhook-id; nothing else twice.
+    assert ids.count(ids[0]) == 2 and duplicates == 1
+    receiver.close()
+
+
+def test_endpoints_are_managed_with_the_scope_and_urls_are_checked(rw: RewardsApi) -> None:
+    stub, auth = manage(rw)
+    bad = expect_error(
+        stub.CreateWebhookEndpoint,
+        wh_pb.CreateWebhookEndpointRequest(url="ftp://example.com/x", event_types=["user.deleted"]),
+        metadata=auth,
+    )
+    assert (bad.code, bad.reason, set(bad.fields)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WEBHOOK_URL_INVALID",
+        {"url", "event_types[0]"},
+    )
+    denied = expect_error(stub.ListWebhookEndpoints, wh_pb.ListWebhookEndpointsRequest(), metadata=rw.auth)
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/x", event_types=["reward.credited"]),
+        metadata=auth,
+    )
+    rotated = stub.RotateWebhookSecret(
+        wh_pb.RotateWebhookSecretRequest(id=created.endpoint.id), metadata=auth
+    )
+    assert rotated.secret.startswith("whsec_") and rotated.secret != created.secret
+    listed = stub.ListWebhookEndpoints(wh_pb.ListWebhookEndpointsRequest(), metadata=auth)
+    assert [(e.id, list(e.event_types)) for e in listed.endpoints] == [
+        (created.endpoint.id, ["reward.credited"])
+    ]
+    stub.DeleteWebhookEndpoint(wh_pb.DeleteWebhookEndpointRequest(id=created.endpoint.id), metadata=auth)
+    gone = expect_error(
+        stub.GetWebhookEndpoint, wh_pb.GetWebhookEndpointRequest(id=created.endpoint.id), metadata=auth
+    )
+    assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_ENDPOINT_NOT_FOUND")
+
+
+def test_private_addresses_need_the_switch(pg_url: str, clock: FakeClock) -> None:
+    with running_rewards(pg_url, clock) as rw:
+        stub, auth = manage(rw)
+        for url in (
+            "http://127.0.0.1/x",
+            "http://10.0.0.8/x",
+            "http://169.254.169.254/latest",
+            "http://[::1]/x",
+        ):
+            refused = expect_error(
+                stub.CreateWebhookEndpoint, wh_pb.CreateWebhookEndpointRequest(url=url), metadata=auth
+            )
+            assert (refused.reason, set(refused.fields)) == ("WEBHOOK_URL_INVALID", {"url"}), url
+    assert not forbidden_address("93.184.215.14") and forbidden_address("::ffff:127.0.0.1")
+
+
+def test_a_failing_endpoint_is_disabled_and_its_events_wait_for_re_enabling(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    receiver = Receiver(failures=3)
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=receiver.url, event_types=["user.registered"]), metadata=auth
+    )
+    endpoint = wh_pb.GetWebhookEndpointRequest(id=created.endpoint.id)
+    start_worker(worker_env(pg_url, redis_url, key_prefix, WEBHOOK_DISABLE_AFTER_FAILURES="3"))
+    rw.person()
+    wait_until(
+        lambda: stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.DISABLED,
+        30,
+        "the endpoint disabled after 3 failures",
+    )
+    rw.person()  # waits, with the first one, while the endpoint is disabled
+    assert len(receiver.received) == 3
+    # Rotation: until the overlap ends, both secrets sign.
+    rotated = stub.RotateWebhookSecret(
+        wh_pb.RotateWebhookSecretRequest(id=created.endpoint.id), metadata=auth
+    )
+    # Re-enabling (a redelivery of nothing: after the last cursor) sends what waited.
+    last = Event.select().order_by(Event.id.desc()).first().id
+    enable = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=last)
+    assert stub.RedeliverEvents(enable, metadata=auth).queued == 0
+    registered = {row.event_id for row in Event.select().where(Event.type == "user.registered")}
+    wait_until(lambda: set(receiver.ids()[3:]) == registered, 30, "the waiting events after re-enabling")
+    assert stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.ENABLED
+    for secret in (created.secret, rotated.secret):
+        Webhook(secret).verify(*reversed(receiver.received[-1]))
+    receiver.close()
+
+
+def test_the_sender_follows_no_redirect_and_checks_the_address_when_it_connects() -> None:
+    hits: list[str] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("location", "/elsewhere")
+            self.send_header("content-length", "5")
+            self.end_headers()
+            self.wfile.write(b"moved")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        answer = post(url, {}, b"{}", timeout=5, allow_private=True)
+        assert (answer.http_status, answer.body, hits) == (302, "moved", ["/hook"])
+        # Without the switch the loopback address is refused at connection time: nothing is sent.
+        refused = post(url, {}, b"{}", timeout=5, allow_private=False)
+        assert refused.http_status == 0 and refused.error.startswith("refused") and hits == ["/hook"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redeliver_queues_a_range_or_one_event_again(database_url: str, clock: FakeClock) -> None:
+    with running_rewards(database_url, clock, webhook_allow_private_networks="true") as rw:
+        stub, auth = manage(rw)
+        created = stub.CreateWebhookEndpoint(
+            wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/x", event_types=["user.registered"]),
+            metadata=auth,
+        )
+        for _ in range(3):
+            rw.person()
+        events = list(Event.select().order_by(Event.id))
+        WebhookDelivery.update(status="delivered").execute()
+        one = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, event_id=events[1].event_id)
+        assert stub.RedeliverEvents(one, metadata=auth).queued == 1
+        pending = WebhookDelivery.select().where(WebhookDelivery.status == "pending")
+        assert [d.event_id for d in pending] == [events[1].id]
+        after = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=events[0].id)
+        assert stub.RedeliverEvents(after, metadata=auth).queued == 2
+        assert WebhookDelivery.select().where(WebhookDelivery.status == "pending").count() == 2
+        missing = expect_error(
+            stub.RedeliverEvents,
+            wh_pb.RedeliverEventsRequest(id=created.endpoint.id, event_id="evt_x"),
+            metadata=auth,
+        )
+        assert missing.code == grpc.StatusCode.NOT_FOUND
