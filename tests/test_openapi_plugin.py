@@ -77,8 +77,11 @@ def http_rules() -> dict[tuple[str, str], str]:
     for service in SERVICES:
         for method in service.methods:
             rule = method.GetOptions().Extensions[annotations_pb2.http]
-            verb = rule.WhichOneof("pattern")
-            rules[(verb, getattr(rule, verb))] = method.full_name
+            for binding in (rule, *rule.additional_bindings):
+                verb = binding.WhichOneof("pattern")
+                if verb is None:  # gRPC only (the event stream): no REST route.
+                    continue
+                rules[(verb, getattr(binding, verb))] = method.full_name
     return rules
 
 
@@ -106,7 +109,7 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
     rules = http_rules()
     assert documented == set(rules)
-    assert len(rules) == 18
+    assert len(rules) == 38
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(set(operation_ids)) == len(operation_ids)
     assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
@@ -237,12 +240,17 @@ def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]
                 expected.append({"bearerAuth": []})
             assert operation.get("security") == (expected or None), (verb, path)
     assert len(server_public) == 7
+    rest_methods = set(rules.values())
+    backend_services = ("RewardService", "AdminService", "EventService", "WebhookService")
     assert key_operations == {
-        "referral.v1.RewardService.RecordEvent",
-        "referral.v1.RewardService.GetBalance",
-        "referral.v1.RewardService.ListLedgerEntries",
-        "referral.v1.RewardService.RedeemRewards",
+        method for method in rest_methods if method.split(".")[2] in backend_services
     }
+    assert {
+        "referral.v1.RewardService.RecordEvent",
+        "referral.v1.AdminService.DecideReferral",
+        "referral.v1.EventService.ListEvents",
+        "referral.v1.WebhookService.CreateWebhookEndpoint",
+    } <= key_operations
 
 
 def test_idempotency_key_header_where_the_policy_honours_it(document: dict[str, Any]) -> None:
@@ -753,7 +761,7 @@ def test_rate_limit_headers_on_exactly_the_routes_envoy_limits(document: dict[st
         path = "/" + rpc.rsplit(".", 1)[0] + "/" + rpc.rsplit(".", 1)[1]
         for route in routes:
             match = route["match"]
-            if match.get("path") == path or (
+            if match.get("path") == path or path.startswith(match.get("prefix", "\0")) or (
                 "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path)
             ):
                 return True
