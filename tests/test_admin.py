@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -28,6 +29,10 @@ class Admin:
         self.write: Metadata = (
             ("x-api-key", rw.api.app.api_keys.create("ops", ["admin:read", "admin:write"]).key),
         )
+
+    def once(self, key: Metadata | None = None) -> Metadata:
+        """The write key with a fresh Idempotency-Key: AdjustBalance requires one."""
+        return (*(key or self.write), ("idempotency-key", uuid.uuid4().hex))
 
 
 @pytest.fixture
@@ -129,31 +134,31 @@ def test_adjust_balance_is_a_signed_ledger_entry_with_a_reason(admin: Admin) -> 
     user_id, _, _ = rw.person()
     credit = admin.stub.AdjustBalance(
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=700, currency="usd", reason="goodwill"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     admin.stub.AdjustBalance(
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=-200, currency="USD", reason="correction"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert (credit.amount_minor, credit.currency) == (700, "USD")
     assert rw.balance(user_id)[0] == 500
     bad = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=0, currency="XXQ"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert set(bad.fields) == {"amount_minor", "currency", "reason"}
     missing = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=9999, amount_minor=1, currency="USD", reason="x"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
     denied = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=1, currency="USD", reason="x"),
-        metadata=admin.read,
+        metadata=admin.once(admin.read),
     )
     assert (denied.code, denied.reason) == (grpc.StatusCode.PERMISSION_DENIED, "API_KEY_SCOPE_MISSING")
     [first, second] = (
@@ -162,6 +167,47 @@ def test_adjust_balance_is_a_signed_ledger_entry_with_a_reason(admin: Admin) -> 
     assert (
         json.loads(first.after)["reason"] == "goodwill" and json.loads(second.after)["amount_minor"] == -200
     )
+
+
+def test_a_retried_adjustment_adjusts_once(admin: Admin) -> None:
+    """AdjustBalance requires an Idempotency-Key: the same key and request is the first answer again (one
+    ledger entry, one audit row), the same key with another request is refused, no key is refused."""
+    rw = admin.rw
+    user_id, _, _ = rw.person()
+    request = adm_pb.AdjustBalanceRequest(
+        user_id=user_id, amount_minor=700, currency="USD", reason="goodwill"
+    )
+    key = admin.once()
+    first = admin.stub.AdjustBalance(request, metadata=key)
+    retried = admin.stub.AdjustBalance(request, metadata=key)
+    assert retried == first
+    entries = LedgerEntry.select().where((LedgerEntry.user == user_id) & (LedgerEntry.kind == "adjustment"))
+    assert [(e.id, e.amount_minor) for e in entries] == [(first.id, 700)]
+    assert rw.balance(user_id)[0] == 700
+    adjusted = (AuditEvent.action == "balance.adjust") & (AuditEvent.target == f"user:{user_id}")
+    assert AuditEvent.select().where(adjusted).count() == 1
+    request.amount_minor = 7000
+    reused = expect_error(admin.stub.AdjustBalance, request, metadata=key)
+    assert (reused.code, reused.reason) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    keyless = expect_error(admin.stub.AdjustBalance, request, metadata=admin.write)
+    assert (keyless.code, keyless.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REQUIRED")
+    assert rw.balance(user_id)[0] == 700
+
+
+def test_an_update_to_the_rules_in_force_stores_no_new_version(admin: Admin) -> None:
+    """UpdateProgram is safe to retry: the same rules again are the version in force, not a new one."""
+    rules = adm_pb.Program(
+        currency="USD", event_types=["purchase"], attribution_days=30, referrer_reward_minor=300
+    )
+    updates = AuditEvent.select().where(AuditEvent.action == "program.update")
+    first = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    stored = updates.count()
+    again = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    assert again == first
+    assert updates.count() == stored
+    rules.hold_days = 3
+    changed = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    assert changed.version == first.version + 1
 
 
 def test_program_versions_through_the_admin_api(admin: Admin) -> None:
@@ -201,7 +247,7 @@ def test_audit_events_page_and_filter(admin: Admin) -> None:
         for amount in (1, 2):
             admin.stub.AdjustBalance(
                 adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=amount, currency="USD", reason="r"),
-                metadata=admin.write,
+                metadata=admin.once(),
             )
     seen: list[int] = []
     token = ""
