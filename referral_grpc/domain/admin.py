@@ -12,6 +12,7 @@ from ..store.models import AuditEvent, Referral, ReferralCode, User
 from . import audit
 from .auth import end_sessions
 from .errors import InvalidArgument, NotFound
+from .events import USER_BLOCKED, USER_UNBLOCKED, NewEvent, append_events
 from .fraud import DECISIONS, REVIEW, Reason, reasons_of
 from .ports import Clock, CodeCache
 from .rewards import MAX_NOTE_LENGTH, BalanceView, RewardService
@@ -155,6 +156,8 @@ class Administration:
                     before={"blocked": False},
                     after={"blocked": True, "note": note},
                 )
+                # After the audit row: every transaction takes the two locks in one order.
+                append_events(self._db, [NewEvent(USER_BLOCKED, {"user_id": user.id})], now)
         # After the commit: a lookup between the two would refill the cache with the old answer.
         self._cache.invalidate(user.email_key)
         return self.get_user(user.id)
@@ -174,6 +177,7 @@ class Administration:
                     before={"blocked": True},
                     after={"blocked": False, "note": note},
                 )
+                append_events(self._db, [NewEvent(USER_UNBLOCKED, {"user_id": user.id})], now)
         self._cache.invalidate(user.email_key)
         return self.get_user(user.id)
 

@@ -15,6 +15,7 @@ from ..store.models import Program
 from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
+from .events import PROGRAM_UPDATED, NewEvent, append_events
 from .fraud import FraudRules, validate_fraud_rules
 from .ports import Clock
 
@@ -187,6 +188,8 @@ class ProgramService:
                 before=None if before is None else before.as_dict(),
                 after=stored.as_dict(),
             )
+            # After the audit row: every transaction takes the two locks in one order.
+            append_events(self._db, [NewEvent(PROGRAM_UPDATED, {"version": stored.version})], now)
         return stored
 
     def current(self) -> ProgramRules | None:

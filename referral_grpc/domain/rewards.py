@@ -35,6 +35,8 @@ from .auth import mask_email
 from .currencies import format_amount, is_currency
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from .events import (
+    BALANCE_ADJUSTED,
+    REFERRAL_APPROVED,
     REFERRAL_QUALIFIED,
     REFERRAL_REJECTED,
     REFERRAL_REVERSED,
@@ -749,6 +751,14 @@ class RewardService:
                     "reason": reason,
                 },
             )
+            adjusted = {
+                "user_id": user_id,
+                "ledger_entry_id": row.id,
+                "amount_minor": amount_minor,
+                "currency": currency,
+            }
+            # After the audit row: every transaction takes the two locks in one order.
+            append_events(self._db, [NewEvent(BALANCE_ADJUSTED, adjusted)], now)
         return _entry_view(row, {})
 
     # --- review ----------------------------------------------------------------------------
@@ -778,6 +788,9 @@ class RewardService:
                 changes["state"] = REJECTED
             Referral.update(**changes).where(Referral.referee == referee_id).execute()
             events: list[NewEvent] = []
+            if approve:
+                approved = {"referee_user_id": referee_id, "referrer_user_id": referral.referrer_id}
+                events.append(NewEvent(REFERRAL_APPROVED, approved))
             if approve and referral.qualifying_event_id is not None:
                 released = self._judge(
                     RewardEvent.get_by_id(referral.qualifying_event_id),
