@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from support import FakeClock
 from support.api import bearer, expect_error
 from support.rewards import RewardsApi, running_rewards
 
+from referral_grpc.domain.fraud import FraudRules
 from referral_grpc.gen import admin_service_pb2 as adm_pb
-from referral_grpc.gen import admin_service_pb2_grpc
+from referral_grpc.gen import admin_service_pb2_grpc, event_service_pb2_grpc
 from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import event_service_pb2 as ev_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.store.models import AuditEvent, LedgerEntry
 
@@ -28,6 +33,10 @@ class Admin:
         self.write: Metadata = (
             ("x-api-key", rw.api.app.api_keys.create("ops", ["admin:read", "admin:write"]).key),
         )
+
+    def once(self, key: Metadata | None = None) -> Metadata:
+        """The write key with a fresh Idempotency-Key: AdjustBalance requires one."""
+        return (*(key or self.write), ("idempotency-key", uuid.uuid4().hex))
 
 
 @pytest.fixture
@@ -129,31 +138,31 @@ def test_adjust_balance_is_a_signed_ledger_entry_with_a_reason(admin: Admin) -> 
     user_id, _, _ = rw.person()
     credit = admin.stub.AdjustBalance(
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=700, currency="usd", reason="goodwill"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     admin.stub.AdjustBalance(
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=-200, currency="USD", reason="correction"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert (credit.amount_minor, credit.currency) == (700, "USD")
     assert rw.balance(user_id)[0] == 500
     bad = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=0, currency="XXQ"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert set(bad.fields) == {"amount_minor", "currency", "reason"}
     missing = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=9999, amount_minor=1, currency="USD", reason="x"),
-        metadata=admin.write,
+        metadata=admin.once(),
     )
     assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
     denied = expect_error(
         admin.stub.AdjustBalance,
         adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=1, currency="USD", reason="x"),
-        metadata=admin.read,
+        metadata=admin.once(admin.read),
     )
     assert (denied.code, denied.reason) == (grpc.StatusCode.PERMISSION_DENIED, "API_KEY_SCOPE_MISSING")
     [first, second] = (
@@ -162,6 +171,47 @@ def test_adjust_balance_is_a_signed_ledger_entry_with_a_reason(admin: Admin) -> 
     assert (
         json.loads(first.after)["reason"] == "goodwill" and json.loads(second.after)["amount_minor"] == -200
     )
+
+
+def test_a_retried_adjustment_adjusts_once(admin: Admin) -> None:
+    """AdjustBalance requires an Idempotency-Key: the same key and request is the first answer again (one
+    ledger entry, one audit row), the same key with another request is refused, no key is refused."""
+    rw = admin.rw
+    user_id, _, _ = rw.person()
+    request = adm_pb.AdjustBalanceRequest(
+        user_id=user_id, amount_minor=700, currency="USD", reason="goodwill"
+    )
+    key = admin.once()
+    first = admin.stub.AdjustBalance(request, metadata=key)
+    retried = admin.stub.AdjustBalance(request, metadata=key)
+    assert retried == first
+    entries = LedgerEntry.select().where((LedgerEntry.user == user_id) & (LedgerEntry.kind == "adjustment"))
+    assert [(e.id, e.amount_minor) for e in entries] == [(first.id, 700)]
+    assert rw.balance(user_id)[0] == 700
+    adjusted = (AuditEvent.action == "balance.adjust") & (AuditEvent.target == f"user:{user_id}")
+    assert AuditEvent.select().where(adjusted).count() == 1
+    request.amount_minor = 7000
+    reused = expect_error(admin.stub.AdjustBalance, request, metadata=key)
+    assert (reused.code, reused.reason) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    keyless = expect_error(admin.stub.AdjustBalance, request, metadata=admin.write)
+    assert (keyless.code, keyless.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REQUIRED")
+    assert rw.balance(user_id)[0] == 700
+
+
+def test_an_update_to_the_rules_in_force_stores_no_new_version(admin: Admin) -> None:
+    """UpdateProgram is safe to retry: the same rules again are the version in force, not a new one."""
+    rules = adm_pb.Program(
+        currency="USD", event_types=["purchase"], attribution_days=30, referrer_reward_minor=300
+    )
+    updates = AuditEvent.select().where(AuditEvent.action == "program.update")
+    first = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    stored = updates.count()
+    again = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    assert again == first
+    assert updates.count() == stored
+    rules.hold_days = 3
+    changed = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    assert changed.version == first.version + 1
 
 
 def test_program_versions_through_the_admin_api(admin: Admin) -> None:
@@ -201,7 +251,7 @@ def test_audit_events_page_and_filter(admin: Admin) -> None:
         for amount in (1, 2):
             admin.stub.AdjustBalance(
                 adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=amount, currency="USD", reason="r"),
-                metadata=admin.write,
+                metadata=admin.once(),
             )
     seen: list[int] = []
     token = ""
@@ -227,3 +277,91 @@ def test_audit_events_page_and_filter(admin: Admin) -> None:
         admin.stub.ListAuditEvents, adm_pb.ListAuditEventsRequest(page_token="abc"), metadata=admin.read
     )
     assert forged.reason == "PAGE_TOKEN_INVALID"
+
+
+class Log:
+    """The event log as a consumer reads it: ListEvents over gRPC with an `events:read` key."""
+
+    def __init__(self, rw: RewardsApi) -> None:
+        self.stub = event_service_pb2_grpc.EventServiceStub(rw.api.channel)
+        self.auth = (("x-api-key", rw.new_key("events:read")),)
+        self.cursor = 0
+        self.new()
+
+    def new(self) -> list[tuple[str, dict[str, Any]]]:
+        """(type, payload as JSON) of every event since the last call."""
+        page = self.stub.ListEvents(
+            ev_pb.ListEventsRequest(after_cursor=self.cursor, page_size=1000), metadata=self.auth
+        )
+        self.cursor = page.next_cursor
+        return [
+            (
+                e.type,
+                json_format.MessageToDict(
+                    getattr(e, e.WhichOneof("payload")), preserving_proto_field_name=True
+                ),
+            )
+            for e in page.events
+        ]
+
+
+def test_each_admin_action_is_its_event(admin: Admin) -> None:
+    """Issue 13: decisions and admin actions are events, each written with the change it describes."""
+    rw = admin.rw
+    log = Log(rw)
+    user_id, _, _ = rw.person()
+    assert [t for t, _ in log.new()] == ["user.registered"]
+    block = adm_pb.BlockUserRequest(user_id=user_id, note="farming")
+    admin.stub.BlockUser(block, metadata=admin.write)
+    assert log.new() == [("user.blocked", {"user_id": str(user_id)})]
+    admin.stub.BlockUser(block, metadata=admin.write)  # a retry changes nothing, so tells nothing
+    assert log.new() == []
+    admin.stub.UnblockUser(adm_pb.UnblockUserRequest(user_id=user_id), metadata=admin.write)
+    assert log.new() == [("user.unblocked", {"user_id": str(user_id)})]
+
+    adjust = adm_pb.AdjustBalanceRequest(user_id=user_id, amount_minor=-200, currency="USD", reason="fix")
+    key = admin.once()
+    entry = admin.stub.AdjustBalance(adjust, metadata=key)
+    admin.stub.AdjustBalance(adjust, metadata=key)  # the retry of a lost answer
+    assert log.new() == [
+        (
+            "balance.adjusted",
+            {
+                "user_id": str(user_id),
+                "ledger_entry_id": str(entry.id),
+                "amount_minor": "-200",
+                "currency": "USD",
+            },
+        )
+    ]
+
+    # Every referral held for review (velocity with a threshold of 0), so there is one to decide.
+    rules = adm_pb.Program(
+        currency="USD",
+        event_types=["purchase"],
+        attribution_days=30,
+        fraud=adm_pb.FraudRules(**(FraudRules().as_dict() | {"velocity": "review", "referrals_per_hour": 0})),
+    )
+    program = admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    admin.stub.UpdateProgram(adm_pb.UpdateProgramRequest(program=rules), metadata=admin.write)
+    assert log.new() == [("program.updated", {"version": str(program.version)})]
+
+    referrer, approved = rw.pair()
+    rejected = rw.pair()[1]
+    log.new()  # their registrations and codes
+    decide = adm_pb.DecideReferralRequest(user_id=approved, decision=adm_pb.APPROVE)
+    admin.stub.DecideReferral(decide, metadata=admin.write)
+    assert log.new() == [
+        ("referral.approved", {"referee_user_id": str(approved), "referrer_user_id": str(referrer)})
+    ]
+    again = expect_error(admin.stub.DecideReferral, decide, metadata=admin.write)
+    assert again.reason == "REFERRAL_ALREADY_DECIDED" and log.new() == []
+    admin.stub.DecideReferral(
+        adm_pb.DecideReferralRequest(user_id=rejected, decision=adm_pb.REJECT), metadata=admin.write
+    )
+    [(kind, payload)] = log.new()
+    assert (kind, payload["referee_user_id"], payload["reason"]) == (
+        "referral.rejected",
+        str(rejected),
+        "rejected_on_review",
+    )

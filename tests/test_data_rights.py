@@ -15,6 +15,8 @@ from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.domain import audit
 from referral_grpc.gen import auth_service_pb2 as auth_pb
+from referral_grpc.gen import event_service_pb2 as ev_pb
+from referral_grpc.gen import event_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.store.models import AuditEvent
 
@@ -98,8 +100,18 @@ def test_erasure_leaves_no_trace_of_the_email_and_others_balances_unchanged(rw: 
     )
     assert (wrong.code, wrong.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "WRONG_PASSWORD")
 
+    events = event_service_pb2_grpc.EventServiceStub(rw.api.channel)
+    reader = (("x-api-key", rw.new_key("events:read")),)
+    cursor = events.ListEvents(ev_pb.ListEventsRequest(page_size=1000), metadata=reader).next_cursor
     rw.api.auth.DeleteMyAccount(
         auth_pb.DeleteMyAccountRequest(current_password=PASSWORD + "!"), metadata=bearer(token)
+    )
+    # Exactly one event, in the erasure's transaction: the user id, never the address.
+    [deleted] = events.ListEvents(ev_pb.ListEventsRequest(after_cursor=cursor), metadata=reader).events
+    assert (deleted.type, deleted.WhichOneof("payload"), deleted.user_deleted.user_id) == (
+        "user.deleted",
+        "user_deleted",
+        user_id,
     )
 
     assert _rows_mentioning(db, EMAIL) == []

@@ -82,6 +82,7 @@ def test_the_rewards_walk_writes_each_change_once_in_order(rw: RewardsApi, clock
 
     events = list_all(rw)
     assert [e.type for e in events] == [
+        "program.updated",
         "user.registered",
         "code.created",
         "user.registered",
@@ -159,7 +160,7 @@ def test_list_events_refuses_bad_input_and_missing_scopes(rw: RewardsApi) -> Non
     stub, auth = events_stub(rw), reader(rw)
     bad = expect_error(
         stub.ListEvents,
-        ev_pb.ListEventsRequest(after_cursor=-1, types=["user.registered", "user.deleted"], page_size=1001),
+        ev_pb.ListEventsRequest(after_cursor=-1, types=["user.registered", "user.renamed"], page_size=1001),
         metadata=auth,
     )
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and bad.reason == "CURSOR_INVALID"

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import peewee as pw
 import pytest
 import requests
+from playhouse.db_url import connect
 from support import TEST_JWT_SECRET
 from support.envoy import (
     Envoy,
@@ -39,14 +41,37 @@ MAX_EXAMPLES = "100"
 def env(module_pg_url: str) -> dict[str, str]:
     values = server_env(DATABASE_URL=module_pg_url, JWT_SECRET=TEST_JWT_SECRET)
     migrate(values)
-    # A program that pays at once, and generously enough that generated redemptions can succeed.
-    set_program(values, "--currency=USD", f"--referrer-reward-minor={10**12}", "--hold-days=0")
+    # The administration operations (BlockUser, AdjustBalance...) are fuzzed with generated user ids,
+    # mostly small numbers: the users this run signs in as get ids far above them, so a generated block
+    # cannot lock the run out of its own session.
+    database = connect(module_pg_url)
+    assert isinstance(database, pw.PostgresqlDatabase)
+    with database:
+        database.execute_sql(f"ALTER SEQUENCE users_id_seq RESTART WITH {FIRST_USER_ID}")
+    set_program(values, *PROGRAM_OPTIONS)
     return values
+
+
+# A program that pays at once, and generously enough that generated redemptions can succeed.
+PROGRAM_OPTIONS = ("--currency=USD", f"--referrer-reward-minor={10**12}", "--hold-days=0")
+PROGRAM = {
+    "currency": "USD",
+    "event_types": ["purchase"],
+    "attribution_days": 30,
+    "referrer_reward_minor": str(10**12),
+    "hold_days": 0,
+    # Every signup of a run comes from one client address (this machine, through Envoy): the fraud
+    # signals that count per address are recorded, not enforced, or the second friend would be rejected.
+    "fraud": {"self_referral": "shadow", "velocity": "shadow"},
+}
+# Not a round number: the coverage phase tries round ones (10^9 among them) as ids.
+FIRST_USER_ID = 7_340_519_263
 
 
 @pytest.fixture(scope="module")
 def api_key(env: dict[str, str]) -> str:
-    return create_api_key(env, "fuzz", "events:write", "rewards:read", "rewards:redeem")
+    scopes = ("events:write", "rewards:read", "rewards:redeem", "admin:read", "admin:write")
+    return create_api_key(env, "fuzz", *scopes)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +108,9 @@ def known_values(base: str, api_key: str) -> Known:
         answer: dict[str, str] = response.json()
         return answer
 
+    # A run fuzzes UpdateProgram too: the generous program again (a new version), as the module began.
+    restored = requests.put(base + "/admin/program", json=PROGRAM, headers={"x-api-key": api_key}, timeout=15)
+    assert restored.status_code == 200, restored.text
     email = f"fuzz-{uuid.uuid4().hex[:10]}@example.com"
     tokens = post("/auth/register", {"email": email, "password": PASSWORD})
     in_30_days = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
@@ -91,7 +119,8 @@ def known_values(base: str, api_key: str) -> Known:
         friend = f"fuzz-friend-{uuid.uuid4().hex[:10]}@example.com"
         post("/auth/register", {"email": friend, "password": PASSWORD, "referral_code": code})
     purchase = {"event_id": uuid.uuid4().hex, "email": friend, "type": "purchase", "currency": "USD"}
-    assert post("/events", purchase, key=api_key)["rewards"]
+    recorded = post("/events", purchase, key=api_key)
+    assert recorded["rewards"], recorded
     page = requests.get(
         base + "/referral/referrals",
         params={"page_size": 1},
@@ -203,6 +232,58 @@ parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
 checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
 
 [[operations]]
+include-operation-id = ["AdminService_GetUser", "AdminService_GetUser_1"]
+parameters = {{ "query.email" = {{ dictionary = "owner_email", probability = 0.5 }} }}
+# 400 without a user: user_id 0 and no email (FIELD_REQUIRED: "one of the two" is beyond the schema),
+# for an email the server cannot parse (no format is documented: empty means none), and for an id beyond
+# the largest int64 (the pattern has no upper bound; Envoy cannot transcode it).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+# A schema-violating query string (an over-long id and email) can pass the gateway's 8 KiB for the URL
+# and headers: HEADERS_TOO_LARGE (431, documented) answers before anything else looks at it.
+checks.negative_data_rejection.expected-statuses = {rejected_and_431}
+
+[[operations]]
+include-operation-id = ["AdminService_BlockUser", "AdminService_UnblockUser"]
+# 400 for an id beyond the largest int64 (the pattern has no upper bound; Envoy cannot transcode it).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+# The note is optional, and ProtoJSON (Envoy's transcoder) reads null as a field's default: a null note
+# is no note, a request the schema's types call invalid. Every answer must still match the document.
+checks.negative_data_rejection.expected-statuses = {null_is_default}
+
+[[operations]]
+include-operation-id = "AdminService_AdjustBalance"
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
+# 400 for an amount beyond 10^15 either way or a currency code that is not in ISO 4217 (AMOUNT_INVALID,
+# CURRENCY_INVALID), and a reason of spaces alone (FIELD_REQUIRED).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "AdminService_UpdateProgram"
+parameters."body.currency" = {{ dictionary = "currency", probability = 0.5 }}
+# 400 for rules across fields or beyond the schema (programs.validate): a fixed reward and basis points
+# together, a cap without basis points, upper bounds (10^15, 10000 bps, 3650 days, 1000000), a currency
+# not in ISO 4217, event types outside their character set or "refund", no event type, a fraud mode that
+# is not reject, review, shadow or off.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+# ProtoJSON (Envoy's transcoder) reads null as a field's default: a null threshold in the fraud rules is
+# stored as 0, a request the schema's types call invalid. Every answer must still match the document.
+checks.negative_data_rejection.expected-statuses = {null_is_default}
+
+[[operations]]
+include-operation-id = ["AdminService_ListReferralsForReview", "AdminService_ListAuditEvents"]
+# 400 for a state that is not review, allow or reject (FIELD_INVALID), and for a page token the server
+# did not sign (PAGE_TOKEN_INVALID).
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+
+[[operations]]
+include-operation-id = "AdminService_DecideReferral"
+# 400 for REVIEW_DECISION_UNSPECIFIED (in the enum, refused as no decision), for a referral that is not
+# held for review (REFERRAL_NOT_IN_REVIEW: state, not schema) and for an id beyond the largest int64.
+checks.positive_data_acceptance.expected-statuses = {accepted_and_400}
+# A null note is no note (ProtoJSON), as for BlockUser.
+checks.negative_data_rejection.expected-statuses = {null_is_default}
+
+[[operations]]
 include-operation-id = ["AuthService_RefreshToken", "AuthService_Logout"]
 # Tokens are ASCII (URL-safe base64). The server also refuses format, private-use and unassigned
 # characters in them (400), which the document's pattern cannot list (see protoc-gen-openapi): ASCII
@@ -212,6 +293,11 @@ generation.codec = "ascii"
 
 # positive_data_acceptance's own default, plus 400.
 ACCEPTED_AND_400 = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
+# negative_data_rejection's own default, plus 431.
+REJECTED_AND_431 = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429", "431", "5xx"]
+# ...and plus 2xx, where a null (ProtoJSON's "default") in an optional field is a request the server takes.
+# (`enabled = false` cannot switch a check named by --checks off for one operation.)
+NULL_IS_DEFAULT = [*REJECTED_AND_431, "2xx"]
 
 
 def write_config(path: Path, known: Known) -> Path:
@@ -223,14 +309,16 @@ def write_config(path: Path, known: Known) -> Path:
             page_token=json.dumps(known.page_token),
             expires_at=json.dumps(known.expires_at),
             accepted_and_400=json.dumps(ACCEPTED_AND_400),
+            rejected_and_431=json.dumps(REJECTED_AND_431),
+            null_is_default=json.dumps(NULL_IS_DEFAULT),
         )
     )
     return path
 
 
 def schemathesis(base: str, config: Path, known: Known, *args: str) -> subprocess.CompletedProcess[str]:
-    """Both credentials on every request: a user's token, and a backend's key with every rewards scope
-    (operations that take a key judge the call by it; the others ignore it)."""
+    """Both credentials on every request: a user's token, and a backend's key with every rewards and admin
+    scope (operations that take a key judge the call by it; the others ignore it)."""
     return subprocess.run(
         [
             str(SCHEMATHESIS),

@@ -21,9 +21,10 @@ from referral_grpc.api import idempotency
 from referral_grpc.api.errors import CODES
 from referral_grpc.api.policy import SERVICES, Policy, policy_for, public_methods
 from referral_grpc.devstack.envoy_config import load_envoy_config, rate_limited_routes
-from referral_grpc.domain import errors, programs, rewards
+from referral_grpc.domain import errors, fraud, programs, rewards
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
+from referral_grpc.store import models
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "gateway" / "openapi" / "run-plugin"
@@ -242,9 +243,7 @@ def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]
     assert len(server_public) == 7
     rest_methods = set(rules.values())
     backend_services = ("RewardService", "AdminService", "EventService", "WebhookService")
-    assert key_operations == {
-        method for method in rest_methods if method.split(".")[2] in backend_services
-    }
+    assert key_operations == {method for method in rest_methods if method.split(".")[2] in backend_services}
     assert {
         "referral.v1.RewardService.RecordEvent",
         "referral.v1.AdminService.DecideReferral",
@@ -272,7 +271,7 @@ def test_idempotency_key_header_where_the_policy_honours_it(document: dict[str, 
         for op in item.values()
         if any(p["in"] == "header" and p.get("required") for p in op.get("parameters", []))
     ]
-    assert required == ["RewardService_RedeemRewards"]
+    assert required == ["AdminService_AdjustBalance", "RewardService_RedeemRewards"]
 
 
 def test_descriptions_come_from_proto_comments(document: dict[str, Any]) -> None:
@@ -295,10 +294,23 @@ def request_fields(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 fields[f"{operation['operationId']}.{parameter['name']}"] = parameter["schema"]
             if "requestBody" in operation:
                 body = operation["requestBody"]["content"]["application/json"]["schema"]
-                if "$ref" in body:
-                    body = schema_of(document, body["$ref"].rsplit("/", 1)[1])
-                for name, schema in body["properties"].items():
-                    fields[f"{operation['operationId']}.{name}"] = schema
+                fields |= body_fields(document, body, f"{operation['operationId']}.")
+    return fields
+
+
+def body_fields(document: dict[str, Any], body: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
+    """The fields of a request body, nested messages as `a.b` (UpdateProgram's fraud rules); read-only
+    (OUTPUT_ONLY) fields are not inputs, so they are left out."""
+    if "$ref" in body:
+        body = schema_of(document, body["$ref"].rsplit("/", 1)[1])
+    fields = {}
+    for name, schema in body["properties"].items():
+        if schema.get("readOnly"):
+            continue
+        if "$ref" in schema:
+            fields |= body_fields(document, schema, f"{prefix}{name}.")
+        else:
+            fields[f"{prefix}{name}"] = schema
     return fields
 
 
@@ -307,8 +319,12 @@ def test_every_request_string_and_integer_states_its_limits(document: dict[str, 
     for name, schema in request_fields(document).items():
         if schema["type"] == "string" and schema.get("format") == "int64":
             # A 64-bit integer travels as a string of digits: its lower bound is a pattern.
-            assert schema["pattern"] in (INT64_0_OR_MORE, INT64_1_OR_MORE), f'{name}: say "N or more"'
-        elif schema["type"] == "string" and schema.get("format") != "date-time":
+            # A signed amount (AdminService.AdjustBalance) says "non-zero" instead.
+            patterns = (INT64_0_OR_MORE, INT64_1_OR_MORE, INT64_NON_ZERO)
+            assert schema["pattern"] in patterns, f'{name}: say "N or more" or "non-zero"'
+        elif schema["type"] == "array":
+            assert "maxLength" in schema["items"], f'{name}: say "at most N characters" of each item'
+        elif schema["type"] == "string" and schema.get("format") != "date-time" and "enum" not in schema:
             assert "maxLength" in schema, f'{name}: its proto comment must say "at most N characters"'
         if schema["type"] == "integer":
             assert "minimum" in schema, f'{name}: its proto comment must say "N or more"'
@@ -317,6 +333,7 @@ def test_every_request_string_and_integer_states_its_limits(document: dict[str, 
 NO_NUL = "^[^\\u0000]*$"
 INT64_0_OR_MORE = "^[0-9]+$"
 INT64_1_OR_MORE = "^[0-9]*[1-9][0-9]*$"
+INT64_NON_ZERO = "^-?[0-9]*[1-9][0-9]*$"
 # Printable ASCII without surrounding spaces (HTTP drops those from a header value).
 PRINTABLE_ASCII = "^[!-~]([ -~]*[!-~])?$"
 NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
@@ -335,6 +352,8 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
     # Every ISO 4217 code is three letters; the server refuses codes not in its list.
     currency = {"minLength": 1, "maxLength": 3}
     idempotency_key = {"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH, "pattern": PRINTABLE_ASCII}
+    # An administrator's note or reason: free text but NUL (validation.check_no_nul).
+    note = {"maxLength": rewards.MAX_NOTE_LENGTH, "pattern": NO_NUL}
     expected = {
         "AuthService_Register.email": email,
         "AuthService_Register.password": new_password,
@@ -378,11 +397,78 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         "AuthService_Register.Idempotency-Key": idempotency_key,
         "ReferralService_CreateReferralCode.Idempotency-Key": idempotency_key,
         "RewardService_RedeemRewards.Idempotency-Key": idempotency_key,
+        # AdminService: the API key's scopes are its credential; every field below is checked by the
+        # domain (admin.py, rewards.py, programs.py, fraud.py) with these constants.
+        "AdminService_GetUser.user_id": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        # No format: empty is "none" (the lookup is by id then), which idn-email would refuse.
+        "AdminService_GetUser.email": {"maxLength": limits.MAX_EMAIL_LENGTH},
+        "AdminService_GetUser_1.user_id": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "AdminService_GetUser_1.email": {"maxLength": limits.MAX_EMAIL_LENGTH},
+        "AdminService_BlockUser.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "AdminService_BlockUser.note": note,
+        "AdminService_UnblockUser.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "AdminService_UnblockUser.note": note,
+        "AdminService_AdjustBalance.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "AdminService_AdjustBalance.amount_minor": {"format": "int64", "pattern": INT64_NON_ZERO},
+        "AdminService_AdjustBalance.currency": currency,
+        "AdminService_AdjustBalance.reason": {"minLength": 1, **note},
+        "AdminService_AdjustBalance.Idempotency-Key": idempotency_key,
+        **program_fields(),
+        "AdminService_ListReferralsForReview.state": {"maxLength": max(map(len, fraud.DECISIONS))},
+        "AdminService_ListReferralsForReview.page_size": {"format": "int32", "minimum": 0},
+        "AdminService_ListReferralsForReview.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "AdminService_DecideReferral.user_id": {"format": "int64", "pattern": INT64_1_OR_MORE},
+        "AdminService_DecideReferral.decision": {},
+        "AdminService_DecideReferral.note": note,
+        "AdminService_ListAuditEvents.page_size": {"format": "int32", "minimum": 0},
+        "AdminService_ListAuditEvents.page_token": {"maxLength": limits.MAX_PAGE_TOKEN_LENGTH},
+        "AdminService_ListAuditEvents.actor": {
+            "maxLength": models.AuditEvent.actor.max_length,
+            "pattern": NO_NUL,
+        },
+        "AdminService_ListAuditEvents.target": {
+            "maxLength": models.AuditEvent.target.max_length,
+            "pattern": NO_NUL,
+        },
+        # The data rights: the caller's current password, checked like ChangePassword's.
+        "AuthService_DeleteMyAccount.current_password": password,
     }
     fields = request_fields(document)
     assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"
     for name, keywords in expected.items():
         assert {k: v for k, v in fields[name].items() if k in LIMIT_KEYWORDS} == keywords, name
+
+
+def program_fields() -> dict[str, dict[str, Any]]:
+    """UpdateProgram's body (a Program, its version and created_at output only): programs.validate's and
+    fraud.validate_fraud_rules' bounds (upper bounds stay in prose: the convention states lower ones)."""
+    prefix = "AdminService_UpdateProgram."
+    int64_0 = {"format": "int64", "pattern": INT64_0_OR_MORE}
+    expected: dict[str, dict[str, Any]] = {
+        "currency": {"minLength": 1, "maxLength": 3},
+        "event_types": {},
+        "min_amount_minor": int64_0,
+        "attribution_days": {"format": "int32", "minimum": 1},
+        "referrer_reward_minor": int64_0,
+        "referrer_reward_bps": {"format": "int32", "minimum": 0},
+        "referrer_reward_cap_minor": int64_0,
+        "referee_reward_minor": int64_0,
+        "referee_reward_bps": {"format": "int32", "minimum": 0},
+        "referee_reward_cap_minor": int64_0,
+        "hold_days": {"format": "int32", "minimum": 0},
+        "max_rewarded_referrals": {"format": "int32", "minimum": 0},
+    }
+    for name, default in fraud.FraudRules().as_dict().items():
+        if isinstance(default, str):
+            expected[f"fraud.{name}"] = {"maxLength": max(map(len, fraud.MODES))}
+        else:
+            expected[f"fraud.{name}"] = {"format": "int32", "minimum": 0}
+    return {prefix + name: keywords for name, keywords in expected.items()}
+
+
+def test_program_event_types_are_each_an_event_type(document: dict[str, Any]) -> None:
+    items = request_fields(document)["AdminService_UpdateProgram.event_types"]["items"]
+    assert (items["minLength"], items["maxLength"]) == (1, programs.MAX_EVENT_TYPE_LENGTH)
 
 
 def test_the_documented_control_characters_are_ones_the_server_refuses() -> None:
@@ -641,7 +727,7 @@ def test_each_operation_lists_its_statuses_with_the_reasons_they_carry(document:
     )
     assert {"SERVER_OVERLOADED", "RATE_LIMITED"} <= set(register[429])
     login = reasons_by_status(document["paths"]["/auth/login"]["post"])
-    assert login[401] == ["INVALID_CREDENTIALS"] and "TOO_MANY_ATTEMPTS" in login[429]
+    assert login[401] == ["INVALID_CREDENTIALS", "ACCOUNT_BLOCKED"] and "TOO_MANY_ATTEMPTS" in login[429]
     lookup = reasons_by_status(document["paths"]["/referral/code/by-email"]["get"])
     assert lookup[404] == ["REFERRAL_CODE_NOT_FOUND", "UNKNOWN_PATH"]
     assert 401 not in lookup  # public
@@ -761,8 +847,10 @@ def test_rate_limit_headers_on_exactly_the_routes_envoy_limits(document: dict[st
         path = "/" + rpc.rsplit(".", 1)[0] + "/" + rpc.rsplit(".", 1)[1]
         for route in routes:
             match = route["match"]
-            if match.get("path") == path or path.startswith(match.get("prefix", "\0")) or (
-                "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path)
+            if (
+                match.get("path") == path
+                or path.startswith(match.get("prefix", "\0"))
+                or ("safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path))
             ):
                 return True
         return False

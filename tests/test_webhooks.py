@@ -229,7 +229,7 @@ def test_endpoints_are_managed_with_the_scope_and_urls_are_checked(rw: RewardsAp
     stub, auth = manage(rw)
     bad = expect_error(
         stub.CreateWebhookEndpoint,
-        wh_pb.CreateWebhookEndpointRequest(url="ftp://example.com/x", event_types=["user.deleted"]),
+        wh_pb.CreateWebhookEndpointRequest(url="ftp://example.com/x", event_types=["user.renamed"]),
         metadata=auth,
     )
     assert (bad.code, bad.reason, set(bad.fields)) == (

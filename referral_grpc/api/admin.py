@@ -121,8 +121,9 @@ def fraud_rules(message: pb.FraudRules) -> FraudRules:
 def program_rules(message: pb.Program) -> ProgramRules:
     return ProgramRules(
         fraud=fraud_rules(message.fraud) if message.HasField("fraud") else FraudRules(),
-        currency=message.currency.strip().upper(),
-        event_types=tuple(t.strip() for t in message.event_types if t.strip()),
+        # Taken as sent (the currency upper-cased): the documented lengths are those of the request.
+        currency=message.currency.upper(),
+        event_types=tuple(message.event_types),
         min_amount_minor=message.min_amount_minor,
         attribution_days=message.attribution_days,
         referrer=Reward(
@@ -154,8 +155,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def AdjustBalance(
         self, request: pb.AdjustBalanceRequest, context: grpc.ServicerContext
     ) -> reward_service_pb2.LedgerEntry:
+        # Upper-cased, never stripped: the documented 3 characters are the ones sent.
         entry = self._rewards.adjust(
-            request.user_id, request.amount_minor, request.currency.strip().upper(), request.reason
+            request.user_id, request.amount_minor, request.currency.upper(), request.reason
         )
         return ledger_entry(entry)
 

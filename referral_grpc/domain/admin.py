@@ -12,11 +12,12 @@ from ..store.models import AuditEvent, Referral, ReferralCode, User
 from . import audit
 from .auth import end_sessions
 from .errors import InvalidArgument, NotFound
+from .events import USER_BLOCKED, USER_UNBLOCKED, NewEvent, append_events
 from .fraud import DECISIONS, REVIEW, Reason, reasons_of
 from .ports import Clock, CodeCache
 from .rewards import MAX_NOTE_LENGTH, BalanceView, RewardService
 from .tokens import PageTokens
-from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
+from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, check_no_nul, normalize_email
 
 DEFAULT_AUDIT_PAGE = 50
 MAX_AUDIT_PAGE = 200
@@ -96,9 +97,10 @@ def _user_not_found() -> NotFound:
 
 
 def _check_note(note: str) -> str:
-    note = note.strip()
+    # The documented bound is on the note as sent, surrounding spaces included.
     check_length(note, "note", MAX_NOTE_LENGTH)
-    return note
+    check_no_nul(note, "note")
+    return note.strip()
 
 
 class Administration:
@@ -112,10 +114,11 @@ class Administration:
         self._pages = page_tokens
 
     def get_user(self, user_id: int, email: str = "") -> UserProfile:
+        # Checked whenever given, even beside an id: what the contract states of it holds for every call.
+        email_key = normalize_email(email)[1] if email else ""
         if user_id > 0:
             user = User.get_or_none(User.id == user_id)
         elif email:
-            _, email_key = normalize_email(email)
             user = User.get_or_none(User.email_key == email_key)
         else:
             raise InvalidArgument.for_field("user_id", "is required (or give email)", "FIELD_REQUIRED")
@@ -153,6 +156,8 @@ class Administration:
                     before={"blocked": False},
                     after={"blocked": True, "note": note},
                 )
+                # After the audit row: every transaction takes the two locks in one order.
+                append_events(self._db, [NewEvent(USER_BLOCKED, {"user_id": user.id})], now)
         # After the commit: a lookup between the two would refill the cache with the old answer.
         self._cache.invalidate(user.email_key)
         return self.get_user(user.id)
@@ -172,6 +177,7 @@ class Administration:
                     before={"blocked": True},
                     after={"blocked": False, "note": note},
                 )
+                append_events(self._db, [NewEvent(USER_UNBLOCKED, {"user_id": user.id})], now)
         self._cache.invalidate(user.email_key)
         return self.get_user(user.id)
 
@@ -182,6 +188,8 @@ class Administration:
         check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
         check_length(actor, "actor", AuditEvent.actor.max_length)
         check_length(target, "target", AuditEvent.target.max_length)
+        check_no_nul(actor, "actor")
+        check_no_nul(target, "target")
         after_seq = self._pages.decode(page_token, 0)[1] if page_token else 0
         events = audit.list_events(actor, target, after_seq, size + 1)
         next_token = ""
@@ -192,7 +200,7 @@ class Administration:
 
     def list_review(self, state: str, page_size: int, page_token: str) -> ReviewPage:
         """Referrals by fraud decision, oldest first; "review" lists those still awaiting a decision."""
-        state = state.strip().lower() or REVIEW
+        state = state.lower() or REVIEW
         if state not in DECISIONS:
             raise InvalidArgument.for_field(
                 "state", f"must be one of {', '.join(DECISIONS)}", "FIELD_INVALID"

@@ -22,6 +22,7 @@ from ..store.models import (
 from . import audit
 from .auth import end_sessions
 from .errors import InvalidArgument
+from .events import USER_DELETED, NewEvent, append_events
 from .passwords import PasswordHasher
 from .ports import Clock, CodeCache
 from .tokens import invalid_token
@@ -135,4 +136,6 @@ class DataRights:
             ).execute()
             # The erasure itself, without the address (the audit log is never rewritten).
             audit.append(self._db, now, "user.erase", f"user:{user.id}", actor=f"user:{user.id}")
+            # The id only, after the audit row (one lock order for every transaction).
+            append_events(self._db, [NewEvent(USER_DELETED, {"user_id": user.id})], now)
         self._cache.invalidate(user.email_key)

@@ -25,11 +25,19 @@ CODE_DELETED = "code.deleted"
 REFERRAL_CREATED = "referral.created"
 REFERRAL_QUALIFIED = "referral.qualified"
 REFERRAL_REVERSED = "referral.reversed"
-# Written by the fraud checks of a later feature; declared now so consumers can subscribe to it.
+# Written by the fraud checks at signup and by an administrator's rejection on review.
 REFERRAL_REJECTED = "referral.rejected"
 REWARD_CREDITED = "reward.credited"
 REWARD_REVERSED = "reward.reversed"
 REWARD_REDEEMED = "reward.redeemed"
+# Administration and data rights (issue 13): decisions and admin actions are events too.
+USER_BLOCKED = "user.blocked"
+USER_UNBLOCKED = "user.unblocked"
+BALANCE_ADJUSTED = "balance.adjusted"
+PROGRAM_UPDATED = "program.updated"
+REFERRAL_APPROVED = "referral.approved"
+# The user id only: the erased address must not live on in the log or in webhooks.
+USER_DELETED = "user.deleted"
 EVENT_TYPES: tuple[str, ...] = (
     USER_REGISTERED,
     USER_PASSWORD_CHANGED,
@@ -42,6 +50,12 @@ EVENT_TYPES: tuple[str, ...] = (
     REWARD_CREDITED,
     REWARD_REVERSED,
     REWARD_REDEEMED,
+    USER_BLOCKED,
+    USER_UNBLOCKED,
+    BALANCE_ADJUSTED,
+    PROGRAM_UPDATED,
+    REFERRAL_APPROVED,
+    USER_DELETED,
 )
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from ..store.models import Program
 from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
+from .events import PROGRAM_UPDATED, NewEvent, append_events
 from .fraud import FraudRules, validate_fraud_rules
 from .ports import Clock
 
@@ -81,7 +82,7 @@ def validate(rules: ProgramRules) -> ProgramRules:
     if not rules.event_types:
         bad("event_types", "must name at least one event type")
     for event_type in rules.event_types:
-        if not EVENT_TYPE.match(event_type):
+        if not EVENT_TYPE.fullmatch(event_type):
             bad("event_types", f"{event_type!r} is not an event type (lower-case letters, digits, _ . -)")
         elif event_type == REFUND:
             bad("event_types", "refund reverses rewards and cannot qualify")
@@ -148,11 +149,20 @@ class ProgramService:
         self._clock = clock
 
     def set(self, rules: ProgramRules) -> ProgramRules:
-        """Append `rules` as the newest version; referrals already judged keep the version they had."""
+        """Append `rules` as the newest version; referrals already judged keep the version they had.
+
+        Rules equal to those in force are not stored again: a retried update (a lost answer) changes
+        nothing, and gets the version in force.
+        """
         validate(rules)
+        wanted = replace(
+            rules, event_types=tuple(dict.fromkeys(rules.event_types)), version=0, created_at=None
+        )
         now = self._clock.now()
         with write_transaction(self._db):
             before = current_program()
+            if before is not None and replace(before, version=0, created_at=None) == wanted:
+                return before
             row = Program.create(
                 created_at=now,
                 event_types=",".join(dict.fromkeys(rules.event_types)),
@@ -178,6 +188,8 @@ class ProgramService:
                 before=None if before is None else before.as_dict(),
                 after=stored.as_dict(),
             )
+            # After the audit row: every transaction takes the two locks in one order.
+            append_events(self._db, [NewEvent(PROGRAM_UPDATED, {"version": stored.version})], now)
         return stored
 
     def current(self) -> ProgramRules | None:

@@ -35,6 +35,8 @@ from .auth import mask_email
 from .currencies import format_amount, is_currency
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from .events import (
+    BALANCE_ADJUSTED,
+    REFERRAL_APPROVED,
     REFERRAL_QUALIFIED,
     REFERRAL_REJECTED,
     REFERRAL_REVERSED,
@@ -48,7 +50,13 @@ from .events import (
 from .ports import Clock, EmailDispatcher, Outbox
 from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program
 from .tokens import PageTokens
-from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, has_control_characters, normalize_email
+from .validation import (
+    MAX_PAGE_TOKEN_LENGTH,
+    check_length,
+    check_no_nul,
+    has_control_characters,
+    normalize_email,
+)
 
 REFERRER_REWARD, REFEREE_REWARD = REWARD_KINDS
 REVERSAL = "reversal"
@@ -693,8 +701,15 @@ class RewardService:
 
     def adjust(self, user_id: int, amount_minor: int, currency: str, reason: str) -> EntryView:
         """An operator's signed correction, available at once; the reason goes to the audit log."""
-        reason = reason.strip()
         violations = []
+        # The documented bound is on the reason as sent; a reason of spaces alone is no reason.
+        if len(reason) > MAX_NOTE_LENGTH:
+            violations.append(
+                ("FIELD_TOO_LONG", FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters"))
+            )
+        if "\x00" in reason:
+            violations.append(("FIELD_INVALID", FieldViolation("reason", "must not contain NUL characters")))
+        reason = reason.strip()
         if user_id <= 0:
             violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
         if amount_minor == 0 or abs(amount_minor) > MAX_AMOUNT_MINOR:
@@ -708,10 +723,6 @@ class RewardService:
             violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
         if not reason:
             violations.append(("FIELD_REQUIRED", FieldViolation("reason", "is required")))
-        if len(reason) > MAX_NOTE_LENGTH:
-            violations.append(
-                ("FIELD_TOO_LONG", FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters"))
-            )
         if violations:
             code, first = violations[0]
             raise InvalidArgument(
@@ -740,14 +751,23 @@ class RewardService:
                     "reason": reason,
                 },
             )
+            adjusted = {
+                "user_id": user_id,
+                "ledger_entry_id": row.id,
+                "amount_minor": amount_minor,
+                "currency": currency,
+            }
+            # After the audit row: every transaction takes the two locks in one order.
+            append_events(self._db, [NewEvent(BALANCE_ADJUSTED, adjusted)], now)
         return _entry_view(row, {})
 
     # --- review ----------------------------------------------------------------------------
 
     def decide(self, referee_id: int, approve: bool, note: str) -> Decided:
         """An administrator's decision on a referral held for review; approving credits the held event."""
-        note = note.strip()
         check_length(note, "note", MAX_NOTE_LENGTH)
+        check_no_nul(note, "note")
+        note = note.strip()
         if referee_id <= 0:
             raise InvalidArgument.for_field("user_id", "is required", "FIELD_REQUIRED")
         now = self._clock.now()
@@ -768,6 +788,9 @@ class RewardService:
                 changes["state"] = REJECTED
             Referral.update(**changes).where(Referral.referee == referee_id).execute()
             events: list[NewEvent] = []
+            if approve:
+                approved = {"referee_user_id": referee_id, "referrer_user_id": referral.referrer_id}
+                events.append(NewEvent(REFERRAL_APPROVED, approved))
             if approve and referral.qualifying_event_id is not None:
                 released = self._judge(
                     RewardEvent.get_by_id(referral.qualifying_event_id),

@@ -156,6 +156,12 @@ def check_printable(value: str, field: str, reason: str = "FIELD_INVALID") -> No
         raise InvalidArgument.for_field(field, "must not contain control characters", reason)
 
 
+def check_no_nul(value: str, field: str) -> None:
+    """Free text (an administrator's note) may hold any character but NUL, which PostgreSQL cannot store."""
+    if "\x00" in value:
+        raise InvalidArgument.for_field(field, "must not contain NUL characters", "FIELD_INVALID")
+
+
 def check_token(value: str, field: str, maximum: int) -> None:
     """An opaque token from us: required, bounded, and printable (ours are URL-safe base64)."""
     require(value, field)

@@ -109,7 +109,8 @@ class AdminServiceServicer:
         """BlockUser blocks a user: they can no longer log in or refresh, their
         access tokens stop working at once, their referral code stops resolving
         (NOT_FOUND like any unknown code) and their referrals earn nothing.
-        Blocking a blocked user changes nothing.
+        Safe to retry: blocking a blocked user changes nothing (no second audit
+        row, no second event) and answers the same user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +118,8 @@ class AdminServiceServicer:
 
     def UnblockUser(self, request, context):
         """UnblockUser lifts a block; the user signs in again (old tokens stay
-        invalid).
+        invalid). Safe to retry: unblocking a user who is not blocked changes
+        nothing and answers the same user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +128,8 @@ class AdminServiceServicer:
     def AdjustBalance(self, request, context):
         """AdjustBalance appends a signed ADJUSTMENT entry to a user's ledger,
         available at once. The reason is required and goes to the audit log.
+        The `idempotency-key` header is required: a retry with the same key
+        gets the first entry again instead of adjusting twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +147,8 @@ class AdminServiceServicer:
         """UpdateProgram stores the given rules as a new version, in force at
         once; referrals already judged keep the version they were judged
         under. Values out of range are INVALID_ARGUMENT with field violations.
+        Safe to retry: rules equal to those in force store no new version
+        (and no audit row or event); the answer is the version in force.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +169,9 @@ class AdminServiceServicer:
         Approving credits the rewards its held qualifying event earned (through
         the ledger); rejecting sets it REJECTED for good. A referral not held is
         FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
-        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED). Safe to retry: a
+        referral is decided once, so a retry credits nothing more and is
+        answered REFERRAL_ALREADY_DECIDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -188,7 +188,7 @@ class AuthServiceServicer:
         """ExportMyData returns everything the service holds about the caller, as
         one JSON object: the account, codes, referrer, referrals (their user ids
         and registration times), ledger, security events (the audit rows about
-        the account) and consents.
+        the account) and consents. It changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,7 +200,9 @@ class AuthServiceServicer:
         pseudonym, codes are deactivated, every token is revoked and the hashed
         client signals are dropped. Referral links and ledger entries stay (with
         the pseudonym), so other people's balances and the audit chain stay
-        whole.
+        whole. A `user.deleted` event (the user id only) goes out with it.
+        Safe to retry: once erased, the account's tokens no longer work, so a
+        retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

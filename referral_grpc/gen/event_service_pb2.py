@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import rpc_policy_pb2 as referral_dot_v1_dot_rpc__policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1freferral/v1/event_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\xe4\x05\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0fuser_registered\x18\n \x01(\x0b\x32\x1b.referral.v1.UserRegisteredH\x00\x12\x41\n\x15user_password_changed\x18\x0b \x01(\x0b\x32 .referral.v1.UserPasswordChangedH\x00\x12\x30\n\x0c\x63ode_created\x18\x0c \x01(\x0b\x32\x18.referral.v1.CodeCreatedH\x00\x12\x30\n\x0c\x63ode_deleted\x18\r \x01(\x0b\x32\x18.referral.v1.CodeDeletedH\x00\x12\x38\n\x10referral_created\x18\x0e \x01(\x0b\x32\x1c.referral.v1.ReferralCreatedH\x00\x12<\n\x12referral_qualified\x18\x0f \x01(\x0b\x32\x1e.referral.v1.ReferralQualifiedH\x00\x12:\n\x11referral_reversed\x18\x10 \x01(\x0b\x32\x1d.referral.v1.ReferralReversedH\x00\x12:\n\x11referral_rejected\x18\x11 \x01(\x0b\x32\x1d.referral.v1.ReferralRejectedH\x00\x12\x36\n\x0freward_credited\x18\x12 \x01(\x0b\x32\x1b.referral.v1.RewardCreditedH\x00\x12\x36\n\x0freward_reversed\x18\x13 \x01(\x0b\x32\x1b.referral.v1.RewardReversedH\x00\x12\x36\n\x0freward_redeemed\x18\x14 \x01(\x0b\x32\x1b.referral.v1.RewardRedeemedH\x00\x42\t\n\x07payload\";\n\x0eUserRegistered\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\"3\n\x13UserPasswordChanged\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03via\x18\x02 \x01(\t\"\\\n\x0b\x43odeCreated\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x0b\x43odeDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"R\n\x0fReferralCreated\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"|\n\x11ReferralQualified\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x1b\n\x13qualifying_event_id\x18\x03 \x01(\t\x12\x17\n\x0fprogram_version\x18\x04 \x01(\x03\"^\n\x10ReferralReversed\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x17\n\x0frefund_event_id\x18\x03 \x01(\t\"U\n\x10ReferralRejected\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xbb\x01\n\x0eRewardCredited\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x17\n\x0freferee_user_id\x18\x06 \x01(\x03\x12\x30\n\x0c\x61vailable_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x0eRewardReversed\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12 \n\x18reversed_ledger_entry_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\"b\n\x0eRewardRedeemed\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"E\n\x12WatchEventsRequest\x12\x1a\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\"]\n\x11ListEventsRequest\x12\x1a\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\"M\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.referral.v1.Event\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\x32\xd8\x01\n\x0c\x45ventService\x12W\n\x0bWatchEvents\x12\x1f.referral.v1.WatchEventsRequest\x1a\x12.referral.v1.Event\"\x11\x8a\xb5\x18\r\"\x0b\x65vents:read0\x01\x12o\n\nListEvents\x12\x1e.referral.v1.ListEventsRequest\x1a\x1f.referral.v1.ListEventsResponse\" \x8a\xb5\x18\r\"\x0b\x65vents:read\x82\xd3\xe4\x93\x02\t\x12\x07/eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1freferral/v1/event_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\xac\x08\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0fuser_registered\x18\n \x01(\x0b\x32\x1b.referral.v1.UserRegisteredH\x00\x12\x41\n\x15user_password_changed\x18\x0b \x01(\x0b\x32 .referral.v1.UserPasswordChangedH\x00\x12\x30\n\x0c\x63ode_created\x18\x0c \x01(\x0b\x32\x18.referral.v1.CodeCreatedH\x00\x12\x30\n\x0c\x63ode_deleted\x18\r \x01(\x0b\x32\x18.referral.v1.CodeDeletedH\x00\x12\x38\n\x10referral_created\x18\x0e \x01(\x0b\x32\x1c.referral.v1.ReferralCreatedH\x00\x12<\n\x12referral_qualified\x18\x0f \x01(\x0b\x32\x1e.referral.v1.ReferralQualifiedH\x00\x12:\n\x11referral_reversed\x18\x10 \x01(\x0b\x32\x1d.referral.v1.ReferralReversedH\x00\x12:\n\x11referral_rejected\x18\x11 \x01(\x0b\x32\x1d.referral.v1.ReferralRejectedH\x00\x12\x36\n\x0freward_credited\x18\x12 \x01(\x0b\x32\x1b.referral.v1.RewardCreditedH\x00\x12\x36\n\x0freward_reversed\x18\x13 \x01(\x0b\x32\x1b.referral.v1.RewardReversedH\x00\x12\x36\n\x0freward_redeemed\x18\x14 \x01(\x0b\x32\x1b.referral.v1.RewardRedeemedH\x00\x12\x30\n\x0cuser_blocked\x18\x15 \x01(\x0b\x32\x18.referral.v1.UserBlockedH\x00\x12\x34\n\x0euser_unblocked\x18\x16 \x01(\x0b\x32\x1a.referral.v1.UserUnblockedH\x00\x12\x38\n\x10\x62\x61lance_adjusted\x18\x17 \x01(\x0b\x32\x1c.referral.v1.BalanceAdjustedH\x00\x12\x36\n\x0fprogram_updated\x18\x18 \x01(\x0b\x32\x1b.referral.v1.ProgramUpdatedH\x00\x12:\n\x11referral_approved\x18\x19 \x01(\x0b\x32\x1d.referral.v1.ReferralApprovedH\x00\x12\x30\n\x0cuser_deleted\x18\x1a \x01(\x0b\x32\x18.referral.v1.UserDeletedH\x00\x42\t\n\x07payload\";\n\x0eUserRegistered\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\"3\n\x13UserPasswordChanged\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03via\x18\x02 \x01(\t\"\\\n\x0b\x43odeCreated\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x0b\x43odeDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"R\n\x0fReferralCreated\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"|\n\x11ReferralQualified\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x1b\n\x13qualifying_event_id\x18\x03 \x01(\t\x12\x17\n\x0fprogram_version\x18\x04 \x01(\x03\"^\n\x10ReferralReversed\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x17\n\x0frefund_event_id\x18\x03 \x01(\t\"U\n\x10ReferralRejected\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xbb\x01\n\x0eRewardCredited\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x17\n\x0freferee_user_id\x18\x06 \x01(\x03\x12\x30\n\x0c\x61vailable_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x0eRewardReversed\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12 \n\x18reversed_ledger_entry_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\"b\n\x0eRewardRedeemed\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"E\n\x12WatchEventsRequest\x12\x1a\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\"]\n\x11ListEventsRequest\x12\x1a\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\"M\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.referral.v1.Event\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\"\x1e\n\x0bUserBlocked\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\" \n\rUserUnblocked\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\"c\n\x0f\x42\x61lanceAdjusted\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x17\n\x0fledger_entry_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"!\n\x0eProgramUpdated\x12\x0f\n\x07version\x18\x01 \x01(\x03\"E\n\x10ReferralApproved\x12\x17\n\x0freferee_user_id\x18\x01 \x01(\x03\x12\x18\n\x10referrer_user_id\x18\x02 \x01(\x03\"\x1e\n\x0bUserDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x32\xd8\x01\n\x0c\x45ventService\x12W\n\x0bWatchEvents\x12\x1f.referral.v1.WatchEventsRequest\x1a\x12.referral.v1.Event\"\x11\x8a\xb5\x18\r\"\x0b\x65vents:read0\x01\x12o\n\nListEvents\x12\x1e.referral.v1.ListEventsRequest\x1a\x1f.referral.v1.ListEventsResponse\" \x8a\xb5\x18\r\"\x0b\x65vents:read\x82\xd3\xe4\x93\x02\t\x12\x07/eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,35 +50,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\212\265\030\r\"\013events:read\202\323\344\223\002\t\022\007/events'
   _globals['_EVENT']._serialized_start=175
-  _globals['_EVENT']._serialized_end=915
-  _globals['_USERREGISTERED']._serialized_start=917
-  _globals['_USERREGISTERED']._serialized_end=976
-  _globals['_USERPASSWORDCHANGED']._serialized_start=978
-  _globals['_USERPASSWORDCHANGED']._serialized_end=1029
-  _globals['_CODECREATED']._serialized_start=1031
-  _globals['_CODECREATED']._serialized_end=1123
-  _globals['_CODEDELETED']._serialized_start=1125
-  _globals['_CODEDELETED']._serialized_end=1169
-  _globals['_REFERRALCREATED']._serialized_start=1171
-  _globals['_REFERRALCREATED']._serialized_end=1253
-  _globals['_REFERRALQUALIFIED']._serialized_start=1255
-  _globals['_REFERRALQUALIFIED']._serialized_end=1379
-  _globals['_REFERRALREVERSED']._serialized_start=1381
-  _globals['_REFERRALREVERSED']._serialized_end=1475
-  _globals['_REFERRALREJECTED']._serialized_start=1477
-  _globals['_REFERRALREJECTED']._serialized_end=1562
-  _globals['_REWARDCREDITED']._serialized_start=1565
-  _globals['_REWARDCREDITED']._serialized_end=1752
-  _globals['_REWARDREVERSED']._serialized_start=1755
-  _globals['_REWARDREVERSED']._serialized_end=1887
-  _globals['_REWARDREDEEMED']._serialized_start=1889
-  _globals['_REWARDREDEEMED']._serialized_end=1987
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1989
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2058
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2060
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2153
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2155
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2232
-  _globals['_EVENTSERVICE']._serialized_start=2235
-  _globals['_EVENTSERVICE']._serialized_end=2451
+  _globals['_EVENT']._serialized_end=1243
+  _globals['_USERREGISTERED']._serialized_start=1245
+  _globals['_USERREGISTERED']._serialized_end=1304
+  _globals['_USERPASSWORDCHANGED']._serialized_start=1306
+  _globals['_USERPASSWORDCHANGED']._serialized_end=1357
+  _globals['_CODECREATED']._serialized_start=1359
+  _globals['_CODECREATED']._serialized_end=1451
+  _globals['_CODEDELETED']._serialized_start=1453
+  _globals['_CODEDELETED']._serialized_end=1497
+  _globals['_REFERRALCREATED']._serialized_start=1499
+  _globals['_REFERRALCREATED']._serialized_end=1581
+  _globals['_REFERRALQUALIFIED']._serialized_start=1583
+  _globals['_REFERRALQUALIFIED']._serialized_end=1707
+  _globals['_REFERRALREVERSED']._serialized_start=1709
+  _globals['_REFERRALREVERSED']._serialized_end=1803
+  _globals['_REFERRALREJECTED']._serialized_start=1805
+  _globals['_REFERRALREJECTED']._serialized_end=1890
+  _globals['_REWARDCREDITED']._serialized_start=1893
+  _globals['_REWARDCREDITED']._serialized_end=2080
+  _globals['_REWARDREVERSED']._serialized_start=2083
+  _globals['_REWARDREVERSED']._serialized_end=2215
+  _globals['_REWARDREDEEMED']._serialized_start=2217
+  _globals['_REWARDREDEEMED']._serialized_end=2315
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2317
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2386
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2388
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2481
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2483
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2560
+  _globals['_USERBLOCKED']._serialized_start=2562
+  _globals['_USERBLOCKED']._serialized_end=2592
+  _globals['_USERUNBLOCKED']._serialized_start=2594
+  _globals['_USERUNBLOCKED']._serialized_end=2626
+  _globals['_BALANCEADJUSTED']._serialized_start=2628
+  _globals['_BALANCEADJUSTED']._serialized_end=2727
+  _globals['_PROGRAMUPDATED']._serialized_start=2729
+  _globals['_PROGRAMUPDATED']._serialized_end=2762
+  _globals['_REFERRALAPPROVED']._serialized_start=2764
+  _globals['_REFERRALAPPROVED']._serialized_end=2833
+  _globals['_USERDELETED']._serialized_start=2835
+  _globals['_USERDELETED']._serialized_end=2865
+  _globals['_EVENTSERVICE']._serialized_start=2868
+  _globals['_EVENTSERVICE']._serialized_end=3084
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("id", "cursor", "type", "occurred_at", "user_registered", "user_password_changed", "code_created", "code_deleted", "referral_created", "referral_qualified", "referral_reversed", "referral_rejected", "reward_credited", "reward_reversed", "reward_redeemed")
+    __slots__ = ("id", "cursor", "type", "occurred_at", "user_registered", "user_password_changed", "code_created", "code_deleted", "referral_created", "referral_qualified", "referral_reversed", "referral_rejected", "reward_credited", "reward_reversed", "reward_redeemed", "user_blocked", "user_unblocked", "balance_adjusted", "program_updated", "referral_approved", "user_deleted")
     ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,12 @@ class Event(_message.Message):
     REWARD_CREDITED_FIELD_NUMBER: _ClassVar[int]
     REWARD_REVERSED_FIELD_NUMBER: _ClassVar[int]
     REWARD_REDEEMED_FIELD_NUMBER: _ClassVar[int]
+    USER_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    USER_UNBLOCKED_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_ADJUSTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    REFERRAL_APPROVED_FIELD_NUMBER: _ClassVar[int]
+    USER_DELETED_FIELD_NUMBER: _ClassVar[int]
     id: str
     cursor: int
     type: str
@@ -44,7 +50,13 @@ class Event(_message.Message):
     reward_credited: RewardCredited
     reward_reversed: RewardReversed
     reward_redeemed: RewardRedeemed
-    def __init__(self, id: _Optional[str] = ..., cursor: _Optional[int] = ..., type: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_registered: _Optional[_Union[UserRegistered, _Mapping]] = ..., user_password_changed: _Optional[_Union[UserPasswordChanged, _Mapping]] = ..., code_created: _Optional[_Union[CodeCreated, _Mapping]] = ..., code_deleted: _Optional[_Union[CodeDeleted, _Mapping]] = ..., referral_created: _Optional[_Union[ReferralCreated, _Mapping]] = ..., referral_qualified: _Optional[_Union[ReferralQualified, _Mapping]] = ..., referral_reversed: _Optional[_Union[ReferralReversed, _Mapping]] = ..., referral_rejected: _Optional[_Union[ReferralRejected, _Mapping]] = ..., reward_credited: _Optional[_Union[RewardCredited, _Mapping]] = ..., reward_reversed: _Optional[_Union[RewardReversed, _Mapping]] = ..., reward_redeemed: _Optional[_Union[RewardRedeemed, _Mapping]] = ...) -> None: ...
+    user_blocked: UserBlocked
+    user_unblocked: UserUnblocked
+    balance_adjusted: BalanceAdjusted
+    program_updated: ProgramUpdated
+    referral_approved: ReferralApproved
+    user_deleted: UserDeleted
+    def __init__(self, id: _Optional[str] = ..., cursor: _Optional[int] = ..., type: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_registered: _Optional[_Union[UserRegistered, _Mapping]] = ..., user_password_changed: _Optional[_Union[UserPasswordChanged, _Mapping]] = ..., code_created: _Optional[_Union[CodeCreated, _Mapping]] = ..., code_deleted: _Optional[_Union[CodeDeleted, _Mapping]] = ..., referral_created: _Optional[_Union[ReferralCreated, _Mapping]] = ..., referral_qualified: _Optional[_Union[ReferralQualified, _Mapping]] = ..., referral_reversed: _Optional[_Union[ReferralReversed, _Mapping]] = ..., referral_rejected: _Optional[_Union[ReferralRejected, _Mapping]] = ..., reward_credited: _Optional[_Union[RewardCredited, _Mapping]] = ..., reward_reversed: _Optional[_Union[RewardReversed, _Mapping]] = ..., reward_redeemed: _Optional[_Union[RewardRedeemed, _Mapping]] = ..., user_blocked: _Optional[_Union[UserBlocked, _Mapping]] = ..., user_unblocked: _Optional[_Union[UserUnblocked, _Mapping]] = ..., balance_adjusted: _Optional[_Union[BalanceAdjusted, _Mapping]] = ..., program_updated: _Optional[_Union[ProgramUpdated, _Mapping]] = ..., referral_approved: _Optional[_Union[ReferralApproved, _Mapping]] = ..., user_deleted: _Optional[_Union[UserDeleted, _Mapping]] = ...) -> None: ...
 
 class UserRegistered(_message.Message):
     __slots__ = ("user_id", "referrer_user_id")
@@ -191,3 +203,47 @@ class ListEventsResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[Event]
     next_cursor: int
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., next_cursor: _Optional[int] = ...) -> None: ...
+
+class UserBlocked(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    def __init__(self, user_id: _Optional[int] = ...) -> None: ...
+
+class UserUnblocked(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    def __init__(self, user_id: _Optional[int] = ...) -> None: ...
+
+class BalanceAdjusted(_message.Message):
+    __slots__ = ("user_id", "ledger_entry_id", "amount_minor", "currency")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    ledger_entry_id: int
+    amount_minor: int
+    currency: str
+    def __init__(self, user_id: _Optional[int] = ..., ledger_entry_id: _Optional[int] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...
+
+class ProgramUpdated(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ReferralApproved(_message.Message):
+    __slots__ = ("referee_user_id", "referrer_user_id")
+    REFEREE_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERRER_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    referee_user_id: int
+    referrer_user_id: int
+    def __init__(self, referee_user_id: _Optional[int] = ..., referrer_user_id: _Optional[int] = ...) -> None: ...
+
+class UserDeleted(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    def __init__(self, user_id: _Optional[int] = ...) -> None: ...

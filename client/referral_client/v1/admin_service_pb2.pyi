@@ -54,10 +54,14 @@ class GetUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier (0 or more); leave 0 to look up by email."""
+    """The user's identifier (0 or more); leave 0 to look up by email. For
+    example `42`.
+    """
     email: _builtins.str
-    """The user's email address, in any letter case (at most 254 characters);
-    used when user_id is 0.
+    """The user's email, in any letter case (at most 254 characters); used
+    when user_id is 0. Empty means none, so no address format is stated
+    here; one the server cannot parse is INVALID_ARGUMENT (EMAIL_INVALID).
+    For example `ada@example.com`.
     """
     def __init__(
         self,
@@ -92,26 +96,34 @@ class AdminUser(_message.Message):
     BALANCES_FIELD_NUMBER: _builtins.int
     RECENT_SECURITY_EVENTS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier."""
+    """The user's identifier. For example `42`."""
     email: _builtins.str
-    """The user's email address (a pseudonym once the user erased their data)."""
+    """The user's email address (a pseudonym once the user erased their data).
+    For example `ada@example.com`.
+    """
     email_status: _builtins.str
-    """The email verifier's verdict on the address ("unchecked" without one)."""
+    """The email verifier's verdict on the address ("unchecked" without one).
+    For example `unchecked`.
+    """
     email_verified: _builtins.bool
-    """Whether the user proved they receive mail at the address."""
+    """Whether the user proved they receive mail at the address. For example
+    `true`.
+    """
     blocked: _builtins.bool
-    """Whether the user is blocked."""
+    """Whether the user is blocked. For example `false`."""
     referrer_user_id: _builtins.int
     """The identifier of the user whose code this user registered with; 0 when
-    none.
+    none. For example `41`.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the account was created."""
+        """When the account was created. For example `2026-11-26T12:00:00Z`."""
 
     @_builtins.property
     def blocked_at(self) -> _timestamp_pb2.Timestamp:
-        """When the user was blocked; unset when not blocked."""
+        """When the user was blocked; unset when not blocked. For example
+        `2026-11-27T09:30:00Z`.
+        """
 
     @_builtins.property
     def codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdminCode]:
@@ -164,16 +176,16 @@ class AdminCode(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The code, upper-case."""
+    """The code, upper-case. For example `K7M2Q9XPRW`."""
     active: _builtins.bool
-    """Whether the code is the user's active one."""
+    """Whether the code is the user's active one. For example `true`."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the code was created."""
+        """When the code was created. For example `2026-11-26T12:00:00Z`."""
 
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
-        """When the code stops resolving."""
+        """When the code stops resolving. For example `2026-12-26T12:00:00Z`."""
 
     def __init__(
         self,
@@ -201,10 +213,10 @@ class StateCount(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """The referral state in lower case: pending, qualified, reversed or
-    rejected.
+    rejected. For example `qualified`.
     """
     count: _builtins.int
-    """How many referrals are in it."""
+    """How many referrals are in it. For example `3`."""
     def __init__(
         self,
         *,
@@ -228,9 +240,11 @@ class BlockUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier (1 or more)."""
+    """The user's identifier (1 or more). For example `42`."""
     note: _builtins.str
-    """Why the user is blocked (at most 500 characters); kept in the audit log."""
+    """Why the user is blocked (at most 500 characters, no NUL characters,
+    surrounding spaces dropped); kept in the audit log. For example `signup farming`.
+    """
     def __init__(
         self,
         *,
@@ -254,9 +268,11 @@ class UnblockUserRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier (1 or more)."""
+    """The user's identifier (1 or more). For example `42`."""
     note: _builtins.str
-    """Why the block is lifted (at most 500 characters); kept in the audit log."""
+    """Why the block is lifted (at most 500 characters, no NUL characters,
+    surrounding spaces dropped); kept in the audit log. For example `appeal granted`.
+    """
     def __init__(
         self,
         *,
@@ -282,16 +298,19 @@ class AdjustBalanceRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The user's identifier (1 or more)."""
+    """The user's identifier (1 or more). For example `42`."""
     amount_minor: _builtins.int
     """The signed amount in minor units of the currency: positive credits,
-    negative debits; never zero.
+    negative debits; non-zero, and at most 10^15 either way. For example
+    `-200`.
     """
     currency: _builtins.str
-    """The ISO 4217 code of the amount's currency (at most 3 characters)."""
+    """The ISO 4217 code of the amount's currency, in any letter case (at most
+    3 characters). For example `USD`.
+    """
     reason: _builtins.str
-    """Why the balance is corrected (1 to 500 characters); kept in the audit
-    log.
+    """Why the balance is corrected (1 to 500 characters, no NUL characters,
+    not only spaces); kept in the audit log. For example `goodwill credit for ticket 1234`.
     """
     def __init__(
         self,
@@ -336,7 +355,7 @@ class UpdateProgramRequest(_message.Message):
     @_builtins.property
     def program(self) -> Global___Program:
         """The rules to store as the new version; `version` and `created_at` are
-        ignored.
+        output only and ignored.
         """
 
     def __init__(
@@ -377,38 +396,61 @@ class Program(_message.Message):
     MAX_REWARDED_REFERRALS_FIELD_NUMBER: _builtins.int
     FRAUD_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """The version: it grows by one with every update."""
+    """The version: it grows by one with every update. For example `3`."""
     currency: _builtins.str
-    """The ISO 4217 code of the currency the program pays in."""
+    """The ISO 4217 code of the currency the program pays in, in any letter
+    case (at most 3 characters). For example `USD`.
+    """
     min_amount_minor: _builtins.int
-    """The smallest qualifying amount in minor units."""
+    """The smallest qualifying amount in minor units (0 or more, at most
+    10^15). For example `1000`.
+    """
     attribution_days: _builtins.int
-    """How many days after registration an event still qualifies (1 to 3650)."""
+    """How many days after registration an event still qualifies (1 or more,
+    at most 3650). For example `30`.
+    """
     referrer_reward_minor: _builtins.int
-    """The referrer's fixed reward in minor units."""
+    """The referrer's fixed reward in minor units (0 or more, at most 10^15).
+    For example `500`.
+    """
     referrer_reward_bps: _builtins.int
-    """The referrer's reward in basis points of the event amount (0 to 10000)."""
+    """The referrer's reward in basis points of the event amount (0 or more,
+    at most 10000); only without a fixed reward. For example `0`.
+    """
     referrer_reward_cap_minor: _builtins.int
-    """The cap of the referrer's basis-point reward in minor units."""
+    """The cap of the referrer's basis-point reward in minor units (0 or more,
+    at most 10^15; 0 = no cap); only with basis points. For example `0`.
+    """
     referee_reward_minor: _builtins.int
-    """The newcomer's fixed reward in minor units."""
+    """The newcomer's fixed reward in minor units (0 or more, at most 10^15).
+    For example `0`.
+    """
     referee_reward_bps: _builtins.int
-    """The newcomer's reward in basis points of the event amount (0 to 10000)."""
+    """The newcomer's reward in basis points of the event amount (0 or more,
+    at most 10000); only without a fixed reward. For example `1000`.
+    """
     referee_reward_cap_minor: _builtins.int
-    """The cap of the newcomer's basis-point reward in minor units."""
+    """The cap of the newcomer's basis-point reward in minor units (0 or more,
+    at most 10^15; 0 = no cap); only with basis points. For example `2000`.
+    """
     hold_days: _builtins.int
-    """How many days rewards stay pending before they are available (0 to
-    3650).
+    """How many days rewards stay pending before they are available (0 or
+    more, at most 3650). For example `14`.
     """
     max_rewarded_referrals: _builtins.int
-    """The most referrals one referrer is rewarded for; 0 = no cap."""
+    """The most referrals one referrer is rewarded for (0 or more; 0 = no
+    cap). For example `0`.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When this version was stored."""
+        """When this version was stored. For example `2026-11-26T12:00:00Z`."""
 
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The event types that qualify a referral, for example "purchase"."""
+        """The event types that qualify a referral, at least one, each 1 to 64
+        characters of lower-case letters, digits, "_", "." and "-" ("refund"
+        never qualifies). For example `purchase`.
+        """
 
     @_builtins.property
     def fraud(self) -> Global___FraudRules:
@@ -446,7 +488,7 @@ class FraudRules(_message.Message):
     """FraudRules are the signals judged when someone registers with a code.
     Each signal's mode is "reject", "review", "shadow" (recorded, not acted
     on) or "off"; an empty mode keeps the signal's default. Thresholds are 0
-    to 1000000.
+    to 1000000; with the message set, a threshold left 0 is 0.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -464,36 +506,46 @@ class FraudRules(_message.Message):
     self_referral: _builtins.str
     """The mode of self-referral: the newcomer's address reaches the
     referrer's mailbox, or they share a device or (beyond the allowance) a
-    client address. Default "reject".
+    client address. Default "reject" (at most 6 characters). For example
+    `reject`.
     """
     shared_address_allowance: _builtins.int
     """How many newcomers may come from the referrer's own client address
-    before it counts as self-referral (an office, a household). Default 1.
+    before it counts as self-referral (an office, a household). Default 1
+    (0 or more, at most 1000000). For example `1`.
     """
     recent_login_days: _builtins.int
     """How many days of the referrer's logins count for shared addresses and
-    devices. Default 30.
+    devices. Default 30 (0 or more, at most 1000000). For example `30`.
     """
     disposable: _builtins.str
-    """The mode of the disposable-mailbox signal. Default "reject"."""
+    """The mode of the disposable-mailbox signal. Default "reject" (at most 6
+    characters). For example `reject`.
+    """
     velocity: _builtins.str
-    """The mode of the velocity signals. Default "review"."""
+    """The mode of the velocity signals. Default "review" (at most 6
+    characters). For example `review`.
+    """
     referrals_per_hour: _builtins.int
     """More referrals than this for one referrer within an hour fire velocity.
-    Default 5.
+    Default 5 (0 or more, at most 1000000). For example `5`.
     """
     referrals_per_day: _builtins.int
     """More referrals than this for one referrer within a day fire velocity.
-    Default 20.
+    Default 20 (0 or more, at most 1000000). For example `20`.
     """
     registrations_per_address_per_day: _builtins.int
     """More registrations than this from one client address within a day fire
-    velocity. Default 5.
+    velocity. Default 5 (0 or more, at most 1000000). For example `5`.
     """
     young_referrer: _builtins.str
-    """The mode of the young-referrer signal. Default "shadow"."""
+    """The mode of the young-referrer signal. Default "shadow" (at most 6
+    characters). For example `shadow`.
+    """
     young_referrer_hours: _builtins.int
-    """A referrer younger than this many hours fires young-referrer. Default 24."""
+    """A referrer younger than this many hours fires young-referrer. Default 24
+    (0 or more, at most 1000000). For example `24`.
+    """
     def __init__(
         self,
         *,
@@ -528,16 +580,18 @@ class ListReferralsForReviewRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: _builtins.str
-    """The fraud decision to list, in lower case: "review" (default: those
+    """The fraud decision to list, in any letter case: "review" (default: those
     still awaiting a decision), "allow" or "reject" (at most 6 characters).
+    For example `review`.
     """
     page_size: _builtins.int
     """The most referrals to return (0 or more; 0 means 50, and more than 200
-    means 200).
+    means 200). For example `20`.
     """
     page_token: _builtins.str
     """The next_page_token of the previous page (at most 512 characters);
-    empty for the first page.
+    empty for the first page. For example
+    `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
     """
     def __init__(
         self,
@@ -563,7 +617,9 @@ class ListReferralsForReviewResponse(_message.Message):
     REFERRALS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """The token of the next page; empty on the last page."""
+    """The token of the next page; empty on the last page. For example
+    `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
+    """
     @_builtins.property
     def referrals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewedReferral]:
         """The referrals."""
@@ -592,11 +648,15 @@ class DecideReferralRequest(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The newcomer whose referral is decided (1 or more)."""
+    """The newcomer whose referral is decided (1 or more). For example `42`."""
     decision: Global___ReviewDecision.ValueType
-    """Approve or reject."""
+    """Approve or reject; REVIEW_DECISION_UNSPECIFIED is refused. For example
+    `APPROVE`.
+    """
     note: _builtins.str
-    """Why (at most 500 characters); kept on the referral and in the audit log."""
+    """Why (at most 500 characters, no NUL characters, surrounding spaces
+    dropped); kept on the referral and in the audit log. For example `same household, checked`.
+    """
     def __init__(
         self,
         *,
@@ -631,36 +691,46 @@ class ReviewedReferral(_message.Message):
     REVIEW_NOTE_FIELD_NUMBER: _builtins.int
     REVIEWED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The newcomer."""
+    """The newcomer. For example `42`."""
     referrer_user_id: _builtins.int
-    """The referrer whose code the newcomer used."""
+    """The referrer whose code the newcomer used. For example `41`."""
     state: _builtins.str
     """The referral's state in lower case: pending, qualified, reversed or
-    rejected.
+    rejected. For example `pending`.
     """
     decision: _builtins.str
-    """The fraud decision: allow, review or reject."""
+    """The fraud decision: allow, review or reject. For example `review`."""
     rules_version: _builtins.int
-    """The program version whose fraud rules decided (0: the defaults)."""
+    """The program version whose fraud rules decided (0: the defaults). For
+    example `3`.
+    """
     signals: _builtins.str
-    """The signal values the rules saw, as a JSON object."""
+    """The signal values the rules saw, as a JSON object. For example
+    `{"referrals_last_hour": 6}`.
+    """
     partial: _builtins.bool
-    """Whether a signal could not be checked (the email verifier was down)."""
+    """Whether a signal could not be checked (the email verifier was down).
+    For example `false`.
+    """
     review_outcome: _builtins.str
-    """An administrator's decision: "approved", "rejected", or empty."""
+    """An administrator's decision: "approved", "rejected", or empty. For
+    example `approved`.
+    """
     review_note: _builtins.str
-    """The administrator's note."""
+    """The administrator's note. For example `same household, checked`."""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___FraudReason]:
         """Every signal that fired, enforced or in shadow mode."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the newcomer registered."""
+        """When the newcomer registered. For example `2026-11-26T12:00:00Z`."""
 
     @_builtins.property
     def reviewed_at(self) -> _timestamp_pb2.Timestamp:
-        """When the administrator decided; unset before."""
+        """When the administrator decided; unset before. For example
+        `2026-11-27T09:30:00Z`.
+        """
 
     def __init__(
         self,
@@ -696,13 +766,17 @@ class FraudReason(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ENFORCED_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """A stable code, for example "self_referral_email" or
-    "velocity_address_day".
+    """A stable code, such as "self_referral_email" or
+    "velocity_address_day". For example `velocity_referrer_hour`.
     """
     message: _builtins.str
-    """A sentence saying what was seen."""
+    """A sentence saying what was seen. For example
+    `6 referrals for this referrer in an hour (more than 5)`.
+    """
     enforced: _builtins.bool
-    """Whether the signal was enforced (false in shadow mode)."""
+    """Whether the signal was enforced (false in shadow mode). For example
+    `true`.
+    """
     def __init__(
         self,
         *,
@@ -730,19 +804,20 @@ class ListAuditEventsRequest(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most rows to return (0 or more; 0 means 50, and more than 200
-    means 200).
+    means 200). For example `20`.
     """
     page_token: _builtins.str
     """The next_page_token of the previous page (at most 512 characters);
-    empty for the first page.
+    empty for the first page. For example
+    `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
     """
     actor: _builtins.str
-    """Only rows of this actor, for example "key:ops" or "user:42" (at most
-    128 characters).
+    """Only rows of this actor, such as "key:ops" or "user:42" (at most 128
+    characters, no NUL characters). For example `key:ops`.
     """
     target: _builtins.str
-    """Only rows about this target, for example "user:42" or "program" (at
-    most 128 characters).
+    """Only rows about this target, such as "user:42" or "program" (at most
+    128 characters, no NUL characters). For example `user:42`.
     """
     def __init__(
         self,
@@ -769,7 +844,9 @@ class ListAuditEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """The token of the next page; empty on the last page."""
+    """The token of the next page; empty on the last page. For example
+    `MjAyNi0xMS0yNlQxMjowMDowMFp8Nw`.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
         """The rows, newest first."""
@@ -803,25 +880,37 @@ class AuditEvent(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """The row's position in the chain: 1, 2, 3... without gaps."""
+    """The row's position in the chain: 1, 2, 3... without gaps. For example
+    `17`.
+    """
     actor: _builtins.str
     """Who acted: "key:<name>" for an API key, "user:<id>" for a user,
     "operator" for the command line, "system" for the service's own
-    decisions.
+    decisions. For example `key:ops`.
     """
     action: _builtins.str
-    """What was done, for example "user.block" or "program.update"."""
+    """What was done, such as "user.block" or "program.update". For example
+    `user.block`.
+    """
     target: _builtins.str
-    """What it was done to, for example "user:42", "key:ops" or "program"."""
+    """What it was done to, such as "user:42", "key:ops" or "program". For
+    example `user:42`.
+    """
     before: _builtins.str
-    """The values before the change as JSON; empty when the action has none."""
+    """The values before the change as JSON; empty when the action has none.
+    For example `{"blocked": false}`.
+    """
     after: _builtins.str
-    """The values after the change as JSON; empty when the action has none."""
+    """The values after the change as JSON; empty when the action has none.
+    For example `{"blocked": true, "note": "signup farming"}`.
+    """
     request_id: _builtins.str
-    """The request id of the call that acted ("-" outside calls)."""
+    """The request id of the call that acted ("-" outside calls). For example
+    `5f0c6d1e9a7b4c2d`.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the action happened."""
+        """When the action happened. For example `2026-11-27T09:30:00Z`."""
 
     def __init__(
         self,

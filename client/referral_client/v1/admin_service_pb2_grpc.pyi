@@ -49,15 +49,19 @@ class AdminServiceStub:
     """BlockUser blocks a user: they can no longer log in or refresh, their
     access tokens stop working at once, their referral code stops resolving
     (NOT_FOUND like any unknown code) and their referrals earn nothing.
-    Blocking a blocked user changes nothing.
+    Safe to retry: blocking a blocked user changes nothing (no second audit
+    row, no second event) and answers the same user.
     """
     UnblockUser: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UnblockUserRequest, _admin_service_pb2.AdminUser]
     """UnblockUser lifts a block; the user signs in again (old tokens stay
-    invalid).
+    invalid). Safe to retry: unblocking a user who is not blocked changes
+    nothing and answers the same user.
     """
     AdjustBalance: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.AdjustBalanceRequest, _reward_service_pb2.LedgerEntry]
     """AdjustBalance appends a signed ADJUSTMENT entry to a user's ledger,
     available at once. The reason is required and goes to the audit log.
+    The `idempotency-key` header is required: a retry with the same key
+    gets the first entry again instead of adjusting twice.
     """
     GetProgram: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetProgramRequest, _admin_service_pb2.Program]
     """GetProgram returns the program rules in force; NOT_FOUND
@@ -67,6 +71,8 @@ class AdminServiceStub:
     """UpdateProgram stores the given rules as a new version, in force at
     once; referrals already judged keep the version they were judged
     under. Values out of range are INVALID_ARGUMENT with field violations.
+    Safe to retry: rules equal to those in force store no new version
+    (and no audit row or event); the answer is the version in force.
     """
     ListReferralsForReview: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListReferralsForReviewRequest, _admin_service_pb2.ListReferralsForReviewResponse]
     """ListReferralsForReview lists referrals by their fraud decision, oldest
@@ -79,7 +85,9 @@ class AdminServiceStub:
     Approving credits the rewards its held qualifying event earned (through
     the ledger); rejecting sets it REJECTED for good. A referral not held is
     FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
-    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED). Safe to retry: a
+    referral is decided once, so a retry credits nothing more and is
+    answered REFERRAL_ALREADY_DECIDED.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
     """ListAuditEvents lists the audit log, newest first, one page at a time,
@@ -106,15 +114,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """BlockUser blocks a user: they can no longer log in or refresh, their
     access tokens stop working at once, their referral code stops resolving
     (NOT_FOUND like any unknown code) and their referrals earn nothing.
-    Blocking a blocked user changes nothing.
+    Safe to retry: blocking a blocked user changes nothing (no second audit
+    row, no second event) and answers the same user.
     """
     UnblockUser: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UnblockUserRequest, _admin_service_pb2.AdminUser]  # type: ignore[assignment]
     """UnblockUser lifts a block; the user signs in again (old tokens stay
-    invalid).
+    invalid). Safe to retry: unblocking a user who is not blocked changes
+    nothing and answers the same user.
     """
     AdjustBalance: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.AdjustBalanceRequest, _reward_service_pb2.LedgerEntry]  # type: ignore[assignment]
     """AdjustBalance appends a signed ADJUSTMENT entry to a user's ledger,
     available at once. The reason is required and goes to the audit log.
+    The `idempotency-key` header is required: a retry with the same key
+    gets the first entry again instead of adjusting twice.
     """
     GetProgram: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetProgramRequest, _admin_service_pb2.Program]  # type: ignore[assignment]
     """GetProgram returns the program rules in force; NOT_FOUND
@@ -124,6 +136,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """UpdateProgram stores the given rules as a new version, in force at
     once; referrals already judged keep the version they were judged
     under. Values out of range are INVALID_ARGUMENT with field violations.
+    Safe to retry: rules equal to those in force store no new version
+    (and no audit row or event); the answer is the version in force.
     """
     ListReferralsForReview: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListReferralsForReviewRequest, _admin_service_pb2.ListReferralsForReviewResponse]  # type: ignore[assignment]
     """ListReferralsForReview lists referrals by their fraud decision, oldest
@@ -136,7 +150,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Approving credits the rewards its held qualifying event earned (through
     the ledger); rejecting sets it REJECTED for good. A referral not held is
     FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
-    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+    FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED). Safe to retry: a
+    referral is decided once, so a retry credits nothing more and is
+    answered REFERRAL_ALREADY_DECIDED.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """ListAuditEvents lists the audit log, newest first, one page at a time,
@@ -172,7 +188,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """BlockUser blocks a user: they can no longer log in or refresh, their
         access tokens stop working at once, their referral code stops resolving
         (NOT_FOUND like any unknown code) and their referrals earn nothing.
-        Blocking a blocked user changes nothing.
+        Safe to retry: blocking a blocked user changes nothing (no second audit
+        row, no second event) and answers the same user.
         """
 
     @_abc_1.abstractmethod
@@ -182,7 +199,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.AdminUser, _abc.Awaitable[_admin_service_pb2.AdminUser]]:
         """UnblockUser lifts a block; the user signs in again (old tokens stay
-        invalid).
+        invalid). Safe to retry: unblocking a user who is not blocked changes
+        nothing and answers the same user.
         """
 
     @_abc_1.abstractmethod
@@ -193,6 +211,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_reward_service_pb2.LedgerEntry, _abc.Awaitable[_reward_service_pb2.LedgerEntry]]:
         """AdjustBalance appends a signed ADJUSTMENT entry to a user's ledger,
         available at once. The reason is required and goes to the audit log.
+        The `idempotency-key` header is required: a retry with the same key
+        gets the first entry again instead of adjusting twice.
         """
 
     @_abc_1.abstractmethod
@@ -214,6 +234,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """UpdateProgram stores the given rules as a new version, in force at
         once; referrals already judged keep the version they were judged
         under. Values out of range are INVALID_ARGUMENT with field violations.
+        Safe to retry: rules equal to those in force store no new version
+        (and no audit row or event); the answer is the version in force.
         """
 
     @_abc_1.abstractmethod
@@ -238,7 +260,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         Approving credits the rewards its held qualifying event earned (through
         the ledger); rejecting sets it REJECTED for good. A referral not held is
         FAILED_PRECONDITION (REFERRAL_NOT_IN_REVIEW), one already decided
-        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED).
+        FAILED_PRECONDITION (REFERRAL_ALREADY_DECIDED). Safe to retry: a
+        referral is decided once, so a retry credits nothing more and is
+        answered REFERRAL_ALREADY_DECIDED.
         """
 
     @_abc_1.abstractmethod

@@ -29,13 +29,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import rpc_policy_pb2 as referral_dot_v1_dot_rpc__policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ereferral/v1/auth_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\x15\n\x13\x45xportMyDataRequest\"=\n\x14\x45xportMyDataResponse\x12%\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\x16\x44\x65leteMyAccountRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x19\n\x17\x44\x65leteMyAccountResponse\"[\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\";\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\",\n\rLogoutRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x10\n\x0eLogoutResponse\"\xb2\x01\n\nAuthTokens\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\ntoken_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nexpires_in\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rrefresh_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12 \n\x12refresh_expires_in\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"2\n\x1bRequestPasswordResetRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x1cRequestPasswordResetResponse\"G\n\x14ResetPasswordRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15ResetPasswordResponse\"S\n\x15\x43hangePasswordRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x12VerifyEmailRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13VerifyEmailResponse\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\" \n\x1eResendVerificationEmailRequest\"x\n\x1fResendVerificationEmailResponse\x12\x18\n\nemail_sent\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x32\xf0\n\n\x0b\x41uthService\x12u\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x17.referral.v1.AuthTokens\"2\x8a\xb5\x18\x15\x08\x01\x10\x01\x30\x01:\r\x03 \x06\x07\x08\x02\t\n\x0b\x0c\x12\x13\x14\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12\x64\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x17.referral.v1.AuthTokens\"\'\x8a\xb5\x18\r\x08\x01\x10\x01:\x07 \x06\x02\x03\t\x0e\x1c\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12o\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a\x17.referral.v1.AuthTokens\"$\x8a\xb5\x18\x08\x08\x01:\x04\x02\x03\x04\x10\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12\x64\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"!\x8a\xb5\x18\x06:\x04\x02\x03\x04\x10\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12\x99\x01\n\x14RequestPasswordReset\x12(.referral.v1.RequestPasswordResetRequest\x1a).referral.v1.RequestPasswordResetResponse\",\x8a\xb5\x18\t\x08\x01\x10\x01:\x03 \x06\x1c\x82\xd3\xe4\x93\x02\x19\"\x14/auth/reset_password:\x01*\x12\x92\x01\n\rResetPassword\x12!.referral.v1.ResetPasswordRequest\x1a\".referral.v1.ResetPasswordResponse\":\x8a\xb5\x18\x0f\x08\x01\x10\x01:\t\x02\x03\x04\x11\t\n\x0b\x0c\x1b\x82\xd3\xe4\x93\x02!\"\x1c/auth/reset_password/confirm:\x01*\x12\x80\x01\n\x0e\x43hangePassword\x12\".referral.v1.ChangePasswordRequest\x1a\x17.referral.v1.AuthTokens\"1\x8a\xb5\x18\r\x10\x01:\t\x02\x03\t\n\x0b\x0c\r\x1c\x1b\x82\xd3\xe4\x93\x02\x1a\"\x15/auth/change_password:\x01*\x12{\n\x0bVerifyEmail\x12\x1f.referral.v1.VerifyEmailRequest\x1a .referral.v1.VerifyEmailResponse\")\x8a\xb5\x18\x08\x08\x01:\x04\x02\x03\x04$\x82\xd3\xe4\x93\x02\x17\"\x12/auth/verify_email:\x01*\x12\x9e\x01\n\x17ResendVerificationEmail\x12+.referral.v1.ResendVerificationEmailRequest\x1a,.referral.v1.ResendVerificationEmailResponse\"(\x8a\xb5\x18\x03:\x01\x1c\x82\xd3\xe4\x93\x02\x1b\"\x19/auth/verify_email/resend\x12g\n\x0c\x45xportMyData\x12 .referral.v1.ExportMyDataRequest\x1a!.referral.v1.ExportMyDataResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/me/export\x12r\n\x0f\x44\x65leteMyAccount\x12#.referral.v1.DeleteMyAccountRequest\x1a$.referral.v1.DeleteMyAccountResponse\"\x14\x8a\xb5\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x08*\x03/me:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ereferral/v1/auth_service.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1creferral/v1/rpc_policy.proto\"\x15\n\x13\x45xportMyDataRequest\"C\n\x14\x45xportMyDataResponse\x12+\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"8\n\x16\x44\x65leteMyAccountRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x19\n\x17\x44\x65leteMyAccountResponse\"[\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\";\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\",\n\rLogoutRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x10\n\x0eLogoutResponse\"\xb2\x01\n\nAuthTokens\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\ntoken_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nexpires_in\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rrefresh_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12 \n\x12refresh_expires_in\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"2\n\x1bRequestPasswordResetRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x1cRequestPasswordResetResponse\"G\n\x14ResetPasswordRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15ResetPasswordResponse\"S\n\x15\x43hangePasswordRequest\x12\x1e\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x12VerifyEmailRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13VerifyEmailResponse\x12\x15\n\x07user_id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\" \n\x1eResendVerificationEmailRequest\"x\n\x1fResendVerificationEmailResponse\x12\x18\n\nemail_sent\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verified_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x32\xf8\n\n\x0b\x41uthService\x12u\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x17.referral.v1.AuthTokens\"2\x8a\xb5\x18\x15\x08\x01\x10\x01\x30\x01:\r\x03 \x06\x07\x08\x02\t\n\x0b\x0c\x12\x13\x14\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12\x65\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x17.referral.v1.AuthTokens\"(\x8a\xb5\x18\x0e\x08\x01\x10\x01:\x08 \x06\x02\x03\t\x0e\x34\x1c\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12p\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a\x17.referral.v1.AuthTokens\"%\x8a\xb5\x18\t\x08\x01:\x05\x02\x03\x04\x10\x34\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12\x64\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"!\x8a\xb5\x18\x06:\x04\x02\x03\x04\x10\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12\x99\x01\n\x14RequestPasswordReset\x12(.referral.v1.RequestPasswordResetRequest\x1a).referral.v1.RequestPasswordResetResponse\",\x8a\xb5\x18\t\x08\x01\x10\x01:\x03 \x06\x1c\x82\xd3\xe4\x93\x02\x19\"\x14/auth/reset_password:\x01*\x12\x92\x01\n\rResetPassword\x12!.referral.v1.ResetPasswordRequest\x1a\".referral.v1.ResetPasswordResponse\":\x8a\xb5\x18\x0f\x08\x01\x10\x01:\t\x02\x03\x04\x11\t\n\x0b\x0c\x1b\x82\xd3\xe4\x93\x02!\"\x1c/auth/reset_password/confirm:\x01*\x12\x80\x01\n\x0e\x43hangePassword\x12\".referral.v1.ChangePasswordRequest\x1a\x17.referral.v1.AuthTokens\"1\x8a\xb5\x18\r\x10\x01:\t\x02\x03\t\n\x0b\x0c\r\x1c\x1b\x82\xd3\xe4\x93\x02\x1a\"\x15/auth/change_password:\x01*\x12{\n\x0bVerifyEmail\x12\x1f.referral.v1.VerifyEmailRequest\x1a .referral.v1.VerifyEmailResponse\")\x8a\xb5\x18\x08\x08\x01:\x04\x02\x03\x04$\x82\xd3\xe4\x93\x02\x17\"\x12/auth/verify_email:\x01*\x12\x9e\x01\n\x17ResendVerificationEmail\x12+.referral.v1.ResendVerificationEmailRequest\x1a,.referral.v1.ResendVerificationEmailResponse\"(\x8a\xb5\x18\x03:\x01\x1c\x82\xd3\xe4\x93\x02\x1b\"\x19/auth/verify_email/resend\x12g\n\x0c\x45xportMyData\x12 .referral.v1.ExportMyDataRequest\x1a!.referral.v1.ExportMyDataResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/me/export\x12x\n\x0f\x44\x65leteMyAccount\x12#.referral.v1.DeleteMyAccountRequest\x1a$.referral.v1.DeleteMyAccountResponse\"\x1a\x8a\xb5\x18\x08\x10\x01:\x04\x02\x03\t\r\x82\xd3\xe4\x93\x02\x08*\x03/me:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'referral.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EXPORTMYDATARESPONSE'].fields_by_name['data']._loaded_options = None
+  _globals['_EXPORTMYDATARESPONSE'].fields_by_name['data']._serialized_options = b'\342A\001\003'
   _globals['_DELETEMYACCOUNTREQUEST'].fields_by_name['current_password']._loaded_options = None
   _globals['_DELETEMYACCOUNTREQUEST'].fields_by_name['current_password']._serialized_options = b'\342A\001\002'
   _globals['_REGISTERREQUEST'].fields_by_name['email']._loaded_options = None
@@ -87,9 +89,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['Register']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\212\265\030\025\010\001\020\0010\001:\r\003 \006\007\010\002\t\n\013\014\022\023\024\202\323\344\223\002\023\"\016/auth/register:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\212\265\030\r\010\001\020\001:\007 \006\002\003\t\016\034\202\323\344\223\002\020\"\013/auth/login:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\212\265\030\016\010\001\020\001:\010 \006\002\003\t\0164\034\202\323\344\223\002\020\"\013/auth/login:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\212\265\030\010\010\001:\004\002\003\004\020\202\323\344\223\002\022\"\r/auth/refresh:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\212\265\030\t\010\001:\005\002\003\004\0204\202\323\344\223\002\022\"\r/auth/refresh:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\212\265\030\006:\004\002\003\004\020\202\323\344\223\002\021\"\014/auth/logout:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['RequestPasswordReset']._loaded_options = None
@@ -105,45 +107,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['ExportMyData']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['ExportMyData']._serialized_options = b'\202\323\344\223\002\014\022\n/me/export'
   _globals['_AUTHSERVICE'].methods_by_name['DeleteMyAccount']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['DeleteMyAccount']._serialized_options = b'\212\265\030\002\020\001\202\323\344\223\002\010*\003/me:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['DeleteMyAccount']._serialized_options = b'\212\265\030\010\020\001:\004\002\003\t\r\202\323\344\223\002\010*\003/me:\001*'
   _globals['_EXPORTMYDATAREQUEST']._serialized_start=203
   _globals['_EXPORTMYDATAREQUEST']._serialized_end=224
   _globals['_EXPORTMYDATARESPONSE']._serialized_start=226
-  _globals['_EXPORTMYDATARESPONSE']._serialized_end=287
-  _globals['_DELETEMYACCOUNTREQUEST']._serialized_start=289
-  _globals['_DELETEMYACCOUNTREQUEST']._serialized_end=345
-  _globals['_DELETEMYACCOUNTRESPONSE']._serialized_start=347
-  _globals['_DELETEMYACCOUNTRESPONSE']._serialized_end=372
-  _globals['_REGISTERREQUEST']._serialized_start=374
-  _globals['_REGISTERREQUEST']._serialized_end=465
-  _globals['_LOGINREQUEST']._serialized_start=467
-  _globals['_LOGINREQUEST']._serialized_end=526
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=528
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=578
-  _globals['_LOGOUTREQUEST']._serialized_start=580
-  _globals['_LOGOUTREQUEST']._serialized_end=624
-  _globals['_LOGOUTRESPONSE']._serialized_start=626
-  _globals['_LOGOUTRESPONSE']._serialized_end=642
-  _globals['_AUTHTOKENS']._serialized_start=645
-  _globals['_AUTHTOKENS']._serialized_end=823
-  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_start=825
-  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_end=875
-  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_start=877
-  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_end=907
-  _globals['_RESETPASSWORDREQUEST']._serialized_start=909
-  _globals['_RESETPASSWORDREQUEST']._serialized_end=980
-  _globals['_RESETPASSWORDRESPONSE']._serialized_start=982
-  _globals['_RESETPASSWORDRESPONSE']._serialized_end=1005
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=1007
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1090
-  _globals['_VERIFYEMAILREQUEST']._serialized_start=1092
-  _globals['_VERIFYEMAILREQUEST']._serialized_end=1133
-  _globals['_VERIFYEMAILRESPONSE']._serialized_start=1135
-  _globals['_VERIFYEMAILRESPONSE']._serialized_end=1240
-  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_start=1242
-  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_end=1274
-  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_start=1276
-  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_end=1396
-  _globals['_AUTHSERVICE']._serialized_start=1399
-  _globals['_AUTHSERVICE']._serialized_end=2791
+  _globals['_EXPORTMYDATARESPONSE']._serialized_end=293
+  _globals['_DELETEMYACCOUNTREQUEST']._serialized_start=295
+  _globals['_DELETEMYACCOUNTREQUEST']._serialized_end=351
+  _globals['_DELETEMYACCOUNTRESPONSE']._serialized_start=353
+  _globals['_DELETEMYACCOUNTRESPONSE']._serialized_end=378
+  _globals['_REGISTERREQUEST']._serialized_start=380
+  _globals['_REGISTERREQUEST']._serialized_end=471
+  _globals['_LOGINREQUEST']._serialized_start=473
+  _globals['_LOGINREQUEST']._serialized_end=532
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=534
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=584
+  _globals['_LOGOUTREQUEST']._serialized_start=586
+  _globals['_LOGOUTREQUEST']._serialized_end=630
+  _globals['_LOGOUTRESPONSE']._serialized_start=632
+  _globals['_LOGOUTRESPONSE']._serialized_end=648
+  _globals['_AUTHTOKENS']._serialized_start=651
+  _globals['_AUTHTOKENS']._serialized_end=829
+  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_start=831
+  _globals['_REQUESTPASSWORDRESETREQUEST']._serialized_end=881
+  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_start=883
+  _globals['_REQUESTPASSWORDRESETRESPONSE']._serialized_end=913
+  _globals['_RESETPASSWORDREQUEST']._serialized_start=915
+  _globals['_RESETPASSWORDREQUEST']._serialized_end=986
+  _globals['_RESETPASSWORDRESPONSE']._serialized_start=988
+  _globals['_RESETPASSWORDRESPONSE']._serialized_end=1011
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=1013
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1096
+  _globals['_VERIFYEMAILREQUEST']._serialized_start=1098
+  _globals['_VERIFYEMAILREQUEST']._serialized_end=1139
+  _globals['_VERIFYEMAILRESPONSE']._serialized_start=1141
+  _globals['_VERIFYEMAILRESPONSE']._serialized_end=1246
+  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_start=1248
+  _globals['_RESENDVERIFICATIONEMAILREQUEST']._serialized_end=1280
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_start=1282
+  _globals['_RESENDVERIFICATIONEMAILRESPONSE']._serialized_end=1402
+  _globals['_AUTHSERVICE']._serialized_start=1405
+  _globals['_AUTHSERVICE']._serialized_end=2805
 # @@protoc_insertion_point(module_scope)

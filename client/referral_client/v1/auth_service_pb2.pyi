@@ -20,8 +20,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ExportMyDataRequest(_message.Message):
-    """ExportMyDataRequest asks for the caller's data; the account is the
-    caller's.
+    """ExportMyDataRequest is the (empty) input of AuthService.ExportMyData;
+    the account is the caller's.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -47,7 +47,10 @@ class ExportMyDataResponse(_message.Message):
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """The data as a JSON object with the keys account, codes, referrer,
-        referrals, ledger, security_events and consents.
+        referrals, ledger, security_events and consents. For example
+        `{"account": {"user_id": 42, "email": "ada@example.com"}, "codes": [],
+        "referrer": {"user_id": 41}, "referrals": [], "ledger": [],
+        "security_events": [], "consents": []}`.
         """
 
     def __init__(
@@ -65,13 +68,17 @@ Global___ExportMyDataResponse: _TypeAlias = ExportMyDataResponse  # noqa: Y015
 
 @_typing.final
 class DeleteMyAccountRequest(_message.Message):
-    """DeleteMyAccountRequest confirms an erasure."""
+    """DeleteMyAccountRequest is the input of AuthService.DeleteMyAccount: it
+    confirms the erasure.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     current_password: _builtins.str
-    """The caller's current password."""
+    """The caller's current password (at most 128 characters, no NUL
+    characters). For example `correct horse battery staple`.
+    """
     def __init__(
         self,
         *,
@@ -87,7 +94,9 @@ Global___DeleteMyAccountRequest: _TypeAlias = DeleteMyAccountRequest  # noqa: Y0
 
 @_typing.final
 class DeleteMyAccountResponse(_message.Message):
-    """DeleteMyAccountResponse confirms the erasure."""
+    """DeleteMyAccountResponse is the (empty) result of
+    AuthService.DeleteMyAccount.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

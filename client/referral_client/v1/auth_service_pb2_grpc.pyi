@@ -88,7 +88,7 @@ class AuthServiceStub:
     """ExportMyData returns everything the service holds about the caller, as
     one JSON object: the account, codes, referrer, referrals (their user ids
     and registration times), ledger, security events (the audit rows about
-    the account) and consents.
+    the account) and consents. It changes nothing.
     """
     DeleteMyAccount: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.DeleteMyAccountRequest, _auth_service_pb2.DeleteMyAccountResponse]
     """DeleteMyAccount erases the caller's personal data at once, after
@@ -96,7 +96,9 @@ class AuthServiceStub:
     pseudonym, codes are deactivated, every token is revoked and the hashed
     client signals are dropped. Referral links and ledger entries stay (with
     the pseudonym), so other people's balances and the audit chain stay
-    whole.
+    whole. A `user.deleted` event (the user id only) goes out with it.
+    Safe to retry: once erased, the account's tokens no longer work, so a
+    retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
     """
 
 @_typing.type_check_only
@@ -159,7 +161,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """ExportMyData returns everything the service holds about the caller, as
     one JSON object: the account, codes, referrer, referrals (their user ids
     and registration times), ledger, security events (the audit rows about
-    the account) and consents.
+    the account) and consents. It changes nothing.
     """
     DeleteMyAccount: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.DeleteMyAccountRequest, _auth_service_pb2.DeleteMyAccountResponse]  # type: ignore[assignment]
     """DeleteMyAccount erases the caller's personal data at once, after
@@ -167,7 +169,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     pseudonym, codes are deactivated, every token is revoked and the hashed
     client signals are dropped. Referral links and ledger entries stay (with
     the pseudonym), so other people's balances and the audit chain stay
-    whole.
+    whole. A `user.deleted` event (the user id only) goes out with it.
+    Safe to retry: once erased, the account's tokens no longer work, so a
+    retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -287,7 +291,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """ExportMyData returns everything the service holds about the caller, as
         one JSON object: the account, codes, referrer, referrals (their user ids
         and registration times), ledger, security events (the audit rows about
-        the account) and consents.
+        the account) and consents. It changes nothing.
         """
 
     @_abc_1.abstractmethod
@@ -301,7 +305,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         pseudonym, codes are deactivated, every token is revoked and the hashed
         client signals are dropped. Referral links and ledger entries stay (with
         the pseudonym), so other people's balances and the audit chain stay
-        whole.
+        whole. A `user.deleted` event (the user id only) goes out with it.
+        Safe to retry: once erased, the account's tokens no longer work, so a
+        retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -40,6 +40,12 @@ class Event(_message.Message):
     REWARD_CREDITED_FIELD_NUMBER: _builtins.int
     REWARD_REVERSED_FIELD_NUMBER: _builtins.int
     REWARD_REDEEMED_FIELD_NUMBER: _builtins.int
+    USER_BLOCKED_FIELD_NUMBER: _builtins.int
+    USER_UNBLOCKED_FIELD_NUMBER: _builtins.int
+    BALANCE_ADJUSTED_FIELD_NUMBER: _builtins.int
+    PROGRAM_UPDATED_FIELD_NUMBER: _builtins.int
+    REFERRAL_APPROVED_FIELD_NUMBER: _builtins.int
+    USER_DELETED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The event's unique identifier ("evt_" and 32 hexadecimal digits); it is
     also the `webhook-id` of every webhook delivery of the event.
@@ -100,6 +106,34 @@ class Event(_message.Message):
     def reward_redeemed(self) -> Global___RewardRedeemed:
         """A user's rewards were redeemed (type "reward.redeemed")."""
 
+    @_builtins.property
+    def user_blocked(self) -> Global___UserBlocked:
+        """An administrator blocked a user (type "user.blocked")."""
+
+    @_builtins.property
+    def user_unblocked(self) -> Global___UserUnblocked:
+        """An administrator lifted a user's block (type "user.unblocked")."""
+
+    @_builtins.property
+    def balance_adjusted(self) -> Global___BalanceAdjusted:
+        """An administrator corrected a user's balance (type "balance.adjusted")."""
+
+    @_builtins.property
+    def program_updated(self) -> Global___ProgramUpdated:
+        """An administrator stored a new version of the program (type
+        "program.updated").
+        """
+
+    @_builtins.property
+    def referral_approved(self) -> Global___ReferralApproved:
+        """An administrator approved a referral held for review (type
+        "referral.approved"); a rejection is "referral.rejected".
+        """
+
+    @_builtins.property
+    def user_deleted(self) -> Global___UserDeleted:
+        """A user erased their personal data (type "user.deleted")."""
+
     def __init__(
         self,
         *,
@@ -118,12 +152,18 @@ class Event(_message.Message):
         reward_credited: Global___RewardCredited | None = ...,
         reward_reversed: Global___RewardReversed | None = ...,
         reward_redeemed: Global___RewardRedeemed | None = ...,
+        user_blocked: Global___UserBlocked | None = ...,
+        user_unblocked: Global___UserUnblocked | None = ...,
+        balance_adjusted: Global___BalanceAdjusted | None = ...,
+        program_updated: Global___ProgramUpdated | None = ...,
+        referral_approved: Global___ReferralApproved | None = ...,
+        user_deleted: Global___UserDeleted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_created", b"code_created", "code_deleted", b"code_deleted", "occurred_at", b"occurred_at", "payload", b"payload", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "referral_reversed", b"referral_reversed", "reward_credited", b"reward_credited", "reward_redeemed", b"reward_redeemed", "reward_reversed", b"reward_reversed", "user_password_changed", b"user_password_changed", "user_registered", b"user_registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_adjusted", b"balance_adjusted", "code_created", b"code_created", "code_deleted", b"code_deleted", "occurred_at", b"occurred_at", "payload", b"payload", "program_updated", b"program_updated", "referral_approved", b"referral_approved", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "referral_reversed", b"referral_reversed", "reward_credited", b"reward_credited", "reward_redeemed", b"reward_redeemed", "reward_reversed", b"reward_reversed", "user_blocked", b"user_blocked", "user_deleted", b"user_deleted", "user_password_changed", b"user_password_changed", "user_registered", b"user_registered", "user_unblocked", b"user_unblocked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_created", b"code_created", "code_deleted", b"code_deleted", "cursor", b"cursor", "id", b"id", "occurred_at", b"occurred_at", "payload", b"payload", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "referral_reversed", b"referral_reversed", "reward_credited", b"reward_credited", "reward_redeemed", b"reward_redeemed", "reward_reversed", b"reward_reversed", "type", b"type", "user_password_changed", b"user_password_changed", "user_registered", b"user_registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_adjusted", b"balance_adjusted", "code_created", b"code_created", "code_deleted", b"code_deleted", "cursor", b"cursor", "id", b"id", "occurred_at", b"occurred_at", "payload", b"payload", "program_updated", b"program_updated", "referral_approved", b"referral_approved", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "referral_reversed", b"referral_reversed", "reward_credited", b"reward_credited", "reward_redeemed", b"reward_redeemed", "reward_reversed", b"reward_reversed", "type", b"type", "user_blocked", b"user_blocked", "user_deleted", b"user_deleted", "user_password_changed", b"user_password_changed", "user_registered", b"user_registered", "user_unblocked", b"user_unblocked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_password_changed", "code_created", "code_deleted", "referral_created", "referral_qualified", "referral_reversed", "referral_rejected", "reward_credited", "reward_reversed", "reward_redeemed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_password_changed", "code_created", "code_deleted", "referral_created", "referral_qualified", "referral_reversed", "referral_rejected", "reward_credited", "reward_reversed", "reward_redeemed", "user_blocked", "user_unblocked", "balance_adjusted", "program_updated", "referral_approved", "user_deleted"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -576,3 +616,157 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class UserBlocked(_message.Message):
+    """UserBlocked is the payload of "user.blocked"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The identifier of the blocked user. For example `42`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserBlocked: _TypeAlias = UserBlocked  # noqa: Y015
+
+@_typing.final
+class UserUnblocked(_message.Message):
+    """UserUnblocked is the payload of "user.unblocked"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The identifier of the user whose block was lifted. For example `42`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserUnblocked: _TypeAlias = UserUnblocked  # noqa: Y015
+
+@_typing.final
+class BalanceAdjusted(_message.Message):
+    """BalanceAdjusted is the payload of "balance.adjusted"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LEDGER_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The identifier of the user whose balance was corrected. For example
+    `42`.
+    """
+    ledger_entry_id: _builtins.int
+    """The ledger entry of the adjustment. For example `7`."""
+    amount_minor: _builtins.int
+    """The signed amount in minor units: positive credits, negative debits.
+    For example `-200`.
+    """
+    currency: _builtins.str
+    """The ISO 4217 currency code. For example `USD`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        ledger_entry_id: _builtins.int = ...,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "currency", b"currency", "ledger_entry_id", b"ledger_entry_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BalanceAdjusted: _TypeAlias = BalanceAdjusted  # noqa: Y015
+
+@_typing.final
+class ProgramUpdated(_message.Message):
+    """ProgramUpdated is the payload of "program.updated"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version now in force. For example `3`."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgramUpdated: _TypeAlias = ProgramUpdated  # noqa: Y015
+
+@_typing.final
+class ReferralApproved(_message.Message):
+    """ReferralApproved is the payload of "referral.approved"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFEREE_USER_ID_FIELD_NUMBER: _builtins.int
+    REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
+    referee_user_id: _builtins.int
+    """The newcomer's user identifier. For example `42`."""
+    referrer_user_id: _builtins.int
+    """The referrer's user identifier. For example `41`."""
+    def __init__(
+        self,
+        *,
+        referee_user_id: _builtins.int = ...,
+        referrer_user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referee_user_id", b"referee_user_id", "referrer_user_id", b"referrer_user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralApproved: _TypeAlias = ReferralApproved  # noqa: Y015
+
+@_typing.final
+class UserDeleted(_message.Message):
+    """UserDeleted is the payload of "user.deleted": the user id only, never
+    the erased address.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The identifier of the erased user. For example `42`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserDeleted: _TypeAlias = UserDeleted  # noqa: Y015
