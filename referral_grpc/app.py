@@ -177,7 +177,7 @@ def build_app(
         admin=Administration(
             db, clock, cache, rewards, PageTokens(settings.jwt_secret, purpose="audit-page-token-v1")
         ),
-        data_rights=DataRights(db, clock, hasher, cache),
+        data_rights=DataRights(db, clock, hasher, cache, throttle, limits.login),
         webhooks=WebhookService(
             db, clock, url_checker(settings), timedelta(hours=settings.webhook_secret_overlap_hours)
         ),

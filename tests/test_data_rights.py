@@ -137,3 +137,25 @@ def test_erasure_leaves_no_trace_of_the_email_and_others_balances_unchanged(rw: 
     assert (erased.actor, erased.target) == (f"user:{user_id}", f"user:{user_id}")
     assert audit.verify_chain().broken is None
     assert json.dumps([erased.before, erased.after]) == "[null, null]"
+
+
+def test_erasure_password_guesses_share_the_login_throttle(database_url: str, clock: FakeClock) -> None:
+    """A stolen access token must not let anyone guess the password through DeleteMyAccount."""
+    with running_rewards(database_url, clock, login_max_failures=3) as rw:
+        tokens = rw.api.register(EMAIL, PASSWORD)
+        guess = auth_pb.DeleteMyAccountRequest(current_password="not my password")
+        for _ in range(3):
+            wrong = expect_error(rw.api.auth.DeleteMyAccount, guess, metadata=bearer(tokens.access_token))
+            assert wrong.reason == "WRONG_PASSWORD"
+        throttled = expect_error(
+            rw.api.auth.DeleteMyAccount,
+            auth_pb.DeleteMyAccountRequest(current_password=PASSWORD),
+            metadata=bearer(tokens.access_token),
+        )
+        assert throttled.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert throttled.reason == "TOO_MANY_ATTEMPTS" and throttled.retry_delay
+        # Nothing was erased, and the account's login counter is the one that ran out.
+        login = expect_error(rw.api.auth.Login, auth_pb.LoginRequest(email=EMAIL, password=PASSWORD))
+        assert login.reason == "TOO_MANY_ATTEMPTS"
+        clock.advance(seconds=901)
+        assert rw.api.auth.Login(auth_pb.LoginRequest(email=EMAIL, password=PASSWORD)).access_token

@@ -24,7 +24,7 @@ from .auth import end_sessions
 from .errors import InvalidArgument
 from .events import USER_DELETED, NewEvent, append_events
 from .passwords import PasswordHasher
-from .ports import Clock, CodeCache
+from .ports import Clock, CodeCache, Rule, Throttle
 from .tokens import invalid_token
 from .validation import check_password_input
 
@@ -41,11 +41,22 @@ def _iso(value: datetime | None) -> str | None:
 
 
 class DataRights:
-    def __init__(self, db: pw.Database, clock: Clock, hasher: PasswordHasher, cache: CodeCache) -> None:
+    def __init__(
+        self,
+        db: pw.Database,
+        clock: Clock,
+        hasher: PasswordHasher,
+        cache: CodeCache,
+        throttle: Throttle,
+        password_rule: Rule,
+    ) -> None:
         self._db = db
         self._clock = clock
         self._hasher = hasher
         self._cache = cache
+        self._throttle = throttle
+        # Login's rule and counter: a stolen access token must not become a password-guessing oracle.
+        self._password_rule = password_rule
 
     def export(self, user_id: int) -> dict[str, Any]:
         """Every row about the user, as plain JSON values."""
@@ -108,10 +119,12 @@ class DataRights:
         user = User.get_or_none(User.id == user_id)
         if user is None:
             raise invalid_token()
+        self._throttle.hit(self._password_rule, user.email_key)
         if not self._hasher.verify(current_password, user.password_hash):
             raise InvalidArgument.for_field(
                 "current_password", "does not match the current password", "WRONG_PASSWORD"
             )
+        self._throttle.clear(self._password_rule, user.email_key)
         now = self._clock.now()
         alias = pseudonym(user.id)
         # A hash of a password nobody knows: the account can never be signed into again.

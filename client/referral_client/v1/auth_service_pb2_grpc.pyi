@@ -97,7 +97,8 @@ class AuthServiceStub:
     client signals are dropped. Referral links and ledger entries stay (with
     the pseudonym), so other people's balances and the audit chain stay
     whole. A `user.deleted` event (the user id only) goes out with it.
-    Safe to retry: once erased, the account's tokens no longer work, so a
+    Wrong passwords count against the account's login throttle
+    (RESOURCE_EXHAUSTED, TOO_MANY_ATTEMPTS), like ChangePassword. Safe to retry: once erased, the account's tokens no longer work, so a
     retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
     """
 
@@ -170,7 +171,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     client signals are dropped. Referral links and ledger entries stay (with
     the pseudonym), so other people's balances and the audit chain stay
     whole. A `user.deleted` event (the user id only) goes out with it.
-    Safe to retry: once erased, the account's tokens no longer work, so a
+    Wrong passwords count against the account's login throttle
+    (RESOURCE_EXHAUSTED, TOO_MANY_ATTEMPTS), like ChangePassword. Safe to retry: once erased, the account's tokens no longer work, so a
     retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
     """
 
@@ -306,7 +308,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         client signals are dropped. Referral links and ledger entries stay (with
         the pseudonym), so other people's balances and the audit chain stay
         whole. A `user.deleted` event (the user id only) goes out with it.
-        Safe to retry: once erased, the account's tokens no longer work, so a
+        Wrong passwords count against the account's login throttle
+        (RESOURCE_EXHAUSTED, TOO_MANY_ATTEMPTS), like ChangePassword. Safe to retry: once erased, the account's tokens no longer work, so a
         retry is UNAUTHENTICATED (INVALID_TOKEN) and erases nothing twice.
         """
 
