@@ -21,7 +21,7 @@ from referral_grpc.api import idempotency
 from referral_grpc.api.errors import CODES
 from referral_grpc.api.policy import SERVICES, Policy, policy_for, public_methods
 from referral_grpc.devstack.envoy_config import load_envoy_config, rate_limited_routes
-from referral_grpc.domain import errors, programs, rewards
+from referral_grpc.domain import errors, events, programs, rewards, webhooks
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
 
@@ -109,7 +109,7 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
     rules = http_rules()
     assert documented == set(rules)
-    assert len(rules) == 38
+    assert len(rules) == 39
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(set(operation_ids)) == len(operation_ids)
     assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
@@ -242,9 +242,7 @@ def test_bearer_auth_on_every_route_but_the_public_ones(document: dict[str, Any]
     assert len(server_public) == 7
     rest_methods = set(rules.values())
     backend_services = ("RewardService", "AdminService", "EventService", "WebhookService")
-    assert key_operations == {
-        method for method in rest_methods if method.split(".")[2] in backend_services
-    }
+    assert key_operations == {method for method in rest_methods if method.split(".")[2] in backend_services}
     assert {
         "referral.v1.RewardService.RecordEvent",
         "referral.v1.AdminService.DecideReferral",
@@ -335,6 +333,8 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
     # Every ISO 4217 code is three letters; the server refuses codes not in its list.
     currency = {"minLength": 1, "maxLength": 3}
     idempotency_key = {"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH, "pattern": PRINTABLE_ASCII}
+    # A path parameter: ids start at 1.
+    endpoint_id = {"minLength": 1, "format": "int64", "pattern": INT64_1_OR_MORE}
     expected = {
         "AuthService_Register.email": email,
         "AuthService_Register.password": new_password,
@@ -378,11 +378,52 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         "AuthService_Register.Idempotency-Key": idempotency_key,
         "ReferralService_CreateReferralCode.Idempotency-Key": idempotency_key,
         "RewardService_RedeemRewards.Idempotency-Key": idempotency_key,
+        "EventService_ListEvents.after_cursor": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "EventService_ListEvents.types": {},  # an array: its elements' limits are below
+        "EventService_ListEvents.page_size": {
+            "format": "int32",
+            "minimum": 0,
+            "maximum": events.MAX_PAGE_SIZE,
+        },
+        "WebhookService_CreateWebhookEndpoint.url": {
+            "minLength": 1,
+            "maxLength": webhooks.MAX_URL_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_CreateWebhookEndpoint.event_types": {},
+        "WebhookService_CreateWebhookEndpoint.description": {
+            "maxLength": webhooks.MAX_DESCRIPTION_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_CreateWebhookEndpoint.Idempotency-Key": idempotency_key,
+        "WebhookService_GetWebhookEndpoint.id": endpoint_id,
+        "WebhookService_DeleteWebhookEndpoint.id": endpoint_id,
+        "WebhookService_RotateWebhookSecret.id": endpoint_id,
+        "WebhookService_RotateWebhookSecret.Idempotency-Key": idempotency_key,
+        "WebhookService_ListWebhookDeliveries.id": endpoint_id,
+        "WebhookService_ListWebhookDeliveries.page_size": {
+            "format": "int32",
+            "minimum": 0,
+            "maximum": webhooks.MAX_PAGE_SIZE,
+        },
+        "WebhookService_RedeliverEvents.id": endpoint_id,
+        "WebhookService_RedeliverEvents.after_cursor": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "WebhookService_RedeliverEvents.event_id": {
+            "maxLength": events.EVENT_ID_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_EnableWebhookEndpoint.id": endpoint_id,
     }
     fields = request_fields(document)
     assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"
     for name, keywords in expected.items():
         assert {k: v for k, v in fields[name].items() if k in LIMIT_KEYWORDS} == keywords, name
+    # Each event type name a request lists: a known name is never longer than the longest one.
+    event_type = {"minLength": 1, "maxLength": events.MAX_TYPE_NAME_LENGTH, "pattern": NO_CONTROL}
+    for name in ("EventService_ListEvents.types", "WebhookService_CreateWebhookEndpoint.event_types"):
+        items = fields[name]["items"]
+        assert {k: v for k, v in items.items() if k in LIMIT_KEYWORDS} == event_type, name
+        assert items["enum"] == list(events.EVENT_TYPES), name
 
 
 def test_the_documented_control_characters_are_ones_the_server_refuses() -> None:
@@ -761,8 +802,10 @@ def test_rate_limit_headers_on_exactly_the_routes_envoy_limits(document: dict[st
         path = "/" + rpc.rsplit(".", 1)[0] + "/" + rpc.rsplit(".", 1)[1]
         for route in routes:
             match = route["match"]
-            if match.get("path") == path or path.startswith(match.get("prefix", "\0")) or (
-                "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path)
+            if (
+                match.get("path") == path
+                or path.startswith(match.get("prefix", "\0"))
+                or ("safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path))
             ):
                 return True
         return False
