@@ -28,7 +28,7 @@ from support.rewards import RewardsApi, running_rewards
 from referral_grpc.gen import webhook_service_pb2 as wh_pb
 from referral_grpc.gen import webhook_service_pb2_grpc
 from referral_grpc.infra.webhooks import forbidden_address, post
-from referral_grpc.store.models import Event, WebhookDelivery
+from referral_grpc.store.models import Event, WebhookDelivery, WebhookEndpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -296,10 +296,11 @@ def test_a_failing_endpoint_is_disabled_and_its_events_wait_for_re_enabling(
     rotated = stub.RotateWebhookSecret(
         wh_pb.RotateWebhookSecretRequest(id=created.endpoint.id), metadata=auth
     )
-    # Re-enabling (a redelivery of nothing: after the last cursor) sends what waited.
-    last = Event.select().order_by(Event.id.desc()).first().id
-    enable = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=last)
-    assert stub.RedeliverEvents(enable, metadata=auth).queued == 0
+    # Re-enabling sends what waited, and only that.
+    enabled = stub.EnableWebhookEndpoint(
+        wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id), metadata=auth
+    )
+    assert (enabled.status, enabled.consecutive_failures) == (wh_pb.ENABLED, 0)
     registered = {row.event_id for row in Event.select().where(Event.type == "user.registered")}
     wait_until(lambda: set(receiver.ids()[3:]) == registered, 30, "the waiting events after re-enabling")
     assert stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.ENABLED
@@ -361,3 +362,67 @@ def test_redeliver_queues_a_range_or_one_event_again(database_url: str, clock: F
             metadata=auth,
         )
         assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_retried_create_or_rotation_with_an_idempotency_key_happens_once(rw: RewardsApi) -> None:
+    stub, auth = manage(rw)
+    request = wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/x", description="once")
+    key = (("idempotency-key", "create-endpoint-1"),)
+    first = stub.CreateWebhookEndpoint(request, metadata=auth + key)
+    again = stub.CreateWebhookEndpoint(request, metadata=auth + key)
+    # The same endpoint and the same secret: the retry is the first answer, not a second endpoint.
+    assert again == first
+    listed = stub.ListWebhookEndpoints(wh_pb.ListWebhookEndpointsRequest(), metadata=auth).endpoints
+    assert [e.id for e in listed] == [first.endpoint.id]
+    other = expect_error(
+        stub.CreateWebhookEndpoint,
+        wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/y"),
+        metadata=auth + key,
+    )
+    assert (other.code, other.reason) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    # Without a key each call creates one, as before.
+    stub.CreateWebhookEndpoint(request, metadata=auth)
+    assert len(stub.ListWebhookEndpoints(wh_pb.ListWebhookEndpointsRequest(), metadata=auth).endpoints) == 2
+
+    rotate = wh_pb.RotateWebhookSecretRequest(id=first.endpoint.id)
+    rotation_key = (("idempotency-key", "rotate-1"),)
+    rotated = stub.RotateWebhookSecret(rotate, metadata=auth + rotation_key)
+    assert stub.RotateWebhookSecret(rotate, metadata=auth + rotation_key) == rotated
+    # Rotated once: the secret before the rotation still signs, next to the new one.
+    row = WebhookEndpoint.get_by_id(first.endpoint.id)
+    assert (row.secret, row.previous_secret) == (rotated.secret, first.secret)
+
+
+def test_enabling_an_endpoint_sends_what_waited_once_and_nothing_else(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    """An endpoint disabled after failures: its events wait; enabling delivers each once."""
+    receiver = Receiver()
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=receiver.url, event_types=["user.registered"]), metadata=auth
+    )
+    rw.person()
+    start_worker(worker_env(pg_url, redis_url, key_prefix))
+    wait_until(lambda: len(receiver.received) == 1, 30, "the first event delivered")
+    WebhookEndpoint.update(status="disabled").execute()  # as a run of failures leaves it
+    for _ in range(3):
+        rw.person()
+    time.sleep(1)  # relay passes every 0.05 s: a disabled endpoint must get nothing meanwhile
+    assert len(receiver.received) == 1
+    missing = expect_error(
+        stub.EnableWebhookEndpoint,
+        wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id + 1),
+        metadata=auth,
+    )
+    assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_ENDPOINT_NOT_FOUND")
+    stub.EnableWebhookEndpoint(wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id), metadata=auth)
+    logged = [
+        row.event_id for row in Event.select().where(Event.type == "user.registered").order_by(Event.id)
+    ]
+    wait_until(lambda: len(receiver.received) == len(logged), 30, "the waiting events after enabling")
+    time.sleep(0.5)
+    # Each waiting event once (worker threads deliver side by side, so not necessarily in log order).
+    assert sorted(receiver.ids()) == sorted(logged) and receiver.ids()[0] == logged[0]
+    verified(receiver, created.secret)
+    receiver.close()

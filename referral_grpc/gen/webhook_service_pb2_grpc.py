@@ -152,8 +152,8 @@ class WebhookServiceServicer:
     def EnableWebhookEndpoint(self, request, context):
         """EnableWebhookEndpoint enables an endpoint that was disabled after a run
         of failed attempts, and resets its failure count: the deliveries that
-        waited while it was disabled are sent, oldest event first, and nothing
-        is sent twice. Enabling an enabled endpoint changes nothing.
+        waited while it was disabled are sent; what was delivered before is not
+        sent again. Enabling an enabled endpoint changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,8 +70,8 @@ class WebhookServiceStub:
     EnableWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.EnableWebhookEndpointRequest, _webhook_service_pb2.WebhookEndpoint]
     """EnableWebhookEndpoint enables an endpoint that was disabled after a run
     of failed attempts, and resets its failure count: the deliveries that
-    waited while it was disabled are sent, oldest event first, and nothing
-    is sent twice. Enabling an enabled endpoint changes nothing.
+    waited while it was disabled are sent; what was delivered before is not
+    sent again. Enabling an enabled endpoint changes nothing.
     """
 
 @_typing.type_check_only
@@ -116,8 +116,8 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     EnableWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.EnableWebhookEndpointRequest, _webhook_service_pb2.WebhookEndpoint]  # type: ignore[assignment]
     """EnableWebhookEndpoint enables an endpoint that was disabled after a run
     of failed attempts, and resets its failure count: the deliveries that
-    waited while it was disabled are sent, oldest event first, and nothing
-    is sent twice. Enabling an enabled endpoint changes nothing.
+    waited while it was disabled are sent; what was delivered before is not
+    sent again. Enabling an enabled endpoint changes nothing.
     """
 
 class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -207,8 +207,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_webhook_service_pb2.WebhookEndpoint, _abc.Awaitable[_webhook_service_pb2.WebhookEndpoint]]:
         """EnableWebhookEndpoint enables an endpoint that was disabled after a run
         of failed attempts, and resets its failure count: the deliveries that
-        waited while it was disabled are sent, oldest event first, and nothing
-        is sent twice. Enabling an enabled endpoint changes nothing.
+        waited while it was disabled are sent; what was delivered before is not
+        sent again. Enabling an enabled endpoint changes nothing.
         """
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
