@@ -220,7 +220,8 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     ids = receiver.ids()
     duplicates = len(ids) - len(set(ids))
     print(
-        f"fault test (worker killed mid-delivery): events sent {len(logged)}, received {len(set(ids))}, duplicates by id {duplicates}"
+        f"fault test (worker killed mid-delivery): events sent {len(logged)}, "
+        f"received {len(set(ids))}, duplicates by id {duplicates}"
     )
     assert set(ids) == logged
     # The interrupted one arrived again, with the same webhook-id; nothing else twice.
