@@ -84,6 +84,7 @@ KEY_RPCS = {
     "/referral.v1.WebhookService/RotateWebhookSecret": {"webhooks:manage"},
     "/referral.v1.WebhookService/ListWebhookDeliveries": {"webhooks:manage"},
     "/referral.v1.WebhookService/RedeliverEvents": {"webhooks:manage"},
+    "/referral.v1.WebhookService/EnableWebhookEndpoint": {"webhooks:manage"},
 }
 # Of those, the ones a user's own access token may call instead.
 KEY_OR_USER_RPCS = {"/referral.v1.RewardService/GetBalance", "/referral.v1.RewardService/ListLedgerEntries"}

@@ -76,6 +76,12 @@ def api_key(env: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
+def events_key(env: dict[str, str]) -> str:
+    """A backend's key for the event log and webhook endpoints."""
+    return create_api_key(env, "gateway-events", "events:read", "webhooks:manage")
+
+
+@pytest.fixture(scope="module")
 def backend(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Address]:
     with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as (_, address):
         yield address
@@ -596,7 +602,7 @@ def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:
 
 
 def test_every_documented_operation_answers_as_documented(
-    rest: Rest, module_pg_url: str, api_key: str
+    rest: Rest, module_pg_url: str, api_key: str, events_key: str
 ) -> None:
     """A valid call of each operation in the document: 200 with a body that validates against its schema;
     and a failing call of each: an error status with the documented error schema."""
@@ -615,6 +621,11 @@ def test_every_documented_operation_answers_as_documented(
 
     def as_backend(**request: Any) -> dict[str, Any]:
         return request | {"headers": {"x-api-key": api_key, **request.get("headers", {})}}
+
+    def on_webhook(suffix: str = "", **request: Any) -> dict[str, Any]:
+        """A call about the endpoint created below, with the events and webhooks key."""
+        path = f"/webhooks/{state['webhook']['endpoint']['id']}{suffix}"
+        return request | {"path": path, "headers": {"x-api-key": events_key, **request.get("headers", {})}}
 
     credentials = {"email": owner_email, "password": PASSWORD}
     # The program of the `api_key` fixture, with the fraud signals that count per client address only
@@ -694,6 +705,20 @@ def test_every_documented_operation_answers_as_documented(
         ("AdminService_ListAuditEvents", lambda: as_backend(params={"actor": "key:gateway-tests"}), None),
         ("AuthService_DeleteMyAccount",
          lambda: {"token": state["eraser"]["access_token"], "json": {"current_password": PASSWORD}}, None),
+        ("EventService_ListEvents", lambda: {"headers": {"x-api-key": events_key},
+                                             "params": {"types": "user.registered", "page_size": 5}}, None),
+        ("WebhookService_CreateWebhookEndpoint", lambda: {
+            "headers": {"x-api-key": events_key, "Idempotency-Key": uuid.uuid4().hex},
+            "json": {"url": "https://hooks.example.com/spec", "event_types": ["reward.credited"]}},
+         remember("webhook")),
+        ("WebhookService_ListWebhookEndpoints", lambda: {"headers": {"x-api-key": events_key}}, None),
+        ("WebhookService_GetWebhookEndpoint", lambda: on_webhook(), None),
+        ("WebhookService_RotateWebhookSecret", lambda: on_webhook("/rotate_secret", json={}), None),
+        ("WebhookService_ListWebhookDeliveries", lambda: on_webhook("/deliveries"), None),
+        ("WebhookService_RedeliverEvents", lambda: on_webhook("/redeliver", json={"after_cursor": "1"}),
+         None),
+        ("WebhookService_EnableWebhookEndpoint", lambda: on_webhook("/enable"), None),
+        ("WebhookService_DeleteWebhookEndpoint", lambda: on_webhook(), None),
     ]  # fmt: skip
     rest.ok("PUT", "/admin/program", **as_backend(json=program))
     state["friend"] = rest.register(friend_email)
@@ -705,7 +730,9 @@ def test_every_documented_operation_answers_as_documented(
     for name, make_request, keep in steps:
         verb, path, operation = operations[name]
         request = make_request()
-        response = rest.call(verb.upper(), path.format(**request.pop("path_params", {})), **request)
+        response = rest.call(
+            verb.upper(), request.pop("path", path).format(**request.pop("path_params", {})), **request
+        )
         assert response.status_code == 200, (name, response.text)
         validate(operation["responses"]["200"]["content"]["application/json"]["schema"], response.json())
         if keep is not None:
@@ -713,8 +740,8 @@ def test_every_documented_operation_answers_as_documented(
 
     for name, (verb, path, operation) in operations.items():
         # No token for protected operations, an empty body or missing parameter for public ones.
-        path = re.sub(r"\{[^}]+\}", "1", path)
-        response = rest.call(verb.upper(), path, json={} if "requestBody" in operation else None)
+        concrete = re.sub(r"\{[^}]+\}", "1", path)  # path parameters: a well-formed id
+        response = rest.call(verb.upper(), concrete, json={} if "requestBody" in operation else None)
         assert 400 <= response.status_code < 500, (name, response.status_code)
         assert ("security" in operation) == (response.status_code == 401), (name, response.text)
         error_schema = DOCUMENT["components"]["responses"]["Error"]["content"]["application/json"]["schema"]

@@ -21,7 +21,7 @@ from referral_grpc.api import idempotency
 from referral_grpc.api.errors import CODES
 from referral_grpc.api.policy import SERVICES, Policy, policy_for, public_methods
 from referral_grpc.devstack.envoy_config import load_envoy_config, rate_limited_routes
-from referral_grpc.domain import errors, fraud, programs, rewards
+from referral_grpc.domain import errors, events, fraud, programs, rewards, webhooks
 from referral_grpc.domain import validation as limits
 from referral_grpc.domain.errors import InvalidArgument
 from referral_grpc.store import models
@@ -110,7 +110,7 @@ def test_every_http_rule_is_a_path_with_an_operation_id(document: dict[str, Any]
     documented = {(verb, path) for path, item in document["paths"].items() for verb in item}
     rules = http_rules()
     assert documented == set(rules)
-    assert len(rules) == 38
+    assert len(rules) == 39
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(set(operation_ids)) == len(operation_ids)
     assert document["paths"]["/auth/register"]["post"]["operationId"] == "AuthService_Register"
@@ -354,6 +354,8 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
     idempotency_key = {"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH, "pattern": PRINTABLE_ASCII}
     # An administrator's note or reason: free text but NUL (validation.check_no_nul).
     note = {"maxLength": rewards.MAX_NOTE_LENGTH, "pattern": NO_NUL}
+    # A path parameter: ids start at 1.
+    endpoint_id = {"minLength": 1, "format": "int64", "pattern": INT64_1_OR_MORE}
     expected = {
         "AuthService_Register.email": email,
         "AuthService_Register.password": new_password,
@@ -432,11 +434,52 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
         },
         # The data rights: the caller's current password, checked like ChangePassword's.
         "AuthService_DeleteMyAccount.current_password": password,
+        "EventService_ListEvents.after_cursor": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "EventService_ListEvents.types": {},  # an array: its elements' limits are below
+        "EventService_ListEvents.page_size": {
+            "format": "int32",
+            "minimum": 0,
+            "maximum": events.MAX_PAGE_SIZE,
+        },
+        "WebhookService_CreateWebhookEndpoint.url": {
+            "minLength": 1,
+            "maxLength": webhooks.MAX_URL_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_CreateWebhookEndpoint.event_types": {},
+        "WebhookService_CreateWebhookEndpoint.description": {
+            "maxLength": webhooks.MAX_DESCRIPTION_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_CreateWebhookEndpoint.Idempotency-Key": idempotency_key,
+        "WebhookService_GetWebhookEndpoint.id": endpoint_id,
+        "WebhookService_DeleteWebhookEndpoint.id": endpoint_id,
+        "WebhookService_RotateWebhookSecret.id": endpoint_id,
+        "WebhookService_RotateWebhookSecret.Idempotency-Key": idempotency_key,
+        "WebhookService_ListWebhookDeliveries.id": endpoint_id,
+        "WebhookService_ListWebhookDeliveries.page_size": {
+            "format": "int32",
+            "minimum": 0,
+            "maximum": webhooks.MAX_PAGE_SIZE,
+        },
+        "WebhookService_RedeliverEvents.id": endpoint_id,
+        "WebhookService_RedeliverEvents.after_cursor": {"format": "int64", "pattern": INT64_0_OR_MORE},
+        "WebhookService_RedeliverEvents.event_id": {
+            "maxLength": events.EVENT_ID_LENGTH,
+            "pattern": NO_CONTROL,
+        },
+        "WebhookService_EnableWebhookEndpoint.id": endpoint_id,
     }
     fields = request_fields(document)
     assert set(fields) == set(expected), "a new request field: add its limits (validation.py) here"
     for name, keywords in expected.items():
         assert {k: v for k, v in fields[name].items() if k in LIMIT_KEYWORDS} == keywords, name
+    # Each event type name a request lists: a known name is never longer than the longest one.
+    event_type = {"minLength": 1, "maxLength": events.MAX_TYPE_NAME_LENGTH, "pattern": NO_CONTROL}
+    for name in ("EventService_ListEvents.types", "WebhookService_CreateWebhookEndpoint.event_types"):
+        items = fields[name]["items"]
+        assert {k: v for k, v in items.items() if k in LIMIT_KEYWORDS} == event_type, name
+        assert items["enum"] == list(events.EVENT_TYPES), name
 
 
 def program_fields() -> dict[str, dict[str, Any]]:
@@ -537,7 +580,8 @@ def test_limit_phrases_become_schema_keywords_on_a_synthetic_api(tmp_path: Path)
     # A path parameter keeps its limits (a required string is a non-empty one), not its description.
     assert fields_of(create)[0]["schema"] == {"type": "string", "minLength": 1, "maxLength": 40}
     body = create["requestBody"]["content"]["application/json"]["schema"]
-    assert body["propertyNames"] == {"minLength": 1}
+    # The path's field may not come again in the body (the transcoder refuses that: MALFORMED_JSON).
+    assert body["propertyNames"] == {"minLength": 1, "not": {"enum": ["parent"]}}
     fields = body["properties"]
     assert fields["text"]["minLength"] == 2 and fields["text"]["maxLength"] == 500
     assert fields["text"]["pattern"] == NO_NUL

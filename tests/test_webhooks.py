@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,14 +22,14 @@ import grpc
 import jsonschema
 import pytest
 from standardwebhooks import Webhook
-from support import TEST_JWT_SECRET, FakeClock, wait_until
+from support import TEST_JWT_SECRET, FakeClock, closed_port, wait_until
 from support.api import expect_error
 from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.gen import webhook_service_pb2 as wh_pb
 from referral_grpc.gen import webhook_service_pb2_grpc
 from referral_grpc.infra.webhooks import forbidden_address, post
-from referral_grpc.store.models import Event, WebhookDelivery
+from referral_grpc.store.models import EmailOutbox, Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,7 @@ class Receiver:
     With `stall_first`, the first request is held that many seconds before it is answered.
     """
 
-    def __init__(self, failures: int = 0, stall_first: float = 0.0) -> None:
+    def __init__(self, failures: int = 0, stall_first: float = 0.0, port: int = 0) -> None:
         self.received: list[tuple[dict[str, str], bytes]] = []
         self._failures = failures
         self._stall_first = stall_first
@@ -62,7 +63,7 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         # A stalled answer must not hold up close().
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -218,7 +219,10 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     verified(receiver, created.secret)
     ids = receiver.ids()
     duplicates = len(ids) - len(set(ids))
-    print(f"fault test: events sent {len(logged)}, received {len(set(ids))}, duplicates by id {duplicates}")
+    print(
+        f"fault test (worker killed mid-delivery): events sent {len(logged)}, "
+        f"received {len(set(ids))}, duplicates by id {duplicates}"
+    )
     assert set(ids) == logged
     # The interrupted one arrived again, with the same webhook-id; nothing else twice.
     assert ids.count(ids[0]) == 2 and duplicates == 1
@@ -296,10 +300,11 @@ def test_a_failing_endpoint_is_disabled_and_its_events_wait_for_re_enabling(
     rotated = stub.RotateWebhookSecret(
         wh_pb.RotateWebhookSecretRequest(id=created.endpoint.id), metadata=auth
     )
-    # Re-enabling (a redelivery of nothing: after the last cursor) sends what waited.
-    last = Event.select().order_by(Event.id.desc()).first().id
-    enable = wh_pb.RedeliverEventsRequest(id=created.endpoint.id, after_cursor=last)
-    assert stub.RedeliverEvents(enable, metadata=auth).queued == 0
+    # Re-enabling sends what waited, and only that.
+    enabled = stub.EnableWebhookEndpoint(
+        wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id), metadata=auth
+    )
+    assert (enabled.status, enabled.consecutive_failures) == (wh_pb.ENABLED, 0)
     registered = {row.event_id for row in Event.select().where(Event.type == "user.registered")}
     wait_until(lambda: set(receiver.ids()[3:]) == registered, 30, "the waiting events after re-enabling")
     assert stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.ENABLED
@@ -361,3 +366,213 @@ def test_redeliver_queues_a_range_or_one_event_again(database_url: str, clock: F
             metadata=auth,
         )
         assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_retried_create_or_rotation_with_an_idempotency_key_happens_once(rw: RewardsApi) -> None:
+    stub, auth = manage(rw)
+    request = wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/x", description="once")
+    key = (("idempotency-key", "create-endpoint-1"),)
+    first = stub.CreateWebhookEndpoint(request, metadata=auth + key)
+    again = stub.CreateWebhookEndpoint(request, metadata=auth + key)
+    # The same endpoint and the same secret: the retry is the first answer, not a second endpoint.
+    assert again == first
+    listed = stub.ListWebhookEndpoints(wh_pb.ListWebhookEndpointsRequest(), metadata=auth).endpoints
+    assert [e.id for e in listed] == [first.endpoint.id]
+    other = expect_error(
+        stub.CreateWebhookEndpoint,
+        wh_pb.CreateWebhookEndpointRequest(url="http://127.0.0.1:9/y"),
+        metadata=auth + key,
+    )
+    assert (other.code, other.reason) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    # Without a key each call creates one, as before.
+    stub.CreateWebhookEndpoint(request, metadata=auth)
+    assert len(stub.ListWebhookEndpoints(wh_pb.ListWebhookEndpointsRequest(), metadata=auth).endpoints) == 2
+
+    rotate = wh_pb.RotateWebhookSecretRequest(id=first.endpoint.id)
+    rotation_key = (("idempotency-key", "rotate-1"),)
+    rotated = stub.RotateWebhookSecret(rotate, metadata=auth + rotation_key)
+    assert stub.RotateWebhookSecret(rotate, metadata=auth + rotation_key) == rotated
+    # Rotated once: the secret before the rotation still signs, next to the new one.
+    row = WebhookEndpoint.get_by_id(first.endpoint.id)
+    assert (row.secret, row.previous_secret) == (rotated.secret, first.secret)
+
+
+def test_enabling_an_endpoint_sends_what_waited_once_and_nothing_else(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    """An endpoint disabled after failures: its events wait; enabling delivers each once."""
+    receiver = Receiver()
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=receiver.url, event_types=["user.registered"]), metadata=auth
+    )
+    rw.person()
+    start_worker(worker_env(pg_url, redis_url, key_prefix))
+    wait_until(lambda: len(receiver.received) == 1, 30, "the first event delivered")
+    WebhookEndpoint.update(status="disabled").execute()  # as a run of failures leaves it
+    for _ in range(3):
+        rw.person()
+    time.sleep(1)  # relay passes every 0.05 s: a disabled endpoint must get nothing meanwhile
+    assert len(receiver.received) == 1
+    missing = expect_error(
+        stub.EnableWebhookEndpoint,
+        wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id + 1),
+        metadata=auth,
+    )
+    assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_ENDPOINT_NOT_FOUND")
+    stub.EnableWebhookEndpoint(wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id), metadata=auth)
+    logged = [
+        row.event_id for row in Event.select().where(Event.type == "user.registered").order_by(Event.id)
+    ]
+    wait_until(lambda: len(receiver.received) == len(logged), 30, "the waiting events after enabling")
+    time.sleep(0.5)
+    # Each waiting event once (worker threads deliver side by side, so not necessarily in log order).
+    assert sorted(receiver.ids()) == sorted(logged) and receiver.ids()[0] == logged[0]
+    verified(receiver, created.secret)
+    receiver.close()
+
+
+# --- faults: real processes, nothing of ours mocked; each prints its counts ---------------------------
+
+
+def report(fault: str, logged: set[str], receiver: Receiver, secret: str) -> None:
+    """Every logged event arrived, each request verified by standardwebhooks; the counts printed."""
+    documents = verified(receiver, secret)
+    ids = receiver.ids()
+    duplicates = len(ids) - len(set(ids))
+    print(
+        f"fault test ({fault}): events sent {len(logged)}, received {len(set(ids))}, "
+        f"duplicates by id {duplicates}, delivery attempts {WebhookAttempt.select().count()}"
+    )
+    assert set(ids) == logged
+    # A duplicate is the same event again: same webhook-id, same body.
+    by_id: dict[str, bytes] = {}
+    for (headers, body), document in zip(receiver.received, documents, strict=True):
+        assert by_id.setdefault(headers["webhook-id"], body) == body
+        assert document["type"] in {"user.registered", "code.created", "referral.created"} | {
+            "referral.qualified", "reward.credited", "referral.reversed", "reward.reversed"
+        }  # fmt: skip
+
+
+def test_a_receiver_down_for_a_long_stretch_gets_every_event_after_re_enabling(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    """Nothing listens at the URL: attempts fail, retry, the endpoint is disabled; events keep coming
+    and wait; the receiver comes up, the endpoint is enabled, and every event arrives."""
+    port = closed_port()
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(
+        wh_pb.CreateWebhookEndpointRequest(url=f"http://127.0.0.1:{port}/hooks"), metadata=auth
+    )
+    endpoint = wh_pb.GetWebhookEndpointRequest(id=created.endpoint.id)
+    env = worker_env(
+        pg_url,
+        redis_url,
+        key_prefix,
+        WEBHOOK_RETRY_SCHEDULE="0.05,0.1,0.2",
+        WEBHOOK_DISABLE_AFTER_FAILURES="25",
+    )
+    start_worker(env)
+    rewards_walk(rw)
+    wait_until(
+        lambda: stub.GetWebhookEndpoint(endpoint, metadata=auth).status == wh_pb.DISABLED,
+        60,
+        "the endpoint disabled after 25 failed attempts in a row",
+    )
+    for _ in range(3):
+        rw.person()  # while it is disabled: these wait too
+    failed = WebhookAttempt.select().where(WebhookAttempt.http_status == 0).count()
+    assert failed >= 25
+    assert WebhookDelivery.select().where(WebhookDelivery.status == "delivered").count() == 0
+    receiver = Receiver(port=port)
+    try:
+        stub.EnableWebhookEndpoint(wh_pb.EnableWebhookEndpointRequest(id=created.endpoint.id), metadata=auth)
+        logged = {row.event_id for row in Event.select()}
+        # Well within OUTBOX_LEASE (300 s): deliveries claimed just before the endpoint was disabled
+        # must not wait out their lease.
+        wait_until(lambda: set(receiver.ids()) >= logged, 30, "every event after the receiver came back")
+        report("receiver down, endpoint disabled then enabled", logged, receiver, created.secret)
+    finally:
+        receiver.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """A Redis server of this test's own on a free port (the shared one is never stopped): call to
+    start it (again, on the same port); the test stops it to make the outage."""
+    port = closed_port()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+        )
+        started.append(process)
+        wait_until(lambda: _answers(port), 10, "redis-server to accept connections")
+        return process
+
+    start.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_redis_outage_during_the_events_loses_nothing(
+    rw: RewardsApi, pg_url: str, key_prefix: str, start_worker: Any, own_redis: Any
+) -> None:
+    """The worker's Redis (Huey's queue) dies with deliveries queued in it and stays down while events
+    are written; it comes back empty, and every event still arrives."""
+    receiver = Receiver()
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(wh_pb.CreateWebhookEndpointRequest(url=receiver.url), metadata=auth)
+    redis_server = own_redis()
+    # A short lease: deliveries lost with the queue are claimed again soon.
+    start_worker(worker_env(pg_url, own_redis.url, key_prefix, OUTBOX_LEASE="2"))
+    rw.person()
+    wait_until(lambda: len(receiver.received) == 1, 30, "a first delivery through Redis")
+    redis_server.kill()  # SIGKILL: no shutdown, whatever was queued is gone
+    redis_server.wait(5)
+    rewards_walk(rw)
+    time.sleep(1.5)
+    during = len(receiver.received)
+    own_redis()  # back on the same port, empty
+    logged = {row.event_id for row in Event.select()}
+    wait_until(lambda: set(receiver.ids()) >= logged, 60, "every event after Redis came back")
+    print(f"fault test (redis down): deliveries while Redis was down {during - 1}")
+    report("redis down during the events", logged, receiver, created.secret)
+    receiver.close()
+
+
+def test_an_smtp_outage_holds_up_no_webhook_and_loses_no_email(
+    rw: RewardsApi, pg_url: str, redis_url: str, key_prefix: str, start_worker: Any
+) -> None:
+    """The worker's mail server refuses connections: emails wait in their outbox, webhooks go on."""
+    receiver = Receiver()
+    stub, auth = manage(rw)
+    created = stub.CreateWebhookEndpoint(wh_pb.CreateWebhookEndpointRequest(url=receiver.url), metadata=auth)
+    smtp = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(closed_port()), "SMTP_TIMEOUT": "1"}
+    start_worker(worker_env(pg_url, redis_url, key_prefix, **smtp))
+    rewards_walk(rw)
+    rw.person()
+    logged = {row.event_id for row in Event.select()}
+    wait_until(lambda: set(receiver.ids()) >= logged, 30, "every event while SMTP is down")
+    report("smtp down", logged, receiver, created.secret)
+    emails = list(EmailOutbox.select())
+    wait_until(
+        lambda: EmailOutbox.select().where(EmailOutbox.attempts > 0).exists(), 30, "an email attempt to fail"
+    )
+    assert emails and all(email.status != "sent" for email in EmailOutbox.select())
+    print(f"fault test (smtp down): emails waiting {len(emails)}, sent 0")
+    receiver.close()

@@ -86,3 +86,8 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
     ) -> webhook_service_pb2.RedeliverEventsResponse:
         queued = self._webhooks.redeliver(request.id, request.after_cursor, request.event_id)
         return pb.RedeliverEventsResponse(queued=queued)
+
+    def EnableWebhookEndpoint(
+        self, request: webhook_service_pb2.EnableWebhookEndpointRequest, context: grpc.ServicerContext
+    ) -> webhook_service_pb2.WebhookEndpoint:
+        return endpoint_message(self._webhooks.enable(request.id))

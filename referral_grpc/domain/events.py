@@ -57,6 +57,11 @@ EVENT_TYPES: tuple[str, ...] = (
     REFERRAL_APPROVED,
     USER_DELETED,
 )
+# The longest type name: the contract states it as the limit of each name a request lists.
+MAX_TYPE_NAME_LENGTH = max(map(len, EVENT_TYPES))
+EVENT_ID_PREFIX = "evt_"
+# "evt_" and 32 hexadecimal digits (a UUID4's hex).
+EVENT_ID_LENGTH = len(EVENT_ID_PREFIX) + 32
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_CURSOR = 2**63 - 1
@@ -108,7 +113,7 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
     last = 0
     for event in events:
         row = Event.create(
-            event_id=f"evt_{uuid.uuid4().hex}",
+            event_id=f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
             type=event.type,
             occurred_at=now,
             payload=json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),

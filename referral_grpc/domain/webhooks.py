@@ -13,8 +13,9 @@ import peewee as pw
 from ..store.database import write_transaction
 from ..store.models import Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from .errors import FieldViolation, InvalidArgument, NotFound
-from .events import EVENT_TYPES, MAX_CURSOR
+from .events import EVENT_ID_LENGTH, EVENT_TYPES, MAX_CURSOR
 from .ports import Clock
+from .validation import check_length, check_printable, has_control_characters
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a secret
 MAX_URL_LENGTH = 2048
@@ -84,6 +85,11 @@ class WebhookService:
             violations.append(
                 ("FIELD_TOO_LONG", FieldViolation("url", f"must be at most {MAX_URL_LENGTH} characters"))
             )
+        elif has_control_characters(url):
+            # Refused, not cleaned: urlsplit would silently drop tabs and newlines from the URL.
+            violations.append(
+                ("WEBHOOK_URL_INVALID", FieldViolation("url", "must not contain control characters"))
+            )
         else:
             problem = self._check_url(url)
             if problem:
@@ -103,8 +109,10 @@ class WebhookService:
                     FieldViolation("description", f"must be at most {MAX_DESCRIPTION_LENGTH} characters"),
                 )
             )
-        elif not description.isprintable():
-            violations.append(("FIELD_INVALID", FieldViolation("description", "must be printable")))
+        elif has_control_characters(description):
+            violations.append(
+                ("FIELD_INVALID", FieldViolation("description", "must not contain control characters"))
+            )
         if violations:
             reason, first = violations[0]
             raise InvalidArgument(
@@ -178,6 +186,8 @@ class WebhookService:
             raise InvalidArgument.for_field(
                 "after_cursor", "must be 0 or the cursor of an event", "CURSOR_INVALID"
             )
+        check_length(event_id, "event_id", EVENT_ID_LENGTH)
+        check_printable(event_id, "event_id")
         now = self._clock.now()
         with write_transaction(self._db):
             endpoint = self._endpoint(endpoint_id)
@@ -208,6 +218,15 @@ class WebhookService:
                 WebhookEndpoint.id == endpoint_id
             ).execute()
         return len(ids)
+
+    def enable(self, endpoint_id: int) -> EndpointView:
+        """Enable an endpoint and clear its failure run: the relay then claims its waiting deliveries."""
+        with write_transaction(self._db):
+            self._endpoint(endpoint_id)
+            WebhookEndpoint.update(status=ENABLED, consecutive_failures=0).where(
+                WebhookEndpoint.id == endpoint_id
+            ).execute()
+            return _view(self._endpoint(endpoint_id))
 
     def _endpoint(self, endpoint_id: int) -> WebhookEndpoint:
         row = WebhookEndpoint.get_or_none(WebhookEndpoint.id == endpoint_id)

@@ -147,3 +147,9 @@ class RedeliverEventsResponse(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     queued: int
     def __init__(self, queued: _Optional[int] = ...) -> None: ...
+
+class EnableWebhookEndpointRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class WebhookServiceStub:
                 request_serializer=referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsResponse.FromString,
                 _registered_method=True)
+        self.EnableWebhookEndpoint = channel.unary_unary(
+                '/referral.v1.WebhookService/EnableWebhookEndpoint',
+                request_serializer=referral_dot_v1_dot_webhook__service__pb2.EnableWebhookEndpointRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_webhook__service__pb2.WebhookEndpoint.FromString,
+                _registered_method=True)
 
 
 class WebhookServiceServicer:
@@ -86,7 +91,9 @@ class WebhookServiceServicer:
 
     def CreateWebhookEndpoint(self, request, context):
         """CreateWebhookEndpoint registers a receiver URL and returns its signing
-        secret, shown this once.
+        secret, shown this once. With an `idempotency-key` header, a retry gets
+        the first response again (the same endpoint and secret) instead of a
+        second endpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,7 +123,9 @@ class WebhookServiceServicer:
     def RotateWebhookSecret(self, request, context):
         """RotateWebhookSecret gives the endpoint a new secret. For the overlap
         (WEBHOOK_SECRET_OVERLAP_HOURS, default 24) deliveries carry signatures
-        with both the old and the new secret.
+        with both the old and the new secret. With an `idempotency-key` header,
+        a retry gets the first response again instead of rotating twice (which
+        would end the old secret's overlap at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,8 +141,19 @@ class WebhookServiceServicer:
 
     def RedeliverEvents(self, request, context):
         """RedeliverEvents delivers events again: one (`event_id`) or every event
-        after a cursor. It also enables a disabled endpoint, whose pending
-        deliveries then resume.
+        the endpoint subscribes to after a cursor. Receivers see the events'
+        ids again and can drop what they already have. It also enables a
+        disabled endpoint, as EnableWebhookEndpoint does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableWebhookEndpoint(self, request, context):
+        """EnableWebhookEndpoint enables an endpoint that was disabled after a run
+        of failed attempts, and resets its failure count: the deliveries that
+        waited while it was disabled are sent; what was delivered before is not
+        sent again. Enabling an enabled endpoint changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +196,11 @@ def add_WebhookServiceServicer_to_server(servicer, server):
                     servicer.RedeliverEvents,
                     request_deserializer=referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsRequest.FromString,
                     response_serializer=referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsResponse.SerializeToString,
+            ),
+            'EnableWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableWebhookEndpoint,
+                    request_deserializer=referral_dot_v1_dot_webhook__service__pb2.EnableWebhookEndpointRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_webhook__service__pb2.WebhookEndpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +397,33 @@ class WebhookService:
             '/referral.v1.WebhookService/RedeliverEvents',
             referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsRequest.SerializeToString,
             referral_dot_v1_dot_webhook__service__pb2.RedeliverEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.WebhookService/EnableWebhookEndpoint',
+            referral_dot_v1_dot_webhook__service__pb2.EnableWebhookEndpointRequest.SerializeToString,
+            referral_dot_v1_dot_webhook__service__pb2.WebhookEndpoint.FromString,
             options,
             channel_credentials,
             insecure,

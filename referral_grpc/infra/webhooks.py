@@ -222,7 +222,14 @@ def deliver(delivery_id: int, config: WebhookConfig, now: Callable[[], datetime]
     if delivery is None or delivery.status != "pending":
         return delivery is not None
     endpoint = WebhookEndpoint.get_or_none(WebhookEndpoint.id == delivery.endpoint_id)
-    if endpoint is None or endpoint.status != "enabled":
+    if endpoint is None:
+        return False
+    if endpoint.status != "enabled":
+        # Disabled since the relay claimed it: give the claim back, so the delivery is due as soon as
+        # the endpoint is enabled again rather than a whole lease later.
+        WebhookDelivery.update(next_attempt_at=now()).where(
+            (WebhookDelivery.id == delivery_id) & (WebhookDelivery.status == "pending")
+        ).execute()
         return False
     event = Event.get_by_id(delivery.event_id)
     body = event_body(event)

@@ -401,7 +401,7 @@ class Event(BaseModel):
     """
 
     id = pw.BigAutoField()
-    # The public id ("evt_" + 26 characters); the webhook-id of every delivery of the event.
+    # The public id ("evt_" and 32 hex digits); the webhook-id of every delivery of the event.
     event_id = pw.CharField(max_length=40, unique=True)
     # The dotted name, e.g. "referral.qualified".
     type = pw.CharField(max_length=48)

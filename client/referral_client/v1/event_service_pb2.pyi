@@ -48,19 +48,22 @@ class Event(_message.Message):
     USER_DELETED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The event's unique identifier ("evt_" and 32 hexadecimal digits); it is
-    also the `webhook-id` of every webhook delivery of the event.
+    also the `webhook-id` of every webhook delivery of the event. For
+    example `evt_8f14e45fceea467a9c3b2d1e0f6a7b5c`.
     """
     cursor: _builtins.int
     """The event's position in the log: strictly increasing in commit order,
-    not necessarily consecutive.
+    not necessarily consecutive. For example `1042`.
     """
     type: _builtins.str
-    """The dotted name of the event's type, e.g. "referral.qualified"; the
-    payload field set is the one of the same name with "_" for ".".
+    """The dotted name of the event's type; the payload field set is the one
+    of the same name with "_" for ".". For example `user.registered`.
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
-        """When the change the event describes was committed."""
+        """When the change the event describes was committed. For example
+        `2026-11-26T12:00:00Z`.
+        """
 
     @_builtins.property
     def user_registered(self) -> Global___UserRegistered:
@@ -178,10 +181,10 @@ class UserRegistered(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The new user's identifier."""
+    """The new user's identifier. For example `42`."""
     referrer_user_id: _builtins.int
     """The identifier of the user whose code the newcomer registered with; 0
-    when they registered without one.
+    when they registered without one. For example `41`.
     """
     def __init__(
         self,
@@ -206,9 +209,11 @@ class UserPasswordChanged(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     VIA_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the user whose password changed."""
+    """The identifier of the user whose password changed. For example `42`."""
     via: _builtins.str
-    """How: "change" (ChangePassword) or "reset" (a password reset link)."""
+    """How: "change" (ChangePassword) or "reset" (a password reset link).
+    For example `change`.
+    """
     def __init__(
         self,
         *,
@@ -233,12 +238,12 @@ class CodeCreated(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the code's owner."""
+    """The identifier of the code's owner. For example `41`."""
     code: _builtins.str
-    """The new referral code."""
+    """The new referral code. For example `K7QH3MZP2W`."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
-        """When the code stops working."""
+        """When the code stops working. For example `2026-12-26T12:00:00Z`."""
 
     def __init__(
         self,
@@ -264,9 +269,9 @@ class CodeDeleted(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the code's owner."""
+    """The identifier of the code's owner. For example `41`."""
     code: _builtins.str
-    """The referral code that no longer works."""
+    """The referral code that no longer works. For example `K7QH3MZP2W`."""
     def __init__(
         self,
         *,
@@ -291,11 +296,13 @@ class ReferralCreated(_message.Message):
     REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     referee_user_id: _builtins.int
-    """The newcomer's user identifier."""
+    """The newcomer's user identifier. For example `42`."""
     referrer_user_id: _builtins.int
-    """The identifier of the user whose code the newcomer registered with."""
+    """The identifier of the user whose code the newcomer registered with.
+    For example `41`.
+    """
     code: _builtins.str
-    """The referral code the newcomer registered with."""
+    """The referral code the newcomer registered with. For example `K7QH3MZP2W`."""
     def __init__(
         self,
         *,
@@ -322,13 +329,15 @@ class ReferralQualified(_message.Message):
     QUALIFYING_EVENT_ID_FIELD_NUMBER: _builtins.int
     PROGRAM_VERSION_FIELD_NUMBER: _builtins.int
     referee_user_id: _builtins.int
-    """The newcomer's user identifier."""
+    """The newcomer's user identifier. For example `42`."""
     referrer_user_id: _builtins.int
-    """The referrer's user identifier."""
+    """The referrer's user identifier. For example `41`."""
     qualifying_event_id: _builtins.str
-    """The backend's event_id of the event that qualified the referral."""
+    """The backend's event_id of the event that qualified the referral.
+    For example `order-1042`.
+    """
     program_version: _builtins.int
-    """The program version the referral was judged under."""
+    """The program version the referral was judged under. For example `3`."""
     def __init__(
         self,
         *,
@@ -355,11 +364,13 @@ class ReferralReversed(_message.Message):
     REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
     REFUND_EVENT_ID_FIELD_NUMBER: _builtins.int
     referee_user_id: _builtins.int
-    """The newcomer's user identifier."""
+    """The newcomer's user identifier. For example `42`."""
     referrer_user_id: _builtins.int
-    """The referrer's user identifier."""
+    """The referrer's user identifier. For example `41`."""
     refund_event_id: _builtins.str
-    """The backend's event_id of the refund that reversed the referral."""
+    """The backend's event_id of the refund that reversed the referral.
+    For example `refund-1042`.
+    """
     def __init__(
         self,
         *,
@@ -385,11 +396,13 @@ class ReferralRejected(_message.Message):
     REFERRER_USER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     referee_user_id: _builtins.int
-    """The newcomer's user identifier."""
+    """The newcomer's user identifier. For example `42`."""
     referrer_user_id: _builtins.int
-    """The referrer's user identifier."""
+    """The referrer's user identifier. For example `41`."""
     reason: _builtins.str
-    """Why the referral was rejected, as a lower_snake_case word."""
+    """Why the referral was rejected, as a lower_snake_case word.
+    For example `same_device`.
+    """
     def __init__(
         self,
         *,
@@ -419,20 +432,22 @@ class RewardCredited(_message.Message):
     REFEREE_USER_ID_FIELD_NUMBER: _builtins.int
     AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the user credited."""
+    """The identifier of the user credited. For example `41`."""
     ledger_entry_id: _builtins.int
-    """The ledger entry of the reward."""
+    """The ledger entry of the reward. For example `7`."""
     kind: _builtins.str
-    """"referrer_reward" or "referee_reward"."""
+    """"referrer_reward" or "referee_reward". For example `referrer_reward`."""
     amount_minor: _builtins.int
-    """The amount in minor units of the currency."""
+    """The amount in minor units of the currency. For example `500`."""
     currency: _builtins.str
-    """The ISO 4217 currency code."""
+    """The ISO 4217 currency code. For example `USD`."""
     referee_user_id: _builtins.int
-    """The newcomer whose referral earned the reward."""
+    """The newcomer whose referral earned the reward. For example `42`."""
     @_builtins.property
     def available_at(self) -> _timestamp_pb2.Timestamp:
-        """When the reward becomes available to redeem."""
+        """When the reward becomes available to redeem.
+        For example `2026-12-10T12:00:00Z`.
+        """
 
     def __init__(
         self,
@@ -465,15 +480,15 @@ class RewardReversed(_message.Message):
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the user whose reward was reversed."""
+    """The identifier of the user whose reward was reversed. For example `41`."""
     ledger_entry_id: _builtins.int
-    """The ledger entry of the reversal."""
+    """The ledger entry of the reversal. For example `8`."""
     reversed_ledger_entry_id: _builtins.int
-    """The ledger entry of the reward it reverses."""
+    """The ledger entry of the reward it reverses. For example `7`."""
     amount_minor: _builtins.int
-    """The amount taken back, in minor units (negative)."""
+    """The amount taken back, in minor units (negative). For example `-500`."""
     currency: _builtins.str
-    """The ISO 4217 currency code."""
+    """The ISO 4217 currency code. For example `USD`."""
     def __init__(
         self,
         *,
@@ -502,13 +517,13 @@ class RewardRedeemed(_message.Message):
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
-    """The identifier of the user who redeemed."""
+    """The identifier of the user who redeemed. For example `41`."""
     ledger_entry_id: _builtins.int
-    """The ledger entry of the redemption."""
+    """The ledger entry of the redemption. For example `9`."""
     amount_minor: _builtins.int
-    """The amount redeemed, in minor units (positive)."""
+    """The amount redeemed, in minor units (positive). For example `1000`."""
     currency: _builtins.str
-    """The ISO 4217 currency code."""
+    """The ISO 4217 currency code. For example `USD`."""
     def __init__(
         self,
         *,
@@ -534,10 +549,15 @@ class WatchEventsRequest(_message.Message):
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
-    """Stream the events after this cursor (0: from the start of the log)."""
+    """Stream the events after this cursor (0 or more; 0: from the start of
+    the log). For example `1042`.
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these dotted type names; empty: every type."""
+        """Only events of these dotted type names, each one of the event types
+        (1 to 21 characters, no control characters); empty: every type. For
+        example `referral.qualified`.
+        """
 
     def __init__(
         self,
@@ -563,14 +583,20 @@ class ListEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
-    """Return the events after this cursor (0: from the start of the log); pass
-    `next_cursor` of the previous page to read on.
+    """Return the events after this cursor (0 or more; 0: from the start of
+    the log); pass `next_cursor` of the previous page to read on. For
+    example `1042`.
     """
     page_size: _builtins.int
-    """The most events to return (default 100, at most 1000)."""
+    """The most events to return (0 or more, and at most 1000): 100 when
+    unset or zero. For example `100`.
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these dotted type names; empty: every type."""
+        """Only events of these dotted type names, each one of the event types
+        (1 to 21 characters, no control characters); empty: every type. For
+        example `referral.qualified`.
+        """
 
     def __init__(
         self,
@@ -597,7 +623,8 @@ class ListEventsResponse(_message.Message):
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     next_cursor: _builtins.int
     """The cursor to pass as `after_cursor` for the next page: the last
-    event's, or the request's when no event followed it.
+    event's, or the request's when no event followed it. For example
+    `1042`.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:

@@ -73,7 +73,9 @@ class EventServiceServicer:
 
     def ListEvents(self, request, context):
         """ListEvents returns the events after `after_cursor`, oldest first, one
-        page at a time, for consumers that pull.
+        page at a time, for consumers that pull. A cursor beyond the end of the
+        log is not an error: the page is empty and `next_cursor` is the cursor
+        given.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,9 @@ class EventServiceStub:
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.ListEventsRequest, _event_service_pb2.ListEventsResponse]
     """ListEvents returns the events after `after_cursor`, oldest first, one
-    page at a time, for consumers that pull.
+    page at a time, for consumers that pull. A cursor beyond the end of the
+    log is not an error: the page is empty and `next_cursor` is the cursor
+    given.
     """
 
 @_typing.type_check_only
@@ -69,7 +71,9 @@ class EventServiceAsyncStub(EventServiceStub):
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_event_service_pb2.ListEventsRequest, _event_service_pb2.ListEventsResponse]  # type: ignore[assignment]
     """ListEvents returns the events after `after_cursor`, oldest first, one
-    page at a time, for consumers that pull.
+    page at a time, for consumers that pull. A cursor beyond the end of the
+    log is not an error: the page is empty and `next_cursor` is the cursor
+    given.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -100,7 +104,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_event_service_pb2.ListEventsResponse, _abc.Awaitable[_event_service_pb2.ListEventsResponse]]:
         """ListEvents returns the events after `after_cursor`, oldest first, one
-        page at a time, for consumers that pull.
+        page at a time, for consumers that pull. A cursor beyond the end of the
+        log is not an error: the page is empty and `next_cursor` is the cursor
+        given.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -31,8 +31,9 @@ class _WebhookEndpointStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[
     ENABLED: _WebhookEndpointStatus.ValueType  # 1
     """Deliveries are sent."""
     DISABLED: _WebhookEndpointStatus.ValueType  # 2
-    """Disabled after too many consecutive failures; its events wait until
-    RedeliverEvents enables it again.
+    """Disabled after too many consecutive failures
+    (WEBHOOK_DISABLE_AFTER_FAILURES); its events wait, nothing is dropped,
+    until EnableWebhookEndpoint (or RedeliverEvents) enables it again.
     """
 
 class WebhookEndpointStatus(_WebhookEndpointStatus, metaclass=_WebhookEndpointStatusEnumTypeWrapper):
@@ -43,8 +44,9 @@ WEBHOOK_ENDPOINT_STATUS_UNSPECIFIED: WebhookEndpointStatus.ValueType  # 0
 ENABLED: WebhookEndpointStatus.ValueType  # 1
 """Deliveries are sent."""
 DISABLED: WebhookEndpointStatus.ValueType  # 2
-"""Disabled after too many consecutive failures; its events wait until
-RedeliverEvents enables it again.
+"""Disabled after too many consecutive failures
+(WEBHOOK_DISABLE_AFTER_FAILURES); its events wait, nothing is dropped,
+until EnableWebhookEndpoint (or RedeliverEvents) enables it again.
 """
 Global___WebhookEndpointStatus: _TypeAlias = WebhookEndpointStatus  # noqa: Y015
 
@@ -63,26 +65,32 @@ class WebhookEndpoint(_message.Message):
     LAST_SUCCESS_AT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier. For example `3`."""
     url: _builtins.str
-    """The URL events are POSTed to."""
+    """The URL events are POSTed to. For example
+    `https://backend.example.com/hooks/referrals`.
+    """
     description: _builtins.str
-    """A note for people."""
+    """A note for people. For example `Rewards backend`."""
     status: Global___WebhookEndpointStatus.ValueType
-    """Whether deliveries are sent."""
+    """Whether deliveries are sent. For example `ENABLED`."""
     consecutive_failures: _builtins.int
-    """Failed attempts since the last success."""
+    """Failed attempts since the last success. For example `0`."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The dotted event types it receives; empty: every type."""
+        """The dotted event types it receives; empty: every type. For example
+        `referral.qualified`.
+        """
 
     @_builtins.property
     def last_success_at(self) -> _timestamp_pb2.Timestamp:
-        """The last successful delivery; unset before the first."""
+        """The last successful delivery; unset before the first. For example
+        `2026-11-26T12:00:05Z`.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the endpoint was created."""
+        """When the endpoint was created. For example `2026-11-26T12:00:00Z`."""
 
     def __init__(
         self,
@@ -114,16 +122,21 @@ class CreateWebhookEndpointRequest(_message.Message):
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     url: _builtins.str
-    """The receiver's URL: https in production; its address must not be
+    """The receiver's absolute http(s) URL (at most 2048 characters, no
+    control characters): https in production; its address must not be
     loopback, private, link-local or a metadata service unless the server
-    runs with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true.
+    runs with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true. For example
+    `https://backend.example.com/hooks/referrals`.
     """
     description: _builtins.str
-    """A note for people (at most 256 characters)."""
+    """A note for people (at most 256 characters, no control characters). For
+    example `Rewards backend`.
+    """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The dotted event types to receive, e.g. "referral.qualified"; empty:
-        every type.
+        """The dotted event types to receive, each one of the event types (1 to 21
+        characters, no control characters); empty: every type. For example
+        `referral.qualified`.
         """
 
     def __init__(
@@ -150,7 +163,9 @@ class CreateWebhookEndpointResponse(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
-    """The signing secret ("whsec_" and base64), shown this once."""
+    """The signing secret ("whsec_" and base64), shown this once. For example
+    `whsec_mRbXzFkoG4S+nUPWYgvNxcnNIqjWoNBBU8Gjiu56gVU=`.
+    """
     @_builtins.property
     def endpoint(self) -> Global___WebhookEndpoint:
         """The endpoint created."""
@@ -218,7 +233,7 @@ class GetWebhookEndpointRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier (1 or more). For example `3`."""
     def __init__(
         self,
         *,
@@ -240,7 +255,7 @@ class DeleteWebhookEndpointRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier (1 or more). For example `3`."""
     def __init__(
         self,
         *,
@@ -279,7 +294,7 @@ class RotateWebhookSecretRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier (1 or more). For example `3`."""
     def __init__(
         self,
         *,
@@ -302,10 +317,14 @@ class RotateWebhookSecretResponse(_message.Message):
     SECRET_FIELD_NUMBER: _builtins.int
     PREVIOUS_SECRET_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
-    """The new signing secret, shown this once."""
+    """The new signing secret, shown this once. For example
+    `whsec_HzXv8KGygUtFXQ3Lu1T24IzZ/XMlXfec2lZkhEhnhSI=`.
+    """
     @_builtins.property
     def previous_secret_expires_at(self) -> _timestamp_pb2.Timestamp:
-        """Until when the old secret still signs deliveries too."""
+        """Until when the old secret still signs deliveries too. For example
+        `2026-11-27T12:00:00Z`.
+        """
 
     def __init__(
         self,
@@ -330,9 +349,11 @@ class ListWebhookDeliveriesRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier (1 or more). For example `3`."""
     page_size: _builtins.int
-    """The most attempts to return (default 100, at most 1000)."""
+    """The most attempts to return (0 or more, and at most 1000): 100 when
+    unset or zero. For example `100`.
+    """
     def __init__(
         self,
         *,
@@ -361,20 +382,26 @@ class WebhookDeliveryAttempt(_message.Message):
     RESPONSE_BODY_FIELD_NUMBER: _builtins.int
     ATTEMPTED_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The event's id (also the delivery's `webhook-id`)."""
+    """The event's id (also the delivery's `webhook-id`). For example
+    `evt_8f14e45fceea467a9c3b2d1e0f6a7b5c`.
+    """
     attempt: _builtins.int
-    """The attempt's number for this event, from 1."""
+    """The attempt's number for this event, from 1. For example `2`."""
     http_status: _builtins.int
-    """The receiver's HTTP status; 0 when it did not answer (see error)."""
+    """The receiver's HTTP status; 0 when it did not answer (see error). For
+    example `503`.
+    """
     error: _builtins.str
-    """Why the attempt failed without an answer (timeout, refused address...)."""
+    """Why the attempt failed without an answer (timeout, refused address...);
+    empty when the receiver answered. For example ``.
+    """
     latency_ms: _builtins.int
-    """How long the attempt took, in milliseconds."""
+    """How long the attempt took, in milliseconds. For example `37`."""
     response_body: _builtins.str
-    """The first 1 KiB of the receiver's answer."""
+    """The first 1 KiB of the receiver's answer. For example `busy, retry`."""
     @_builtins.property
     def attempted_at(self) -> _timestamp_pb2.Timestamp:
-        """When the attempt was made."""
+        """When the attempt was made. For example `2026-11-26T12:00:01Z`."""
 
     def __init__(
         self,
@@ -429,13 +456,15 @@ class RedeliverEventsRequest(_message.Message):
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The endpoint's identifier."""
+    """The endpoint's identifier (1 or more). For example `3`."""
     after_cursor: _builtins.int
-    """Redeliver every subscribed event after this cursor (when event_id is
-    empty; 0: from the start of the log).
+    """Redeliver every subscribed event after this cursor, when event_id is
+    empty (0 or more; 0: from the start of the log). For example `1042`.
     """
     event_id: _builtins.str
-    """Redeliver this one event."""
+    """Redeliver this one event, by its id (at most 36 characters, no control
+    characters). For example `evt_8f14e45fceea467a9c3b2d1e0f6a7b5c`.
+    """
     def __init__(
         self,
         *,
@@ -459,7 +488,7 @@ class RedeliverEventsResponse(_message.Message):
 
     QUEUED_FIELD_NUMBER: _builtins.int
     queued: _builtins.int
-    """How many events were queued again."""
+    """How many events were queued again. For example `12`."""
     def __init__(
         self,
         *,
@@ -472,3 +501,25 @@ class RedeliverEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeliverEventsResponse: _TypeAlias = RedeliverEventsResponse  # noqa: Y015
+
+@_typing.final
+class EnableWebhookEndpointRequest(_message.Message):
+    """EnableWebhookEndpointRequest is the input of EnableWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The endpoint's identifier (1 or more). For example `3`."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableWebhookEndpointRequest: _TypeAlias = EnableWebhookEndpointRequest  # noqa: Y015

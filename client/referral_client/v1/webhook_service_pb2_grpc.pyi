@@ -40,7 +40,9 @@ class WebhookServiceStub:
     def __new__(cls, channel: _aio.Channel) -> WebhookServiceAsyncStub: ...
     CreateWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.CreateWebhookEndpointRequest, _webhook_service_pb2.CreateWebhookEndpointResponse]
     """CreateWebhookEndpoint registers a receiver URL and returns its signing
-    secret, shown this once.
+    secret, shown this once. With an `idempotency-key` header, a retry gets
+    the first response again (the same endpoint and secret) instead of a
+    second endpoint.
     """
     ListWebhookEndpoints: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookEndpointsRequest, _webhook_service_pb2.ListWebhookEndpointsResponse]
     """ListWebhookEndpoints lists every endpoint, oldest first."""
@@ -51,7 +53,9 @@ class WebhookServiceStub:
     RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.RotateWebhookSecretRequest, _webhook_service_pb2.RotateWebhookSecretResponse]
     """RotateWebhookSecret gives the endpoint a new secret. For the overlap
     (WEBHOOK_SECRET_OVERLAP_HOURS, default 24) deliveries carry signatures
-    with both the old and the new secret.
+    with both the old and the new secret. With an `idempotency-key` header,
+    a retry gets the first response again instead of rotating twice (which
+    would end the old secret's overlap at once).
     """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookDeliveriesRequest, _webhook_service_pb2.ListWebhookDeliveriesResponse]
     """ListWebhookDeliveries lists the endpoint's delivery attempts, newest
@@ -59,8 +63,15 @@ class WebhookServiceStub:
     """
     RedeliverEvents: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.RedeliverEventsRequest, _webhook_service_pb2.RedeliverEventsResponse]
     """RedeliverEvents delivers events again: one (`event_id`) or every event
-    after a cursor. It also enables a disabled endpoint, whose pending
-    deliveries then resume.
+    the endpoint subscribes to after a cursor. Receivers see the events'
+    ids again and can drop what they already have. It also enables a
+    disabled endpoint, as EnableWebhookEndpoint does.
+    """
+    EnableWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.EnableWebhookEndpointRequest, _webhook_service_pb2.WebhookEndpoint]
+    """EnableWebhookEndpoint enables an endpoint that was disabled after a run
+    of failed attempts, and resets its failure count: the deliveries that
+    waited while it was disabled are sent; what was delivered before is not
+    sent again. Enabling an enabled endpoint changes nothing.
     """
 
 @_typing.type_check_only
@@ -75,7 +86,9 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.CreateWebhookEndpointRequest, _webhook_service_pb2.CreateWebhookEndpointResponse]  # type: ignore[assignment]
     """CreateWebhookEndpoint registers a receiver URL and returns its signing
-    secret, shown this once.
+    secret, shown this once. With an `idempotency-key` header, a retry gets
+    the first response again (the same endpoint and secret) instead of a
+    second endpoint.
     """
     ListWebhookEndpoints: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookEndpointsRequest, _webhook_service_pb2.ListWebhookEndpointsResponse]  # type: ignore[assignment]
     """ListWebhookEndpoints lists every endpoint, oldest first."""
@@ -86,7 +99,9 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.RotateWebhookSecretRequest, _webhook_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
     """RotateWebhookSecret gives the endpoint a new secret. For the overlap
     (WEBHOOK_SECRET_OVERLAP_HOURS, default 24) deliveries carry signatures
-    with both the old and the new secret.
+    with both the old and the new secret. With an `idempotency-key` header,
+    a retry gets the first response again instead of rotating twice (which
+    would end the old secret's overlap at once).
     """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookDeliveriesRequest, _webhook_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """ListWebhookDeliveries lists the endpoint's delivery attempts, newest
@@ -94,8 +109,15 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """
     RedeliverEvents: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.RedeliverEventsRequest, _webhook_service_pb2.RedeliverEventsResponse]  # type: ignore[assignment]
     """RedeliverEvents delivers events again: one (`event_id`) or every event
-    after a cursor. It also enables a disabled endpoint, whose pending
-    deliveries then resume.
+    the endpoint subscribes to after a cursor. Receivers see the events'
+    ids again and can drop what they already have. It also enables a
+    disabled endpoint, as EnableWebhookEndpoint does.
+    """
+    EnableWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.EnableWebhookEndpointRequest, _webhook_service_pb2.WebhookEndpoint]  # type: ignore[assignment]
+    """EnableWebhookEndpoint enables an endpoint that was disabled after a run
+    of failed attempts, and resets its failure count: the deliveries that
+    waited while it was disabled are sent; what was delivered before is not
+    sent again. Enabling an enabled endpoint changes nothing.
     """
 
 class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,7 +135,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_service_pb2.CreateWebhookEndpointResponse, _abc.Awaitable[_webhook_service_pb2.CreateWebhookEndpointResponse]]:
         """CreateWebhookEndpoint registers a receiver URL and returns its signing
-        secret, shown this once.
+        secret, shown this once. With an `idempotency-key` header, a retry gets
+        the first response again (the same endpoint and secret) instead of a
+        second endpoint.
         """
 
     @_abc_1.abstractmethod
@@ -148,7 +172,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_webhook_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_webhook_service_pb2.RotateWebhookSecretResponse]]:
         """RotateWebhookSecret gives the endpoint a new secret. For the overlap
         (WEBHOOK_SECRET_OVERLAP_HOURS, default 24) deliveries carry signatures
-        with both the old and the new secret.
+        with both the old and the new secret. With an `idempotency-key` header,
+        a retry gets the first response again instead of rotating twice (which
+        would end the old secret's overlap at once).
         """
 
     @_abc_1.abstractmethod
@@ -168,8 +194,21 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_service_pb2.RedeliverEventsResponse, _abc.Awaitable[_webhook_service_pb2.RedeliverEventsResponse]]:
         """RedeliverEvents delivers events again: one (`event_id`) or every event
-        after a cursor. It also enables a disabled endpoint, whose pending
-        deliveries then resume.
+        the endpoint subscribes to after a cursor. Receivers see the events'
+        ids again and can drop what they already have. It also enables a
+        disabled endpoint, as EnableWebhookEndpoint does.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableWebhookEndpoint(
+        self,
+        request: _webhook_service_pb2.EnableWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_webhook_service_pb2.WebhookEndpoint, _abc.Awaitable[_webhook_service_pb2.WebhookEndpoint]]:
+        """EnableWebhookEndpoint enables an endpoint that was disabled after a run
+        of failed attempts, and resets its failure count: the deliveries that
+        waited while it was disabled are sent; what was delivered before is not
+        sent again. Enabling an enabled endpoint changes nothing.
         """
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
