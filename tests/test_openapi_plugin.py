@@ -355,7 +355,7 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
     # An administrator's note or reason: free text but NUL (validation.check_no_nul).
     note = {"maxLength": rewards.MAX_NOTE_LENGTH, "pattern": NO_NUL}
     # A path parameter: ids start at 1.
-    endpoint_id = {"minLength": 1, "format": "int64", "pattern": INT64_1_OR_MORE}
+    endpoint_id = {"format": "int64", "pattern": INT64_1_OR_MORE}
     expected = {
         "AuthService_Register.email": email,
         "AuthService_Register.password": new_password,
@@ -484,28 +484,28 @@ def test_request_limits_are_the_ones_the_server_enforces(document: dict[str, Any
 
 def program_fields() -> dict[str, dict[str, Any]]:
     """UpdateProgram's body (a Program, its version and created_at output only): programs.validate's and
-    fraud.validate_fraud_rules' bounds (upper bounds stay in prose: the convention states lower ones)."""
+    fraud.validate_fraud_rules' bounds (a 32-bit integer's upper bound too; a 64-bit one's stays in prose)."""
     prefix = "AdminService_UpdateProgram."
     int64_0 = {"format": "int64", "pattern": INT64_0_OR_MORE}
     expected: dict[str, dict[str, Any]] = {
         "currency": {"minLength": 1, "maxLength": 3},
         "event_types": {},
         "min_amount_minor": int64_0,
-        "attribution_days": {"format": "int32", "minimum": 1},
+        "attribution_days": {"format": "int32", "minimum": 1, "maximum": programs.MAX_DAYS},
         "referrer_reward_minor": int64_0,
-        "referrer_reward_bps": {"format": "int32", "minimum": 0},
+        "referrer_reward_bps": {"format": "int32", "minimum": 0, "maximum": programs.MAX_BPS},
         "referrer_reward_cap_minor": int64_0,
         "referee_reward_minor": int64_0,
-        "referee_reward_bps": {"format": "int32", "minimum": 0},
+        "referee_reward_bps": {"format": "int32", "minimum": 0, "maximum": programs.MAX_BPS},
         "referee_reward_cap_minor": int64_0,
-        "hold_days": {"format": "int32", "minimum": 0},
+        "hold_days": {"format": "int32", "minimum": 0, "maximum": programs.MAX_DAYS},
         "max_rewarded_referrals": {"format": "int32", "minimum": 0},
     }
     for name, default in fraud.FraudRules().as_dict().items():
         if isinstance(default, str):
             expected[f"fraud.{name}"] = {"maxLength": max(map(len, fraud.MODES))}
         else:
-            expected[f"fraud.{name}"] = {"format": "int32", "minimum": 0}
+            expected[f"fraud.{name}"] = {"format": "int32", "minimum": 0, "maximum": fraud.MAX_THRESHOLD}
     return {prefix + name: keywords for name, keywords in expected.items()}
 
 
