@@ -214,24 +214,10 @@ def run_sql(db: pw.Database, sql: str, params: Sequence[object] = ()) -> Any:
 
 
 # PostgreSQL: the channel the appending transaction notifies (delivered at commit, in commit order)
-# and the advisory lock that puts event cursors in commit order.
+# and the advisory lock that puts event cursors in commit order (domain.events.append_events takes it).
+# A BIGSERIAL hands out ids at insert time, not at commit: without the lock, a transaction that took
+# cursor 7 could commit after a reader had already seen 8 and moved past 7 for ever. Held from the
+# insert to the commit, the lock makes cursor order commit order. SQLite serialises writers already
+# (BEGIN IMMEDIATE).
 EVENTS_CHANNEL = "referral_events"
 EVENT_LOG_LOCK = 0x72656665  # "refe": any constant no other advisory lock of this database uses
-
-
-def lock_event_log(db: pw.Database) -> None:
-    """Serialise appends to the event log until this transaction ends.
-
-    A BIGSERIAL hands out ids at insert time, not at commit: without the lock, a transaction that
-    took cursor 7 could commit after a reader had already seen 8 and moved past 7 for ever. Held
-    from the insert to the commit, the lock makes cursor order commit order. SQLite serialises
-    writers already (BEGIN IMMEDIATE).
-    """
-    if is_postgres(db):
-        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (EVENT_LOG_LOCK,))  # type: ignore[no-untyped-call]
-
-
-def notify_events(db: pw.Database, last_cursor: int) -> None:
-    """Wake the stream listeners of every server process when this transaction commits."""
-    if is_postgres(db):
-        db.execute_sql("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(last_cursor)))  # type: ignore[no-untyped-call]
