@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import select
 import sqlite3
 from collections.abc import Sequence
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import Any
 
 import peewee as pw
 import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependencies
+from peewee import Psycopg2Adapter
 from playhouse.pool import PooledPostgresqlDatabase
 
 from ..request_context import DeadlineExceeded, RequestAbandoned, check_alive, is_abandoned, time_remaining
@@ -18,8 +20,32 @@ from ..settings import Settings
 from .models import database
 
 
+class _LivenessAdapter(Psycopg2Adapter):
+    """Checks a pooled connection at check-out without a round trip while the socket is quiet.
+
+    peewee's own check sends `SELECT 1` on every check-out (under the pool's lock): a round trip per
+    RPC. An idle connection has nothing to read, so a readable socket means the server said
+    something on its own: in practice that it is closing the connection (a restart, a terminated
+    backend, a dropped database), which it announces with an error message and then EOF. Only then,
+    or when the driver already knows the state is odd, is the round trip made, as before.
+    """
+
+    def is_connection_closed(self, conn: Any) -> bool:
+        if conn.closed or self.txn_status(conn) != self.txn_idle:
+            return bool(super().is_connection_closed(conn))
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        if readable:
+            return bool(super().is_connection_closed(conn))
+        return False
+
+
 class PostgresPool(PooledPostgresqlDatabase):  # type: ignore[misc]
     """The pooled PostgreSQL database; remembers the statement cap its connections start with."""
+
+    psycopg2_adapter = _LivenessAdapter
 
     def __init__(self, *args: Any, statement_timeout_ms: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
