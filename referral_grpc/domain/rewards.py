@@ -193,11 +193,6 @@ def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _blocked(*user_ids: int) -> bool:
-    """Whether any of the users is blocked: a referral with a blocked party earns nothing."""
-    return User.select().where(User.id.in_(user_ids) & User.blocked_at.is_null(False)).exists()
-
-
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
     """Rows of a query as plain tuples (aggregates included)."""
     return list(query.tuples())
@@ -351,24 +346,29 @@ class RewardService:
         refunded_id = None
         if e.refunds_event_id:
             refunded_id = RewardEvent.select(RewardEvent.id).where(RewardEvent.event_id == e.refunds_event_id)
-        try:
-            # A savepoint: on PostgreSQL a concurrent insert of the same event_id waits for the other
-            # transaction, then fails here, and the rest of ours can still read the winner's row.
-            with self._db.atomic():
-                row: RewardEvent = RewardEvent.create(
-                    event_id=e.event_id,
-                    content_hash=content_hash,
-                    user=user.id,
-                    type=e.type,
-                    amount_minor=e.amount_minor,
-                    currency=e.currency,
-                    occurred_at=occurred_at,
-                    refunds_event=refunded_id,
-                    outcome="{}",
-                    recorded_at=now,
-                )
-        except pw.IntegrityError:
+        # ON CONFLICT DO NOTHING: on PostgreSQL a concurrent insert of the same event_id waits for the
+        # other transaction and then inserts nothing (no error, so no savepoint is needed), and the
+        # rest of ours can still read the winner's row.
+        inserted = list(
+            RewardEvent.insert(
+                event_id=e.event_id,
+                content_hash=content_hash,
+                user=user.id,
+                type=e.type,
+                amount_minor=e.amount_minor,
+                currency=e.currency,
+                occurred_at=occurred_at,
+                refunds_event=refunded_id,
+                outcome="{}",
+                recorded_at=now,
+            )
+            .on_conflict_ignore()
+            .returning(RewardEvent)
+            .execute()
+        )
+        if not inserted:
             return None
+        row: RewardEvent = inserted[0]
         return row
 
     def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
@@ -377,12 +377,14 @@ class RewardService:
                 "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
             )
         outcome = json.loads(first.outcome)
-        entries = list(LedgerEntry.select().where(LedgerEntry.event == first.id).order_by(LedgerEntry.id))
+        entries = LedgerEntry.select().where(LedgerEntry.event == first.id).order_by(LedgerEntry.id)
+        # Every entry is of this event: its name is known without another query.
+        names = {first.id: first.event_id}
         return EventResult(
             event_id=first.event_id,
             duplicate=True,
             referral_state=outcome.get("referral_state"),
-            rewards=_views(entries),
+            rewards=[_entry_view(row, names) for row in entries],
             skipped=[Skipped(s["beneficiary"], s["reason"]) for s in outcome.get("skipped", [])],
         )
 
@@ -418,7 +420,16 @@ class RewardService:
             return skip(not_qualifying, state)
         if state == QUALIFIED:
             return skip("already_qualified", state)
-        if not self._eligible(user) or _blocked(user.id, referral.referrer_id):
+        if not self._eligible(user):
+            return skip("referee_not_eligible", state)
+        # The parties in one read: whether either is blocked, and where the referrer's email goes.
+        parties = {
+            row.id: row
+            for row in User.select(User.id, User.email, User.blocked_at).where(
+                User.id.in_({user.id, referral.referrer_id, user.referrer_id})
+            )
+        }
+        if any(parties[i].blocked_at is not None for i in (user.id, referral.referrer_id) if i in parties):
             return skip("referee_not_eligible", state)
         if referral.fraud_decision == REVIEW and referral.review_outcome is None:
             # Held: the first qualifying event waits for an administrator (DecideReferral).
@@ -449,30 +460,34 @@ class RewardService:
         credited: list[LedgerEntry] = []
         skipped: list[Skipped] = []
         beneficiaries = ((REFERRER, user.referrer_id, REFERRER_REWARD), (REFEREE, user.id, REFEREE_REWARD))
+        rewards: list[dict[str, Any]] = []
         for who, owner, kind in beneficiaries:
             if capped:
                 skipped.append(Skipped(who, "referrer_cap_reached"))
             elif amounts[who] == 0:
                 skipped.append(Skipped(who, "no_reward_configured"))
             else:
-                credited.append(
-                    LedgerEntry.create(
-                        user=owner,
-                        kind=kind,
-                        amount_minor=amounts[who],
-                        currency=event.currency,
-                        referral_user=user.id,
-                        event=event.id,
-                        available_at=available_at,
-                        created_at=now,
-                    )
+                rewards.append(
+                    {
+                        "user": owner,
+                        "kind": kind,
+                        "amount_minor": amounts[who],
+                        "currency": event.currency,
+                        "referral_user": user.id,
+                        "event": event.id,
+                        "available_at": available_at,
+                        "created_at": now,
+                    }
                 )
+        if rewards:
+            # One statement for both entries; ids are drawn in the order given (referrer first).
+            inserted = LedgerEntry.insert_many(rewards).returning(LedgerEntry).execute()
+            credited = sorted(inserted, key=lambda row: int(row.id))
         if amounts[REFERRER]:
-            referrer = User.get_by_id(user.referrer_id)
             outbox_ids.append(
                 self._outbox.queue_email(
                     "reward_credited",
-                    referrer.email,
+                    parties[user.referrer_id].email,
                     {
                         "amount": format_amount(amounts[REFERRER], event.currency),
                         "referee_email_masked": mask_email(user.email),
