@@ -18,7 +18,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import is_postgres, write_transaction
+from ..store.database import Prepared, is_postgres, placeholder, write_transaction
 from ..store.models import (
     PENDING,
     QUALIFIED,
@@ -224,6 +224,24 @@ def _sum(expression: Any) -> Any:
     return pw.fn.COALESCE(pw.fn.SUM(expression), 0)
 
 
+class _Reads:
+    """RecordEvent's reads by key, compiled once (see store.database.Prepared)."""
+
+    def __init__(self, db: pw.Database) -> None:
+        p = placeholder(db)
+        self.user_by_id = Prepared(db, User.select().where(User.id == p))
+        self.user_by_email_key = Prepared(db, User.select().where(User.email_key == p))
+        self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
+        self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
+        self.entries_of_event = Prepared(
+            db, LedgerEntry.select().where(LedgerEntry.event == p).order_by(LedgerEntry.id)
+        )
+        # The referee, the referral's referrer and the user's referrer (the same one, normally).
+        self.parties = Prepared(
+            db, User.select(User.id, User.email, User.blocked_at).where(User.id.in_([p, p, p]))
+        )
+
+
 class RewardService:
     def __init__(
         self,
@@ -240,6 +258,7 @@ class RewardService:
         self._dispatcher = dispatcher
         self._pages = page_tokens
         self._eligible = eligible
+        self._reads = _Reads(db)
 
     # --- events --------------------------------------------------------------------------
 
@@ -251,7 +270,7 @@ class RewardService:
         content_hash = _content_hash(user.id, e, occurred_at)
         # A shortcut for retries, not what makes them safe: a read, so a duplicate costs no commit.
         # Concurrent first sends all miss here, and the unique event_id decides between them below.
-        seen = RewardEvent.get_or_none(RewardEvent.event_id == e.event_id)
+        seen = self._reads.event_by_name.first(e.event_id)
         if seen is not None:
             return self._duplicate(seen, content_hash)
         outbox_ids: list[int] = []
@@ -259,7 +278,7 @@ class RewardService:
         with write_transaction(self._db):
             row = self._insert_event(e, user, occurred_at, content_hash, now)
             if row is None:
-                first = RewardEvent.get(RewardEvent.event_id == e.event_id)
+                first = self._reads.event_by_name.first(e.event_id)
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
@@ -314,12 +333,13 @@ class RewardService:
         return occurred_at
 
     def _user(self, e: EventInput) -> User:
+        user: User | None
         if e.email:
             _, email_key = normalize_email(e.email)
-            user = User.get_or_none(User.email_key == email_key)
+            user = self._reads.user_by_email_key.first(email_key)
             name = "email"
         else:
-            user = User.get_or_none(User.id == e.user_id)
+            user = self._reads.user_by_id.first(e.user_id)
             name = "user_id"
         if user is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
@@ -377,7 +397,7 @@ class RewardService:
                 "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
             )
         outcome = json.loads(first.outcome)
-        entries = LedgerEntry.select().where(LedgerEntry.event == first.id).order_by(LedgerEntry.id)
+        entries = self._reads.entries_of_event.rows(first.id)
         # Every entry is of this event: its name is known without another query.
         names = {first.id: first.event_id}
         return EventResult(
@@ -424,10 +444,7 @@ class RewardService:
             return skip("referee_not_eligible", state)
         # The parties in one read: whether either is blocked, and where the referrer's email goes.
         parties = {
-            row.id: row
-            for row in User.select(User.id, User.email, User.blocked_at).where(
-                User.id.in_({user.id, referral.referrer_id, user.referrer_id})
-            )
+            row.id: row for row in self._reads.parties.rows(user.id, referral.referrer_id, user.referrer_id)
         }
         if any(parties[i].blocked_at is not None for i in (user.id, referral.referrer_id) if i in parties):
             return skip("referee_not_eligible", state)
@@ -531,7 +548,7 @@ class RewardService:
         Referral.insert(
             referee=user.id, referrer=user.referrer_id, state=PENDING, created_at=now
         ).on_conflict_ignore().execute()
-        referral: Referral = Referral.get_by_id(user.id)
+        referral: Referral = self._reads.referral.first(user.id)
         return referral
 
     def _referrer_capped(self, referrer_id: int, program: ProgramRules) -> bool:

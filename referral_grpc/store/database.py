@@ -234,6 +234,36 @@ class DatabaseProbe:
                 conn.close()
 
 
+class Prepared:
+    """A peewee SELECT compiled once for one database, then run with new values.
+
+    Building a peewee query costs more Python per call (about 0.2 ms for a model's whole row) than
+    the indexed read it runs, so the hot paths compile theirs once. Each value is a `placeholder`;
+    a query with any other bound value is refused here, so values cannot land in the wrong place.
+    Rows come back as model instances, converted by the fields as a peewee select's are.
+    """
+
+    def __init__(self, db: pw.Database, query: Any) -> None:
+        sql, params = query.bind(db).sql()
+        if params:
+            raise ValueError(f"a prepared query takes every value as a placeholder, not {params!r}")
+        self._db = db
+        self._model = query.model
+        self._sql = sql
+
+    def rows(self, *values: object) -> list[Any]:
+        return list(self._model.raw(self._sql, *values).execute(self._db))
+
+    def first(self, *values: object) -> Any:
+        """The first row, or None: for reads by a unique key."""
+        return next(iter(self._model.raw(self._sql, *values).execute(self._db)), None)
+
+
+def placeholder(db: pw.Database) -> Any:
+    """Where a value goes in a `Prepared` query."""
+    return pw.SQL(db.param)
+
+
 def run_sql(db: pw.Database, sql: str, params: Sequence[object] = ()) -> Any:
     """Run hand-written SQL (the hot paths' prebuilt statements) and return the DB-API cursor."""
     return db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
