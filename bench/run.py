@@ -556,7 +556,14 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
                 path_prefix="/events",
             )
         )
-    ctx.add("RecordEvent, qualifying + duplicate 1:1, API key", "REST", conns, events, "REST")
+    ctx.add(
+        "RecordEvent, qualifying + duplicate 1:1, API key",
+        "REST",
+        conns,
+        events,
+        "REST",
+        "a WatchEvents stream is open on the server meanwhile (its CPU counts here)",
+    )
     ctx.facts["watch_latency_ms"] = watch.percentiles()
     with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
         # Exactly once: a referral's reward of each kind at most once, whatever the retries did.
