@@ -34,12 +34,13 @@ class _LivenessAdapter(Psycopg2Adapter):
         if conn.closed or self.txn_status(conn) != self.txn_idle:
             return bool(super().is_connection_closed(conn))
         try:
-            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            # poll, not select: select refuses descriptors above 1023, which a busy process reaches.
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+            spoke = bool(poller.poll(0))  # POLLHUP and POLLERR are reported whatever was asked
         except (OSError, ValueError):
-            return True
-        if readable:
-            return bool(super().is_connection_closed(conn))
-        return False
+            spoke = True
+        return bool(super().is_connection_closed(conn)) if spoke else False
 
 
 class PostgresPool(PooledPostgresqlDatabase):  # type: ignore[misc]
