@@ -334,8 +334,8 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
         "-",
     )
 
-    # 2. Cache hit: one email, cached after its first lookup. A short unmeasured burst first: the
-    #    ceilings ran other paths, and the first cache-hit row measured ~30% below the later ones.
+    # 2. Cache hit: one email, cached after its first lookup. A short unmeasured burst first, so that
+    #    warm-up is not what this row measures (the ceilings ran other paths just before).
     _hit_rest_load(ctx, 2, conns)
     hit = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
     ctx.add(f"lookup, cache hit ({procs})", "REST", conns, hit, "REST")
