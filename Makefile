@@ -141,11 +141,10 @@ bench-tools:
 		  $$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y -qq wrk nghttp2-client; }
 
 # The whole benchmark (a few minutes; BENCH_ARGS="--soak 300 --profile" for the full soak and a profile).
-# It writes bench/RESULTS.md. Its own database (referral_bench), Redis prefix (bench:) and free ports.
+# It writes bench/RESULTS.md. Its own database (referral_bench), Redis prefix (bench:) and free ports;
+# the stream and webhook figures (bench.events, also `python -m bench.events` alone) on referral_bench_events.
 bench: $(VENV)/.dev-stamp bench-tools
 	$(PY) -m bench $(BENCH_ARGS)
-	# Stream commit-to-delivery latency and webhook deliveries per worker process (own database).
-	$(PY) -m bench.events
 
 # About 2 s per scenario on small data: proves the stack and every scenario work; asserts no timing.
 bench-smoke: $(VENV)/.dev-stamp bench-tools

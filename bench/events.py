@@ -174,6 +174,37 @@ def webhook_throughput(settings: Settings, database_url: str, deliveries: int) -
     return delivered / max((last_at - first_at).total_seconds(), 1e-3)
 
 
+def measure(stream_events: int, deliveries: int) -> dict[str, float]:
+    """Stream latency (p50, p99 ms) and webhook deliveries/s, on a database of their own."""
+    database_url = _recreate_database()
+    settings = Settings.from_env(
+        {**os.environ, "DATABASE_URL": database_url, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
+    )
+    db = build_app(settings, verifier=NoEmailVerification(), dispatcher=NoDispatch()).db
+    run_migrations(db)
+    db.close()
+    p50, p99 = stream_latency(settings, stream_events)
+    rate = webhook_throughput(settings, database_url, deliveries)
+    return {"stream_p50_ms": p50, "stream_p99_ms": p99, "webhooks_per_s": rate}
+
+
+def section(results: dict[str, float], stream_events: int, deliveries: int) -> str:
+    stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {stream_events} events"
+    webhooks = (
+        f"webhook deliveries, 1 worker process (default threads), loopback receiver, {deliveries} events"
+    )
+    return "\n".join(
+        [
+            "| scenario | result |",
+            "|---|---|",
+            f"| {stream} | p50 {results['stream_p50_ms']:.1f} ms, p99 {results['stream_p99_ms']:.1f} ms |",
+            f"| {webhooks} | {results['webhooks_per_s']:.0f} deliveries/s |",
+            "",
+            f"Load average at the end: {os.getloadavg()[0]:.1f} (2 cores, shared).",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__)
     parser.add_argument("--stream-events", type=int, default=300)
@@ -182,29 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", dest="write_results", action="store_false", help="leave RESULTS.md alone"
     )
     args = parser.parse_args(argv)
-    database_url = _recreate_database()
-    settings = Settings.from_env(
-        {**os.environ, "DATABASE_URL": database_url, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
-    )
-    db = build_app(settings, verifier=NoEmailVerification(), dispatcher=NoDispatch()).db
-    run_migrations(db)
-    db.close()
-    p50, p99 = stream_latency(settings, args.stream_events)
-    rate = webhook_throughput(settings, database_url, args.deliveries)
-    stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {args.stream_events} events"
-    webhooks = (
-        f"webhook deliveries, 1 worker process (default threads), loopback receiver, {args.deliveries} events"
-    )
-    table = "\n".join(
-        [
-            "| scenario | result |",
-            "|---|---|",
-            f"| {stream} | p50 {p50:.1f} ms, p99 {p99:.1f} ms |",
-            f"| {webhooks} | {rate:.0f} deliveries/s |",
-            "",
-            f"Load average at the end: {os.getloadavg()[0]:.1f} (2 cores, shared).",
-        ]
-    )
+    table = section(measure(args.stream_events, args.deliveries), args.stream_events, args.deliveries)
     print(table)
     if args.write_results:
         write_section(table)

@@ -183,12 +183,29 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
             apart = max(first.result.rps, deep.result.rps) / min(first.result.rps, deep.result.rps)
             line("ListReferrals: those two within 1.2x (req/s)", f"{apart:.2f}x", apart <= 1.2)
     ratio_target("CreateReferralCode", "CreateReferralCode", 0.2)
-    for missing in (
-        "RecordEvent >= 20% of the REST no-op RPC, zero duplicate credits",
-        "webhook deliveries per worker >= 1,000/s",
-        "WatchEvents commit-to-delivery p99 < 100 ms",
-    ):
-        line(missing, "not in this bench (the rewards RPCs are not on this branch)", None)
+    ratio_target("RecordEvent", "RecordEvent", 0.2)
+    if "duplicate_credits" in facts:
+        duplicates = int(facts["duplicate_credits"])
+        line("RecordEvent: zero duplicate credits", f"{duplicates} referrals credited twice", duplicates == 0)
+    events = facts.get("events") or {}
+    if events:
+        rate = float(events["webhooks_per_s"])
+        line("webhook deliveries per worker >= 1,000/s", f"{rate:,.0f}/s", rate >= 1000)
+    watch = facts.get("watch_latency_ms") or {}
+    if watch:
+        p99 = float(watch["p99"])
+        line(
+            "WatchEvents commit-to-delivery p99 < 100 ms under the RecordEvent load",
+            f"{p99:.1f} ms (p50 {float(watch['p50']):.1f}, {int(watch['events']):,} events;"
+            " from occurred_at, so the transaction is included)",
+            p99 < 100,
+        )
+    if events:
+        line(
+            "WatchEvents commit-to-delivery p99 < 100 ms, idle (bench.events)",
+            f"{float(events['stream_p99_ms']):.1f} ms (p50 {float(events['stream_p50_ms']):.1f})",
+            float(events["stream_p99_ms"]) < 100,
+        )
     on, off = _median_rps(rows, f"{AB_ACCESS_LOG} on"), _median_rps(rows, f"{AB_ACCESS_LOG} off")
     if on and off:
         cost = 1 - on / off
@@ -198,7 +215,8 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
             cost < 0.10,
         )
     ceiling = facts.get("login_ceiling")
-    logins = [r for r in rows if r.name.startswith("Login")]
+    # The dedicated row: during the probe, logins share the CPU by design.
+    logins = [r for r in rows if r.name.startswith("Login") and "during" not in r.name]
     if ceiling and logins:
         best = max(r.result.rps for r in logins)
         line(

@@ -7,25 +7,27 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import quote
 
+import grpc
 import psycopg2
 import redis
 from grpc_health.v1 import health_pb2
 
 from referral_grpc.devstack.locations import PROJECT_ROOT
 from referral_grpc.domain.passwords import PasswordHasher
-from referral_grpc.gen import referral_service_pb2
+from referral_grpc.gen import event_service_pb2, event_service_pb2_grpc, referral_service_pb2
 from referral_grpc.settings import Settings
 
-from . import harness, load, profile, report, seed
+from . import events, harness, load, profile, report, seed
 from .grpcload import write_bodies
 from .load import LoadResult
 from .options import Options
@@ -221,6 +223,12 @@ def run(options: Options) -> int:
             if options.compare_processes:
                 _compare_processes(ctx, seconds, conns)
             _soak(ctx, seeded)
+            # The stream's latency with nothing else running, and one worker's webhook deliveries
+            # (bench.events: its own database and worker).
+            stream_events, deliveries = (50, 200) if options.smoke else (300, 2000)
+            ctx.facts["events"] = events.measure(stream_events, deliveries)
+            if options.write_results:
+                events.write_section(events.section(ctx.facts["events"], stream_events, deliveries))
             if options.profile:
                 profile_text = profile.profile_servers(
                     ctx.servers.pids, ctx.workdir, lambda: _hit_rest_load(ctx, max(seconds, 10), conns)
@@ -326,7 +334,9 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
         "-",
     )
 
-    # 2. Cache hit: one email, cached after its first lookup.
+    # 2. Cache hit: one email, cached after its first lookup. A short unmeasured burst first, so that
+    #    warm-up is not what this row measures (the ceilings ran other paths just before).
+    _hit_rest_load(ctx, 2, conns)
     hit = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
     ctx.add(f"lookup, cache hit ({procs})", "REST", conns, hit, "REST")
     ctx.add(
@@ -509,9 +519,8 @@ def _cli(ctx: Context, *args: str) -> str:
 
 
 def _rewards(ctx: Context, seconds: float, conns: int) -> None:
-    key = _cli(
-        ctx, "apikey", "create", "--name", "bench", "--scope", "events:write", "--scope", "rewards:redeem"
-    ).splitlines()[-1]
+    key = _cli(ctx, "apikey", "create", "--name", "bench", "--scope", "events:write",
+               "--scope", "rewards:redeem", "--scope", "events:read").splitlines()[-1]  # fmt: skip
     # Paid at once (no hold), so that the redemptions below have money to spend.
     # The seeded users signed up over the past years: a window as long as the rules allow.
     _cli(ctx, "program", "set", "--currency", "USD", "--referrer-reward-minor", "500",
@@ -537,14 +546,32 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
     # Every other request a retry of the previous one: a first (qualifying) event, then its duplicate.
     rows = [("/events", "", purchase(n // 2), headers) for n in range(2 * len(newcomers))]
     lines = load.write_request_lines(ctx.workdir / "events.tsv", rows)
-    events = load.run_wrk(
-        ctx.url,
-        load.cycle_script("POST", lines, 1),
-        connections=conns,
-        seconds=seconds,
-        path_prefix="/events",
+    with WatchLatency(ctx.servers.addresses[0], key) as watch:
+        events = ctx.measure(
+            lambda: load.run_wrk(
+                ctx.url,
+                load.cycle_script("POST", lines, 1),
+                connections=conns,
+                seconds=seconds,
+                path_prefix="/events",
+            )
+        )
+    ctx.add(
+        "RecordEvent, qualifying + duplicate 1:1, API key",
+        "REST",
+        conns,
+        events,
+        "REST",
+        "a WatchEvents stream is open on the server meanwhile (its CPU counts here)",
     )
-    ctx.add("RecordEvent, qualifying + duplicate 1:1, API key", "REST", conns, events, "REST")
+    ctx.facts["watch_latency_ms"] = watch.percentiles()
+    with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
+        # Exactly once: a referral's reward of each kind at most once, whatever the retries did.
+        cursor.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM ledger_entries WHERE kind IN"
+            " ('referrer_reward', 'referee_reward') GROUP BY referral_user_id, kind HAVING count(*) > 1) AS d"
+        )
+        ctx.facts["duplicate_credits"] = int(cursor.fetchone()[0])
 
     # Each rewarded newcomer spends 1 cent at a time, every call with its own Idempotency-Key.
     with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
@@ -574,6 +601,64 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
     ctx.add(f"RedeemRewards, {len(paid):,} users, Idempotency-Key each", "REST", conns, redeem, "REST")
 
 
+class WatchLatency:
+    """A WatchEvents stream on the server while a load runs: how long after `occurred_at` each event arrives.
+
+    `occurred_at` is taken when the recording transaction starts, so this is an upper bound of
+    commit-to-delivery (it includes the transaction). Read straight from the server: Envoy's route
+    timeout would cut a long stream, and the figure is about the service.
+    """
+
+    def __init__(self, address: harness.Address, api_key: str) -> None:
+        self._channel = grpc.insecure_channel(f"{address[0]}:{address[1]}")
+        stub = event_service_pb2_grpc.EventServiceStub(self._channel)
+        self._call = stub.WatchEvents(
+            event_service_pb2.WatchEventsRequest(after_cursor=self._last_cursor(stub, api_key)),
+            metadata=(("x-api-key", api_key),),
+        )
+        self._latencies_ms: list[float] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+
+    @staticmethod
+    def _last_cursor(stub: Any, api_key: str) -> int:
+        cursor, metadata = 0, (("x-api-key", api_key),)
+        while True:
+            page = stub.ListEvents(
+                event_service_pb2.ListEventsRequest(after_cursor=cursor, page_size=1000), metadata=metadata
+            )
+            if not page.events:
+                return cursor
+            cursor = page.next_cursor
+
+    def _read(self) -> None:
+        try:
+            for event in self._call:
+                arrived = time.time()
+                self._latencies_ms.append((arrived - event.occurred_at.ToNanoseconds() / 1e9) * 1000)
+        except grpc.RpcError:
+            pass
+
+    def __enter__(self) -> WatchLatency:
+        self._reader.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.5)  # the last commits' events are on their way
+        self._call.cancel()
+        self._reader.join(5)
+        self._channel.close()
+
+    def percentiles(self) -> dict[str, float]:
+        values = sorted(self._latencies_ms)
+        if not values:
+            return {}
+        return {
+            "events": len(values),
+            "p50": values[len(values) // 2],
+            "p99": values[min(len(values) - 1, int(0.99 * len(values)))],
+        }
+
+
 def _cold_note(result: LoadResult, filled: int) -> str:
     return f"{filled:,} distinct users filled ({filled / max(1, result.requests):.0%} of requests missed)"
 
@@ -585,8 +670,16 @@ def _logins(ctx: Context, seconds: float) -> None:
     ctx.facts["login_ceiling"] = ceiling
     login_conns = max(4, 2 * cores * ctx.options.processes)
     login_seconds = max(seconds, 10.0) if not ctx.options.smoke else seconds
-    body = json.dumps({"email": seed.login_email(0), "password": seed.BENCH_PASSWORD})
-    login_script = load.static_script("POST", body)
+    # Every login user in turn, so no account has more than one login in flight: the per-account
+    # throttle counts attempts before the password is checked, and one account hammered from every
+    # connection (with the previous row's cancelled logins still hashing) went over its limit and
+    # got fast 429s (the 35 errors of "Login, during the probe" in an idle run).
+    bodies = (
+        ("/auth/login", "", json.dumps({"email": seed.login_email(i), "password": seed.BENCH_PASSWORD}))
+        for i in range(ctx.options.login_users)
+    )
+    login_lines = load.write_request_lines(ctx.workdir / "logins.tsv", bodies)
+    login_script = load.cycle_script("POST", login_lines, 1)
     # A fixed-rate probe (open loop): its latency shows what logins do to other requests, not how
     # closed-loop clients share the CPU.
     probe_rate, probe_conns = 200, 4
@@ -610,7 +703,7 @@ def _logins(ctx: Context, seconds: float) -> None:
         login_conns,
         ctx.measure(
             lambda: load.run_wrk(
-                ctx.url + "/auth/login",
+                ctx.url,
                 login_script,
                 connections=login_conns,
                 seconds=login_seconds,
@@ -623,7 +716,7 @@ def _logins(ctx: Context, seconds: float) -> None:
 
     def login_load() -> None:
         results["login"] = load.run_wrk(
-            ctx.url + "/auth/login",
+            ctx.url,
             login_script,
             connections=login_conns,
             seconds=login_seconds + 2,

@@ -232,6 +232,40 @@ def _admin(sql: str) -> None:
     conn.close()
 
 
+def _backend(pid: int) -> tuple[str, str] | None:
+    """(state, last statement) of a PostgreSQL backend, None once it is gone."""
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return None if row is None else (row[0], row[1])
+
+
+def test_a_pooled_connection_is_checked_out_without_a_round_trip_and_a_dead_one_is_replaced(
+    pg_url: str,
+) -> None:
+    db = init_database(make_settings(database_url=pg_url))
+    try:
+        pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        db.close()
+        for _ in range(3):
+            db.connect()
+            db.close()
+        # The same connection came back three times and sent nothing (peewee's check sent SELECT 1).
+        assert _backend(pid) == ("idle", "SELECT pg_backend_pid()")
+        # What a restart or a dropped database does to an idle pooled connection: the server ends it.
+        _admin(f"SELECT pg_terminate_backend({pid})")
+        wait_for(lambda: _backend(pid) is None, 5, "the backend gone")
+        db.connect()
+        assert db.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
+    finally:
+        db.close()
+        db.close_all()
+
+
 def test_health_follows_the_database_and_rpcs_fail_fast_while_it_is_gone(pg_url: str) -> None:
     name = pg_url.rsplit("/", 1)[1]
     settings = make_settings(database_url=pg_url, health_probe_interval=0.2, health_probe_timeout=0.5)

@@ -19,10 +19,18 @@ _MIN_SECONDS = -62135596800
 _MAX_SECONDS = 253402300799
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    """Seconds and nanos from the epoch, computed here: Timestamp.FromDatetime costs several times more
+    (range checks, calendar.timegm), and a list page converts two per row."""
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)  # a naive time is local time, as FromDatetime took it
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def to_datetime(ts: timestamp_pb2.Timestamp, field: str) -> datetime:

@@ -22,11 +22,23 @@ _KINDS = {
 _BENEFICIARIES = {"referrer": pb.REFERRER, "referee": pb.REFEREE}
 
 
+# The contract's names by domain state (pending -> PENDING), read once: a list page converts one per row.
+_STATE_NAMES = {
+    name.lower(): name
+    for name, number in referral_service_pb2.ReferralState.items()
+    if number != referral_service_pb2.REFERRAL_STATE_UNSPECIFIED
+}
+_UNSPECIFIED_STATE = referral_service_pb2.ReferralState.Name(referral_service_pb2.REFERRAL_STATE_UNSPECIFIED)
+
+
 def referral_state(state: str | None) -> str:
-    """The contract's name of a domain state (pending -> PENDING)."""
+    """The contract's name of a domain state (pending -> PENDING); a state it lacks is an error."""
     if state is None:
-        return referral_service_pb2.ReferralState.Name(referral_service_pb2.REFERRAL_STATE_UNSPECIFIED)
-    return referral_service_pb2.ReferralState.Name(referral_service_pb2.ReferralState.Value(state.upper()))
+        return _UNSPECIFIED_STATE
+    try:
+        return _STATE_NAMES[state]
+    except KeyError:
+        raise ValueError(f"{state!r} is not a referral state of the contract") from None
 
 
 def ledger_entry(entry: EntryView) -> reward_service_pb2.LedgerEntry:

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import lock_event_log, notify_events
+from ..store.database import EVENT_LOG_LOCK, EVENTS_CHANNEL, is_postgres, run_sql
 from ..store.models import Event, WebhookDelivery, WebhookEndpoint
 from .errors import FieldViolation, InvalidArgument
 from .ports import EventSignal
@@ -100,33 +100,68 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
 
     Last, because the log's lock is held from here to the commit: taken before a row lock it
     could wait on a transaction that waits on it (a deadlock), and held longer it delays others.
+    On PostgreSQL the lock, the rows, their webhook deliveries and the notification are one
+    statement, so the lock is held for that statement and the commit alone: every appending
+    transaction (a reward, a new code, a registration) queues on it.
     """
     if not events:
         return
     for event in events:
         if event.type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {event.type!r}")
-    lock_event_log(db)
+    rows = [
+        (
+            f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
+            event.type,
+            json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
+        )
+        for event in events
+    ]
+    if is_postgres(db):
+        event_ids, types, payloads = (list(column) for column in zip(*rows, strict=True))
+        run_sql(
+            db,
+            _APPEND_SQL,
+            (EVENT_LOG_LOCK, now, event_ids, types, payloads, now, now, EVENTS_CHANNEL),
+        )
+        return
+    # SQLite serialises writers already (BEGIN IMMEDIATE) and has no notifications.
     # The webhook outbox: a delivery row per subscribed endpoint, in this same transaction, so an
     # event is either committed with every delivery it owes or not at all.
     endpoints = [(e.id, set(e.event_types.split())) for e in WebhookEndpoint.select()]
-    last = 0
-    for event in events:
-        row = Event.create(
-            event_id=f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
-            type=event.type,
-            occurred_at=now,
-            payload=json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
-        )
-        last = row.id
+    for event_id, type_, payload in rows:
+        row = Event.create(event_id=event_id, type=type_, occurred_at=now, payload=payload)
         owed = [
             {"endpoint": endpoint, "event": row.id, "next_attempt_at": now, "created_at": now}
-            for endpoint, types in endpoints
-            if not types or event.type in types
+            for endpoint, subscribed in endpoints
+            if not subscribed or type_ in subscribed
         ]
         if owed:
             WebhookDelivery.insert_many(owed).execute()
-    notify_events(db, last)
+
+
+# One statement: the lock (store.database.EVENT_LOG_LOCK) before any id is drawn, the events in
+# the order given (ids are drawn in that order), a delivery per subscribed endpoint (an endpoint's
+# types are space-separated, empty for all), and the notification of the last cursor, sent at commit.
+_APPEND_SQL = """
+WITH log_lock AS (SELECT pg_advisory_xact_lock(%s)),
+appended AS (
+    INSERT INTO events (event_id, type, occurred_at, payload)
+    SELECT new.event_id, new.type, %s, new.payload
+    FROM log_lock, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY
+        AS new(event_id, type, payload, position)
+    ORDER BY new.position
+    RETURNING id, type
+),
+owed AS (
+    INSERT INTO webhook_deliveries (endpoint_id, event_id, status, attempts, next_attempt_at, created_at)
+    SELECT endpoint.id, appended.id, 'pending', 0, %s, %s
+    FROM appended JOIN webhook_endpoints AS endpoint
+        ON btrim(endpoint.event_types) = ''
+        OR appended.type = ANY(regexp_split_to_array(btrim(endpoint.event_types), '\\s+'))
+)
+SELECT pg_notify(%s, max(id)::text) FROM appended
+"""
 
 
 def _violations(after_cursor: int, types: Sequence[str]) -> list[tuple[str, FieldViolation]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import is_postgres, write_transaction
+from ..store.database import Prepared, is_postgres, placeholder, write_transaction
 from ..store.models import (
     PENDING,
     QUALIFIED,
@@ -201,11 +201,6 @@ def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _blocked(*user_ids: int) -> bool:
-    """Whether any of the users is blocked: a referral with a blocked party earns nothing."""
-    return User.select().where(User.id.in_(user_ids) & User.blocked_at.is_null(False)).exists()
-
-
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
     """Rows of a query as plain tuples (aggregates included)."""
     return list(query.tuples())
@@ -237,6 +232,24 @@ def _sum(expression: Any) -> Any:
     return pw.fn.COALESCE(pw.fn.SUM(expression), 0)
 
 
+class _Reads:
+    """RecordEvent's reads by key, compiled once (see store.database.Prepared)."""
+
+    def __init__(self, db: pw.Database) -> None:
+        p = placeholder(db)
+        self.user_by_id = Prepared(db, User.select().where(User.id == p))
+        self.user_by_email_key = Prepared(db, User.select().where(User.email_key == p))
+        self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
+        self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
+        self.entries_of_event = Prepared(
+            db, LedgerEntry.select().where(LedgerEntry.event == p).order_by(LedgerEntry.id)
+        )
+        # The referee, the referral's referrer and the user's referrer (the same one, normally).
+        self.parties = Prepared(
+            db, User.select(User.id, User.email, User.blocked_at).where(User.id.in_([p, p, p]))
+        )
+
+
 class RewardService:
     def __init__(
         self,
@@ -253,6 +266,7 @@ class RewardService:
         self._dispatcher = dispatcher
         self._pages = page_tokens
         self._eligible = eligible
+        self._reads = _Reads(db)
 
     # --- events --------------------------------------------------------------------------
 
@@ -264,7 +278,7 @@ class RewardService:
         content_hash = _content_hash(user.id, e, occurred_at)
         # A shortcut for retries, not what makes them safe: a read, so a duplicate costs no commit.
         # Concurrent first sends all miss here, and the unique event_id decides between them below.
-        seen = RewardEvent.get_or_none(RewardEvent.event_id == e.event_id)
+        seen = self._reads.event_by_name.first(e.event_id)
         if seen is not None:
             return self._duplicate(seen, content_hash)
         outbox_ids: list[int] = []
@@ -272,7 +286,7 @@ class RewardService:
         with write_transaction(self._db):
             row = self._insert_event(e, user, occurred_at, content_hash, now)
             if row is None:
-                first = RewardEvent.get(RewardEvent.event_id == e.event_id)
+                first = self._reads.event_by_name.first(e.event_id)
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
@@ -327,12 +341,13 @@ class RewardService:
         return occurred_at
 
     def _user(self, e: EventInput) -> User:
+        user: User | None
         if e.email:
             _, email_key = normalize_email(e.email)
-            user = User.get_or_none(User.email_key == email_key)
+            user = self._reads.user_by_email_key.first(email_key)
             name = "email"
         else:
-            user = User.get_or_none(User.id == e.user_id)
+            user = self._reads.user_by_id.first(e.user_id)
             name = "user_id"
         if user is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
@@ -359,24 +374,29 @@ class RewardService:
         refunded_id = None
         if e.refunds_event_id:
             refunded_id = RewardEvent.select(RewardEvent.id).where(RewardEvent.event_id == e.refunds_event_id)
-        try:
-            # A savepoint: on PostgreSQL a concurrent insert of the same event_id waits for the other
-            # transaction, then fails here, and the rest of ours can still read the winner's row.
-            with self._db.atomic():
-                row: RewardEvent = RewardEvent.create(
-                    event_id=e.event_id,
-                    content_hash=content_hash,
-                    user=user.id,
-                    type=e.type,
-                    amount_minor=e.amount_minor,
-                    currency=e.currency,
-                    occurred_at=occurred_at,
-                    refunds_event=refunded_id,
-                    outcome="{}",
-                    recorded_at=now,
-                )
-        except pw.IntegrityError:
+        # ON CONFLICT DO NOTHING: on PostgreSQL a concurrent insert of the same event_id waits for the
+        # other transaction and then inserts nothing (no error, so no savepoint is needed), and the
+        # rest of ours can still read the winner's row.
+        inserted = list(
+            RewardEvent.insert(
+                event_id=e.event_id,
+                content_hash=content_hash,
+                user=user.id,
+                type=e.type,
+                amount_minor=e.amount_minor,
+                currency=e.currency,
+                occurred_at=occurred_at,
+                refunds_event=refunded_id,
+                outcome="{}",
+                recorded_at=now,
+            )
+            .on_conflict_ignore()
+            .returning(RewardEvent)
+            .execute()
+        )
+        if not inserted:
             return None
+        row: RewardEvent = inserted[0]
         return row
 
     def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
@@ -385,12 +405,14 @@ class RewardService:
                 "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
             )
         outcome = json.loads(first.outcome)
-        entries = list(LedgerEntry.select().where(LedgerEntry.event == first.id).order_by(LedgerEntry.id))
+        entries = self._reads.entries_of_event.rows(first.id)
+        # Every entry is of this event: its name is known without another query.
+        names = {first.id: first.event_id}
         return EventResult(
             event_id=first.event_id,
             duplicate=True,
             referral_state=outcome.get("referral_state"),
-            rewards=_views(entries),
+            rewards=[_entry_view(row, names) for row in entries],
             skipped=[Skipped(s["beneficiary"], s["reason"]) for s in outcome.get("skipped", [])],
         )
 
@@ -426,7 +448,13 @@ class RewardService:
             return skip(not_qualifying, state)
         if state == QUALIFIED:
             return skip("already_qualified", state)
-        if not self._eligible(user) or _blocked(user.id, referral.referrer_id):
+        if not self._eligible(user):
+            return skip("referee_not_eligible", state)
+        # The parties in one read: whether either is blocked, and where the referrer's email goes.
+        parties = {
+            row.id: row for row in self._reads.parties.rows(user.id, referral.referrer_id, user.referrer_id)
+        }
+        if any(parties[i].blocked_at is not None for i in (user.id, referral.referrer_id) if i in parties):
             return skip("referee_not_eligible", state)
         if referral.fraud_decision == REVIEW and referral.review_outcome is None:
             # Held: the first qualifying event waits for an administrator (DecideReferral).
@@ -457,30 +485,34 @@ class RewardService:
         credited: list[LedgerEntry] = []
         skipped: list[Skipped] = []
         beneficiaries = ((REFERRER, user.referrer_id, REFERRER_REWARD), (REFEREE, user.id, REFEREE_REWARD))
+        rewards: list[dict[str, Any]] = []
         for who, owner, kind in beneficiaries:
             if capped:
                 skipped.append(Skipped(who, "referrer_cap_reached"))
             elif amounts[who] == 0:
                 skipped.append(Skipped(who, "no_reward_configured"))
             else:
-                credited.append(
-                    LedgerEntry.create(
-                        user=owner,
-                        kind=kind,
-                        amount_minor=amounts[who],
-                        currency=event.currency,
-                        referral_user=user.id,
-                        event=event.id,
-                        available_at=available_at,
-                        created_at=now,
-                    )
+                rewards.append(
+                    {
+                        "user": owner,
+                        "kind": kind,
+                        "amount_minor": amounts[who],
+                        "currency": event.currency,
+                        "referral_user": user.id,
+                        "event": event.id,
+                        "available_at": available_at,
+                        "created_at": now,
+                    }
                 )
+        if rewards:
+            # One statement for both entries; ids are drawn in the order given (referrer first).
+            inserted = LedgerEntry.insert_many(rewards).returning(LedgerEntry).execute()
+            credited = sorted(inserted, key=lambda row: int(row.id))
         if amounts[REFERRER]:
-            referrer = User.get_by_id(user.referrer_id)
             outbox_ids.append(
                 self._outbox.queue_email(
                     "reward_credited",
-                    referrer.email,
+                    parties[user.referrer_id].email,
                     {
                         "amount": format_amount(amounts[REFERRER], event.currency),
                         "referee_email_masked": mask_email(user.email),
@@ -524,7 +556,7 @@ class RewardService:
         Referral.insert(
             referee=user.id, referrer=user.referrer_id, state=PENDING, created_at=now
         ).on_conflict_ignore().execute()
-        referral: Referral = Referral.get_by_id(user.id)
+        referral: Referral = self._reads.referral.first(user.id)
         return referral
 
     def _referrer_capped(self, referrer_id: int, program: ProgramRules) -> bool:

@@ -10,6 +10,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
 
 import jwt
 
@@ -56,6 +58,27 @@ class AccessTokens:
         self._audience = audience
         self.ttl_seconds = ttl_seconds
         self._clock = clock
+        # The signature and the static claims of one token string always verify the same way, so
+        # the result is kept (successes only: a failure raises, and lru_cache keeps no exceptions).
+        # Times are checked on every call below; the token version against the database by the caller.
+        self._verified = lru_cache(maxsize=4096)(self._verify)
+
+    def _verify(self, token: str) -> dict[str, Any]:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            self._secret,
+            algorithms=[ALGORITHM],
+            audience=self._audience,
+            issuer=self._issuer,
+            # Times are checked in decode against the injected clock, so tests can move time.
+            options={
+                "require": ["sub", "iat", "exp", "iss", "aud", "typ", "ver"],
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
+        return claims
 
     def issue(self, user_id: int, token_version: int) -> str:
         now = self._clock.now()
@@ -75,20 +98,7 @@ class AccessTokens:
     def decode(self, token: str) -> AccessClaims:
         """Verify signature, algorithm, issuer, audience, type and times; raise Unauthenticated otherwise."""
         try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                audience=self._audience,
-                issuer=self._issuer,
-                # Times are checked below against the injected clock, so tests can move time.
-                options={
-                    "require": ["sub", "iat", "exp", "iss", "aud", "typ", "ver"],
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
+            claims = self._verified(token)
         except jwt.PyJWTError:
             raise invalid_token() from None
         # PyJWT checks none of these types once its own time checks are off: a string `exp` ("nan")
