@@ -29,7 +29,7 @@ from ..store.models import database
 from .breaker import CircuitBreaker
 from .mailer import Mailer, make_mailer
 from .outbox import BackgroundDispatcher, DeliveryConfig, HueyDispatcher, deliver, relay_pending
-from .webhooks import WebhookConfig, claim_due, deliver_batch
+from .webhooks import Sender, WebhookConfig, claim_due, deliver_batch
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Tasks:
         self.deliver_email: TaskWrapper = huey.task(name=DELIVER_EMAIL)(self._deliver_email)
         self.recheck_email: TaskWrapper = huey.task(name=RECHECK_EMAIL)(self._recheck_email)
         self.webhook_config = WebhookConfig.from_settings(settings)
+        self.webhook_sender = Sender(self.webhook_config.timeout, self.webhook_config.allow_private)
         self.deliver_webhook: TaskWrapper = huey.task(name=DELIVER_WEBHOOK)(self._deliver_webhook)
         # For `huey_consumer`, which knows nothing of run_worker: bind the models in each worker thread.
         huey.on_startup(name="bind_database")(self._ensure_database)
@@ -107,7 +108,7 @@ class Tasks:
         # (A single id is what a worker before batching enqueued.)
         ids = [delivery_ids] if isinstance(delivery_ids, int) else delivery_ids
         with database.connection_context():
-            deliver_batch(ids, self.webhook_config, self.clock.now)
+            deliver_batch(ids, self.webhook_config, self.clock.now, self.webhook_sender.post)
 
     def enqueue_recheck(self, user_id: int) -> None:
         self.huey.enqueue(self.recheck_email.s(user_id))
@@ -215,6 +216,7 @@ class Worker:
             self._relay.join()
         if self._consumer is not None:
             self._consumer.stop(graceful=True)
+        self.tasks.webhook_sender.close()
 
     def run(self) -> None:
         """Run in the foreground until SIGTERM (running tasks finish first) or SIGINT (they do not)."""
@@ -225,6 +227,7 @@ class Worker:
         finally:
             self._stop.set()
             self._relay.join()
+            self.tasks.webhook_sender.close()
 
     def relay_once(self) -> int:
         """Enqueue every pending row that is due (see referral_grpc.infra.outbox); return how many."""
