@@ -61,6 +61,9 @@ def _recreate_database() -> str:
 
 
 class _Receiver(BaseHTTPRequestHandler):
+    # Keep-alive, as most web servers that receive webhooks (`--http10-receiver`: one connection each).
+    protocol_version = "HTTP/1.1"
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         self.send_response(204)
@@ -69,6 +72,12 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class _Http10Receiver(_Receiver):
+    """One connection per delivery: the receiver closes each after its answer."""
+
+    protocol_version = "HTTP/1.0"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -120,9 +129,10 @@ def stream_latency(settings: Settings, events: int) -> tuple[float, float]:
     return statistics.median(latencies), _percentile(latencies, 0.99)
 
 
-def webhook_throughput(settings: Settings, database_url: str, deliveries: int) -> float:
-    """Deliveries per second of one worker process (default WORKER_THREADS) to a loopback receiver."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+def webhook_throughput(settings: Settings, database_url: str, deliveries: int, http10: bool = False) -> float:
+    """Deliveries per second of one worker process (default WORKER_THREADS) to a loopback receiver
+    (keep-alive, or HTTP/1.0 with `http10`)."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Http10Receiver if http10 else _Receiver)
     receiver.daemon_threads = True
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     app = build_app(settings, verifier=NoEmailVerification(), dispatcher=NoDispatch())
@@ -174,7 +184,7 @@ def webhook_throughput(settings: Settings, database_url: str, deliveries: int) -
     return delivered / max((last_at - first_at).total_seconds(), 1e-3)
 
 
-def measure(stream_events: int, deliveries: int) -> dict[str, float]:
+def measure(stream_events: int, deliveries: int, http10: bool = False) -> dict[str, float]:
     """Stream latency (p50, p99 ms) and webhook deliveries/s, on a database of their own."""
     database_url = _recreate_database()
     settings = Settings.from_env(
@@ -184,14 +194,16 @@ def measure(stream_events: int, deliveries: int) -> dict[str, float]:
     run_migrations(db)
     db.close()
     p50, p99 = stream_latency(settings, stream_events)
-    rate = webhook_throughput(settings, database_url, deliveries)
+    rate = webhook_throughput(settings, database_url, deliveries, http10)
     return {"stream_p50_ms": p50, "stream_p99_ms": p99, "webhooks_per_s": rate}
 
 
-def section(results: dict[str, float], stream_events: int, deliveries: int) -> str:
+def section(results: dict[str, float], stream_events: int, deliveries: int, http10: bool = False) -> str:
     stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {stream_events} events"
+    receiver = "HTTP/1.0 (a connection per delivery)" if http10 else "keep-alive"
     webhooks = (
-        f"webhook deliveries, 1 worker process (default threads), loopback receiver, {deliveries} events"
+        f"webhook deliveries, 1 worker process (default threads), loopback {receiver} receiver, "
+        f"{deliveries} events"
     )
     return "\n".join(
         [
@@ -210,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-events", type=int, default=300)
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument(
+        "--http10-receiver",
+        action="store_true",
+        help="a receiver that answers HTTP/1.0 and closes each connection (no keep-alive)",
+    )
+    parser.add_argument(
         "--no-write", dest="write_results", action="store_false", help="leave RESULTS.md alone"
     )
     args = parser.parse_args(argv)
-    table = section(measure(args.stream_events, args.deliveries), args.stream_events, args.deliveries)
+    results = measure(args.stream_events, args.deliveries, args.http10_receiver)
+    table = section(results, args.stream_events, args.deliveries, args.http10_receiver)
     print(table)
     if args.write_results:
         write_section(table)

@@ -28,7 +28,7 @@ from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.gen import webhook_service_pb2 as wh_pb
 from referral_grpc.gen import webhook_service_pb2_grpc
-from referral_grpc.infra.webhooks import forbidden_address, post
+from referral_grpc.infra.webhooks import RESPONSE_BODY_LIMIT, Sender, forbidden_address, post
 from referral_grpc.store.models import EmailOutbox, Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +48,9 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as most receivers: the worker sends on kept connections.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 with receiver._lock:
@@ -340,6 +343,129 @@ def test_the_sender_follows_no_redirect_and_checks_the_address_when_it_connects(
     finally:
         server.shutdown()
         server.server_close()
+
+
+class KeepAliveReceiver:
+    """An HTTP/1.1 server on loopback that notes each request's path and client port (one port per
+    connection); `close_after` closes each connection after that many answers, as idle-closing
+    servers do; `/big` answers with a body longer than RESPONSE_BODY_LIMIT, `/moved` redirects."""
+
+    def __init__(self, close_after: int = 0) -> None:
+        self.requests: list[tuple[str, int]] = []
+        hits = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # It writes headers and body apart: without this, its own Nagle wait would show.
+            disable_nagle_algorithm = True
+            answered = 0
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                hits.append((self.path, self.client_address[1]))
+                body = b"x" * (RESPONSE_BODY_LIMIT * 4) if self.path == "/big" else b"ok"
+                self.send_response(302 if self.path == "/moved" else 200)
+                if self.path == "/moved":
+                    self.send_header("location", "/elsewhere")
+                self.send_header("content-length", str(len(body)))
+                self.answered += 1
+                if close_after and self.answered >= close_after:
+                    # Closed without telling the client: what an idle timeout does to a kept connection.
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def ports(self, path: str) -> list[int]:
+        return [port for p, port in self.requests if p == path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_the_sender_keeps_a_connection_per_endpoint_url_made_to_a_checked_address() -> None:
+    receiver = KeepAliveReceiver()
+    sender = Sender(timeout=5, allow_private=True)
+    try:
+        answers = [sender.post(f"{receiver.base}/a", {}, b"{}") for _ in range(3)]
+        answers += [sender.post(f"{receiver.base}/b", {}, b"{}") for _ in range(2)]
+        assert [(a.http_status, a.body) for a in answers] == [(200, "ok")] * 5
+        # One connection per endpoint URL, each used again: the same client port for each URL's requests.
+        assert len(set(receiver.ports("/a"))) == 1 and len(set(receiver.ports("/b"))) == 1
+        assert receiver.ports("/a")[0] != receiver.ports("/b")[0]
+        # Another thread has connections of its own.
+        other: list[int] = []
+        thread = threading.Thread(
+            target=lambda: other.append(sender.post(f"{receiver.base}/a", {}, b"{}").http_status)
+        )
+        thread.start()
+        thread.join()
+        assert other == [200] and len(set(receiver.ports("/a"))) == 2
+        # A redirect is an answer like any other, never followed; the connection stays usable.
+        moved = sender.post(f"{receiver.base}/moved", {}, b"{}")
+        assert (moved.http_status, moved.body) == (302, "ok") and receiver.ports("/elsewhere") == []
+        # A body longer than the limit is cut, and its connection not used again (the rest is unread).
+        big = [sender.post(f"{receiver.base}/big", {}, b"{}") for _ in range(2)]
+        assert [len(a.body) for a in big] == [RESPONSE_BODY_LIMIT] * 2
+        assert len(set(receiver.ports("/big"))) == 2
+        # A sender without the switch refuses the loopback address at connection time: nothing is sent.
+        count = len(receiver.requests)
+        refused = Sender(timeout=5, allow_private=False).post(f"{receiver.base}/a", {}, b"{}")
+        assert refused.http_status == 0 and refused.error.startswith("refused")
+        assert len(receiver.requests) == count
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_the_sender_sends_again_on_a_new_connection_when_a_kept_one_was_closed() -> None:
+    receiver = KeepAliveReceiver(close_after=1)
+    sender = Sender(timeout=5, allow_private=True)
+    try:
+        answers = [sender.post(f"{receiver.base}/a", {}, b"{}") for _ in range(3)]
+        assert [a.http_status for a in answers] == [200] * 3
+        assert len(set(receiver.ports("/a"))) == 3
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_kept_connection_is_not_slowed_by_delayed_acks() -> None:
+    receiver = KeepAliveReceiver()
+    sender = Sender(timeout=5, allow_private=True)
+    try:
+        sender.post(f"{receiver.base}/a", {}, b"{}")
+        started = time.monotonic()
+        for _ in range(20):
+            sender.post(f"{receiver.base}/a", {}, b"{}")
+        # Headers and body go out in two writes: with Nagle's algorithm on, each request on a kept
+        # connection waited for the receiver's delayed ACK (40 ms here, 0.8 s for these 20).
+        assert time.monotonic() - started < 0.4
+        assert len(set(receiver.ports("/a"))) == 1
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_the_sender_drops_idle_connections() -> None:
+    receiver = KeepAliveReceiver()
+    sender = Sender(timeout=5, allow_private=True, idle=0.05)
+    try:
+        sender.post(f"{receiver.base}/a", {}, b"{}")
+        time.sleep(0.1)
+        sender.post(f"{receiver.base}/a", {}, b"{}")
+        assert len(set(receiver.ports("/a"))) == 2
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def test_redeliver_queues_a_range_or_one_event_again(database_url: str, clock: FakeClock) -> None:

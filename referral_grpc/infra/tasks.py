@@ -29,8 +29,7 @@ from ..store.models import database
 from .breaker import CircuitBreaker
 from .mailer import Mailer, make_mailer
 from .outbox import BackgroundDispatcher, DeliveryConfig, HueyDispatcher, deliver, relay_pending
-from .webhooks import WebhookConfig, claim_due
-from .webhooks import deliver as deliver_webhook
+from .webhooks import Sender, WebhookConfig, claim_due, deliver_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,9 @@ RECHECK_EMAIL = "recheck_email"
 DELIVER_WEBHOOK = "deliver_webhook"
 
 _RELAY_BATCH = 100
+# Most webhook deliveries one task sends: fewer queue round trips per delivery, while a batch stays
+# short next to the lease even when each attempt waits out WEBHOOK_TIMEOUT.
+_WEBHOOK_TASK_BATCH = 10
 _RECHECK_BATCH = 100
 
 
@@ -89,6 +91,7 @@ class Tasks:
         self.deliver_email: TaskWrapper = huey.task(name=DELIVER_EMAIL)(self._deliver_email)
         self.recheck_email: TaskWrapper = huey.task(name=RECHECK_EMAIL)(self._recheck_email)
         self.webhook_config = WebhookConfig.from_settings(settings)
+        self.webhook_sender = Sender(self.webhook_config.timeout, self.webhook_config.allow_private)
         self.deliver_webhook: TaskWrapper = huey.task(name=DELIVER_WEBHOOK)(self._deliver_webhook)
         # For `huey_consumer`, which knows nothing of run_worker: bind the models in each worker thread.
         huey.on_startup(name="bind_database")(self._ensure_database)
@@ -97,13 +100,15 @@ class Tasks:
         """Queue `deliver_email(outbox_id)`, after `delay` seconds if given; raises when the queue is down."""
         self.huey.enqueue(self.deliver_email.s(outbox_id, delay=delay))
 
-    def enqueue_webhook(self, delivery_id: int) -> None:
-        self.huey.enqueue(self.deliver_webhook.s(delivery_id))
+    def enqueue_webhooks(self, delivery_ids: list[int]) -> None:
+        self.huey.enqueue(self.deliver_webhook.s(delivery_ids))
 
-    def _deliver_webhook(self, delivery_id: int) -> None:
+    def _deliver_webhook(self, delivery_ids: list[int] | int) -> None:
         # A failure is recorded with its next attempt's time; the relay enqueues it when due.
+        # (A single id is what a worker before batching enqueued.)
+        ids = [delivery_ids] if isinstance(delivery_ids, int) else delivery_ids
         with database.connection_context():
-            deliver_webhook(delivery_id, self.webhook_config, self.clock.now)
+            deliver_batch(ids, self.webhook_config, self.clock.now, self.webhook_sender.post)
 
     def enqueue_recheck(self, user_id: int) -> None:
         self.huey.enqueue(self.recheck_email.s(user_id))
@@ -211,6 +216,7 @@ class Worker:
             self._relay.join()
         if self._consumer is not None:
             self._consumer.stop(graceful=True)
+        self.tasks.webhook_sender.close()
 
     def run(self) -> None:
         """Run in the foreground until SIGTERM (running tasks finish first) or SIGINT (they do not)."""
@@ -221,6 +227,7 @@ class Worker:
         finally:
             self._stop.set()
             self._relay.join()
+            self.tasks.webhook_sender.close()
 
     def relay_once(self) -> int:
         """Enqueue every pending row that is due (see referral_grpc.infra.outbox); return how many."""
@@ -245,11 +252,15 @@ class Worker:
         try:
             with database.connection_context():
                 while True:
-                    ids = claim_due(self.tasks.clock.now(), self.tasks.webhook_config.lease, _RELAY_BATCH)
-                    for delivery_id in ids:
-                        self.tasks.enqueue_webhook(delivery_id)
-                    total += len(ids)
-                    if len(ids) < _RELAY_BATCH:
+                    groups = claim_due(self.tasks.clock.now(), self.tasks.webhook_config.lease, _RELAY_BATCH)
+                    claimed = sum(len(group) for group in groups)
+                    # Batches no larger than it takes to keep every consumer thread busy.
+                    size = min(_WEBHOOK_TASK_BATCH, -(-claimed // self.settings.worker_threads))
+                    for group in groups:
+                        for start in range(0, len(group), size):
+                            self.tasks.enqueue_webhooks(group[start : start + size])
+                    total += claimed
+                    if claimed < _RELAY_BATCH:
                         break
         except Exception as exc:
             log.warning(
