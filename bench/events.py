@@ -1,6 +1,7 @@
 """Events benchmark (`python -m bench.events`): stream commit-to-delivery latency, webhook deliveries/s.
 
-Its own PostgreSQL database (referral_bench_events, recreated), Redis prefix (bench-events:) and free ports.
+Its own PostgreSQL database (`BENCH_DATABASE` + `_events`, recreated), Redis prefix (`BENCH_KEY_PREFIX` +
+`events:`) and free ports.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from referral_grpc.store.database import write_transaction
 from referral_grpc.store.migrate import run_migrations
 from referral_grpc.store.models import WebhookAttempt, WebhookDelivery
 
-from .harness import PG_SERVER_URL
+from .harness import BENCH_DATABASE, BENCH_KEY_PREFIX, PG_SERVER_URL
 
-DATABASE = "referral_bench_events"
+# Derived from BENCH_DATABASE, so two checkouts that set it apart do not drop each other's database.
+DATABASE = f"{BENCH_DATABASE}_events"
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- events-bench:begin -->", "<!-- events-bench:end -->"
@@ -147,7 +149,7 @@ def webhook_throughput(settings: Settings, database_url: str, deliveries: int, h
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
-        "REDIS_KEY_PREFIX": "bench-events:",
+        "REDIS_KEY_PREFIX": f"{BENCH_KEY_PREFIX}events:",
         "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
         "OUTBOX_RELAY_INTERVAL": "0.2",
     }
