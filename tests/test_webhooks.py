@@ -28,7 +28,7 @@ from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.gen import webhook_service_pb2 as wh_pb
 from referral_grpc.gen import webhook_service_pb2_grpc
-from referral_grpc.infra.webhooks import RESPONSE_BODY_LIMIT, Sender, forbidden_address, post
+from referral_grpc.infra.webhooks import RESPONSE_BODY_LIMIT, Sender, forbidden_address
 from referral_grpc.store.models import EmailOutbox, Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,10 +335,10 @@ def test_the_sender_follows_no_redirect_and_checks_the_address_when_it_connects(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
     try:
-        answer = post(url, {}, b"{}", timeout=5, allow_private=True)
+        answer = Sender(timeout=5, allow_private=True).post(url, {}, b"{}")
         assert (answer.http_status, answer.body, hits) == (302, "moved", ["/hook"])
         # Without the switch the loopback address is refused at connection time: nothing is sent.
-        refused = post(url, {}, b"{}", timeout=5, allow_private=False)
+        refused = Sender(timeout=5, allow_private=False).post(url, {}, b"{}")
         assert refused.http_status == 0 and refused.error.startswith("refused") and hits == ["/hook"]
     finally:
         server.shutdown()

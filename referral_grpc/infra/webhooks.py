@@ -9,7 +9,6 @@ address a URL resolves to is checked when the connection is made, not only when 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import hmac
 import http.client
@@ -62,18 +61,23 @@ def forbidden_address(address: str) -> bool:
     )
 
 
+def _addresses(host: str, port: int) -> list[str]:
+    """The host's addresses, in the resolver's order; socket.gaierror or UnicodeError if it has none."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _first_forbidden(addresses: list[str]) -> str | None:
+    return next((address for address in addresses if forbidden_address(address)), None)
+
+
 def _resolve(host: str, port: int, allow_private: bool) -> list[str]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = _addresses(host, port)
     except (socket.gaierror, UnicodeError) as exc:
         raise RefusedAddress(f"the host does not resolve ({exc})") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not allow_private:
-        refused = [a for a in addresses if forbidden_address(a)]
-        if refused:
-            raise RefusedAddress(
-                f"the host resolves to {refused[0]}, a loopback, private or link-local address"
-            )
+    if not allow_private and (refused := _first_forbidden(addresses)) is not None:
+        raise RefusedAddress(f"the host resolves to {refused}, a loopback, private or link-local address")
     return addresses
 
 
@@ -95,14 +99,11 @@ def url_checker(settings: Settings) -> Callable[[str], str]:
         if settings.webhook_allow_private_networks:
             return ""
         try:
-            infos = socket.getaddrinfo(parts.hostname, port or 443, type=socket.SOCK_STREAM)
+            refused = _first_forbidden(_addresses(parts.hostname, port or 443))
         except (socket.gaierror, UnicodeError):
             # DNS may be down for a moment or not yet set up: each delivery checks again anyway.
             return ""
-        for info in infos:
-            if forbidden_address(str(info[4][0])):
-                return f"resolves to {info[4][0]}, a loopback, private or link-local address"
-        return ""
+        return "" if refused is None else f"resolves to {refused}, a loopback, private or link-local address"
 
     return check
 
@@ -187,20 +188,6 @@ def _failure(exc: Exception) -> Answer:
     if isinstance(exc, RefusedAddress):
         return Answer(0, "", f"refused: {exc}")
     return Answer(0, "", f"{type(exc).__name__}: {exc}"[:500])
-
-
-def post(url: str, headers: dict[str, str], body: bytes, timeout: float, allow_private: bool) -> Answer:
-    """One POST on a connection of its own to an address checked just now; no redirects
-    (http.client follows none)."""
-    parts = urlsplit(url)
-    try:
-        conn = _connect(parts, timeout, allow_private, None)
-        try:
-            return _exchange(conn, parts, headers, body)[0]
-        finally:
-            conn.close()
-    except (RefusedAddress, OSError, http.client.HTTPException) as exc:
-        return _failure(exc)
 
 
 # How a kept connection fails when the receiver has closed it while it was idle.
@@ -357,7 +344,7 @@ Send = Callable[[str, dict[str, str], bytes], Answer]
 
 
 def deliver_batch(
-    delivery_ids: Sequence[int], config: WebhookConfig, now: Callable[[], datetime], send: Send | None = None
+    delivery_ids: Sequence[int], config: WebhookConfig, now: Callable[[], datetime], send: Send
 ) -> int:
     """One attempt at each of these claimed deliveries, in order; how many the receivers answered 2xx.
 
@@ -374,8 +361,6 @@ def deliver_batch(
         .where(WebhookDelivery.id.in_(list(delivery_ids)) & (WebhookDelivery.status == "pending"))
         .order_by(WebhookDelivery.event, WebhookDelivery.id)
     )
-    if send is None:
-        send = functools.partial(post, timeout=config.timeout, allow_private=config.allow_private)
     disabled: set[int] = set()
     given_back: list[int] = []
     delivered = 0
