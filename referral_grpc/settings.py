@@ -356,6 +356,13 @@ class Settings:
     cache_ttl_seconds: int = integer(
         300, "upper bound of a cached code's lifetime", minimum=1, maximum=86_400
     )
+    near_cache_entries: int = integer(
+        10_000,
+        "codes each server process keeps from its recent Redis hits, dropped at once when Redis reports "
+        "a change (client-side caching); 0: every lookup reads Redis",
+        minimum=0,
+        maximum=1_000_000,
+    )
     redis_socket_timeout: float = number(
         0.1, "seconds; Redis slower than this is bypassed", minimum=0.005, maximum=10
     )

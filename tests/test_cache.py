@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import selectors
 import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from referral_grpc.infra.cache import (
     RedisCodeCache,
     make_code_cache,
 )
+from referral_grpc.infra.near_cache import NearCache
 from referral_grpc.settings import Settings
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -123,13 +125,15 @@ def redis_cache(settings: Settings, clock: FakeClock) -> RedisCodeCache:
     return RedisCodeCache.from_settings(settings, breaker=breaker)
 
 
-@pytest.fixture(params=["redis", "in_process"])
+@pytest.fixture(params=["redis", "redis_without_near_cache", "in_process"])
 def cache(
     request: pytest.FixtureRequest, redis_settings: Settings, clock: FakeClock
 ) -> Iterator[InstrumentedCodeCache]:
     built: InstrumentedCodeCache
     if request.param == "redis":
         built = redis_cache(redis_settings, clock)
+    elif request.param == "redis_without_near_cache":
+        built = redis_cache(dataclasses.replace(redis_settings, near_cache_entries=0), clock)
     else:
         built = InProcessCodeCache(CACHE_TTL, monotonic=clock.monotonic)
     yield built
@@ -146,6 +150,11 @@ def flaky_redis(redis_url: str) -> Iterator[FlakyRedis]:
 
 def code(name: str = "ABCD2345", valid_for: timedelta = timedelta(days=30)) -> CachedCode:
     return CachedCode(code=name, expires_at=NOW + valid_for, owner_verified=True)
+
+
+def counts(cache: InstrumentedCodeCache) -> dict[str, int]:
+    """The counters every cache reports (the near cache's own hits are checked where they matter)."""
+    return {name: cache.stats()[name] for name in ("hits", "misses", "errors", "bypassed")}
 
 
 def timed_get(cache: InstrumentedCodeCache) -> tuple[CacheRead, float]:
@@ -166,7 +175,7 @@ def test_miss_then_fill_then_hit(cache: InstrumentedCodeCache) -> None:
 
     assert cache.get(EMAIL, NOW) == CacheRead(value=code(), generation="0")
     assert cache.get("someone-else@example.com", NOW).value is None
-    assert cache.stats() == {"hits": 1, "misses": 2, "errors": 0, "bypassed": 0}
+    assert counts(cache) == {"hits": 1, "misses": 2, "errors": 0, "bypassed": 0}
 
 
 def test_invalidate_makes_the_next_get_a_miss(cache: InstrumentedCodeCache) -> None:
@@ -358,6 +367,179 @@ def test_undecodable_entry_is_a_miss_and_gets_replaced(
     assert refilled == code()
 
 
+# The near cache: each process's copy of its recent hits, dropped when Redis reports a change.
+
+
+def key_of(prefix: str, email: str = EMAIL) -> str:
+    return f"{prefix}code:{email}"
+
+
+def near_of(cache: RedisCodeCache) -> NearCache:
+    assert cache.near is not None
+    return cache.near
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def two_processes(
+    redis_settings: Settings, clock: FakeClock
+) -> Iterator[tuple[RedisCodeCache, RedisCodeCache]]:
+    """Two caches on one Redis namespace, as two server processes hold them."""
+    first, second = redis_cache(redis_settings, clock), redis_cache(redis_settings, clock)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def held_in_near_cache(cache: RedisCodeCache) -> CacheRead:
+    """Read until the value comes from the near cache (the first read after a fill goes to Redis)."""
+    before = cache.stats()["near_hits"]
+    for _ in range(3):
+        read = cache.get(EMAIL, NOW)
+        if cache.stats()["near_hits"] > before:
+            return read
+    raise AssertionError("the near cache never served the entry")
+
+
+def test_repeat_hits_are_served_by_the_near_cache_without_redis(
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    cache = redis_cache(redis_settings, clock)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+        assert cache.get(EMAIL, NOW).value == code()  # from Redis; kept
+        commands_before = redis_client.info("stats")["total_commands_processed"]
+        reads = [cache.get(EMAIL, NOW) for _ in range(50)]
+        commands_after = redis_client.info("stats")["total_commands_processed"]
+    finally:
+        cache.close()
+
+    assert reads == [CacheRead(value=code(), generation="0")] * 50
+    assert cache.stats()["near_hits"] == 50
+    # Only this test's INFO and whatever else shares the Redis ran meanwhile, not 50 reads.
+    assert commands_after - commands_before < 50
+
+
+def test_a_change_made_by_another_process_is_seen_by_the_very_next_read(
+    two_processes: tuple[RedisCodeCache, RedisCodeCache],
+) -> None:
+    reader, writer = two_processes
+    stale = 0
+    for round_number in range(100):
+        expected = code(f"V{round_number}")
+        writer.fill(EMAIL, writer.get(EMAIL, NOW).generation, expected, NOW)
+        assert held_in_near_cache(reader).value == expected
+        writer.invalidate(EMAIL)  # returns once Redis changed: a request after it must not see the old code
+        stale += reader.get(EMAIL, NOW).value is not None
+    assert stale == 0
+
+
+def test_a_change_made_directly_in_redis_is_seen_too(
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, clock)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+        held_in_near_cache(cache)
+        redis_client.set(key_of(key_prefix), "NEW33333|2026-06-01T12:00:00+00:00|verified", px=60_000)
+        replaced = cache.get(EMAIL, NOW)
+        held_in_near_cache(cache)
+        redis_client.delete(key_of(key_prefix))
+        deleted = cache.get(EMAIL, NOW)
+    finally:
+        cache.close()
+
+    assert replaced.value is not None and replaced.value.code == "NEW33333"
+    assert deleted.value is None
+
+
+def test_a_lost_invalidation_connection_empties_the_near_cache_until_it_is_back(
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(redis_settings, clock)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+        held_in_near_cache(cache)
+        near = near_of(cache)
+        killed = near.client_id
+        redis_client.client_kill_filter(_id=killed)
+        # Changed while nobody listens: the near cache must not serve what it held.
+        redis_client.set(key_of(key_prefix), "NEW33333|2026-06-01T12:00:00+00:00|verified", px=60_000)
+        after_loss = cache.get(EMAIL, NOW)
+        lost = near.client_id is None and near.size() == 0
+        wait_for(lambda: near.client_id is not None)
+        served_again = held_in_near_cache(cache)
+    finally:
+        cache.close()
+
+    assert after_loss.value is not None and after_loss.value.code == "NEW33333"
+    assert lost
+    assert near.client_id != killed
+    assert served_again.value is not None and served_again.value.code == "NEW33333"
+
+
+def test_racing_readers_in_one_process_and_a_writer_in_another_never_see_an_invalidated_code(
+    two_processes: tuple[RedisCodeCache, RedisCodeCache],
+) -> None:
+    reader_cache, writer_cache = two_processes
+    lock = threading.Lock()
+    state = {"database": 0, "invalidated": 0}
+    done = threading.Event()
+
+    def writer() -> None:
+        for _ in range(200):
+            with lock:
+                state["database"] += 1
+                version = state["database"]
+            writer_cache.invalidate(EMAIL)
+            with lock:
+                state["invalidated"] = version
+            time.sleep(0.001)
+        done.set()
+
+    def reader() -> int:
+        served = 0
+        while not done.is_set():
+            with lock:
+                must_see = state["invalidated"]
+            read = reader_cache.get(EMAIL, NOW)
+            if read.value is not None:
+                assert int(read.value.code.removeprefix("V")) >= must_see
+                served += 1
+                continue
+            with lock:
+                version = state["database"]
+            reader_cache.fill(EMAIL, read.generation, code(f"V{version}"), NOW)
+        return served
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        readers = [pool.submit(reader) for _ in range(3)]
+        pool.submit(writer).result()
+        served = sum(future.result() for future in readers)
+
+    assert served > 0
+    assert reader_cache.stats()["near_hits"] > 0  # the near cache really served during the race
+
+
+def test_near_cache_is_off_when_configured_so(redis_settings: Settings, clock: FakeClock) -> None:
+    cache = redis_cache(dataclasses.replace(redis_settings, near_cache_entries=0), clock)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+        reads = [cache.get(EMAIL, NOW) for _ in range(5)]
+    finally:
+        cache.close()
+
+    assert cache.near is None
+    assert all(read.value == code() for read in reads)
+    assert cache.stats()["near_hits"] == 0
+
+
 # Redis down or slow: fail fast, never raise, recover by itself.
 
 
@@ -380,7 +562,7 @@ def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, clock:
     # No network I/O: well under a millisecond each (the bound on the slowest allows a busy machine).
     assert statistics.median(seconds for _, seconds in open_reads) < 0.001
     assert max(seconds for _, seconds in open_reads) < 0.05
-    assert cache.stats() == {"hits": 0, "misses": 203, "errors": 3, "bypassed": 202}
+    assert counts(cache) == {"hits": 0, "misses": 203, "errors": 3, "bypassed": 202}
 
 
 def test_unresponsive_redis_fails_within_the_socket_timeout_then_breaker_stops_connecting(

@@ -15,6 +15,7 @@ import redis
 
 from referral_grpc.domain.ports import CachedCode, CacheRead, CodeCache
 from referral_grpc.infra.breaker import CircuitBreaker
+from referral_grpc.infra.near_cache import NearCache
 from referral_grpc.infra.redis_client import fail_fast_redis
 from referral_grpc.settings import Settings
 
@@ -96,11 +97,12 @@ def decode_entry(raw: str) -> CachedCode | None:
 class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values = {"hits": 0, "misses": 0, "errors": 0, "bypassed": 0}
+        self._values = {"hits": 0, "misses": 0, "errors": 0, "bypassed": 0, "near_hits": 0}
 
-    def bump(self, name: str) -> None:
+    def bump(self, *names: str) -> None:
         with self._lock:
-            self._values[name] += 1
+            for name in names:
+                self._values[name] += 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -129,6 +131,7 @@ class RedisCodeCache:
         key_prefix: str,
         ttl_seconds: int,
         breaker: CircuitBreaker | None = None,
+        near_entries: int = 0,
     ) -> None:
         self._client = client
         self._prefix = key_prefix
@@ -141,6 +144,18 @@ class RedisCodeCache:
         # forget only the failures it has covered, not one that happened while it ran.
         self._pending: dict[str, int] = {}
         self._sequence = itertools.count()
+        self._near: NearCache | None = None
+        if near_entries > 0:
+            pool = client.connection_pool
+            self._near = NearCache(
+                # Its own connection, outside the pool: it stays subscribed. RESP2, where invalidations
+                # arrive as ordinary messages on a channel.
+                lambda: pool.connection_class(**{**pool.connection_kwargs, "protocol": 2}),
+                CODE_KEY.format(prefix=key_prefix, email_key=""),
+                max_entries=near_entries,
+                ttl_seconds=ttl_seconds,
+                may_connect=lambda: not self._breaker.is_open,
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, breaker: CircuitBreaker | None = None) -> RedisCodeCache:
@@ -149,6 +164,7 @@ class RedisCodeCache:
             key_prefix=settings.redis_key_prefix,
             ttl_seconds=settings.cache_ttl_seconds,
             breaker=breaker,
+            near_entries=settings.near_cache_entries,
         )
 
     def code_key(self, email_key: str) -> str:
@@ -158,6 +174,12 @@ class RedisCodeCache:
         return GENERATION_KEY.format(prefix=self._prefix, email_key=email_key)
 
     def get(self, email_key: str, now: datetime) -> CacheRead:
+        token = None
+        if self._near is not None:
+            held, token = self._near.get(email_key, now)
+            if held is not None:
+                self._counters.bump("hits", "near_hits")
+                return held
         if not self._admit(email_key):
             self._counters.bump("misses")
             return _UNAVAILABLE
@@ -174,7 +196,10 @@ class RedisCodeCache:
             self._counters.bump("misses")
             return CacheRead(value=None, generation=str(generation or "0"))
         self._counters.bump("hits")
-        return CacheRead(value=value, generation=str(generation or "0"))
+        read = CacheRead(value=value, generation=str(generation or "0"))
+        if self._near is not None:
+            self._near.put(email_key, read, token)
+        return read
 
     def fill(self, email_key: str, generation: str | None, value: CachedCode, now: datetime) -> None:
         ttl_ms = entry_ttl_ms(value, now, self._ttl_seconds)
@@ -192,6 +217,8 @@ class RedisCodeCache:
 
     def invalidate(self, email_key: str) -> None:
         sequence = next(self._sequence)
+        if self._near is not None:
+            self._near.evict(email_key)
         if not self._admit(None):
             self._remember(email_key, sequence)
             return
@@ -201,6 +228,11 @@ class RedisCodeCache:
             self._failed("invalidate", exc)
             self._remember(email_key, sequence)
             return
+        finally:
+            # Again after Redis changed: a read of this process that raced the change and kept the
+            # old value is dropped now, not when Redis's message arrives.
+            if self._near is not None:
+                self._near.evict(email_key)
         self._breaker.record_success()
         with self._lock:
             if self._pending.get(email_key, sequence) < sequence:
@@ -213,7 +245,14 @@ class RedisCodeCache:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def near(self) -> NearCache | None:
+        """The per-process near cache (NEAR_CACHE_ENTRIES > 0), or None."""
+        return self._near
+
     def close(self) -> None:
+        if self._near is not None:
+            self._near.close()
         self._client.close()
 
     def _invalidate_keys(self, email_keys: list[str]) -> None:
