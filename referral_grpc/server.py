@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 # Request metadata a server process accepts: every header of a request that passed Envoy fits.
 MAX_METADATA_BYTES = 32 * 1024
+# Added to the nice value of the threads that run the RPCs marked blocking (bcrypt, Hunter calls).
+BLOCKING_NICENESS = 10
 
 
 class DatabaseHealth:
@@ -169,7 +171,11 @@ def create_server(app: App, address: str | None = None) -> Server:
     max_bytes = settings.grpc_max_message_bytes
     metrics = Metrics(cache=app.cache, verifier=app.verifier, db=app.db, clock=app.clock)
     in_flight = InFlight()
-    blocking_pool = CountingExecutor(in_flight, settings.grpc_blocking_workers, "rpc-blocking")
+    # Password hashing saturates the CPU by design; at a lower priority it takes what the cheap RPCs
+    # leave, so lookups keep their latency while logins run at full throughput.
+    blocking_pool = CountingExecutor(
+        in_flight, settings.grpc_blocking_workers, "rpc-blocking", niceness=BLOCKING_NICENESS
+    )
     # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing forever.
     admission = Admission(
         in_flight,

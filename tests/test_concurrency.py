@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +15,7 @@ from support.api import Api, bearer, expect_error, in_days
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.server import BLOCKING_NICENESS
 from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PARALLEL = 20
@@ -111,3 +114,20 @@ def test_parallel_reset_requests_leave_one_live_link(api: Api) -> None:
     assert not [r for r in results if isinstance(r, grpc.RpcError)]
     assert PasswordResetToken.select().count() == 3
     assert PasswordResetToken.select().where(PasswordResetToken.used_at.is_null()).count() == 1
+
+
+def test_password_hashing_runs_at_a_lower_priority_than_the_other_rpcs(api: Api) -> None:
+    api.register("nice@example.com")  # a blocking RPC (bcrypt): the blocking pool
+    lookup = ref_pb.GetReferralCodeByEmailRequest(email="nobody@example.com")
+    assert expect_error(api.referrals.GetReferralCodeByEmail, lookup).code == grpc.StatusCode.NOT_FOUND
+
+    def nice(thread: threading.Thread) -> int:
+        assert thread.native_id is not None
+        return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id or 0)
+    blocking = [nice(t) for t in threading.enumerate() if t.name.startswith("rpc-blocking")]
+    main_pool = [nice(t) for t in threading.enumerate() if t.name.startswith("rpc_")]
+    assert blocking and main_pool
+    assert set(blocking) == {min(19, base + BLOCKING_NICENESS)}
+    assert set(main_pool) == {base}

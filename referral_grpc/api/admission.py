@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -24,6 +27,19 @@ class InFlight:
         return self._count
 
 
+def lower_thread_priority(niceness: int) -> None:
+    """Add `niceness` to the calling thread's nice value (only its own: Linux schedules threads one by one).
+
+    Elsewhere, setpriority would apply to the whole process, so nothing is done there.
+    """
+    if sys.platform == "linux":
+        thread = threading.get_native_id()
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+            )
+
+
 class CountingExecutor(futures.ThreadPoolExecutor):
     """A thread pool that counts its unfinished work in an InFlight shared with the other pools.
 
@@ -31,8 +47,14 @@ class CountingExecutor(futures.ThreadPoolExecutor):
     (even one cancelled before a thread picked it up), so the count never leaks.
     """
 
-    def __init__(self, in_flight: InFlight, max_workers: int, thread_name_prefix: str) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+    def __init__(
+        self, in_flight: InFlight, max_workers: int, thread_name_prefix: str, *, niceness: int = 0
+    ) -> None:
+        super().__init__(
+            max_workers=max_workers,
+            thread_name_prefix=thread_name_prefix,
+            initializer=(lambda: lower_thread_priority(niceness)) if niceness else None,
+        )
         self._in_flight = in_flight
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
