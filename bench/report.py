@@ -122,6 +122,7 @@ def rss_summary(samples: list[tuple[float, list[int]]]) -> dict[str, Any]:
 
 
 AB_ACCESS_LOG = "A/B access log"
+AB_NEAR_CACHE = "A/B near cache"
 
 
 def ceiling_summary(rows: list[Row]) -> list[str]:
@@ -213,6 +214,13 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
             "access log costs < 10% of the cached lookup (A/B, medians)",
             f"{cost:.1%} ({on:,.0f} on vs {off:,.0f} off req/s)",
             cost < 0.10,
+        )
+    on, off = _median_rps(rows, f"{AB_NEAR_CACHE} on"), _median_rps(rows, f"{AB_NEAR_CACHE} off")
+    if on and off:
+        line(
+            "near cache on vs off, cached lookup (not a target: what it adds)",
+            f"{on / off - 1:+.0%} ({on:,.0f} on vs {off:,.0f} off req/s, A/B medians)",
+            None,
         )
     ceiling = facts.get("login_ceiling")
     # The dedicated row: during the probe, logins share the CPU by design.

@@ -376,8 +376,9 @@ def _scenarios(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) ->
     ctx.add(f"CreateReferralCode, {len(user_tokens)} users rotating", "REST", conns, create, "REST")
     _rest_ceiling(ctx, conns)
 
-    # 6. The access log, on and off, for the cached lookup.
+    # 6. The access log, on and off, and the near cache, on and off, for the cached lookup.
     _access_log_ab(ctx, conns)
+    _near_cache_ab(ctx, conns)
     _rest_ceiling(ctx, conns)
 
     # 7. Rewards: RecordEvent with an API key (qualifying and duplicate events), RedeemRewards.
@@ -468,35 +469,39 @@ def _lists(ctx: Context, seeded: seed.Seeded, seconds: float, conns: int) -> Non
 
 
 def _access_log_ab(ctx: Context, conns: int) -> None:
-    """The cached lookup with ACCESS_LOG on and off, alternating short bursts, one fresh server each.
+    """The cached lookup with ACCESS_LOG on and off."""
+    default = "true" if ctx.facts.get("access_log_default", True) else "false"
+    _ab(ctx, conns, report.AB_ACCESS_LOG, "ACCESS_LOG", {"on": "true", "off": "false"}, default)
+
+
+def _near_cache_ab(ctx: Context, conns: int) -> None:
+    """The cached lookup with the per-process near cache (the default) and without (every hit reads Redis)."""
+    default = str(Settings.from_env(ctx.env).near_cache_entries)
+    _ab(ctx, conns, report.AB_NEAR_CACHE, "NEAR_CACHE_ENTRIES", {"on": default, "off": "0"}, default)
+
+
+def _ab(ctx: Context, conns: int, label: str, variable: str, sides: dict[str, str], default: str) -> None:
+    """The cached lookup with `variable` set per side, alternating short bursts, one fresh server each.
 
     Alternating (on, off, on, off, ...) spreads the machine's drift over both sides; the target
     check compares the medians.
     """
     rounds = 1 if ctx.options.smoke else 3
     seconds = ctx.options.seconds if ctx.options.smoke else max(2.0, ctx.options.seconds / 2)
-    sides = {
-        state: harness.start_servers({**ctx.env, "ACCESS_LOG": state}, 1, ctx.server_log)
-        for state in ("true", "false")
+    servers_by_side = {
+        side: harness.start_servers({**ctx.env, variable: value}, 1, ctx.server_log)
+        for side, value in sides.items()
     }
-    default = "true" if ctx.facts.get("access_log_default", True) else "false"
     try:
         for _ in range(rounds):
-            for state, servers in sides.items():
+            for side, servers in servers_by_side.items():
                 ctx.start_envoy(1, servers)
                 _hit_rest_load(ctx, 1, conns)
                 result = ctx.measure(lambda: _hit_rest_load(ctx, seconds, conns))
-                side = "on" if state == "true" else "off"
-                shipped = " (the production default)" if state == default else ""
-                ctx.add(
-                    f"{report.AB_ACCESS_LOG} {side}{shipped}, lookup, cache hit (1p)",
-                    "REST",
-                    conns,
-                    result,
-                    "REST",
-                )
+                shipped = " (the production default)" if sides[side] == default else ""
+                ctx.add(f"{label} {side}{shipped}, lookup, cache hit (1p)", "REST", conns, result, "REST")
     finally:
-        for servers in sides.values():
+        for servers in servers_by_side.values():
             servers.stop()
         ctx.start_envoy(ctx.options.processes)
 
