@@ -10,6 +10,7 @@ import socket
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -525,6 +526,36 @@ def test_racing_readers_in_one_process_and_a_writer_in_another_never_see_an_inva
 
     assert served > 0
     assert reader_cache.stats()["near_hits"] > 0  # the near cache really served during the race
+
+
+def test_a_redis_that_refuses_client_tracking_leaves_the_near_cache_off_and_says_so(
+    redis_settings: Settings,
+    clock: FakeClock,
+    redis_client: redis.Redis,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user = f"no-tracking-{uuid.uuid4().hex[:8]}"
+    redis_client.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all", "-client|tracking"]
+    )
+    parts = urlsplit(redis_url)
+    url = f"redis://{user}@{parts.hostname}:{parts.port or 6379}{parts.path}"
+    cache = redis_cache(dataclasses.replace(redis_settings, redis_url=url), clock)
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code(), NOW)
+        reads = [cache.get(EMAIL, NOW) for _ in range(5)]
+    finally:
+        cache.close()
+        redis_client.acl_deluser(user)
+
+    assert all(read.value == code() for read in reads)
+    assert cache.stats()["near_hits"] == 0
+    assert near_of(cache).client_id is None
+    said = [r.getMessage() for r in caplog.records if "client tracking" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].startswith("near cache: off, Redis refused client tracking: ")
+    assert "no permissions" in said[0].lower()
 
 
 def test_near_cache_is_off_when_configured_so(redis_settings: Settings, clock: FakeClock) -> None:

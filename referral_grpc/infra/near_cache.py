@@ -25,6 +25,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import redis
+
 from referral_grpc.domain.ports import CachedCode, CacheRead
 
 log = logging.getLogger(__name__)
@@ -204,9 +206,13 @@ class NearCache:
             return
         try:
             connection, client_id = self._open()
+        except redis.ResponseError as exc:
+            # A Redis that refuses CLIENT TRACKING (an old version, an ACL): it will not change its mind.
+            log.warning("near cache: off, Redis refused client tracking: %s", exc)
+            self._stopping.set()
+            return
         except Exception as exc:
-            if self._was_connected:
-                log.debug("near cache: cannot subscribe yet: %s: %s", type(exc).__name__, exc)
+            log.debug("near cache: cannot subscribe yet: %s: %s", type(exc).__name__, exc)
             return
         with self._lock:
             if self._stopping.is_set():
@@ -231,8 +237,7 @@ class NearCache:
             connection.send_command(
                 "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self._prefix
             )
-            if connection.read_response() not in ("OK", b"OK"):
-                raise ConnectionError("CLIENT TRACKING was refused")
+            connection.read_response()  # OK, or a ResponseError raised here
             connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
             connection.read_response()
         except BaseException:
