@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -97,6 +98,7 @@ def test_logs_carry_request_ids_and_never_secrets_or_plain_emails(pg_url: str, r
             call, api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), "r-forged", "not.a-valid.jwt"
         )
         assert forged.code == grpc.StatusCode.UNAUTHENTICATED
+        logging.getLogger().handlers[0].flush()  # access lines are written in batches
         output = stream.getvalue()
 
     lines = [json.loads(line) for line in output.splitlines()]
@@ -203,11 +205,41 @@ def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None
     finally:
         trace_id.reset(traced)
         request_id.reset(token)
+    logging.getLogger().handlers[0].flush()
     ordinary, quick = (json.loads(line) for line in stream.getvalue().splitlines())
     assert ordinary.pop("time")[:10] == quick.pop("time")[:10]
     assert quick == ordinary
     assert quick["request_id"] == 'a "quoted" \\ id \u00e9'
     assert quick.get("trace_id") == trace
+
+
+def test_access_lines_are_batched_in_order_and_never_held_long(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(make_settings(log_format="json"), stream)
+    handler = logging.getLogger().handlers[0]
+    method = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+    access = AccessLog()
+
+    access(method, "OK", 0.001)
+    access(method, "NOT_FOUND", 0.001)
+    held = stream.getvalue()
+    logging.getLogger("referral_grpc.test").warning("an ordinary record")
+    ordered = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+
+    access(method, "OK", 0.002)
+    deadline = time.monotonic() + 2
+    while stream.getvalue().count("\n") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    unflushed_lines = stream.getvalue().count("\n")
+
+    for _ in range(type(handler).MAX_PENDING):  # type: ignore[attr-defined]
+        access(method, "OK", 0.001)
+    full_batch_lines = stream.getvalue().count("\n")
+
+    assert held == ""  # queued, not yet written
+    assert ordered == [f"{method} OK 1.0ms", f"{method} NOT_FOUND 1.0ms", "an ordinary record"]
+    assert unflushed_lines == 4  # the flusher wrote the third line without any other record
+    assert full_batch_lines == 4 + type(handler).MAX_PENDING  # type: ignore[attr-defined]
 
 
 def test_tracebacks_are_redacted_too(restore_logging: None) -> None:
