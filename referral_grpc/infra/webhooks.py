@@ -417,12 +417,16 @@ def _attempt(
 
 # The attempt, the delivery and the endpoint in one statement (data-modifying CTEs): one round trip
 # and no BEGIN/COMMIT per delivery. It returns the endpoint's status after the attempt.
-_RECORD_SUCCESS_SQL = """
+_ATTEMPT_CTE = """
 WITH attempt AS (
     INSERT INTO webhook_attempts
         (delivery_id, attempt, http_status, error, latency_ms, response_body, attempted_at)
     VALUES (%(delivery)s, %(attempt)s, %(http_status)s, %(error)s, %(latency_ms)s, %(body)s, %(at)s)
-), delivery AS (
+)"""
+# Both statements start with the same attempt row; only constants are joined here.
+_RECORD_SUCCESS_SQL = (
+    _ATTEMPT_CTE  # noqa: S608
+    + """, delivery AS (
     UPDATE webhook_deliveries SET status = 'delivered', attempts = %(attempt)s, delivered_at = %(at)s
     WHERE id = %(delivery)s
 )
@@ -430,12 +434,10 @@ UPDATE webhook_endpoints SET consecutive_failures = 0, last_success_at = %(at)s
 WHERE id = %(endpoint)s
 RETURNING status
 """
-_RECORD_FAILURE_SQL = """
-WITH attempt AS (
-    INSERT INTO webhook_attempts
-        (delivery_id, attempt, http_status, error, latency_ms, response_body, attempted_at)
-    VALUES (%(delivery)s, %(attempt)s, %(http_status)s, %(error)s, %(latency_ms)s, %(body)s, %(at)s)
-), delivery AS (
+)
+_RECORD_FAILURE_SQL = (
+    _ATTEMPT_CTE  # noqa: S608
+    + """, delivery AS (
     UPDATE webhook_deliveries SET attempts = %(attempt)s, next_attempt_at = %(retry_at)s
     WHERE id = %(delivery)s
 )
@@ -445,6 +447,7 @@ UPDATE webhook_endpoints SET
 WHERE id = %(endpoint)s
 RETURNING status
 """
+)
 
 
 def _record(
