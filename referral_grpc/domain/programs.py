@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import peewee as pw
 
-from ..store.database import write_transaction
-from ..store.models import Program
+from ..store.database import Prepared, write_transaction
+from ..store.models import Program, database
 from . import audit
 from .currencies import is_currency
 from .errors import FieldViolation, InvalidArgument
@@ -131,9 +132,17 @@ def _rules(row: Program) -> ProgramRules:
     )
 
 
+# The read of the newest version, compiled once per database: every recorded event and signup runs it.
+_NEWEST: weakref.WeakKeyDictionary[pw.Database, Prepared] = weakref.WeakKeyDictionary()
+
+
 def current_program() -> ProgramRules | None:
     """The rules in force: the newest version, or None when no program was ever set."""
-    row = Program.select().order_by(Program.id.desc()).first()
+    db = database.obj
+    newest = _NEWEST.get(db)
+    if newest is None:
+        newest = _NEWEST[db] = Prepared(db, Program.select().order_by(Program.id.desc()).limit(pw.SQL("1")))
+    row = newest.first()
     return None if row is None else _rules(row)
 
 

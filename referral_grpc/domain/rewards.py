@@ -18,7 +18,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import Prepared, is_postgres, placeholder, write_transaction
+from ..store.database import Prepared, is_postgres, placeholder, run_sql, whole_row, write_transaction
 from ..store.models import (
     PENDING,
     QUALIFIED,
@@ -250,6 +250,58 @@ class _Reads:
         )
 
 
+def _values(db: pw.Database, count: int) -> str:
+    return ", ".join([db.param] * count)
+
+
+class _Writes:
+    """RecordEvent's writes, written once per database: building a peewee INSERT or UPDATE costs more
+    Python per call than PostgreSQL spends running it. Table and column names come from the models;
+    every value is a bound parameter (S608), times go in as `_stamp` makes them."""
+
+    def __init__(self, db: pw.Database) -> None:
+        p = db.param
+        events, referrals = RewardEvent._meta.table_name, Referral._meta.table_name
+        ledger = LedgerEntry._meta.table_name
+        # ON CONFLICT DO NOTHING: on PostgreSQL a concurrent insert of the same event_id waits for the
+        # other transaction and then inserts nothing (no error, so no savepoint is needed), and the
+        # rest of ours can still read the winner's row.
+        self.insert_event = Prepared.statement(
+            db,
+            RewardEvent,
+            f'INSERT INTO "{events}" (event_id, content_hash, user_id, type, amount_minor, currency,'  # noqa: S608
+            f" occurred_at, refunds_event_id, outcome, recorded_at) VALUES ({_values(db, 10)})"
+            f" ON CONFLICT DO NOTHING RETURNING {whole_row(RewardEvent)}",
+        )
+        self.record_outcome = f'UPDATE "{events}" SET outcome = {p} WHERE id = {p}'  # noqa: S608
+        self.open_referral = (
+            f'INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded, fraud_partial,'  # noqa: S608
+            f" created_at) VALUES ({_values(db, 6)}) ON CONFLICT DO NOTHING"
+        )
+        # Pending -> qualified: the WHERE decides between concurrent events of one newcomer.
+        self.qualify = (
+            f'UPDATE "{referrals}" SET state = {p}, qualified_at = {p}, program_id = {p},'  # noqa: S608
+            f" qualifying_event_id = {p}, rewarded = {p} WHERE referee_id = {p} AND state = {p}"
+        )
+        entry = f"({_values(db, 8)})"
+        # One statement for one or both rewards; ids are drawn in the order given (referrer first).
+        self.credit = {
+            count: Prepared.statement(
+                db,
+                LedgerEntry,
+                f'INSERT INTO "{ledger}" (user_id, kind, amount_minor, currency, referral_user_id,'  # noqa: S608
+                f" event_id, available_at, created_at) VALUES {', '.join([entry] * count)}"
+                f" RETURNING {whole_row(LedgerEntry)}",
+            )
+            for count in (1, 2)
+        }
+
+
+def _stamp(value: datetime) -> Any:
+    """A time as the models' UTCDateTimeField stores it (TIMESTAMPTZ, or fixed-width text on SQLite)."""
+    return LedgerEntry.created_at.db_value(value)
+
+
 class RewardService:
     def __init__(
         self,
@@ -267,6 +319,7 @@ class RewardService:
         self._pages = page_tokens
         self._eligible = eligible
         self._reads = _Reads(db)
+        self._writes = _Writes(db)
 
     # --- events --------------------------------------------------------------------------
 
@@ -284,7 +337,7 @@ class RewardService:
         outbox_ids: list[int] = []
         events: list[NewEvent] = []
         with write_transaction(self._db):
-            row = self._insert_event(e, user, occurred_at, content_hash, now)
+            row = self._insert_event(e, user, occurred_at, content_hash, now, refunded)
             if row is None:
                 first = self._reads.event_by_name.first(e.event_id)
             elif refunded is not None:
@@ -368,35 +421,27 @@ class RewardService:
         return refunded
 
     def _insert_event(
-        self, e: EventInput, user: User, occurred_at: datetime, content_hash: str, now: datetime
+        self,
+        e: EventInput,
+        user: User,
+        occurred_at: datetime,
+        content_hash: str,
+        now: datetime,
+        refunded: RewardEvent | None,
     ) -> RewardEvent | None:
         """The event's row, or None when its event_id is already taken (by a retry that won)."""
-        refunded_id = None
-        if e.refunds_event_id:
-            refunded_id = RewardEvent.select(RewardEvent.id).where(RewardEvent.event_id == e.refunds_event_id)
-        # ON CONFLICT DO NOTHING: on PostgreSQL a concurrent insert of the same event_id waits for the
-        # other transaction and then inserts nothing (no error, so no savepoint is needed), and the
-        # rest of ours can still read the winner's row.
-        inserted = list(
-            RewardEvent.insert(
-                event_id=e.event_id,
-                content_hash=content_hash,
-                user=user.id,
-                type=e.type,
-                amount_minor=e.amount_minor,
-                currency=e.currency,
-                occurred_at=occurred_at,
-                refunds_event=refunded_id,
-                outcome="{}",
-                recorded_at=now,
-            )
-            .on_conflict_ignore()
-            .returning(RewardEvent)
-            .execute()
+        row: RewardEvent | None = self._writes.insert_event.first(
+            e.event_id,
+            content_hash,
+            user.id,
+            e.type,
+            e.amount_minor,
+            e.currency,
+            _stamp(occurred_at),
+            refunded.id if refunded is not None else None,
+            "{}",
+            _stamp(now),
         )
-        if not inserted:
-            return None
-        row: RewardEvent = inserted[0]
         return row
 
     def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
@@ -422,7 +467,7 @@ class RewardService:
             "referral_state": result.referral_state,
             "skipped": [{"beneficiary": s.beneficiary, "reason": s.reason} for s in result.skipped],
         }
-        RewardEvent.update(outcome=json.dumps(outcome)).where(RewardEvent.id == event.id).execute()
+        run_sql(self._db, self._writes.record_outcome, (json.dumps(outcome), event.id))
         return result
 
     def _judge(
@@ -468,24 +513,18 @@ class RewardService:
             REFEREE: 0 if capped else program.referee.amount_for(event.amount_minor),
         }
         # Pending -> qualified exactly once, whatever runs concurrently: the row decides.
-        moved = (
-            Referral.update(
-                state=QUALIFIED,
-                qualified_at=now,
-                program=program.version,
-                qualifying_event=event.id,
-                rewarded=any(amounts.values()),
-            )
-            .where((Referral.referee == user.id) & (Referral.state == PENDING))
-            .execute()
-        )
+        moved = run_sql(
+            self._db,
+            self._writes.qualify,
+            (QUALIFIED, _stamp(now), program.version, event.id, any(amounts.values()), user.id, PENDING),
+        ).rowcount
         if moved != 1:
             return skip("already_qualified", Referral.get_by_id(user.id).state)
         available_at = now + timedelta(days=program.hold_days)
         credited: list[LedgerEntry] = []
         skipped: list[Skipped] = []
         beneficiaries = ((REFERRER, user.referrer_id, REFERRER_REWARD), (REFEREE, user.id, REFEREE_REWARD))
-        rewards: list[dict[str, Any]] = []
+        rewards: list[tuple[Any, ...]] = []
         for who, owner, kind in beneficiaries:
             if capped:
                 skipped.append(Skipped(who, "referrer_cap_reached"))
@@ -493,20 +532,19 @@ class RewardService:
                 skipped.append(Skipped(who, "no_reward_configured"))
             else:
                 rewards.append(
-                    {
-                        "user": owner,
-                        "kind": kind,
-                        "amount_minor": amounts[who],
-                        "currency": event.currency,
-                        "referral_user": user.id,
-                        "event": event.id,
-                        "available_at": available_at,
-                        "created_at": now,
-                    }
+                    (
+                        owner,
+                        kind,
+                        amounts[who],
+                        event.currency,
+                        user.id,
+                        event.id,
+                        _stamp(available_at),
+                        _stamp(now),
+                    )
                 )
         if rewards:
-            # One statement for both entries; ids are drawn in the order given (referrer first).
-            inserted = LedgerEntry.insert_many(rewards).returning(LedgerEntry).execute()
+            inserted = self._writes.credit[len(rewards)].rows(*(value for row in rewards for value in row))
             credited = sorted(inserted, key=lambda row: int(row.id))
         if amounts[REFERRER]:
             outbox_ids.append(
@@ -553,9 +591,11 @@ class RewardService:
     def _referral(self, user: User, now: datetime) -> Referral:
         """The newcomer's referral row, created pending the first time an event concerns it."""
         assert user.referrer_id is not None
-        Referral.insert(
-            referee=user.id, referrer=user.referrer_id, state=PENDING, created_at=now
-        ).on_conflict_ignore().execute()
+        run_sql(
+            self._db,
+            self._writes.open_referral,
+            (user.id, user.referrer_id, PENDING, False, False, _stamp(now)),
+        )
         referral: Referral = self._reads.referral.first(user.id)
         return referral
 

@@ -239,25 +239,58 @@ class Prepared:
     """A peewee SELECT compiled once for one database, then run with new values.
 
     Building a peewee query costs more Python per call (about 0.2 ms for a model's whole row) than
-    the indexed read it runs, so the hot paths compile theirs once. Each value is a `placeholder`;
-    a query with any other bound value is refused here, so values cannot land in the wrong place.
-    Rows come back as model instances, converted by the fields as a peewee select's are.
+    the indexed read it runs, and so does peewee's reading of the result (it works out each column's
+    field again for every query), so the hot paths compile theirs once and read rows through the
+    converters found here. Each value is a `placeholder`; a query with any other bound value is
+    refused here, so values cannot land in the wrong place. A query selects fields of its model only,
+    and rows come back as model instances, converted by those fields as a peewee select's are.
     """
 
     def __init__(self, db: pw.Database, query: Any) -> None:
         sql, params = query.bind(db).sql()
         if params:
             raise ValueError(f"a prepared query takes every value as a placeholder, not {params!r}")
+        model = query.model
+        fields = list(query.selected_columns)
+        if not all(isinstance(f, pw.Field) and f.model is model for f in fields):
+            raise ValueError(f"a prepared query selects fields of {model.__name__} only")
         self._db = db
-        self._model = query.model
+        self._model = model
         self._sql = sql
+        self._columns = tuple((f.name, f.python_value) for f in fields)
+
+    @classmethod
+    def statement(cls, db: pw.Database, model: type[pw.Model], sql: str) -> Prepared:
+        """Hand-written SQL (an INSERT or UPDATE) that ends in `RETURNING {whole_row(model)}`."""
+        if not sql.endswith(f"RETURNING {whole_row(model)}"):
+            raise ValueError(f"the statement must return the whole {model.__name__} row")
+        prepared = cls.__new__(cls)
+        prepared._db = db
+        prepared._model = model
+        prepared._sql = sql
+        prepared._columns = tuple((f.name, f.python_value) for f in model._meta.sorted_fields)
+        return prepared
+
+    def _instance(self, row: Sequence[Any]) -> Any:
+        values = {name: convert(value) for (name, convert), value in zip(self._columns, row, strict=True)}
+        # As peewee builds a selected row: no defaults filled in, nothing marked as changed.
+        instance = self._model(__no_default__=1, **values)
+        instance._dirty.clear()
+        return instance
 
     def rows(self, *values: object) -> list[Any]:
-        return list(self._model.raw(self._sql, *values).execute(self._db))
+        cursor = self._db.execute_sql(self._sql, values)  # type: ignore[no-untyped-call]
+        return [self._instance(row) for row in cursor.fetchall()]
 
     def first(self, *values: object) -> Any:
         """The first row, or None: for reads by a unique key."""
-        return next(iter(self._model.raw(self._sql, *values).execute(self._db)), None)
+        row = self._db.execute_sql(self._sql, values).fetchone()  # type: ignore[no-untyped-call]
+        return None if row is None else self._instance(row)
+
+
+def whole_row(model: type[pw.Model]) -> str:
+    """A model's columns in field order: the RETURNING of a hand-written statement (`Prepared.statement`)."""
+    return ", ".join(f'"{field.column_name}"' for field in model._meta.sorted_fields)
 
 
 def placeholder(db: pw.Database) -> Any:
