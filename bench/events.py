@@ -31,7 +31,7 @@ from referral_grpc.store.database import write_transaction
 from referral_grpc.store.migrate import run_migrations
 from referral_grpc.store.models import WebhookAttempt, WebhookDelivery
 
-from .harness import BENCH_DATABASE, BENCH_KEY_PREFIX, PG_SERVER_URL
+from .harness import BENCH_DATABASE, BENCH_KEY_PREFIX, BENCH_REDIS_URL, PG_SERVER_URL
 
 # Derived from BENCH_DATABASE, so two checkouts that set it apart do not drop each other's database.
 DATABASE = f"{BENCH_DATABASE}_events"
@@ -149,6 +149,8 @@ def webhook_throughput(settings: Settings, database_url: str, deliveries: int, h
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
+        # The task queue users get with Redis configured (without it, the embedded SQLite queue).
+        "REDIS_URL": BENCH_REDIS_URL,
         "REDIS_KEY_PREFIX": f"{BENCH_KEY_PREFIX}events:",
         "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
         "OUTBOX_RELAY_INTERVAL": "0.2",
@@ -204,7 +206,7 @@ def section(results: dict[str, float], stream_events: int, deliveries: int, http
     stream = f"WatchEvents commit-to-delivery, PostgreSQL LISTEN/NOTIFY, {stream_events} events"
     receiver = "HTTP/1.0 (a connection per delivery)" if http10 else "keep-alive"
     webhooks = (
-        f"webhook deliveries, 1 worker process (default threads), loopback {receiver} receiver, "
+        f"webhook deliveries, 1 worker process (default threads, Redis queue), loopback {receiver} receiver, "
         f"{deliveries} events"
     )
     return "\n".join(

@@ -386,7 +386,8 @@ class Settings:
     email_retry_max_delay: float = number(
         3600.0, "longest wait between SMTP retries, seconds", minimum=0.01, maximum=86_400
     )
-    worker_threads: int = integer(2, "worker consumer threads", minimum=1, maximum=64)
+    # Deliveries mostly wait (on webhook receivers, on the SMTP server): threads overlap the waits.
+    worker_threads: int = integer(8, "worker consumer threads", minimum=1, maximum=64)
     webhook_retry_schedule: str = text(
         "5,30,120,600,1800,3600,7200,14400,28800,43200",
         "comma-separated seconds before each webhook retry (each with up to 20 % jitter); the last repeats",

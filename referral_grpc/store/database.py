@@ -257,7 +257,7 @@ class Prepared:
         self._db = db
         self._model = model
         self._sql = sql
-        self._columns = tuple((f.name, f.python_value) for f in fields)
+        self._columns = row_reader(fields)
 
     @classmethod
     def statement(cls, db: pw.Database, model: type[pw.Model], sql: str) -> Prepared:
@@ -268,15 +268,11 @@ class Prepared:
         prepared._db = db
         prepared._model = model
         prepared._sql = sql
-        prepared._columns = tuple((f.name, f.python_value) for f in model._meta.sorted_fields)
+        prepared._columns = row_reader(model._meta.sorted_fields)
         return prepared
 
     def _instance(self, row: Sequence[Any]) -> Any:
-        values = {name: convert(value) for (name, convert), value in zip(self._columns, row, strict=True)}
-        # As peewee builds a selected row: no defaults filled in, nothing marked as changed.
-        instance = self._model(__no_default__=1, **values)
-        instance._dirty.clear()
-        return instance
+        return instance(self._model, self._columns, row)
 
     def rows(self, *values: object) -> list[Any]:
         cursor = self._db.execute_sql(self._sql, values)  # type: ignore[no-untyped-call]
@@ -286,6 +282,23 @@ class Prepared:
         """The first row, or None: for reads by a unique key."""
         row = self._db.execute_sql(self._sql, values).fetchone()  # type: ignore[no-untyped-call]
         return None if row is None else self._instance(row)
+
+
+RowReader = tuple[tuple[str, Any], ...]
+
+
+def row_reader(fields: Sequence[pw.Field]) -> RowReader:
+    """Each column's field name and converter, found once: what peewee works out again per query."""
+    return tuple((field.name, field.python_value) for field in fields)
+
+
+def instance(model: type[pw.Model], reader: RowReader, row: Sequence[Any]) -> Any:
+    """A model instance from the values of the reader's columns, as peewee builds a selected row:
+    converted by the fields, no defaults filled in, nothing marked as changed."""
+    values = {name: convert(value) for (name, convert), value in zip(reader, row, strict=True)}
+    built: Any = model(__no_default__=1, **values)
+    built._dirty.clear()
+    return built
 
 
 def whole_row(model: type[pw.Model]) -> str:
