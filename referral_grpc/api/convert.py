@@ -33,6 +33,15 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     )
 
 
+def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """`timestamp(value)` written into a message's own Timestamp field (a list page sets two per row)."""
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)
+    delta = value - _EPOCH
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
+
+
 def to_datetime(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
     if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
         raise InvalidArgument.for_field(field, "is not a valid timestamp", "TIMESTAMP_INVALID")

@@ -130,19 +130,15 @@ class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):
         page = self._referrals.list_referrals(
             current_principal().user_id, request.page_size, request.page_token
         )
-        return pb_ref.ListReferralsResponse(
-            referrals=[
-                pb_ref.Referral(
-                    user_id=r.user_id,
-                    email=r.email,
-                    registered_at=convert.timestamp(r.registered_at),
-                    state=referral_state(r.state),
-                    qualified_at=convert.timestamp(r.qualified_at) if r.qualified_at else None,
-                )
-                for r in page.referrals
-            ],
-            next_page_token=page.next_page_token,
-        )
+        response = pb_ref.ListReferralsResponse(next_page_token=page.next_page_token)
+        # Rows added in place and their times set in place: no message built only to be copied.
+        add = response.referrals.add
+        for r in page.referrals:
+            row = add(user_id=r.user_id, email=r.email, state=referral_state(r.state))
+            convert.set_timestamp(row.registered_at, r.registered_at)
+            if r.qualified_at:
+                convert.set_timestamp(row.qualified_at, r.qualified_at)
+        return response
 
     def GetReferralStats(
         self, request: pb_ref.GetReferralStatsRequest, context: grpc.ServicerContext

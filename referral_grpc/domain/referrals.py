@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
 
@@ -30,8 +30,10 @@ class CodeView:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class ReferralView:
+class ReferralView(NamedTuple):
+    """One row of a list page: a NamedTuple, built several times cheaper than a frozen dataclass,
+    and a page builds up to a hundred."""
+
     user_id: int
     email: str
     registered_at: datetime
@@ -199,11 +201,11 @@ class ReferralService:
             cursor = run_sql(self._db, self._sql.first_page, (user_id, size + 1))
         rows = [
             ReferralView(
-                user_id=row_id,
-                email=email,
-                registered_at=_instant(created_at),
-                state=state or "pending",
-                qualified_at=None if qualified_at is None else _instant(qualified_at),
+                row_id,
+                email,
+                _instant(created_at),
+                state or "pending",
+                None if qualified_at is None else _instant(qualified_at),
             )
             for row_id, email, created_at, state, qualified_at in cursor.fetchall()
         ]
