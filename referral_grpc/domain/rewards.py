@@ -18,7 +18,16 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import Prepared, is_postgres, placeholder, run_sql, whole_row, write_transaction
+from ..store.database import (
+    Prepared,
+    instance,
+    is_postgres,
+    placeholder,
+    row_reader,
+    run_sql,
+    whole_row,
+    write_transaction,
+)
 from ..store.models import (
     PENDING,
     QUALIFIED,
@@ -237,9 +246,21 @@ class _Reads:
 
     def __init__(self, db: pw.Database) -> None:
         p = placeholder(db)
-        self.user_by_id = Prepared(db, User.select().where(User.id == p))
-        self.user_by_email_key = Prepared(db, User.select().where(User.email_key == p))
         self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
+        # The event's user and, when a retry, the event already recorded: one read for both.
+        users, events = User._meta.table_name, RewardEvent._meta.table_name
+        columns = ", ".join(
+            f"{alias}.{column}"
+            for alias, model in (("u", User), ("ev", RewardEvent))
+            for column in whole_row(model).split(", ")
+        )
+        both = (
+            f'SELECT {columns} FROM "{users}" u LEFT JOIN "{events}" ev'  # noqa: S608
+            f" ON ev.event_id = {db.param} WHERE u."
+        )
+        self.user_and_event = {"user_id": f"{both}id = {db.param}", "email": f"{both}email_key = {db.param}"}
+        self.user_reader = row_reader(User._meta.sorted_fields)
+        self.event_reader = row_reader(RewardEvent._meta.sorted_fields)
         self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
         self.entries_of_event = Prepared(
             db, LedgerEntry.select().where(LedgerEntry.event == p).order_by(LedgerEntry.id)
@@ -326,12 +347,11 @@ class RewardService:
     def record_event(self, e: EventInput) -> EventResult:
         now = self._clock.now()
         occurred_at = self._validate(e, now)
-        user = self._user(e)
+        # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
+        # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
+        user, seen = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
-        # A shortcut for retries, not what makes them safe: a read, so a duplicate costs no commit.
-        # Concurrent first sends all miss here, and the unique event_id decides between them below.
-        seen = self._reads.event_by_name.first(e.event_id)
         if seen is not None:
             return self._duplicate(seen, content_hash)
         outbox_ids: list[int] = []
@@ -393,18 +413,23 @@ class RewardService:
             )
         return occurred_at
 
-    def _user(self, e: EventInput) -> User:
-        user: User | None
+    def _user_and_seen(self, e: EventInput) -> tuple[User, RewardEvent | None]:
+        """The event's user, and the event if its event_id was recorded already."""
+        key: str | int
         if e.email:
-            _, email_key = normalize_email(e.email)
-            user = self._reads.user_by_email_key.first(email_key)
+            _, key = normalize_email(e.email)
             name = "email"
         else:
-            user = self._reads.user_by_id.first(e.user_id)
-            name = "user_id"
-        if user is None:
+            key, name = e.user_id, "user_id"
+        row = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchone()
+        if row is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        return user
+        split = len(self._reads.user_reader)
+        user: User = instance(User, self._reads.user_reader, row[:split])
+        seen = row[split:]
+        # The event's id is its first column: NULL when the join found nothing.
+        recorded = instance(RewardEvent, self._reads.event_reader, seen) if seen[0] is not None else None
+        return user, recorded
 
     def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
         refunded = RewardEvent.get_or_none(RewardEvent.event_id == e.refunds_event_id)
