@@ -25,18 +25,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     """Seconds and nanos from the epoch, computed here: Timestamp.FromDatetime costs several times more
     (range checks, calendar.timegm), and a list page converts two per row."""
-    if value.tzinfo is None:
-        value = value.astimezone(UTC)  # a naive time is local time, as FromDatetime took it
-    delta = value - _EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
+    converted = timestamp_pb2.Timestamp()
+    set_timestamp(converted, value)
+    return converted
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
-    """`timestamp(value)` written into a message's own Timestamp field (a list page sets two per row)."""
+    """`timestamp(value)` written into a message's own Timestamp field: nothing built only to be copied."""
     if value.tzinfo is None:
-        value = value.astimezone(UTC)
+        value = value.astimezone(UTC)  # a naive time is local time, as FromDatetime took it
     delta = value - _EPOCH
     target.seconds = delta.days * 86_400 + delta.seconds
     target.nanos = delta.microseconds * 1000

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 
-from ..store.database import is_postgres, run_sql, write_transaction
+from ..store.database import is_postgres, run_sql, stored_time, write_transaction
 from ..store.models import Referral, ReferralCode, User
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
@@ -119,7 +119,7 @@ class ReferralService:
                 f"must be at most {self._horizon.days} days ahead",
                 "EXPIRY_TOO_FAR",
             )
-        created = _stamp(now)
+        created = stored_time(now)
         for _attempt in range(5):
             code = generate_code()
             try:
@@ -128,7 +128,9 @@ class ReferralService:
                     # Rotation: the old code goes in the same transaction the new one arrives in.
                     run_sql(self._db, self._sql.deactivate, (False, created, user_id))
                     run_sql(
-                        self._db, self._sql.insert_code, (user_id, code, created, _stamp(expires_at), True)
+                        self._db,
+                        self._sql.insert_code,
+                        (user_id, code, created, stored_time(expires_at), True),
                     )
                     issued = {"user_id": user_id, "code": code, "expires_at": timestamp(expires_at)}
                     append_events(self._db, [NewEvent(CODE_CREATED, issued)], now)
@@ -172,7 +174,7 @@ class ReferralService:
             if self._hidden(cached.value):
                 raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
             return cached.value
-        row = run_sql(self._db, self._sql.code_by_email, (email_key, _stamp(now))).fetchone()
+        row = run_sql(self._db, self._sql.code_by_email, (email_key, stored_time(now))).fetchone()
         if row is None:
             raise NotFound("REFERRAL_CODE_NOT_FOUND", NO_CODE_MESSAGE)
         code, expires_at, owner_verified_at = row
@@ -196,7 +198,9 @@ class ReferralService:
         check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
         if page_token:
             after_time, after_id = self._pages.decode(page_token, user_id)
-            cursor = run_sql(self._db, self._sql.next_page, (user_id, _stamp(after_time), after_id, size + 1))
+            cursor = run_sql(
+                self._db, self._sql.next_page, (user_id, stored_time(after_time), after_id, size + 1)
+            )
         else:
             cursor = run_sql(self._db, self._sql.first_page, (user_id, size + 1))
         rows = [
@@ -222,11 +226,6 @@ class ReferralService:
         if row is None:
             raise NotFound("USER_NOT_FOUND", "the account no longer exists")
         return str(row[0])
-
-
-def _stamp(value: datetime) -> Any:
-    """A time as the models' UTCDateTimeField stores it (TIMESTAMPTZ, or fixed-width text on SQLite)."""
-    return ReferralCode.expires_at.db_value(value)
 
 
 def _instant(value: Any) -> datetime:

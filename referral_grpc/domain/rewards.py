@@ -20,11 +20,12 @@ import peewee as pw
 
 from ..store.database import (
     Prepared,
-    instance,
     is_postgres,
+    joined_instances,
     placeholder,
     row_reader,
     run_sql,
+    stored_time,
     whole_row,
     write_transaction,
 )
@@ -249,18 +250,16 @@ class _Reads:
         self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
         # The event's user and, when a retry, the event already recorded: one read for both.
         users, events = User._meta.table_name, RewardEvent._meta.table_name
-        columns = ", ".join(
-            f"{alias}.{column}"
-            for alias, model in (("u", User), ("ev", RewardEvent))
-            for column in whole_row(model).split(", ")
-        )
         both = (
-            f'SELECT {columns} FROM "{users}" u LEFT JOIN "{events}" ev'  # noqa: S608
+            f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')}"  # noqa: S608
+            f' FROM "{users}" u LEFT JOIN "{events}" ev'
             f" ON ev.event_id = {db.param} WHERE u."
         )
         self.user_and_event = {"user_id": f"{both}id = {db.param}", "email": f"{both}email_key = {db.param}"}
-        self.user_reader = row_reader(User._meta.sorted_fields)
-        self.event_reader = row_reader(RewardEvent._meta.sorted_fields)
+        self.user_and_event_parts = (
+            (User, row_reader(User._meta.sorted_fields)),
+            (RewardEvent, row_reader(RewardEvent._meta.sorted_fields)),
+        )
         self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
         self.entries_of_event = Prepared(
             db, LedgerEntry.select().where(LedgerEntry.event == p).order_by(LedgerEntry.id)
@@ -316,11 +315,6 @@ class _Writes:
             )
             for count in (1, 2)
         }
-
-
-def _stamp(value: datetime) -> Any:
-    """A time as the models' UTCDateTimeField stores it (TIMESTAMPTZ, or fixed-width text on SQLite)."""
-    return LedgerEntry.created_at.db_value(value)
 
 
 class RewardService:
@@ -424,11 +418,7 @@ class RewardService:
         row = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchone()
         if row is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        split = len(self._reads.user_reader)
-        user: User = instance(User, self._reads.user_reader, row[:split])
-        seen = row[split:]
-        # The event's id is its first column: NULL when the join found nothing.
-        recorded = instance(RewardEvent, self._reads.event_reader, seen) if seen[0] is not None else None
+        user, recorded = joined_instances(row, self._reads.user_and_event_parts)
         return user, recorded
 
     def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
@@ -462,10 +452,10 @@ class RewardService:
             e.type,
             e.amount_minor,
             e.currency,
-            _stamp(occurred_at),
+            stored_time(occurred_at),
             refunded.id if refunded is not None else None,
             "{}",
-            _stamp(now),
+            stored_time(now),
         )
         return row
 
@@ -541,7 +531,7 @@ class RewardService:
         moved = run_sql(
             self._db,
             self._writes.qualify,
-            (QUALIFIED, _stamp(now), program.version, event.id, any(amounts.values()), user.id, PENDING),
+            (QUALIFIED, stored_time(now), program.version, event.id, any(amounts.values()), user.id, PENDING),
         ).rowcount
         if moved != 1:
             return skip("already_qualified", Referral.get_by_id(user.id).state)
@@ -564,8 +554,8 @@ class RewardService:
                         event.currency,
                         user.id,
                         event.id,
-                        _stamp(available_at),
-                        _stamp(now),
+                        stored_time(available_at),
+                        stored_time(now),
                     )
                 )
         if rewards:
@@ -619,7 +609,7 @@ class RewardService:
         run_sql(
             self._db,
             self._writes.open_referral,
-            (user.id, user.referrer_id, PENDING, False, False, _stamp(now)),
+            (user.id, user.referrer_id, PENDING, False, False, stored_time(now)),
         )
         referral: Referral = self._reads.referral.first(user.id)
         return referral

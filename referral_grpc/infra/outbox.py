@@ -44,7 +44,7 @@ import peewee as pw
 
 from ..domain.ports import Clock, EmailDispatcher
 from ..settings import Settings
-from ..store.database import is_postgres, run_sql
+from ..store.database import is_postgres, run_sql, stored_time
 from ..store.models import EmailOutbox, database
 from .breaker import CircuitBreaker
 from .mailer import KINDS, Mailer, build_message, message_id_for, render, validate_context
@@ -87,7 +87,7 @@ def queue_email(kind: str, recipient: str, context: dict[str, object], now: date
         json.dumps(context, sort_keys=True),
         PENDING,
         0,
-        EmailOutbox.created_at.db_value(now),
+        stored_time(now),
     )
     return int(run_sql(db, sql, values).fetchone()[0])
 
@@ -227,7 +227,7 @@ def _claim_new(ids: list[int], now: datetime) -> list[int]:
         f" WHERE id IN ({', '.join([p] * len(ids))}) AND status = {p} AND enqueued_at IS NULL"
         f"{skip_locked}) RETURNING id"
     )
-    rows = run_sql(db, sql, (EmailOutbox.enqueued_at.db_value(now), *ids, PENDING)).fetchall()
+    rows = run_sql(db, sql, (stored_time(now), *ids, PENDING)).fetchall()
     return sorted(int(row[0]) for row in rows)
 
 

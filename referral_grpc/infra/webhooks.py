@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from ..gen import event_service_pb2
 from ..settings import Settings
-from ..store.database import instance, is_postgres, row_reader, run_sql, whole_row
+from ..store.database import is_postgres, joined_instances, row_reader, run_sql, whole_row
 from ..store.models import Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint, database
 
 log = logging.getLogger(__name__)
@@ -378,18 +378,16 @@ def deliver_batch(
 
 # The batch's read, written by hand (one per task): the three rows side by side, read through
 # converters found once, as store.database.Prepared does for a single model.
-_BATCH_MODELS = (WebhookDelivery, WebhookEndpoint, Event)
-_BATCH_READERS = tuple(row_reader(model._meta.sorted_fields) for model in _BATCH_MODELS)
+_BATCH_PARTS = tuple(
+    (model, row_reader(model._meta.sorted_fields)) for model in (WebhookDelivery, WebhookEndpoint, Event)
+)
 
 
 def _batch_sql(p: str, count: int) -> str:
     deliveries, endpoints = WebhookDelivery._meta.table_name, WebhookEndpoint._meta.table_name
-    columns = ", ".join(
-        ", ".join(f"{alias}.{column}" for column in whole_row(model).split(", "))
-        for alias, model in zip(("d", "w", "e"), _BATCH_MODELS, strict=True)
-    )
     return (
-        f'SELECT {columns} FROM "{deliveries}" d JOIN "{endpoints}" w ON w.id = d.endpoint_id'  # noqa: S608
+        f"SELECT {whole_row(WebhookDelivery, 'd')}, {whole_row(WebhookEndpoint, 'w')},"  # noqa: S608
+        f' {whole_row(Event, "e")} FROM "{deliveries}" d JOIN "{endpoints}" w ON w.id = d.endpoint_id'
         f' JOIN "{Event._meta.table_name}" e ON e.id = d.event_id'
         f" WHERE d.id IN ({', '.join([p] * count)}) AND d.status = {p} ORDER BY d.event_id, d.id"
     )
@@ -400,14 +398,9 @@ def _claimed_deliveries(ids: list[int]) -> list[WebhookDelivery]:
     if not ids:
         return []
     db = database.obj
-    rows = run_sql(db, _batch_sql(db.param, len(ids)), (*ids, "pending")).fetchall()
     found = []
-    for row in rows:
-        parts, start = [], 0
-        for model, reader in zip(_BATCH_MODELS, _BATCH_READERS, strict=True):
-            parts.append(instance(model, reader, row[start : start + len(reader)]))
-            start += len(reader)
-        delivery, endpoint, event = parts
+    for row in run_sql(db, _batch_sql(db.param, len(ids)), (*ids, "pending")).fetchall():
+        delivery, endpoint, event = joined_instances(row, _BATCH_PARTS)
         delivery.endpoint, delivery.event = endpoint, event
         found.append(delivery)
     return found

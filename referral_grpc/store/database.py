@@ -7,6 +7,7 @@ import math
 import select
 import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +18,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 from ..request_context import DeadlineExceeded, RequestAbandoned, check_alive, is_abandoned, time_remaining
 from ..settings import Settings
-from .models import database
+from .models import User, database
 
 
 class _LivenessAdapter(Psycopg2Adapter):
@@ -301,9 +302,32 @@ def instance(model: type[pw.Model], reader: RowReader, row: Sequence[Any]) -> An
     return built
 
 
-def whole_row(model: type[pw.Model]) -> str:
-    """A model's columns in field order: the RETURNING of a hand-written statement (`Prepared.statement`)."""
-    return ", ".join(f'"{field.column_name}"' for field in model._meta.sorted_fields)
+def joined_instances(row: Sequence[Any], parts: Sequence[tuple[type[pw.Model], RowReader]]) -> list[Any]:
+    """The model instances side by side in a joined row (each part's columns as `whole_row` lists them);
+    None for a part whose first column (its id) is NULL: a LEFT JOIN that found nothing."""
+    found, start = [], 0
+    for model, reader in parts:
+        values = row[start : start + len(reader)]
+        found.append(None if values[0] is None else instance(model, reader, values))
+        start += len(reader)
+    return found
+
+
+def whole_row(model: type[pw.Model], alias: str = "") -> str:
+    """A model's columns in field order (qualified by `alias` if given): the RETURNING of a hand-written
+    statement (`Prepared.statement`), or one part of a joined row (`joined_instances`)."""
+    qualifier = f"{alias}." if alias else ""
+    return ", ".join(f'{qualifier}"{field.column_name}"' for field in model._meta.sorted_fields)
+
+
+# Every UTCDateTimeField converts alike; any one of them stands for all.
+_ANY_TIME_FIELD = User.created_at
+
+
+def stored_time(value: datetime) -> Any:
+    """A time as the models' UTCDateTimeField stores it (TIMESTAMPTZ, or fixed-width text on SQLite):
+    the value hand-written SQL binds."""
+    return _ANY_TIME_FIELD.db_value(value)
 
 
 def placeholder(db: pw.Database) -> Any:
