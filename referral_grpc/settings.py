@@ -447,8 +447,9 @@ class Settings:
         "`json`: one object per line",
         ("json", "text"),
     )
-    # On by default: the line is pre-formatted (infra.logs.AccessLog), about 8 us per RPC where the
-    # ordinary logging path cost 70-120 us; Envoy's access log has each request with its id as well.
+    # On by default: an RPC only queues the line's fields, formatted and written in batches
+    # (infra.logs.AccessLog), about 2% of a cached lookup's throughput where the ordinary logging path
+    # cost a third; Envoy's access log has each request with its id as well.
     access_log: bool = boolean(True, "one INFO line per RPC (method, code, duration, request id)")
     metrics_port: int = integer(
         0, "Prometheus metrics (`/metrics`) on this port, on `GRPC_HOST` (0: off)", minimum=0, maximum=65535

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -240,6 +241,43 @@ def test_access_lines_are_batched_in_order_and_never_held_long(restore_logging: 
     assert ordered == [f"{method} OK 1.0ms", f"{method} NOT_FOUND 1.0ms", "an ordinary record"]
     assert unflushed_lines == 4  # the flusher wrote the third line without any other record
     assert full_batch_lines == 4 + type(handler).MAX_PENDING  # type: ignore[attr-defined]
+
+
+def test_access_lines_from_many_threads_are_all_written_once_without_a_flush(
+    restore_logging: None,
+) -> None:
+    """RPC threads queue access lines without the handler's lock: none may be lost or doubled, and
+    the flusher alone (no other record, no flush) writes them all."""
+    stream = io.StringIO()
+    configure_logging(make_settings(log_format="json"), stream)
+    access = AccessLog()
+    threads, per_thread = 8, 1500
+
+    def log_lines(thread: int) -> None:
+        for n in range(per_thread):
+            token = request_id.set(f"t{thread}-{n}")
+            try:
+                access("/referral.v1.ReferralService/GetReferralCodeByEmail", "OK", 0.001)
+            finally:
+                request_id.reset(token)
+            if n % 100 == 0:
+                time.sleep(0.001)  # let the flusher interleave with the writers
+
+    workers = [threading.Thread(target=log_lines, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    deadline = time.monotonic() + 5
+    while stream.getvalue().count("\n") < threads * per_thread and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
+
+    assert sorted(ids) == sorted(f"t{t}-{n}" for t in range(threads) for n in range(per_thread))
+    # Each thread's own lines keep their order.
+    for t in range(threads):
+        mine = [int(i.split("-")[1]) for i in ids if i.startswith(f"t{t}-")]
+        assert mine == sorted(mine)
 
 
 def test_tracebacks_are_redacted_too(restore_logging: None) -> None:
