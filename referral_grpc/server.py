@@ -188,7 +188,7 @@ def create_server(app: App, address: str | None = None) -> Server:
             ApiInterceptor(
                 app.auth.authenticate,
                 app.release_connection,
-                observe=metrics.observe_rpc,
+                observe=metrics.rpc.observe,
                 access_log=AccessLog() if settings.access_log else None,
                 blocking_pool=blocking_pool,
                 admission=admission,

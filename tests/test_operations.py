@@ -21,7 +21,7 @@ from support.api import Api, bearer, expect_error, in_days, running_api
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.infra.logs import AccessLog, configure_logging, redact
-from referral_grpc.infra.metrics import MetricsServer
+from referral_grpc.infra.metrics import Metrics, MetricsServer, RpcCollector
 from referral_grpc.request_context import request_id, trace_id
 
 REGISTER = "/referral.v1.AuthService/Register"
@@ -278,6 +278,40 @@ def test_access_lines_from_many_threads_are_all_written_once_without_a_flush(
     for t in range(threads):
         mine = [int(i.split("-")[1]) for i in ids if i.startswith(f"t{t}-")]
         assert mine == sorted(mine)
+
+
+def test_rpc_metrics_observed_from_many_threads_are_all_counted() -> None:
+    """Observations are queued without a lock and applied in batches: every one is counted, whether
+    applied by a read of the registry or by the RPC that filled the queue."""
+    metrics = Metrics()
+    threads, per_thread = 8, 1200
+    assert threads * per_thread > 2 * RpcCollector.MAX_QUEUED  # the RPCs apply some batches themselves
+
+    def observe(thread: int) -> None:
+        for n in range(per_thread):
+            code = "OK" if n % 4 else "NOT_FOUND"
+            metrics.rpc.observe(f"/test.v1.Service/M{thread % 2}", code, 0.0007 if n % 2 else 0.3)
+
+    workers = [threading.Thread(target=observe, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    for method in ("/test.v1.Service/M0", "/test.v1.Service/M1"):
+        per_method = threads // 2 * per_thread
+        assert value("referral_rpc_requests_total", method=method, code="OK") == per_method * 3 / 4
+        assert value("referral_rpc_requests_total", method=method, code="NOT_FOUND") == per_method / 4
+        assert value("referral_rpc_duration_seconds_count", method=method) == per_method
+        assert value("referral_rpc_duration_seconds_bucket", method=method, le="0.001") == per_method / 2
+    # Read again: nothing is counted twice.
+    assert (
+        value("referral_rpc_duration_seconds_count", method="/test.v1.Service/M0")
+        == threads // 2 * per_thread
+    )
 
 
 def test_tracebacks_are_redacted_too(restore_logging: None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterator
 
 import peewee as pw
@@ -116,6 +118,67 @@ class OutboxCollector(Collector):  # type: ignore[misc]
         yield failed
 
 
+class RpcCollector(Collector):  # type: ignore[misc]
+    """RPC counts and latency, observed on the RPC's thread as a deque append (no lock).
+
+    The Prometheus counter and histogram take a lock and look their labels up on every update:
+    ~3 us, which on the RPC's own thread cost ~4% of a cached lookup's throughput (A/B, one server,
+    direct gRPC). Queued observations are applied in a batch when the metrics are read (a scrape,
+    or a test reading the registry) and, so that the queue stays bounded, by the RPC that fills it.
+    """
+
+    MAX_QUEUED = 4096
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "referral_rpc_requests",
+            "Unary RPCs handled, by full method name and gRPC status code.",
+            ["method", "code"],
+            registry=None,
+        )
+        self.latency = Histogram(
+            "referral_rpc_duration_seconds",
+            "Time spent handling unary RPCs, by full method name.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+        self._queued: deque[tuple[str, str, float]] = deque()
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        queued = self._queued
+        queued.append((method, code, seconds))
+        if len(queued) >= self.MAX_QUEUED:
+            self.apply_queued()
+
+    def apply_queued(self) -> None:
+        """Apply every queued observation (any thread; one applier at a time)."""
+        queued = self._queued
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            by_method: dict[str, list[float]] = {}
+            while queued:
+                method, code, seconds = queued.popleft()
+                counts[method, code] = counts.get((method, code), 0) + 1
+                by_method.setdefault(method, []).append(seconds)
+            for (method, code), count in counts.items():
+                self.requests.labels(method, code).inc(count)
+            for method, durations in by_method.items():
+                histogram = self.latency.labels(method)
+                for seconds in durations:
+                    histogram.observe(seconds)
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.requests.describe()
+        yield from self.latency.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        self.apply_queued()
+        yield from self.requests.collect()
+        yield from self.latency.collect()
+
+
 class Metrics:
     """One registry per server, so several servers in one process (tests) never share counters."""
 
@@ -128,19 +191,8 @@ class Metrics:
         clock: Clock | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.rpc_requests = Counter(
-            "referral_rpc_requests",
-            "Unary RPCs handled, by full method name and gRPC status code.",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.rpc_latency = Histogram(
-            "referral_rpc_duration_seconds",
-            "Time spent handling unary RPCs, by full method name.",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.rpc = RpcCollector()
+        self.registry.register(self.rpc)
         self.database_up = Gauge(
             "referral_database_up", "1 when the last database health probe succeeded.", registry=self.registry
         )
@@ -151,10 +203,6 @@ class Metrics:
             self.registry.register(HunterCollector(verifier))
         if db is not None and clock is not None:
             self.registry.register(OutboxCollector(db, clock))
-
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_requests.labels(method, code).inc()
-        self.rpc_latency.labels(method).observe(seconds)
 
 
 class MetricsServer:
