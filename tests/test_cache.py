@@ -24,6 +24,7 @@ from referral_grpc.domain.ports import CachedCode, CacheRead
 from referral_grpc.infra.breaker import CircuitBreaker
 from referral_grpc.infra.cache import (
     GENERATION_TTL_SECONDS,
+    BackgroundFills,
     InProcessCodeCache,
     InstrumentedCodeCache,
     RedisCodeCache,
@@ -121,18 +122,28 @@ def redis_settings(redis_url: str, key_prefix: str) -> Settings:
     return make_settings(redis_url=redis_url, redis_key_prefix=key_prefix, cache_ttl_seconds=CACHE_TTL)
 
 
-def redis_cache(settings: Settings, clock: FakeClock) -> RedisCodeCache:
+def redis_cache(settings: Settings, clock: FakeClock, *, background: bool = False) -> RedisCodeCache:
+    """Fills applied before `fill` returns, unless `background` (as the service runs it)."""
     breaker = CircuitBreaker(failure_threshold=3, reset_after=RESET_AFTER, monotonic=clock.monotonic)
-    return RedisCodeCache.from_settings(settings, breaker=breaker)
+    return RedisCodeCache.from_settings(settings, breaker=breaker, fill_in_background=background)
 
 
-@pytest.fixture(params=["redis", "redis_without_near_cache", "in_process"])
+def fill(cache: InstrumentedCodeCache, email_key: str, generation: str | None, value: CachedCode) -> None:
+    """A fill that has been applied (or refused) when this returns, whichever mode the cache is in."""
+    cache.fill(email_key, generation, value, NOW)
+    if isinstance(cache, RedisCodeCache):
+        assert cache.settle()
+
+
+@pytest.fixture(params=["redis", "redis_background_fills", "redis_without_near_cache", "in_process"])
 def cache(
     request: pytest.FixtureRequest, redis_settings: Settings, clock: FakeClock
 ) -> Iterator[InstrumentedCodeCache]:
     built: InstrumentedCodeCache
     if request.param == "redis":
         built = redis_cache(redis_settings, clock)
+    elif request.param == "redis_background_fills":
+        built = redis_cache(redis_settings, clock, background=True)
     elif request.param == "redis_without_near_cache":
         built = redis_cache(dataclasses.replace(redis_settings, near_cache_entries=0), clock)
     else:
@@ -172,7 +183,7 @@ def test_miss_then_fill_then_hit(cache: InstrumentedCodeCache) -> None:
     assert first.value is None
     assert first.generation == "0"
 
-    cache.fill(EMAIL, first.generation, code(), NOW)
+    fill(cache, EMAIL, first.generation, code())
 
     assert cache.get(EMAIL, NOW) == CacheRead(value=code(), generation="0")
     assert cache.get("someone-else@example.com", NOW).value is None
@@ -180,14 +191,14 @@ def test_miss_then_fill_then_hit(cache: InstrumentedCodeCache) -> None:
 
 
 def test_invalidate_makes_the_next_get_a_miss(cache: InstrumentedCodeCache) -> None:
-    cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+    fill(cache, EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"))
 
     cache.invalidate(EMAIL)
 
     after = cache.get(EMAIL, NOW)
     assert after.value is None
     assert after.generation not in (None, "0")
-    cache.fill(EMAIL, after.generation, code("NEW33333"), NOW)
+    fill(cache, EMAIL, after.generation, code("NEW33333"))
     assert cache.get(EMAIL, NOW).value == code("NEW33333")
 
 
@@ -197,20 +208,20 @@ def test_slow_reader_cannot_write_back_a_value_older_than_an_invalidation(
     slow_reader = cache.get(EMAIL, NOW)
     cache.invalidate(EMAIL)  # a rotation commits while the slow reader is in the database
 
-    cache.fill(EMAIL, slow_reader.generation, code("OLD22222"), NOW)
+    fill(cache, EMAIL, slow_reader.generation, code("OLD22222"))
 
     assert cache.get(EMAIL, NOW).value is None
 
 
 def test_fill_without_generation_is_skipped(cache: InstrumentedCodeCache) -> None:
-    cache.fill(EMAIL, None, code(), NOW)
+    fill(cache, EMAIL, None, code())
 
     assert cache.get(EMAIL, NOW).value is None
 
 
 def test_entry_is_a_miss_once_its_code_has_expired(cache: InstrumentedCodeCache) -> None:
     read = cache.get(EMAIL, NOW)
-    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(hours=1)), NOW)
+    fill(cache, EMAIL, read.generation, code(valid_for=timedelta(hours=1)))
 
     assert cache.get(EMAIL, NOW + timedelta(minutes=59)).value == code(valid_for=timedelta(hours=1))
     assert cache.get(EMAIL, NOW + timedelta(hours=1)).value is None
@@ -220,8 +231,8 @@ def test_entry_is_a_miss_once_its_code_has_expired(cache: InstrumentedCodeCache)
 def test_code_with_no_time_left_is_not_stored(cache: InstrumentedCodeCache) -> None:
     read = cache.get(EMAIL, NOW)
 
-    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(0)), NOW)
-    cache.fill(EMAIL, read.generation, code(valid_for=timedelta(microseconds=500)), NOW)
+    fill(cache, EMAIL, read.generation, code(valid_for=timedelta(0)))
+    fill(cache, EMAIL, read.generation, code(valid_for=timedelta(microseconds=500)))
 
     # Asked with an earlier `now`, a stored entry would still be a hit.
     assert cache.get(EMAIL, NOW - timedelta(days=1)).value is None
@@ -665,6 +676,104 @@ def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
 
 
 # In-process specifics: monotonic TTL, bounded size, factory.
+
+
+def test_background_fills_from_many_threads_all_land_in_few_script_calls(
+    redis_settings: Settings, clock: FakeClock, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache = redis_cache(dataclasses.replace(redis_settings, near_cache_entries=0), clock, background=True)
+    emails = [f"user{n}@example.com" for n in range(2000)]
+    calls_before = _script_calls(redis_client)
+    try:
+        reads = {email: cache.get(email, NOW) for email in emails}
+
+        def fill_some(part: list[str]) -> None:
+            for email in part:
+                cache.fill(email, reads[email].generation, code(f"C{emails.index(email)}"), NOW)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(fill_some, [emails[n::8] for n in range(8)]))
+        assert cache.settle()
+        script_calls = _script_calls(redis_client) - calls_before
+        values = {email: cache.get(email, NOW).value for email in emails}
+    finally:
+        cache.close()
+
+    assert values == {email: code(f"C{n}") for n, email in enumerate(emails)}
+    assert 1 <= script_calls < len(emails) // 4  # batched: far fewer calls than fills
+    assert cache.stats()["fills_dropped"] == 0
+    assert redis_client.pttl(f"{key_prefix}code:{emails[0]}") > 0
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_a_background_fill_overtaken_by_an_invalidation_is_refused(
+    redis_settings: Settings, clock: FakeClock
+) -> None:
+    cache = redis_cache(redis_settings, clock, background=True)
+    try:
+        read = cache.get(EMAIL, NOW)
+        cache.invalidate(EMAIL)  # before the queued fill runs: the generation it carries is old
+        cache.fill(EMAIL, read.generation, code("OLD22222"), NOW)
+        assert cache.settle()
+        stale = cache.get(EMAIL, NOW)
+        cache.fill(EMAIL, stale.generation, code("NEW33333"), NOW)
+        assert cache.settle()
+        fresh = cache.get(EMAIL, NOW).value
+    finally:
+        cache.close()
+
+    assert stale.value is None
+    assert fresh == code("NEW33333")
+
+
+def test_background_fills_past_the_limit_are_dropped() -> None:
+    applied: list[int] = []
+    release = threading.Event()
+
+    def slow_apply(batch: list[tuple[str, str, str, int]]) -> None:
+        release.wait(5)
+        applied.append(len(batch))
+
+    fills = BackgroundFills(slow_apply, limit=10, batch=4)
+    try:
+        accepted = [
+            fills.queue((f"e{n}", "0", "X|2026-06-01T00:00:00+00:00|verified", 1000)) for n in range(30)
+        ]
+        settled_while_stuck = fills.settle(0.05)
+        release.set()
+        settled = fills.settle()
+    finally:
+        release.set()
+
+    # At most `limit` wait; the thread may have taken one batch (up to 4) before it blocked.
+    assert 10 <= accepted.count(True) <= 14
+    assert accepted[:10] == [True] * 10
+    assert not settled_while_stuck
+    assert settled
+    assert sum(applied) == accepted.count(True)
+    assert max(applied) <= 4
+
+
+def test_background_fills_while_redis_is_down_fail_quietly_and_open_the_breaker(
+    key_prefix: str, clock: FakeClock
+) -> None:
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_key_prefix=key_prefix)
+    cache = redis_cache(settings, clock, background=True)
+    try:
+        for n in range(5):
+            cache.fill(f"user{n}@example.com", "0", code(), NOW)
+            assert cache.settle()
+        read = cache.get(EMAIL, NOW)
+    finally:
+        cache.close()
+
+    assert read == CacheRead(value=None, generation=None)
+    assert cache.stats()["errors"] >= 1
+    assert cache.stats()["bypassed"] >= 1  # the breaker opened: later fills and the read skipped Redis
 
 
 def test_in_process_entry_expires_on_the_monotonic_clock(clock: FakeClock) -> None:
