@@ -87,6 +87,18 @@ class _Statements:
             f'INSERT INTO "{codes}" (user_id, code, created_at, expires_at, is_active)'  # noqa: S608
             f" VALUES ({p}, {p}, {p}, {p}, {p})"
         )
+        # On PostgreSQL the two are one statement (one round trip fewer), the same parameters in
+        # the same order. The INSERT reads the UPDATE's count, so the old code is deactivated
+        # before the new one meets the one-active-code index (a row this transaction updated no
+        # longer counts there).
+        self.rotate: str | None = None
+        if is_postgres(db):
+            self.rotate = (
+                f'WITH old AS (UPDATE "{codes}" SET is_active = {p}, deactivated_at = {p}'  # noqa: S608
+                f" WHERE user_id = {p} AND is_active RETURNING 1)"
+                f' INSERT INTO "{codes}" (user_id, code, created_at, expires_at, is_active)'
+                f" SELECT {p}, {p}, {p}, {p}, {p} WHERE (SELECT count(*) FROM old) >= 0"
+            )
 
 
 class ReferralService:
@@ -126,12 +138,13 @@ class ReferralService:
                 with write_transaction(self._db):
                     email_key = self._lock_user(user_id)
                     # Rotation: the old code goes in the same transaction the new one arrives in.
-                    run_sql(self._db, self._sql.deactivate, (False, created, user_id))
-                    run_sql(
-                        self._db,
-                        self._sql.insert_code,
-                        (user_id, code, created, stored_time(expires_at), True),
-                    )
+                    deactivate = (False, created, user_id)
+                    insert = (user_id, code, created, stored_time(expires_at), True)
+                    if self._sql.rotate is not None:
+                        run_sql(self._db, self._sql.rotate, deactivate + insert)
+                    else:
+                        run_sql(self._db, self._sql.deactivate, deactivate)
+                        run_sql(self._db, self._sql.insert_code, insert)
                     issued = {"user_id": user_id, "code": code, "expires_at": timestamp(expires_at)}
                     append_events(self._db, [NewEvent(CODE_CREATED, issued)], now)
                 break
