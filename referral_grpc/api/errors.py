@@ -88,9 +88,50 @@ def response_headers(error: errors.DomainError) -> tuple[tuple[str, str], ...]:
 
 
 def send_headers(context: grpc.ServicerContext, headers: Sequence[tuple[str, str]]) -> None:
-    """The call's initial metadata; nothing when the client has already gone (it would raise)."""
+    """The call's initial metadata; nothing when the client has already gone (it would raise).
+
+    With `send_headers_with_the_answer()` in force they go out in the batch that carries the answer
+    (the message and the status); otherwise in a batch of their own, at once.
+    """
+    state = getattr(context, "_state", None) if _headers_with_the_answer else None
+    if state is not None and getattr(state, "initial_metadata_allowed", False):
+        setattr(state, _HEADERS_ATTRIBUTE, tuple(headers))
+        return
     if context.is_active():
         context.send_initial_metadata(tuple(headers))
+
+
+# grpc's synchronous server sends what `send_initial_metadata` is given in a batch of its own: one
+# more completion for its poller thread to hand back per RPC, which cost ~20% of a cached lookup's
+# throughput (A/B, one server process, direct gRPC: 2,050 vs 2,520 req/s, server CPU 0.55 vs 0.47
+# ms). Initial metadata nobody sent goes out with the answer, in one batch, built by
+# grpc._server._get_initial_metadata(state, metadata); for the grpcio version pinned in pyproject,
+# the call's headers are kept on its state and added there. Should that function be missing, the
+# headers are sent as before. tests/test_api.py checks the headers and that the single batch is on.
+_HEADERS_ATTRIBUTE = "_referral_initial_metadata"
+_headers_with_the_answer = False
+
+
+def send_headers_with_the_answer() -> bool:
+    """Send the calls' headers with their answers from now on (process-wide); whether that is in force."""
+    global _headers_with_the_answer
+    from grpc import _server  # the synchronous server's internals, for the pinned version
+
+    original = getattr(_server, "_get_initial_metadata", None)
+    if original is None:
+        return False
+    if not getattr(original, "with_call_headers", False):
+
+        def with_call_headers(state: object, metadata: Sequence[tuple[str, str]] | None) -> object:
+            headers = getattr(state, _HEADERS_ATTRIBUTE, None)
+            if headers:
+                metadata = headers if metadata is None else (*headers, *metadata)
+            return original(state, metadata)
+
+        with_call_headers.with_call_headers = True  # type: ignore[attr-defined]
+        _server._get_initial_metadata = with_call_headers
+    _headers_with_the_answer = True
+    return True
 
 
 def abort(
