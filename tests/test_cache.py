@@ -21,10 +21,10 @@ import redis
 from support import FakeClock, closed_port, make_settings
 
 from referral_grpc.domain.ports import CachedCode, CacheRead
+from referral_grpc.infra.batches import DelayedDrain
 from referral_grpc.infra.breaker import CircuitBreaker
 from referral_grpc.infra.cache import (
     GENERATION_TTL_SECONDS,
-    BackgroundFills,
     InProcessCodeCache,
     InstrumentedCodeCache,
     RedisCodeCache,
@@ -730,32 +730,32 @@ def test_a_background_fill_overtaken_by_an_invalidation_is_refused(
     assert fresh == code("NEW33333")
 
 
-def test_background_fills_past_the_limit_are_dropped() -> None:
-    applied: list[int] = []
+def test_a_delayed_drain_refuses_items_past_its_limit_and_loses_none_it_took() -> None:
+    """The queue behind background fills (and access lines): bounded, drained by its own thread."""
+    drained: list[list[int]] = []
     release = threading.Event()
 
-    def slow_apply(batch: list[tuple[str, str, str, int]]) -> None:
+    def slow_drain() -> None:
         release.wait(5)
-        applied.append(len(batch))
+        while batch := queue.take(4):
+            drained.append(batch)
 
-    fills = BackgroundFills(slow_apply, limit=10, batch=4)
+    queue: DelayedDrain[int] = DelayedDrain(slow_drain, delay=0.01, name="test-drain", limit=10)
     try:
-        accepted = [
-            fills.queue((f"e{n}", "0", "X|2026-06-01T00:00:00+00:00|verified", 1000)) for n in range(30)
-        ]
-        settled_while_stuck = fills.settle(0.05)
+        accepted = [queue.put(n) for n in range(30)]
+        settled_while_stuck = queue.settle(0.05)
         release.set()
-        settled = fills.settle()
+        settled = queue.settle()
+        late = queue.put(99)
+        settled_again = queue.settle()
     finally:
         release.set()
 
-    # At most `limit` wait; the thread may have taken one batch (up to 4) before it blocked.
-    assert 10 <= accepted.count(True) <= 14
-    assert accepted[:10] == [True] * 10
+    assert accepted == [True] * 10 + [False] * 20  # the drain only takes once it is released
     assert not settled_while_stuck
-    assert settled
-    assert sum(applied) == accepted.count(True)
-    assert max(applied) <= 4
+    assert settled and late and settled_again
+    assert [n for batch in drained for n in batch] == [*range(10), 99]
+    assert max(len(batch) for batch in drained) <= 4
 
 
 def test_background_fills_while_redis_is_down_fail_quietly_and_open_the_breaker(
