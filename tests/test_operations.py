@@ -14,13 +14,15 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from support import TEST_JWT_SECRET, FakeClock, make_settings
 from support.api import Api, bearer, expect_error, in_days, running_api
 
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.infra.logs import AccessLog, configure_logging, redact
+from referral_grpc.infra.logs import AccessLog, JsonFormatter, _access_lines, configure_logging, redact
 from referral_grpc.infra.metrics import Metrics, MetricsServer, RpcCollector
 from referral_grpc.request_context import request_id, trace_id
 
@@ -212,6 +214,37 @@ def test_the_quick_access_line_is_the_json_formatters_line(restore_logging: None
     assert quick == ordinary
     assert quick["request_id"] == 'a "quoted" \\ id \u00e9'
     assert quick.get("trace_id") == trace
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    at=st.floats(min_value=1e9, max_value=4e9, allow_nan=False, allow_infinity=False)
+    | st.integers(min_value=1_000_000_000, max_value=4_000_000_000).map(float),
+    seconds=st.floats(min_value=0, max_value=3600, allow_nan=False, allow_infinity=False),
+    request=st.text(max_size=40),
+    trace=st.none() | st.text(min_size=1, max_size=40),
+    code=st.sampled_from(["OK", "NOT_FOUND", "UNAUTHENTICATED"]),
+    level=st.sampled_from([logging.INFO, logging.DEBUG, logging.WARNING]),
+)
+def test_batched_access_lines_are_exactly_the_json_formatters_lines(
+    at: float, seconds: float, request: str, trace: str | None, code: str, level: int
+) -> None:
+    """The flusher formats a batch with its constant parts and time prefix reused; the oracle is
+    JsonFormatter itself on the equivalent record, byte for byte, whatever the time's fraction."""
+    method = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+    ms = seconds * 1000
+    record = logging.LogRecord(
+        "referral_grpc.access", level, __file__, 0, "%s %s %.1fms", (method, code, ms), None
+    )
+    record.created = at
+    record.request_id = request
+    record.trace_id = trace
+    record.rpc_method, record.grpc_code, record.duration_ms = method, code, round(ms, 2)
+    expected = JsonFormatter().format(record) + "\n"
+
+    batch = [(at, level, method, code, seconds, request, trace)]
+    assert _access_lines(batch) == expected
+    assert _access_lines(batch * 3) == expected * 3
 
 
 def test_access_lines_are_batched_in_order_and_never_held_long(restore_logging: None) -> None:
