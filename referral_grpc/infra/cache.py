@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -270,15 +270,11 @@ class RedisCodeCache:
 
     def _apply_fills(self, fills: list[_Fill]) -> None:
         """One script call for all of them; none while Redis is unusable or its invalidations are owed."""
-        if not self._admit(None):
+        owed = self._admit_keys(fill[0] for fill in fills)
+        if owed is None:
             return
-        with self._lock:
-            owed = [fill for fill in fills if fill[0] in self._pending]
         if owed:
-            # An invalidation of such a key failed after the replay started: Redis is failing again,
-            # and the entry must not be refilled until a replay succeeds (as `_admit(key)` says).
-            self._breaker.record_failure()
-            fills = [fill for fill in fills if fill[0] not in {o[0] for o in owed}]
+            fills = [fill for fill in fills if fill[0] not in owed]
             if not fills:
                 return
         keys: list[str] = []
@@ -344,13 +340,19 @@ class RedisCodeCache:
         self._invalidate_script(keys=keys, args=[GENERATION_TTL_SECONDS])
 
     def _admit(self, email_key: str | None) -> bool:
-        """Whether to use Redis now: not while the breaker is open or failed invalidations cannot be replayed.
+        """Whether to use Redis now (for `email_key`, if given): not while the breaker is open, failed
+        invalidations cannot be replayed, or that key's invalidation is owed again.
 
         True means the caller must report the outcome to the breaker (it may be the half-open probe).
         """
+        return self._admit_keys(() if email_key is None else (email_key,)) is not None
+
+    def _admit_keys(self, email_keys: Iterable[str]) -> set[str] | None:
+        """As `_admit`, for many keys: None if Redis is not to be used at all, else the keys it must not
+        be used for (their invalidation failed after the replay started)."""
         if not self._breaker.allow():
             self._counters.bump("bypassed")
-            return False
+            return None
         with self._lock:
             pending = dict(self._pending)
         if pending:
@@ -358,18 +360,19 @@ class RedisCodeCache:
                 self._invalidate_keys(list(pending))
             except Exception as exc:
                 self._failed("replay of invalidations", exc)
-                return False
+                return None
             with self._lock:
                 for pending_key, sequence in pending.items():
                     if self._pending.get(pending_key) == sequence:
                         del self._pending[pending_key]
             log.info("cache: replayed %d invalidations that failed while Redis was unavailable", len(pending))
-        if email_key is not None and email_key in self._pending:
-            # An invalidation of this very key failed after our replay started: Redis is failing
-            # again, and its entry must not be read or refilled until a replay succeeds.
+        with self._lock:
+            owed = {email_key for email_key in email_keys if email_key in self._pending}
+        if owed:
+            # An invalidation of such a key failed after our replay started: Redis is failing again,
+            # and its entry must not be read or refilled until a replay succeeds.
             self._breaker.record_failure()
-            return False
-        return True
+        return owed
 
     def _remember(self, email_key: str, sequence: int) -> None:
         with self._lock:

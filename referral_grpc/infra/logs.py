@@ -114,23 +114,12 @@ class JsonFormatter(logging.Formatter):
 
 
 ACCESS_LOGGER = "referral_grpc.access"
-_ACCESS_JSON = (
-    '{"time": "%s", "level": "%s", "logger": "' + ACCESS_LOGGER + '", "message": "%s %s %.1fms",'
-    ' "request_id": %s%s, "rpc_method": "%s", "grpc_code": "%s", "duration_ms": %r}\n'
-)
 
 # json.dumps(value, ensure_ascii=False) for a string, without building an encoder per call.
 _STRING = json.JSONEncoder(ensure_ascii=False)
 
 # When it was logged (time.time()), level, method, code, duration in seconds, request id, trace id.
 AccessFields = tuple[float, int, str, str, float, str, str | None]
-
-
-def _access_line(
-    at: float, level: int, method: str, code: str, seconds: float, request: str, trace: str | None
-) -> str:
-    """The line JsonFormatter would write for the access record, formatted in one step."""
-    return _access_lines([(at, level, method, code, seconds, request, trace)])
 
 
 # The parts of a line that are the same for every call of one method with one outcome, by (level, method,
@@ -154,7 +143,8 @@ def _constant_parts(level: int, method: str, code: str) -> tuple[str, str]:
 
 
 def _access_lines(batch: list[AccessFields]) -> str:
-    """The lines JsonFormatter would write for these access records (see _ACCESS_JSON), joined."""
+    """The lines JsonFormatter would write for these access records, joined: time, level, logger,
+    message ("METHOD CODE 1.2ms"), request_id, trace_id when sent, rpc_method, grpc_code, duration_ms."""
     lines = []
     second, second_text = -1, ""
     for at, level, method, code, seconds, request, trace in batch:

@@ -155,8 +155,8 @@ class RpcCollector(Collector):  # type: ignore[misc]
     def apply_queued(self) -> None:
         """Apply every queued observation (any thread; one applier at a time)."""
         queued = self._queued
-        counts: dict[tuple[str, str], int] = {}
         with self._lock:
+            counts: dict[tuple[str, str], int] = {}
             by_method: dict[str, list[float]] = {}
             while queued:
                 method, code, seconds = queued.popleft()
