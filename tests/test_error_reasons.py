@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from referral_grpc.api.errors import to_status
+from referral_grpc.api.errors import code_for, to_status
 from referral_grpc.domain import errors
 from referral_grpc.gen import error_reason_pb2
 
@@ -110,3 +110,31 @@ def test_every_reason_the_gateway_sends_is_listed_in_the_contract() -> None:
     reasons |= set(re.findall(r'refuse\(handle, \d+, \d+, "([A-Z][A-Z0-9_]+)"', script))
     assert {"MALFORMED_JSON", "UNKNOWN_PATH", "RATE_LIMITED", "QUERY_PARAMETERS_NOT_ALLOWED"} <= reasons
     assert reasons <= CONTRACT, reasons - CONTRACT
+
+
+def test_a_plain_error_status_is_built_once_and_never_served_for_another_error() -> None:
+    # Plain errors (no field violations, no retry delay) share one built status per (code, reason,
+    # message, metadata): each of those must still decide what the caller gets.
+    variants = [
+        errors.NotFound("REFERRAL_CODE_NOT_FOUND", "no active code"),
+        errors.NotFound("REFERRAL_CODE_NOT_FOUND", "another message"),
+        errors.NotFound("USER_NOT_FOUND", "no active code"),
+        errors.NotFound("USER_NOT_FOUND", "no active code", {"field": "email"}),
+        errors.NotFound("USER_NOT_FOUND", "no active code", {"field": "user_id"}),
+        errors.FailedPrecondition("USER_NOT_FOUND", "no active code", {"field": "user_id"}),
+    ]
+    seen = set()
+    for error in variants * 2:
+        status = to_status(error)
+        assert status.code == code_for(error)
+        assert status.details == error.message
+        (info,) = _details(status)
+        assert isinstance(info, error_details_pb2.ErrorInfo)
+        assert (info.reason, info.domain, dict(info.metadata)) == (
+            error.reason,
+            "referral.v1",
+            error.metadata,
+        )
+        seen.add(id(status))
+    assert to_status(variants[0]) is to_status(errors.NotFound("REFERRAL_CODE_NOT_FOUND", "no active code"))
+    assert len(seen) == len(variants)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status  # type: ignore[import-untyped]  # ships no type information
 
@@ -39,14 +41,16 @@ def code_for(error: errors.DomainError) -> grpc.StatusCode:
 def to_status(error: errors.DomainError) -> grpc.Status:
     """google.rpc.Status with ErrorInfo, plus BadRequest or RetryInfo where they apply."""
     code = code_for(error)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
-    details = [info]
-    if isinstance(error, errors.InvalidArgument) and error.field_violations:
+    violations = error.field_violations if isinstance(error, errors.InvalidArgument) else ()
+    if not violations and not isinstance(error, errors.ResourceExhausted):
+        return _plain_status(code, error.reason, error.message, tuple(error.metadata.items()))
+    details: list[Message] = [_error_info(error.reason, error.metadata)]
+    if violations:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.field_violations
+                    for v in violations
                 ]
             )
         )
@@ -59,12 +63,29 @@ def to_status(error: errors.DomainError) -> grpc.Status:
                 )
             )
         )
+    return _packed(code, error.message, details)
+
+
+# Most errors are one of a few (a lookup's NOT_FOUND, an expired token's UNAUTHENTICATED): their status,
+# details serialized, is built once. Keyed by all it is made of; bounded, as a message may carry a value.
+@lru_cache(maxsize=1024)
+def _plain_status(
+    code: grpc.StatusCode, reason: str, message: str, metadata: tuple[tuple[str, str], ...]
+) -> grpc.Status:
+    return _packed(code, message, [_error_info(reason, dict(metadata))])
+
+
+def _error_info(reason: str, metadata: Mapping[str, str]) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def _packed(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> grpc.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return _to_grpc(status_pb2.Status(code=code.value[0], message=error.message, details=packed))
+    return _to_grpc(status_pb2.Status(code=code.value[0], message=message, details=packed))
 
 
 def internal_status(message: str = "internal error") -> grpc.Status:
