@@ -28,7 +28,6 @@ from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import grpc
 import psycopg2  # type: ignore[import-untyped]
@@ -42,6 +41,7 @@ from referral_grpc.gen import referral_service_pb2 as pb
 
 from . import harness, load
 from .harness import BENCH_DATABASE, BENCH_KEY_PREFIX, BENCH_REDIS_URL, PG_SERVER_URL
+from .run import GRPC_HEALTH, rest_lookup_path
 
 DATABASE = f"{BENCH_DATABASE}_frameworks"
 PREFIX = f"{BENCH_KEY_PREFIX}fw:"
@@ -187,23 +187,23 @@ def _seed(dsn: str) -> None:
     client.close()
 
 
-def _lookup_path(email: str) -> str:
-    return f"/referral/code/by-email?email={quote(email, safe='')}"
+# Scenario -> (path after Envoy's address, wrk script, whether every answer is a 404 by design).
+Scenarios = dict[str, tuple[str, str, bool]]
 
 
-def _scripts(workdir: Path) -> dict[str, tuple[str, str]]:
-    """Scenario -> (wrk method, script): the no-op, a cache hit, a miss read from PostgreSQL."""
+def _scenarios(workdir: Path) -> Scenarios:
+    """The no-op, a cache hit, a miss read from PostgreSQL."""
     hit = load.write_request_lines(
-        workdir / "hit.tsv", ((_lookup_path(_email(i)), "", "") for i in range(CACHED))
+        workdir / "hit.tsv", ((rest_lookup_path(_email(i)), "", "") for i in range(CACHED))
     )
     miss = load.write_request_lines(
-        workdir / "miss.tsv", ((_lookup_path(f"nobody{i}@fw.example.com"), "", "") for i in range(USERS))
+        workdir / "miss.tsv",
+        ((rest_lookup_path(f"nobody{i}@fw.example.com"), "", "") for i in range(USERS)),
     )
-    noop = load.write_request_lines(workdir / "noop.tsv", [("/grpc.health.v1.Health/Check", "", "{}")])
     return {
-        "no-op (Health/Check)": ("POST", load.cycle_script("POST", noop, 1)),
-        "lookup, Redis hit": ("GET", load.cycle_script("GET", hit, 1)),
-        "lookup, unknown email (Redis + PostgreSQL)": ("GET", load.cycle_script("GET", miss, 1)),
+        "no-op (Health/Check)": (GRPC_HEALTH, load.static_script("POST", "{}"), False),
+        "lookup, Redis hit": ("", load.cycle_script("GET", hit, 1), False),
+        "lookup, unknown email (Redis + PostgreSQL)": ("", load.cycle_script("GET", miss, 1), True),
     }
 
 
@@ -252,7 +252,7 @@ def main() -> int:
             envoys[side] = harness.BenchEnvoy(config, side_dir, 1)
             envoys[side].wait_ready()
             envoys[side].wait_backends_healthy(1)
-        results = _measure(_scripts(workdir), envoys, servers, args.seconds, args.rounds)
+        results = _measure(_scenarios(workdir), envoys, servers, args.seconds, args.rounds)
     finally:
         for envoy in envoys.values():
             envoy.stop()
@@ -270,27 +270,25 @@ Sample = tuple[float, float, float, int]  # req/s, p99 ms, server CPU ms per req
 
 
 def _measure(
-    scripts: dict[str, tuple[str, str]],
+    scenarios: Scenarios,
     envoys: dict[str, harness.BenchEnvoy],
     servers: dict[str, subprocess.Popen[bytes]],
     seconds: float,
     rounds: int,
 ) -> dict[str, dict[str, list[Sample]]]:
-    results: dict[str, dict[str, list[Sample]]] = {name: {side: [] for side in SIDES} for name in scripts}
-    for name, (_method, script) in scripts.items():
+    results: dict[str, dict[str, list[Sample]]] = {name: {side: [] for side in SIDES} for name in scenarios}
+    for name, (path, script, all_404) in scenarios.items():
         for side in SIDES:  # warm-up: connections, the executor's threads, PostgreSQL's plan cache
-            load.run_wrk(envoys[side].url, script, connections=16, seconds=1)
+            load.run_wrk(envoys[side].url + path, script, connections=16, seconds=1)
         for round_ in range(rounds):
             # ABBA: neither side always runs first.
             order = SIDES if round_ % 2 == 0 else SIDES[::-1]
             for side in order:
                 before = harness.cpu_seconds(servers[side].pid)
-                result = load.run_wrk(envoys[side].url, script, connections=16, seconds=seconds)
+                result = load.run_wrk(envoys[side].url + path, script, connections=16, seconds=seconds)
                 used = harness.cpu_seconds(servers[side].pid) - before
                 # wrk counts every answer of 400 or more: the unknown emails' must all be (404), no other's.
-                failed = (
-                    result.status_errors if "unknown" not in name else result.requests - result.status_errors
-                )
+                failed = result.requests - result.status_errors if all_404 else result.status_errors
                 unexpected = failed + result.transport_errors
                 sample = (result.rps, result.p99_ms, 1000 * used / max(result.requests, 1), unexpected)
                 results[name][side].append(sample)

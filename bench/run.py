@@ -156,7 +156,7 @@ def _stack(options: Options) -> Iterator[Context]:
             client.close()
 
 
-def _rest_lookup_path(email: str) -> str:
+def rest_lookup_path(email: str) -> str:
     return f"/referral/code/by-email?email={quote(email, safe='')}"
 
 
@@ -261,7 +261,7 @@ def run(options: Options) -> int:
 
 
 def _hit_rest_load(ctx: Context, seconds: float, conns: int) -> LoadResult:
-    path = _rest_lookup_path(seed.lookup_email(0))
+    path = rest_lookup_path(seed.lookup_email(0))
     return load.run_wrk(
         ctx.url + path, load.static_script(), connections=conns, seconds=seconds, path_prefix="/referral/code"
     )
@@ -394,7 +394,7 @@ def _cold(ctx: Context, seconds: float, conns: int) -> None:
     users = ctx.options.lookup_users
     half = users // 2
     lines = load.write_request_lines(
-        ctx.workdir / "cold.tsv", ((_rest_lookup_path(seed.lookup_email(i)), "", "") for i in range(half))
+        ctx.workdir / "cold.tsv", ((rest_lookup_path(seed.lookup_email(i)), "", "") for i in range(half))
     )
     harness.flush_redis_prefix(ctx.redis)
     cold = ctx.measure(
@@ -422,7 +422,7 @@ def _cold(ctx: Context, seconds: float, conns: int) -> None:
     )
     unknown = load.write_request_lines(
         ctx.workdir / "unknown.tsv",
-        ((_rest_lookup_path(f"nobody{i}@{seed.DOMAIN}"), "", "") for i in range(10_000)),
+        ((rest_lookup_path(f"nobody{i}@{seed.DOMAIN}"), "", "") for i in range(10_000)),
     )
     miss = ctx.measure(
         lambda: load.run_wrk(
@@ -690,7 +690,7 @@ def _logins(ctx: Context, seconds: float) -> None:
     # A fixed-rate probe (open loop): its latency shows what logins do to other requests, not how
     # closed-loop clients share the CPU.
     probe_rate, probe_conns = 200, 4
-    probe_url = ctx.url + _rest_lookup_path(seed.lookup_email(0))
+    probe_url = ctx.url + rest_lookup_path(seed.lookup_email(0))
 
     def probe(duration: float) -> LoadResult:
         return load.run_h2load(
@@ -766,7 +766,7 @@ def _soak(ctx: Context, seeded: seed.Seeded) -> None:
     token = seed.login_all(ctx.target, [seed.owner_email(owner)])[0]
     rows: list[tuple[str, str, str]] = []
     for i in range(opts.lookup_users):
-        rows.append((_rest_lookup_path(seed.lookup_email(i)), "", ""))
+        rows.append((rest_lookup_path(seed.lookup_email(i)), "", ""))
         if i % 4 == 0:
             rows.append(("/referral/referrals", token, ""))
     lines = load.write_request_lines(ctx.workdir / "soak.tsv", rows)
