@@ -28,9 +28,11 @@ from referral_grpc.infra.cache import (
     InProcessCodeCache,
     InstrumentedCodeCache,
     RedisCodeCache,
+    encode_entry,
     make_code_cache,
 )
 from referral_grpc.infra.near_cache import NearCache
+from referral_grpc.infra.redis_client import fail_fast_redis
 from referral_grpc.settings import Settings
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -673,6 +675,53 @@ def test_invalidation_lost_to_an_outage_is_replayed_before_the_next_read(
     assert after == CacheRead(value=None, generation="1")
     assert pending_after == 0
     assert redis_client.exists(f"{key_prefix}code:{EMAIL}") == 0
+
+
+def test_a_key_whose_invalidation_failed_during_the_replay_is_not_read_until_replayed_again(
+    key_prefix: str, clock: FakeClock, flaky_redis: FlakyRedis, redis_client: redis.Redis
+) -> None:
+    settings = make_settings(redis_url=flaky_redis.url, redis_key_prefix=key_prefix, near_cache_entries=0)
+    client = fail_fast_redis(settings)
+    breaker = CircuitBreaker(failure_threshold=3, reset_after=RESET_AFTER, monotonic=clock.monotonic)
+    cache = RedisCodeCache(client, key_prefix=key_prefix, ttl_seconds=CACHE_TTL, breaker=breaker)
+    replayed = threading.Event()
+    evalsha = client.evalsha
+
+    def during_the_replay(*args: object, **kwargs: object) -> object:
+        # The replay's script call (redis-py's, not ours): once it is done, another thread rotates
+        # the code while the replay, the half-open probe, is still in flight (so that invalidation is
+        # remembered, not sent), and another process fills the old code under the current generation.
+        result = evalsha(*args, **kwargs)
+        if not replayed.is_set():
+            replayed.set()
+            rotation = threading.Thread(target=cache.invalidate, args=(EMAIL,))
+            rotation.start()
+            rotation.join()
+            redis_client.set(key_of(key_prefix), encode_entry(code("OLD22222")), px=60_000)
+        return result
+
+    try:
+        cache.fill(EMAIL, cache.get(EMAIL, NOW).generation, code("OLD22222"), NOW)
+        flaky_redis.set_mode("refuse")
+        cache.invalidate(EMAIL)
+        for _ in range(3):
+            cache.get(EMAIL, NOW)  # the breaker opens
+        flaky_redis.set_mode("forward")
+        clock.advance(seconds=RESET_AFTER)
+        client.evalsha = during_the_replay  # type: ignore[method-assign]
+
+        during = cache.get(EMAIL, NOW)  # replays, then finds this key's invalidation owed again
+        owed = cache.pending_invalidations()
+        clock.advance(seconds=RESET_AFTER)
+        after = cache.get(EMAIL, NOW)  # the next probe replays it
+    finally:
+        cache.close()
+
+    assert replayed.is_set()
+    assert during == CacheRead(value=None, generation=None)
+    assert owed == 1
+    assert after == CacheRead(value=None, generation="2")
+    assert redis_client.exists(key_of(key_prefix)) == 0
 
 
 # In-process specifics: monotonic TTL, bounded size, factory.

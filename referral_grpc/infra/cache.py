@@ -345,7 +345,8 @@ class RedisCodeCache:
 
         True means the caller must report the outcome to the breaker (it may be the half-open probe).
         """
-        return self._admit_keys(() if email_key is None else (email_key,)) is not None
+        owed = self._admit_keys(() if email_key is None else (email_key,))
+        return owed is not None and not owed
 
     def _admit_keys(self, email_keys: Iterable[str]) -> set[str] | None:
         """As `_admit`, for many keys: None if Redis is not to be used at all, else the keys it must not
