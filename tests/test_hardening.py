@@ -104,11 +104,16 @@ def _user_row_locked(conn: psycopg2.extensions.connection, user_id: int) -> None
         cur.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
 
 
-def _waiting_on_a_lock(url: str) -> bool:
+def _blocked_by(url: str, locker: psycopg2.extensions.connection) -> bool:
+    """Whether some backend waits on a lock `locker` holds: the call under test, and nothing else on the
+    server (a lock wait anywhere else would let the test cancel a call that had not started)."""
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                (locker.get_backend_pid(),),
+            )
             row = cur.fetchone()
             return bool(row and row[0])
     finally:
@@ -126,7 +131,7 @@ def test_a_call_that_ends_before_its_commit_changes_nothing(pg_url: str, ending:
             call = api.referrals.CreateReferralCode.future(
                 ref_pb.CreateReferralCodeRequest(expires_at=expires), metadata=bearer(tokens.access_token)
             )
-            wait_for(lambda: _waiting_on_a_lock(pg_url), 10, "the call to block on the row lock")
+            wait_for(lambda: _blocked_by(pg_url, locker), 10, "the call to block on the row lock")
             if ending == "client cancels":
                 call.cancel()
             else:
