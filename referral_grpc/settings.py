@@ -249,6 +249,11 @@ class Settings:
         2.0, "seconds to wait for a pooled connection before answering UNAVAILABLE", minimum=0, maximum=60
     )
     db_statement_timeout_ms: int = integer(5000, "PostgreSQL statement timeout", minimum=0, maximum=3_600_000)
+    db_prepare_statements: bool = boolean(
+        True,
+        "prepare the hot paths' statements once per PostgreSQL connection (SQL PREPARE); set false behind "
+        "a pooler in transaction mode such as PgBouncer's, where a session's statements do not follow it",
+    )
 
     jwt_secret: str = text(
         "",

@@ -500,7 +500,7 @@ def _record(
             "endpoint": endpoint.id,
             "disable_after": config.disable_after,
         }
-        row = run_sql(db, _RECORD_SUCCESS_SQL if ok else _RECORD_FAILURE_SQL, params).fetchone()  # type: ignore[arg-type]
+        row = run_sql(db, _RECORD_SUCCESS_SQL if ok else _RECORD_FAILURE_SQL, params).fetchone()
         return str(row[0]) if row else ""
     with db.atomic():
         WebhookAttempt.create(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import re
 import select
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -44,14 +46,28 @@ class _LivenessAdapter(Psycopg2Adapter):
         return bool(super().is_connection_closed(conn)) if spoke else False
 
 
+class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
+    """A pooled connection that knows which statements its server session has prepared."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared: set[str] = set()
+
+
 class PostgresPool(PooledPostgresqlDatabase):  # type: ignore[misc]
-    """The pooled PostgreSQL database; remembers the statement cap its connections start with."""
+    """The pooled PostgreSQL database; remembers the statement cap its connections start with, and
+    whether the hot paths' statements are prepared on the server (`run_sql`)."""
 
     psycopg2_adapter = _LivenessAdapter
 
-    def __init__(self, *args: Any, statement_timeout_ms: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, statement_timeout_ms: int = 0, prepare_statements: bool = False, **kwargs: Any
+    ) -> None:
+        if prepare_statements:
+            kwargs["connection_factory"] = _Connection
         super().__init__(*args, **kwargs)
         self.statement_timeout_ms = statement_timeout_ms
+        self.prepare_statements = prepare_statements
 
 
 def make_database(settings: Settings) -> pw.Database:
@@ -75,6 +91,7 @@ def make_database(settings: Settings) -> pw.Database:
     pool: pw.Database = PostgresPool(
         target.database,
         statement_timeout_ms=settings.db_statement_timeout_ms,
+        prepare_statements=settings.db_prepare_statements,
         **{
             **target.connect_params,
             # One connection per server worker thread; a bounded wait when all are busy.
@@ -276,12 +293,11 @@ class Prepared:
         return instance(self._model, self._columns, row)
 
     def rows(self, *values: object) -> list[Any]:
-        cursor = self._db.execute_sql(self._sql, values)  # type: ignore[no-untyped-call]
-        return [self._instance(row) for row in cursor.fetchall()]
+        return [self._instance(row) for row in run_sql(self._db, self._sql, values).fetchall()]
 
     def first(self, *values: object) -> Any:
         """The first row, or None: for reads by a unique key."""
-        row = self._db.execute_sql(self._sql, values).fetchone()  # type: ignore[no-untyped-call]
+        row = run_sql(self._db, self._sql, values).fetchone()
         return None if row is None else self._instance(row)
 
 
@@ -335,9 +351,73 @@ def placeholder(db: pw.Database) -> Any:
     return pw.SQL(db.param)
 
 
-def run_sql(db: pw.Database, sql: str, params: Sequence[object] = ()) -> Any:
-    """Run hand-written SQL (the hot paths' prebuilt statements) and return the DB-API cursor."""
+def run_sql(db: pw.Database, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> Any:
+    """Run hand-written SQL (the hot paths' prebuilt statements) and return the DB-API cursor.
+
+    On PostgreSQL (unless DB_PREPARE_STATEMENTS=false) each statement is prepared once per
+    connection and then executed by name: PostgreSQL parses and plans it once instead of on every
+    call, which was a third of its time on a RecordEvent. The values are bound exactly as before.
+    """
+    if isinstance(db, PostgresPool) and db.prepare_statements:
+        statement = _server_statement(sql)
+        prepared: set[str] = db.connection().prepared
+        if statement is not None and (
+            statement.name in prepared or len(prepared) < MAX_PREPARED_PER_CONNECTION
+        ):
+            if statement.name not in prepared:
+                # Not undone by a rollback: PREPARE outlives the transaction it runs in.
+                db.execute_sql(statement.prepare, ())
+                prepared.add(statement.name)
+            return db.execute_sql(statement.execute, params)
     return db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
+
+
+# Statements a connection prepares at most; beyond, more (e.g. IN lists of yet another length) run as
+# plain SQL, so a session's memory stays bounded.
+MAX_PREPARED_PER_CONNECTION = 256
+_PLACEHOLDER = re.compile(r"%(?:s|%|\((\w+)\)s)")
+# What PREPARE takes; anything else (DDL, SET) runs as plain SQL.
+_PREPARABLE = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|VALUES)\b", re.IGNORECASE)
+
+
+class _ServerStatement:
+    """A hand-written statement as PREPARE and EXECUTE: the name is a digest of its SQL, so every
+    process and connection names the same statement alike. Values stay where psycopg2 puts them,
+    as %s in order or as %(name)s (each name one parameter, however often it appears)."""
+
+    def __init__(self, sql: str) -> None:
+        self.name = "referral_" + hashlib.blake2b(sql.encode(), digest_size=10).hexdigest()
+        order: list[str] = []  # the value of each $n: "" for the next positional one, else its name
+        numbers: dict[str, int] = {}
+
+        def number(found: re.Match[str]) -> str:
+            if found.group() == "%%":
+                return "%%"  # psycopg2 still formats the PREPARE: a literal % stays escaped
+            name = found.group(1)
+            if name is None:
+                order.append("")
+                return f"${len(order)}"
+            if name not in numbers:
+                order.append(name)
+                numbers[name] = len(order)
+            return f"${numbers[name]}"
+
+        body = _PLACEHOLDER.sub(number, sql)
+        self.prepare = f"PREPARE {self.name} AS {body}"
+        values = ", ".join(f"%({name})s" if name else "%s" for name in order)
+        self.execute = f"EXECUTE {self.name}({values})" if order else f"EXECUTE {self.name}"
+
+
+_SERVER_STATEMENTS: dict[str, _ServerStatement | None] = {}
+
+
+def _server_statement(sql: str) -> _ServerStatement | None:
+    try:
+        return _SERVER_STATEMENTS[sql]
+    except KeyError:
+        statement = _ServerStatement(sql) if _PREPARABLE.match(sql) else None
+        _SERVER_STATEMENTS[sql] = statement
+        return statement
 
 
 # PostgreSQL: the channel the appending transaction notifies (delivered at commit, in commit order)
