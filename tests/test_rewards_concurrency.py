@@ -15,7 +15,8 @@ from support.api import rich_error
 from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.domain.programs import Reward
-from referral_grpc.store.models import LedgerEntry
+from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.store.models import LedgerEntry, Referral
 
 COPIES = 50
 REDEMPTIONS = 20
@@ -71,6 +72,19 @@ def test_competing_qualifying_events_of_one_newcomer_credit_once(rw: RewardsApi)
     results = race(lambda i: rw.event(newcomer, event_id=f"order-{i}"), REDEMPTIONS)
     assert [r for r in results if isinstance(r, grpc.RpcError)] == []
     assert sum(1 for r in results if r.rewards) == 1
+    assert (credits("referrer_reward"), credits("referee_reward")) == (1, 1)
+
+
+def test_competing_first_events_of_a_newcomer_without_a_referral_row_open_it_once(rw: RewardsApi) -> None:
+    # A newcomer who registered before rewards existed has no referral row: the first events open it.
+    rw.set_program()
+    _, newcomer = rw.pair()
+    assert Referral.delete().where(Referral.referee == newcomer).execute() == 1
+    results = race(lambda i: rw.event(newcomer, event_id=f"first-{i}"), REDEMPTIONS)
+    assert [r for r in results if isinstance(r, grpc.RpcError)] == []
+    assert sum(1 for r in results if r.rewards) == 1
+    assert {r.referral_state for r in results} == {ref_pb.QUALIFIED}
+    assert Referral.select().where(Referral.referee == newcomer).count() == 1
     assert (credits("referrer_reward"), credits("referee_reward")) == (1, 1)
 
 

@@ -20,6 +20,7 @@ import peewee as pw
 
 from ..store.database import (
     Prepared,
+    instance,
     is_postgres,
     joined_instances,
     placeholder,
@@ -248,17 +249,21 @@ class _Reads:
     def __init__(self, db: pw.Database) -> None:
         p = placeholder(db)
         self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
-        # The event's user and, when a retry, the event already recorded: one read for both.
+        # The event's user, its referrer (what `parties` reads of it) and, when a retry, the event
+        # already recorded: one read for all three.
         users, events = User._meta.table_name, RewardEvent._meta.table_name
+        party_fields = (User.id, User.email, User.blocked_at)
         both = (
-            f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')}"  # noqa: S608
-            f' FROM "{users}" u LEFT JOIN "{events}" ev'
-            f" ON ev.event_id = {db.param} WHERE u."
+            f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')},"  # noqa: S608
+            f" {', '.join(f'r.{f.column_name}' for f in party_fields)}"
+            f' FROM "{users}" u LEFT JOIN "{events}" ev ON ev.event_id = {db.param}'
+            f' LEFT JOIN "{users}" r ON r.id = u.referrer_id WHERE u.'
         )
         self.user_and_event = {"user_id": f"{both}id = {db.param}", "email": f"{both}email_key = {db.param}"}
         self.user_and_event_parts = (
             (User, row_reader(User._meta.sorted_fields)),
             (RewardEvent, row_reader(RewardEvent._meta.sorted_fields)),
+            (User, row_reader(party_fields)),
         )
         self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
         self.entries_of_event = Prepared(
@@ -298,6 +303,17 @@ class _Writes:
             f'INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded, fraud_partial,'  # noqa: S608
             f" created_at) VALUES ({_values(db, 6)}) ON CONFLICT DO NOTHING"
         )
+        # PostgreSQL: opened and read in one statement. Its SELECT sees the rows committed before it
+        # began, so it finds nothing when a concurrent first event opened the row meanwhile (the
+        # INSERT waited for that one): then the row is read again, as on SQLite.
+        self.open_and_read_referral = (
+            f"WITH opened AS ({self.open_referral} RETURNING {whole_row(Referral)})"  # noqa: S608
+            f' SELECT * FROM opened UNION ALL SELECT {whole_row(Referral)} FROM "{referrals}"'
+            f" WHERE referee_id = {p}"
+            if is_postgres(db)
+            else None
+        )
+        self.referral_columns = row_reader(Referral._meta.sorted_fields)
         # Pending -> qualified: the WHERE decides between concurrent events of one newcomer.
         self.qualify = (
             f'UPDATE "{referrals}" SET state = {p}, qualified_at = {p}, program_id = {p},'  # noqa: S608
@@ -343,7 +359,7 @@ class RewardService:
         occurred_at = self._validate(e, now)
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
-        user, seen = self._user_and_seen(e)
+        user, seen, referrer = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
         if seen is not None:
@@ -357,7 +373,7 @@ class RewardService:
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
-                result = self._judge(row, user, now, outbox_ids, events)
+                result = self._judge(row, user, referrer, now, outbox_ids, events)
             append_events(self._db, events, now)
         if row is None:
             return self._duplicate(first, content_hash)
@@ -407,8 +423,9 @@ class RewardService:
             )
         return occurred_at
 
-    def _user_and_seen(self, e: EventInput) -> tuple[User, RewardEvent | None]:
-        """The event's user, and the event if its event_id was recorded already."""
+    def _user_and_seen(self, e: EventInput) -> tuple[User, RewardEvent | None, User | None]:
+        """The event's user, the event if its event_id was recorded already, and the user's referrer
+        (id, email, blocked_at) if it has one."""
         key: str | int
         if e.email:
             _, key = normalize_email(e.email)
@@ -418,8 +435,8 @@ class RewardService:
         row = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchone()
         if row is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        user, recorded = joined_instances(row, self._reads.user_and_event_parts)
-        return user, recorded
+        user, recorded, referrer = joined_instances(row, self._reads.user_and_event_parts)
+        return user, recorded, referrer
 
     def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
         refunded = RewardEvent.get_or_none(RewardEvent.event_id == e.refunds_event_id)
@@ -486,7 +503,13 @@ class RewardService:
         return result
 
     def _judge(
-        self, event: RewardEvent, user: User, now: datetime, outbox_ids: list[int], events: list[NewEvent]
+        self,
+        event: RewardEvent,
+        user: User,
+        referrer: User | None,
+        now: datetime,
+        outbox_ids: list[int],
+        events: list[NewEvent],
     ) -> EventResult:
         def skip(reason: str, state: str | None) -> EventResult:
             both = [Skipped(REFERRER, reason), Skipped(REFEREE, reason)]
@@ -510,10 +533,15 @@ class RewardService:
             return skip("already_qualified", state)
         if not self._eligible(user):
             return skip("referee_not_eligible", state)
-        # The parties in one read: whether either is blocked, and where the referrer's email goes.
-        parties = {
-            row.id: row for row in self._reads.parties.rows(user.id, referral.referrer_id, user.referrer_id)
-        }
+        # The parties: whether either is blocked, and where the referrer's email goes. Read with the
+        # user already, unless the referral names another referrer than the user row does now.
+        if referrer is not None and referral.referrer_id == user.referrer_id == referrer.id:
+            parties = {user.id: user, referrer.id: referrer}
+        else:
+            parties = {
+                row.id: row
+                for row in self._reads.parties.rows(user.id, referral.referrer_id, user.referrer_id)
+            }
         if any(parties[i].blocked_at is not None for i in (user.id, referral.referrer_id) if i in parties):
             return skip("referee_not_eligible", state)
         if referral.fraud_decision == REVIEW and referral.review_outcome is None:
@@ -606,11 +634,15 @@ class RewardService:
     def _referral(self, user: User, now: datetime) -> Referral:
         """The newcomer's referral row, created pending the first time an event concerns it."""
         assert user.referrer_id is not None
-        run_sql(
-            self._db,
-            self._writes.open_referral,
-            (user.id, user.referrer_id, PENDING, False, False, stored_time(now)),
-        )
+        values = (user.id, user.referrer_id, PENDING, False, False, stored_time(now))
+        both = self._writes.open_and_read_referral
+        if both is not None:
+            row = run_sql(self._db, both, (*values, user.id)).fetchone()
+            if row is not None:
+                opened: Referral = instance(Referral, self._writes.referral_columns, row)
+                return opened
+        else:
+            run_sql(self._db, self._writes.open_referral, values)
         referral: Referral = self._reads.referral.first(user.id)
         return referral
 
@@ -882,6 +914,7 @@ class RewardService:
                 released = self._judge(
                     RewardEvent.get_by_id(referral.qualifying_event_id),
                     User.get_by_id(referee_id),
+                    None,  # the parties are read afresh
                     now,
                     outbox_ids,
                     events,
