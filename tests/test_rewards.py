@@ -196,6 +196,13 @@ def test_a_program_paying_only_the_newcomer_says_so_for_the_referrer(rw: Rewards
     assert skipped(response) == {("REFERRER", "NO_REWARD_CONFIGURED")}
     assert rw.balance(referrer) == (0, 0, 0)
     assert EmailOutbox.select().where(EmailOutbox.kind == "reward_credited").count() == 0
+    # A retry is told the same: the reward it got and the one it did not.
+    again = rw.event(newcomer, event_id=response.event_id)
+    assert again.duplicate and skipped(again) == {("REFERRER", "NO_REWARD_CONFIGURED")}
+    assert [(e.id, e.amount_minor) for e in again.rewards] == [
+        (e.id, e.amount_minor) for e in response.rewards
+    ]
+    assert again.referral_state == ref_pb.QUALIFIED
 
 
 def test_each_referral_keeps_the_version_it_was_judged_under(rw: RewardsApi) -> None:

@@ -142,7 +142,11 @@ def current_program() -> ProgramRules | None:
     newest = _NEWEST.get(db)
     if newest is None:
         newest = _NEWEST[db] = Prepared(db, Program.select().order_by(Program.id.desc()).limit(pw.SQL("1")))
-    row = newest.first()
+    return rules_of(newest.first())
+
+
+def rules_of(row: Program | None) -> ProgramRules | None:
+    """The rules of a program row read elsewhere (e.g. joined to another read); None for no row."""
     return None if row is None else _rules(row)
 
 

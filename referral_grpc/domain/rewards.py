@@ -37,6 +37,7 @@ from ..store.models import (
     REVERSED,
     REWARD_KINDS,
     LedgerEntry,
+    Program,
     Referral,
     RewardEvent,
     User,
@@ -59,7 +60,7 @@ from .events import (
     timestamp,
 )
 from .ports import Clock, EmailDispatcher, Outbox
-from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program
+from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program, rules_of
 from .tokens import PageTokens
 from .validation import (
     MAX_PAGE_TOKEN_LENGTH,
@@ -249,21 +250,24 @@ class _Reads:
     def __init__(self, db: pw.Database) -> None:
         p = placeholder(db)
         self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
-        # The event's user, its referrer (what `parties` reads of it) and, when a retry, the event
-        # already recorded: one read for all three.
+        # The event's user, its referrer (what `parties` reads of it), the program in force and, when
+        # a retry, the event already recorded: one read for all four.
         users, events = User._meta.table_name, RewardEvent._meta.table_name
+        programs = Program._meta.table_name
         party_fields = (User.id, User.email, User.blocked_at)
         both = (
             f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')},"  # noqa: S608
-            f" {', '.join(f'r.{f.column_name}' for f in party_fields)}"
+            f" {', '.join(f'r.{f.column_name}' for f in party_fields)}, {whole_row(Program, 'pr')}"
             f' FROM "{users}" u LEFT JOIN "{events}" ev ON ev.event_id = {db.param}'
-            f' LEFT JOIN "{users}" r ON r.id = u.referrer_id WHERE u.'
+            f' LEFT JOIN "{users}" r ON r.id = u.referrer_id'
+            f' LEFT JOIN "{programs}" pr ON pr.id = (SELECT max(id) FROM "{programs}") WHERE u.'
         )
         self.user_and_event = {"user_id": f"{both}id = {db.param}", "email": f"{both}email_key = {db.param}"}
         self.user_and_event_parts = (
             (User, row_reader(User._meta.sorted_fields)),
             (RewardEvent, row_reader(RewardEvent._meta.sorted_fields)),
             (User, row_reader(party_fields)),
+            (Program, row_reader(Program._meta.sorted_fields)),
         )
         self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
         self.entries_of_event = Prepared(
@@ -273,6 +277,15 @@ class _Reads:
         self.parties = Prepared(
             db, User.select(User.id, User.email, User.blocked_at).where(User.id.in_([p, p, p]))
         )
+
+
+def _outcome(referral_state: str | None, skipped: Sequence[Skipped]) -> str:
+    """What a retry of the event is told again (see RewardService._duplicate), as stored."""
+    kept = {
+        "referral_state": referral_state,
+        "skipped": [{"beneficiary": s.beneficiary, "reason": s.reason} for s in skipped],
+    }
+    return json.dumps(kept)
 
 
 def _values(db: pw.Database, count: int) -> str:
@@ -321,16 +334,22 @@ class _Writes:
         )
         entry = f"({_values(db, 8)})"
         # One statement for one or both rewards; ids are drawn in the order given (referrer first).
-        self.credit = {
-            count: Prepared.statement(
-                db,
-                LedgerEntry,
-                f'INSERT INTO "{ledger}" (user_id, kind, amount_minor, currency, referral_user_id,'  # noqa: S608
-                f" event_id, available_at, created_at) VALUES {', '.join([entry] * count)}"
-                f" RETURNING {whole_row(LedgerEntry)}",
-            )
+        credit = {
+            count: f'INSERT INTO "{ledger}" (user_id, kind, amount_minor, currency, referral_user_id,'  # noqa: S608
+            f" event_id, available_at, created_at) VALUES {', '.join([entry] * count)}"
+            f" RETURNING {whole_row(LedgerEntry)}"
             for count in (1, 2)
         }
+        self.credit = {count: Prepared.statement(db, LedgerEntry, sql) for count, sql in credit.items()}
+        # PostgreSQL: the same, keeping the event's outcome first (`record_outcome` in a CTE).
+        self.credit_and_keep = (
+            {
+                count: Prepared.statement(db, LedgerEntry, f"WITH outcome AS ({self.record_outcome}) {sql}")
+                for count, sql in credit.items()
+            }
+            if is_postgres(db)
+            else None
+        )
 
 
 class RewardService:
@@ -359,7 +378,7 @@ class RewardService:
         occurred_at = self._validate(e, now)
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
-        user, seen, referrer = self._user_and_seen(e)
+        user, seen, referrer, program = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
         if seen is not None:
@@ -373,7 +392,7 @@ class RewardService:
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
-                result = self._judge(row, user, referrer, now, outbox_ids, events)
+                result = self._judge(row, user, referrer, program, now, outbox_ids, events)
             append_events(self._db, events, now)
         if row is None:
             return self._duplicate(first, content_hash)
@@ -423,9 +442,11 @@ class RewardService:
             )
         return occurred_at
 
-    def _user_and_seen(self, e: EventInput) -> tuple[User, RewardEvent | None, User | None]:
-        """The event's user, the event if its event_id was recorded already, and the user's referrer
-        (id, email, blocked_at) if it has one."""
+    def _user_and_seen(
+        self, e: EventInput
+    ) -> tuple[User, RewardEvent | None, User | None, ProgramRules | None]:
+        """The event's user, the event if its event_id was recorded already, the user's referrer
+        (id, email, blocked_at) if it has one, and the program in force if there is one."""
         key: str | int
         if e.email:
             _, key = normalize_email(e.email)
@@ -435,8 +456,8 @@ class RewardService:
         row = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchone()
         if row is None:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        user, recorded, referrer = joined_instances(row, self._reads.user_and_event_parts)
-        return user, recorded, referrer
+        user, recorded, referrer, program = joined_instances(row, self._reads.user_and_event_parts)
+        return user, recorded, referrer, rules_of(program)
 
     def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
         refunded = RewardEvent.get_or_none(RewardEvent.event_id == e.refunds_event_id)
@@ -495,11 +516,9 @@ class RewardService:
 
     def _finish(self, event: RewardEvent, result: EventResult) -> EventResult:
         """Keep the result, so that a retry of the event gets it again."""
-        outcome = {
-            "referral_state": result.referral_state,
-            "skipped": [{"beneficiary": s.beneficiary, "reason": s.reason} for s in result.skipped],
-        }
-        run_sql(self._db, self._writes.record_outcome, (json.dumps(outcome), event.id))
+        run_sql(
+            self._db, self._writes.record_outcome, (_outcome(result.referral_state, result.skipped), event.id)
+        )
         return result
 
     def _judge(
@@ -507,6 +526,7 @@ class RewardService:
         event: RewardEvent,
         user: User,
         referrer: User | None,
+        program: ProgramRules | None,
         now: datetime,
         outbox_ids: list[int],
         events: list[NewEvent],
@@ -519,7 +539,6 @@ class RewardService:
             return skip("no_referrer", None)
         referral = self._referral(user, now)
         state = referral.state
-        program = current_program()
         if program is None:
             return skip("no_program", state)
         if state == REJECTED:
@@ -586,8 +605,15 @@ class RewardService:
                         stored_time(now),
                     )
                 )
+        kept = False
         if rewards:
-            inserted = self._writes.credit[len(rewards)].rows(*(value for row in rewards for value in row))
+            values = [value for row in rewards for value in row]
+            credit_and_keep = self._writes.credit_and_keep
+            if credit_and_keep is not None:
+                # The outcome is known before the rewards are: kept by the same statement.
+                values[:0] = (_outcome(QUALIFIED, skipped), event.id)
+                kept = True
+            inserted = (credit_and_keep or self._writes.credit)[len(rewards)].rows(*values)
             credited = sorted(inserted, key=lambda row: int(row.id))
         if amounts[REFERRER]:
             outbox_ids.append(
@@ -614,7 +640,7 @@ class RewardService:
         result = EventResult(
             event.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
         )
-        return self._finish(event, result)
+        return result if kept else self._finish(event, result)
 
     def _not_qualifying(self, event: RewardEvent, user: User, program: ProgramRules) -> str:
         if event.type not in program.event_types:
@@ -915,6 +941,7 @@ class RewardService:
                     RewardEvent.get_by_id(referral.qualifying_event_id),
                     User.get_by_id(referee_id),
                     None,  # the parties are read afresh
+                    current_program(),
                     now,
                     outbox_ids,
                     events,
