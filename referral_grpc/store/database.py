@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import re
@@ -408,16 +409,10 @@ class _ServerStatement:
         self.execute = f"EXECUTE {self.name}({values})" if order else f"EXECUTE {self.name}"
 
 
-_SERVER_STATEMENTS: dict[str, _ServerStatement | None] = {}
-
-
+@functools.lru_cache(maxsize=1024)
 def _server_statement(sql: str) -> _ServerStatement | None:
-    try:
-        return _SERVER_STATEMENTS[sql]
-    except KeyError:
-        statement = _ServerStatement(sql) if _PREPARABLE.match(sql) else None
-        _SERVER_STATEMENTS[sql] = statement
-        return statement
+    """The statement's PREPARE and EXECUTE, worked out once per text; None if it cannot be prepared."""
+    return _ServerStatement(sql) if _PREPARABLE.match(sql) else None
 
 
 # PostgreSQL: the channel the appending transaction notifies (delivered at commit, in commit order)
