@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import psycopg2
 import pytest
-from support import PG_ADMIN_URL, make_settings
+from support import PG_ADMIN_URL, make_settings, wait_until
 from support.api import bearer, running_api, ts
 
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -80,14 +79,17 @@ def test_a_replaced_connection_prepares_its_statements_again(db: database.Postgr
     db.close()
     conn = psycopg2.connect(PG_ADMIN_URL)
     conn.autocommit = True
-    with conn.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        for _ in range(100):
-            cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
-            if cursor.fetchone() is None:
-                break
-            time.sleep(0.05)
-    conn.close()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+            def gone() -> bool:
+                cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+                return cursor.fetchone() is None
+
+            wait_until(gone, 5, "the terminated backend gone")
+    finally:
+        conn.close()
     # The pool hands out a new connection (a new server session, with nothing prepared).
     assert run_sql(db, "SELECT %s::int", (2,)).fetchone() == (2,)
     assert _backend_pid(db) != pid

@@ -553,8 +553,8 @@ class RewardService:
         if not self._eligible(user):
             return skip("referee_not_eligible", state)
         # The parties: whether either is blocked, and where the referrer's email goes. Read with the
-        # user already, unless the referral names another referrer than the user row does now.
-        if referrer is not None and referral.referrer_id == user.referrer_id == referrer.id:
+        # user already (`referrer` is the user row's referrer), unless the referral names another.
+        if referrer is not None and referral.referrer_id == referrer.id:
             parties = {user.id: user, referrer.id: referrer}
         else:
             parties = {
