@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -13,10 +14,11 @@ import pytest
 from support import FakeClock
 from support.api import Api, bearer, expect_error, in_days
 
+from referral_grpc.domain.events import CODE_CREATED
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.server import BLOCKING_NICENESS
-from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from referral_grpc.store.models import Event, PasswordResetToken, ReferralCode, RefreshToken, User
 
 PARALLEL = 20
 pytestmark = [pytest.mark.databases("postgres"), pytest.mark.api_settings(grpc_max_workers=PARALLEL)]
@@ -44,6 +46,11 @@ def test_parallel_creates_leave_exactly_one_active_code(api: Api, clock: FakeClo
     active = list(ReferralCode.select().where(ReferralCode.is_active == True))  # noqa: E712
     assert len(active) == 1
     assert ReferralCode.select().count() == PARALLEL
+    assert all(c.deactivated_at is not None for c in ReferralCode.select() if not c.is_active)
+    # Each create, whichever way it went (one statement, or a transaction when it met another's
+    # lock), appended its event once, naming its own code.
+    issued = [json.loads(e.payload)["code"] for e in Event.select().where(Event.type == CODE_CREATED)]
+    assert sorted(issued) == sorted(c.code for c in ReferralCode.select())
     lookup = api.referrals.GetReferralCodeByEmail(
         ref_pb.GetReferralCodeByEmailRequest(email="racer@example.com")
     )

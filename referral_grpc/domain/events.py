@@ -106,30 +106,14 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
     """
     if not events:
         return
-    for event in events:
-        if event.type not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {event.type!r}")
-    rows = [
-        (
-            f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
-            event.type,
-            json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
-        )
-        for event in events
-    ]
     if is_postgres(db):
-        event_ids, types, payloads = (list(column) for column in zip(*rows, strict=True))
-        run_sql(
-            db,
-            _APPEND_SQL,
-            (EVENT_LOG_LOCK, now, event_ids, types, payloads, now, now, EVENTS_CHANNEL),
-        )
+        run_sql(db, _APPEND_SQL, (*append_values(events, now), EVENTS_CHANNEL))
         return
     # SQLite serialises writers already (BEGIN IMMEDIATE) and has no notifications.
     # The webhook outbox: a delivery row per subscribed endpoint, in this same transaction, so an
     # event is either committed with every delivery it owes or not at all.
     endpoints = [(e.id, set(e.event_types.split())) for e in WebhookEndpoint.select()]
-    for event_id, type_, payload in rows:
+    for event_id, type_, payload in _rows(events):
         row = Event.create(event_id=event_id, type=type_, occurred_at=now, payload=payload)
         owed = [
             {"endpoint": endpoint, "event": row.id, "next_attempt_at": now, "created_at": now}
@@ -140,11 +124,39 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
             WebhookDelivery.insert_many(owed).execute()
 
 
-# One statement: the lock (store.database.EVENT_LOG_LOCK) before any id is drawn, the events in
-# the order given (ids are drawn in that order), a delivery per subscribed endpoint (an endpoint's
-# types are space-separated, empty for all), and the notification of the last cursor, sent at commit.
-_APPEND_SQL = """
-WITH log_lock AS (SELECT pg_advisory_xact_lock(%s)),
+def _rows(events: Sequence[NewEvent]) -> list[tuple[str, str, str]]:
+    """(event_id, type, payload JSON) of each event, in order; an unknown type is a bug of ours."""
+    for event in events:
+        if event.type not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {event.type!r}")
+    return [
+        (
+            f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
+            event.type,
+            json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
+        )
+        for event in events
+    ]
+
+
+def append_values(events: Sequence[NewEvent], now: datetime) -> tuple[object, ...]:
+    """The values of `appending_ctes`' placeholders, in order, for `events` (at least one)."""
+    event_ids, types, payloads = (list(column) for column in zip(*_rows(events), strict=True))
+    return (EVENT_LOG_LOCK, now, event_ids, types, payloads, now, now)
+
+
+def appending_ctes(after: str = "") -> str:
+    """PostgreSQL: the CTEs that append events (the log's lock, the rows in the order given, a
+    delivery per subscribed endpoint, whose types are space-separated, empty for all), named
+    log_lock, appended and owed. A statement using them selects NOTIFY_APPENDED (the last cursor,
+    sent at commit) and binds `append_values` where the CTEs stand.
+
+    `after` names a CTE of the caller's statement that writes first: the lock is taken only once
+    that CTE has produced its rows, so after every row lock it took (the order append_events keeps
+    by running last), and nothing is appended when it produces none.
+    """
+    source = f" FROM {after}" if after else ""  # a CTE name of ours; every value is bound
+    return f"""log_lock AS (SELECT pg_advisory_xact_lock(%s){source}),
 appended AS (
     INSERT INTO events (event_id, type, occurred_at, payload)
     SELECT new.event_id, new.type, %s, new.payload
@@ -159,9 +171,13 @@ owed AS (
     FROM appended JOIN webhook_endpoints AS endpoint
         ON btrim(endpoint.event_types) = ''
         OR appended.type = ANY(regexp_split_to_array(btrim(endpoint.event_types), '\\s+'))
-)
-SELECT pg_notify(%s, max(id)::text) FROM appended
-"""
+)"""  # noqa: S608
+
+
+NOTIFY_APPENDED = "SELECT pg_notify(%s, max(id)::text) FROM appended"
+# One statement: the lock (store.database.EVENT_LOG_LOCK) before any id is drawn (ids are drawn in
+# the order given), the rows, their deliveries, and the notification.
+_APPEND_SQL = f"WITH {appending_ctes()}\n{NOTIFY_APPENDED}"
 
 
 def _violations(after_cursor: int, types: Sequence[str]) -> list[tuple[str, FieldViolation]]:

@@ -8,11 +8,28 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 
-from ..store.database import is_postgres, run_sql, stored_time, write_transaction
+from ..store.database import (
+    EVENTS_CHANNEL,
+    is_postgres,
+    lock_not_available,
+    run_sql,
+    single_statement_write,
+    stored_time,
+    write_transaction,
+)
 from ..store.models import Referral, ReferralCode, User
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
-from .events import CODE_CREATED, CODE_DELETED, NewEvent, append_events, timestamp
+from .events import (
+    CODE_CREATED,
+    CODE_DELETED,
+    NOTIFY_APPENDED,
+    NewEvent,
+    append_events,
+    append_values,
+    appending_ctes,
+    timestamp,
+)
 from .ports import CachedCode, Clock, CodeCache
 from .tokens import PageTokens
 from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
@@ -99,6 +116,22 @@ class _Statements:
                 f' INSERT INTO "{codes}" (user_id, code, created_at, expires_at, is_active)'
                 f" SELECT {p}, {p}, {p}, {p}, {p} WHERE (SELECT count(*) FROM old) >= 0"
             )
+        # PostgreSQL, and the whole of a CreateReferralCode in one statement (ReferralService.
+        # _create_at_once): each CTE runs when the next one reads it, so the user's row is locked
+        # first (NOWAIT: the statement fails at once if another change holds it), then the old code
+        # deactivated, the new one inserted, and only then the event log's lock taken and the event
+        # appended (events.appending_ctes). A gone user: no row, nothing done.
+        self.create_at_once: str | None = None
+        if is_postgres(db):
+            self.create_at_once = (
+                f'WITH owner AS (SELECT id, email_key FROM "{users}" WHERE id = {p} FOR UPDATE NOWAIT),'  # noqa: S608
+                f' old AS (UPDATE "{codes}" SET is_active = FALSE, deactivated_at = {p}'
+                " WHERE user_id = (SELECT id FROM owner) AND is_active RETURNING 1),"
+                f' created AS (INSERT INTO "{codes}" (user_id, code, created_at, expires_at, is_active)'
+                f" SELECT owner.id, {p}, {p}, {p}, TRUE FROM owner WHERE (SELECT count(*) FROM old) >= 0"
+                f" RETURNING 1), {appending_ctes(after='created')}"
+                f" SELECT owner.email_key, ({NOTIFY_APPENDED}) FROM owner"
+            )
 
 
 class ReferralService:
@@ -132,28 +165,10 @@ class ReferralService:
                 "EXPIRY_TOO_FAR",
             )
         created = stored_time(now)
-        for _attempt in range(5):
-            code = generate_code()
-            try:
-                with write_transaction(self._db):
-                    email_key = self._lock_user(user_id)
-                    # Rotation: the old code goes in the same transaction the new one arrives in.
-                    deactivate = (False, created, user_id)
-                    insert = (user_id, code, created, stored_time(expires_at), True)
-                    if self._sql.rotate is not None:
-                        run_sql(self._db, self._sql.rotate, deactivate + insert)
-                    else:
-                        run_sql(self._db, self._sql.deactivate, deactivate)
-                        run_sql(self._db, self._sql.insert_code, insert)
-                    issued = {"user_id": user_id, "code": code, "expires_at": timestamp(expires_at)}
-                    append_events(self._db, [NewEvent(CODE_CREATED, issued)], now)
-                break
-            except pw.IntegrityError:
-                # A code collision (1 in ~1e14) or a concurrent create that slipped past the
-                # lock on SQLite: the partial unique index refused it, so try again.
-                continue
-        else:
-            raise RuntimeError("could not create a referral code after 5 attempts")
+        code = generate_code()
+        email_key = self._create_at_once(user_id, code, created, expires_at, now)
+        if email_key is None:
+            code, email_key = self._create_in_transaction(user_id, created, expires_at, now)
         self._cache.invalidate(email_key)
         return CodeView(code=code, expires_at=expires_at.astimezone(UTC), created_at=now.astimezone(UTC))
 
@@ -233,12 +248,71 @@ class ReferralService:
             next_token = self._pages.encode(user_id, last.registered_at, last.user_id)
         return ReferralPage(referrals=rows, next_page_token=next_token)
 
+    def _create_at_once(
+        self, user_id: int, code: str, created: datetime, expires_at: datetime, now: datetime
+    ) -> str | None:
+        """PostgreSQL: the whole rotation (lock, rotate, event) as one statement, its own transaction.
+
+        The user's email key when it is done; None when it must be done in a transaction instead:
+        a deadline tighter than the statement cap, the user's row locked by another change (the
+        statement does not wait for it: a call whose client went away meanwhile must not commit,
+        which write_transaction checks before its COMMIT), or the new code refused by a unique
+        index (a collision: 1 in ~1e14).
+        """
+        if self._sql.create_at_once is None or not single_statement_write(self._db):
+            return None
+        event = _code_created(user_id, code, expires_at)
+        values = (user_id, created, code, created, stored_time(expires_at))
+        try:
+            row = run_sql(
+                self._db, self._sql.create_at_once, (*values, *append_values([event], now), EVENTS_CHANNEL)
+            ).fetchone()
+        except pw.IntegrityError:
+            return None
+        except pw.OperationalError as failed:
+            if lock_not_available(failed):
+                return None
+            raise
+        if row is None:
+            raise NotFound("USER_NOT_FOUND", "the account no longer exists")
+        return str(row[0])
+
+    def _create_in_transaction(
+        self, user_id: int, created: datetime, expires_at: datetime, now: datetime
+    ) -> tuple[str, str]:
+        """The rotation as a transaction of statements (SQLite; on PostgreSQL when _create_at_once
+        cannot): (the new code, the user's email key)."""
+        for _attempt in range(5):
+            code = generate_code()
+            try:
+                with write_transaction(self._db):
+                    email_key = self._lock_user(user_id)
+                    # Rotation: the old code goes in the same transaction the new one arrives in.
+                    deactivate = (False, created, user_id)
+                    insert = (user_id, code, created, stored_time(expires_at), True)
+                    if self._sql.rotate is not None:
+                        run_sql(self._db, self._sql.rotate, deactivate + insert)
+                    else:
+                        run_sql(self._db, self._sql.deactivate, deactivate)
+                        run_sql(self._db, self._sql.insert_code, insert)
+                    append_events(self._db, [_code_created(user_id, code, expires_at)], now)
+                return code, email_key
+            except pw.IntegrityError:
+                # A code collision (1 in ~1e14) or a concurrent create that slipped past the
+                # lock on SQLite: the partial unique index refused it, so try again.
+                continue
+        raise RuntimeError("could not create a referral code after 5 attempts")
+
     def _lock_user(self, user_id: int) -> str:
         """Serialise code changes per user; the user's email key (for the cache), NotFound if gone."""
         row = run_sql(self._db, self._sql.lock_user, (user_id,)).fetchone()
         if row is None:
             raise NotFound("USER_NOT_FOUND", "the account no longer exists")
         return str(row[0])
+
+
+def _code_created(user_id: int, code: str, expires_at: datetime) -> NewEvent:
+    return NewEvent(CODE_CREATED, {"user_id": user_id, "code": code, "expires_at": timestamp(expires_at)})
 
 
 def _instant(value: Any) -> datetime:

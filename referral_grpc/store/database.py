@@ -142,7 +142,7 @@ class _DeadlineTransaction:
     def __enter__(self) -> Any:
         check_alive()
         transaction = self._atomic.__enter__()
-        timeout_ms = self._statement_timeout_ms()
+        timeout_ms = _deadline_timeout_ms(self._db)
         if timeout_ms is not None:
             try:
                 self._db.execute_sql(f"SET LOCAL statement_timeout = {timeout_ms}")  # type: ignore[no-untyped-call]
@@ -150,18 +150,6 @@ class _DeadlineTransaction:
                 self._atomic.__exit__(type(exc), exc, exc.__traceback__)
                 raise
         return transaction
-
-    def _statement_timeout_ms(self) -> int | None:
-        """The time left when it is under the connection's cap: a caller's deadline never lifts the cap."""
-        remaining = time_remaining()
-        if remaining is None or not is_postgres(self._db):
-            return None
-        # 0 would mean "no limit": a deadline that is about to pass gets 1 ms.
-        timeout_ms = max(1, math.ceil(remaining * 1000))
-        cap_ms = self._db.statement_timeout_ms if isinstance(self._db, PostgresPool) else 0
-        if cap_ms and timeout_ms >= cap_ms:
-            return None
-        return timeout_ms
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -186,6 +174,40 @@ class _DeadlineTransaction:
             if _cancelled_by_deadline(failed):
                 raise DeadlineExceeded() from failed
             raise
+
+
+def _deadline_timeout_ms(db: pw.Database) -> int | None:
+    """The statement timeout the request's deadline needs: the time left when it is under the
+    connection's cap (a caller's deadline never lifts the cap); None when the cap is enough."""
+    remaining = time_remaining()
+    if remaining is None or not is_postgres(db):
+        return None
+    # 0 would mean "no limit": a deadline that is about to pass gets 1 ms.
+    timeout_ms = max(1, math.ceil(remaining * 1000))
+    cap_ms = db.statement_timeout_ms if isinstance(db, PostgresPool) else 0
+    if cap_ms and timeout_ms >= cap_ms:
+        return None
+    return timeout_ms
+
+
+def single_statement_write(db: pw.Database) -> bool:
+    """Whether a write that is one statement may run as a transaction of its own (autocommit)
+    instead of inside write_transaction: one round trip instead of BEGIN, the statement and COMMIT.
+
+    PostgreSQL only (SQLite's writers take the write lock up front), outside a transaction, and
+    only while the connection's statement cap ends the statement before the request's deadline
+    would pass; a tighter deadline needs write_transaction's SET LOCAL. Raises DeadlineExceeded
+    or RequestAbandoned, as write_transaction does, when the caller has stopped waiting.
+    """
+    if not is_postgres(db) or db.in_transaction():
+        return False
+    check_alive()
+    return _deadline_timeout_ms(db) is None
+
+
+def lock_not_available(exc: pw.OperationalError) -> bool:
+    """Whether PostgreSQL refused a NOWAIT lock that another transaction holds (lock_not_available)."""
+    return getattr(getattr(exc, "orig", None), "pgcode", None) == "55P03"
 
 
 def write_transaction(db: pw.Database) -> Any:
