@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import peewee as pw
@@ -20,7 +21,7 @@ from support.envoy import Envoy, migrate, running_envoy, running_server, server_
 from referral_grpc.devstack.locations import Address
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.request_context import DeadlineExceeded, request_deadline
-from referral_grpc.store.database import init_database, write_transaction
+from referral_grpc.store.database import init_database, single_statement_write, write_transaction
 from referral_grpc.store.migrate import run_migrations
 from referral_grpc.store.models import ReferralCode
 
@@ -169,3 +170,26 @@ def test_a_client_deadline_never_lifts_the_statement_cap(pg_url: str) -> None:
         assert time.monotonic() - started < 1
     finally:
         db.close()
+
+
+def test_a_write_runs_as_one_statement_only_where_the_cap_bounds_it(pg_url: str, tmp_path: Path) -> None:
+    """A one-statement write skips BEGIN/COMMIT only when nothing else needs the transaction: the
+    statement cap ends it before the caller's deadline, and no transaction is open already."""
+    db = init_database(make_settings(database_url=pg_url, db_statement_timeout_ms=2000))
+    try:
+        assert single_statement_write(db)  # no deadline: the cap bounds it
+        with request_deadline(30):
+            assert single_statement_write(db)  # the cap ends it first
+        with request_deadline(1):
+            assert not single_statement_write(db)  # needs SET LOCAL: a transaction
+        with write_transaction(db):
+            assert not single_statement_write(db)
+        with request_deadline(-1), pytest.raises(DeadlineExceeded):
+            single_statement_write(db)
+    finally:
+        db.close()
+    sqlite = init_database(make_settings(database_url=f"sqlite:///{tmp_path / 'one.db'}"))
+    try:
+        assert not single_statement_write(sqlite)  # writers take the write lock up front there
+    finally:
+        sqlite.close()
