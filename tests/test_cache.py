@@ -32,7 +32,7 @@ from referral_grpc.infra.cache import (
     make_code_cache,
 )
 from referral_grpc.infra.near_cache import NearCache
-from referral_grpc.infra.redis_client import fail_fast_redis
+from referral_grpc.infra.redis_client import fail_fast_redis, run_command
 from referral_grpc.settings import Settings
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -602,6 +602,26 @@ def test_closed_port_fails_fast_then_breaker_skips_redis(key_prefix: str, clock:
     assert statistics.median(seconds for _, seconds in open_reads) < 0.001
     assert max(seconds for _, seconds in open_reads) < 0.05
     assert counts(cache) == {"hits": 0, "misses": 203, "errors": 3, "bypassed": 202}
+
+
+def test_a_command_cut_off_by_the_timeout_never_leaves_its_reply_for_the_next(
+    key_prefix: str, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """run_command (the lookup's MGET) drops a connection whose reply is still due; an error reply
+    keeps it. Else the next call on that connection would read the late reply as its own."""
+    client = fail_fast_redis(make_settings(redis_url=redis_url, redis_socket_timeout=0.1))
+    try:
+        redis_client.set(f"{key_prefix}k", "value")
+        with pytest.raises(redis.TimeoutError):
+            run_command(client, "BLPOP", f"{key_prefix}empty", "0.3")  # answers nil after 0.3 s
+        time.sleep(0.4)  # the late nil has arrived by now, on the connection that asked
+        assert run_command(client, "GET", f"{key_prefix}k") == "value"
+        with pytest.raises(redis.ResponseError):
+            run_command(client, "INCR", f"{key_prefix}k")  # not an integer
+        assert run_command(client, "MGET", f"{key_prefix}k", f"{key_prefix}none") == ["value", None]
+        assert len(client.connection_pool._available_connections) == 1  # the one after the timeout, kept
+    finally:
+        client.close()
 
 
 def test_unresponsive_redis_fails_within_the_socket_timeout_then_breaker_stops_connecting(

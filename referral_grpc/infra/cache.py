@@ -17,7 +17,7 @@ from referral_grpc.domain.ports import CachedCode, CacheRead, CodeCache
 from referral_grpc.infra.batches import DelayedDrain
 from referral_grpc.infra.breaker import CircuitBreaker
 from referral_grpc.infra.near_cache import NearCache
-from referral_grpc.infra.redis_client import fail_fast_redis
+from referral_grpc.infra.redis_client import fail_fast_redis, run_command
 from referral_grpc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,9 @@ class RedisCodeCache:
             return _UNAVAILABLE
         try:
             # One MGET reads the entry and the generation atomically.
-            raw, generation = self._client.mget([self.code_key(email_key), self.generation_key(email_key)])
+            raw, generation = run_command(
+                self._client, "MGET", self.code_key(email_key), self.generation_key(email_key)
+            )
         except Exception as exc:
             self._failed("get", exc)
             self._counters.bump("misses")

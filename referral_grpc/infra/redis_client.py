@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -20,3 +22,20 @@ def fail_fast_redis(settings: Settings) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
     )
+
+
+def run_command(client: redis.Redis, *args: str) -> Any:
+    """One command on one of `client`'s pooled connections, its reply as the client would decode it.
+
+    Without redis-py's per-call layers (observability hooks, retry bookkeeping, argument filtering):
+    ~40 us of CPU less per call, measured on the lookup's MGET. Fails as the client does with retries
+    off: the connection drops itself when its exchange breaks off (refused, cut, timed out), so no
+    later call reads a reply that came late; an error reply leaves it as it was.
+    """
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_command(*args)  # type: ignore[no-untyped-call]
+        return connection.read_response()
+    finally:
+        pool.release(connection)
