@@ -165,10 +165,8 @@ class ReferralService:
                 "EXPIRY_TOO_FAR",
             )
         created = stored_time(now)
-        code = generate_code()
-        email_key = self._create_at_once(user_id, code, created, expires_at, now)
-        if email_key is None:
-            code, email_key = self._create_in_transaction(user_id, created, expires_at, now)
+        done = self._create_at_once(user_id, created, expires_at, now)
+        code, email_key = done or self._create_in_transaction(user_id, created, expires_at, now)
         self._cache.invalidate(email_key)
         return CodeView(code=code, expires_at=expires_at.astimezone(UTC), created_at=now.astimezone(UTC))
 
@@ -249,18 +247,20 @@ class ReferralService:
         return ReferralPage(referrals=rows, next_page_token=next_token)
 
     def _create_at_once(
-        self, user_id: int, code: str, created: datetime, expires_at: datetime, now: datetime
-    ) -> str | None:
+        self, user_id: int, created: datetime, expires_at: datetime, now: datetime
+    ) -> tuple[str, str] | None:
         """PostgreSQL: the whole rotation (lock, rotate, event) as one statement, its own transaction.
 
-        The user's email key when it is done; None when it must be done in a transaction instead:
-        a deadline tighter than the statement cap, the user's row locked by another change (the
-        statement does not wait for it: a call whose client went away meanwhile must not commit,
-        which write_transaction checks before its COMMIT), or the new code refused by a unique
-        index (a collision: 1 in ~1e14).
+        (The new code, the user's email key) when it is done; None when it must be done in a
+        transaction instead: a deadline tighter than the statement cap, the user's row locked by
+        another change (the statement does not wait for it: a call whose client went away meanwhile
+        must not commit, which write_transaction checks before its COMMIT), or the new code refused
+        by a unique index (a collision, 1 in ~1e14, or a concurrent create that committed after this
+        statement's snapshot, whose code that snapshot still sees as not there).
         """
         if self._sql.create_at_once is None or not single_statement_write(self._db):
             return None
+        code = generate_code()
         event = _code_created(user_id, code, expires_at)
         values = (user_id, created, code, created, stored_time(expires_at))
         try:
@@ -275,7 +275,7 @@ class ReferralService:
             raise
         if row is None:
             raise NotFound("USER_NOT_FOUND", "the account no longer exists")
-        return str(row[0])
+        return code, str(row[0])
 
     def _create_in_transaction(
         self, user_id: int, created: datetime, expires_at: datetime, now: datetime
