@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from referral_grpc.gen import event_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.store.database import init_database, write_transaction
 from referral_grpc.store.migrate import run_migrations
-from referral_grpc.store.models import Event
+from referral_grpc.store.models import Event, LedgerEntry, RewardEvent
 
 
 @pytest.fixture
@@ -124,6 +126,52 @@ def test_the_rewards_walk_writes_each_change_once_in_order(rw: RewardsApi, clock
     stored = " ".join(row.payload for row in Event.select())
     for secret in (token, newcomer_token, "correct horse battery", "password_hash"):
         assert secret not in stored
+
+
+def test_a_qualifying_event_logs_its_ledger_entries_as_stored(rw: RewardsApi) -> None:
+    """The referral.qualified and reward.credited rows hold exactly what the ledger holds (on PostgreSQL
+    the entry ids are filled in by the statement that inserts the entries), in the order credited."""
+    program = rw.set_program()
+    referrer, newcomer = rw.pair()
+    purchase = rw.event(newcomer, amount_minor=12_345)
+    event = RewardEvent.get(RewardEvent.event_id == purchase.event_id)
+    entries = list(LedgerEntry.select().where(LedgerEntry.event == event.id).order_by(LedgerEntry.id))
+    assert [(e.user_id, e.kind) for e in entries] == [
+        (referrer, "referrer_reward"),
+        (newcomer, "referee_reward"),
+    ]
+    logged = list(
+        Event.select().where(Event.type.in_(["referral.qualified", "reward.credited"])).order_by(Event.id)
+    )
+    assert [row.type for row in logged] == ["referral.qualified", "reward.credited", "reward.credited"]
+
+    def stored(payload: dict[str, Any]) -> str:
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+    qualified = {
+        "referee_user_id": newcomer,
+        "referrer_user_id": referrer,
+        "qualifying_event_id": purchase.event_id,
+        "program_version": program.version,
+    }
+    credited = [
+        {
+            "user_id": e.user_id,
+            "ledger_entry_id": e.id,
+            "kind": e.kind,
+            "amount_minor": e.amount_minor,
+            "currency": e.currency,
+            "referee_user_id": e.referral_user_id,
+            "available_at": e.available_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        for e in entries
+    ]
+    assert [row.payload for row in logged] == [stored(qualified), *map(stored, credited)]
+    # What the call answered is what was stored.
+    assert [(r.id, r.amount_minor) for r in purchase.rewards] == [(e.id, e.amount_minor) for e in entries]
+    assert RewardEvent.get_by_id(event.id).outcome == json.dumps(
+        {"referral_state": "qualified", "skipped": []}
+    )
 
 
 def test_a_change_that_fails_appends_nothing(rw: RewardsApi) -> None:

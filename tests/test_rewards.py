@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -17,7 +18,7 @@ from referral_grpc.domain.programs import Reward
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.gen import reward_service_pb2 as rw_pb
-from referral_grpc.store.models import ApiKey, EmailOutbox, LedgerEntry, RewardEvent, User
+from referral_grpc.store.models import ApiKey, EmailOutbox, LedgerEntry, Referral, RewardEvent, User
 
 Skip = rw_pb.SkippedReward
 
@@ -449,6 +450,41 @@ def test_api_keys_are_stored_hashed_and_revocable(rw: RewardsApi) -> None:
 def test_the_ledger_refuses_updates_and_deletes_on_postgres(pg_url: str, clock: FakeClock) -> None:
     with running_rewards(pg_url, clock) as rw:
         _ledger_refuses_changes(rw)
+
+
+def test_a_first_qualifying_event_is_one_statement_on_postgres(pg_url: str, clock: FakeClock) -> None:
+    """Recorded, judged, credited and logged by one statement (not six); a newcomer the referral's row
+    does not let qualify there (held for review) goes on step by step in the same transaction."""
+    with running_rewards(pg_url, clock, db_prepare_statements=False) as rw:
+        rw.set_program()
+        _, newcomer = rw.pair()
+        _, held = rw.pair()
+        Referral.update(fraud_decision="review").where(Referral.referee == held).execute()
+        db = rw.api.app.db
+        statements: list[str] = []
+        db.query_hooks.append(lambda query: statements.append(query.sql))
+        try:
+            paid = rw.event(newcomer)
+            in_review = rw.event(held)
+        finally:
+            db.query_hooks.clear()
+    assert len(paid.rewards) == 2 and not in_review.rewards
+    assert skipped(in_review) == both("REFERRAL_IN_REVIEW")
+    touching = [
+        sql
+        for sql in statements
+        if any(f'"{table}"' in sql for table in ("reward_events", "referrals", "ledger_entries"))
+    ]
+    writes = [sql for sql in touching if re.match(r"\s*(WITH|INSERT|UPDATE)", sql)]
+    tables = ('INSERT INTO "reward_events"', 'INSERT INTO "referrals"', 'INSERT INTO "ledger_entries"')
+    # The paid event: one statement writes the event, the referral, both rewards and the log.
+    assert all(part in writes[0] for part in (*tables, "INSERT INTO events"))
+    # The held one: the same statement records the event and stops at the referral's row; then the
+    # referral is read and the event marked as its qualifying one, and the outcome kept.
+    assert all(part in writes[1] for part in tables)
+    assert [re.match(r"\s*\w+", sql).group().strip() for sql in writes[2:]] == ["WITH", "UPDATE", "UPDATE"]
+    assert RewardEvent.get(RewardEvent.event_id == in_review.event_id).user_id == held
+    assert Referral.get_by_id(held).qualifying_event_id is not None
 
 
 def _ledger_refuses_changes(rw: RewardsApi) -> None:

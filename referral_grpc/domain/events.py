@@ -113,7 +113,7 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
     # The webhook outbox: a delivery row per subscribed endpoint, in this same transaction, so an
     # event is either committed with every delivery it owes or not at all.
     endpoints = [(e.id, set(e.event_types.split())) for e in WebhookEndpoint.select()]
-    for event_id, type_, payload in _rows(events):
+    for event_id, type_, payload in event_rows(events):
         row = Event.create(event_id=event_id, type=type_, occurred_at=now, payload=payload)
         owed = [
             {"endpoint": endpoint, "event": row.id, "next_attempt_at": now, "created_at": now}
@@ -124,28 +124,43 @@ def append_events(db: pw.Database, events: Sequence[NewEvent], now: datetime) ->
             WebhookDelivery.insert_many(owed).execute()
 
 
-def _rows(events: Sequence[NewEvent]) -> list[tuple[str, str, str]]:
+def event_rows(events: Sequence[NewEvent]) -> list[tuple[str, str, str]]:
     """(event_id, type, payload JSON) of each event, in order; an unknown type is a bug of ours."""
     for event in events:
         if event.type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {event.type!r}")
-    return [
-        (
-            f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
-            event.type,
-            json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
-        )
-        for event in events
-    ]
+    return [(_new_event_id(), event.type, _payload_text(event.payload)) for event in events]
+
+
+def _new_event_id() -> str:
+    return f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}"
+
+
+def _payload_text(payload: Mapping[str, Any]) -> str:
+    return json.dumps(dict(payload), sort_keys=True, separators=(",", ":"))
+
+
+# Stands for the value a statement fills in (see event_template); json.dumps writes it as "\u0000",
+# which no other value of a payload can contain (PostgreSQL text holds no NUL).
+_SLOT = "\x00"
+
+
+def event_template(event: NewEvent, slot: str) -> tuple[str, str, str, str]:
+    """(event_id, type, payload before, payload after) of an event whose payload field `slot` is a
+    number only the appending statement knows (the id of a row it inserts): the statement appends
+    `before || value || after`, the same text event_rows would give for that value."""
+    ((event_id, type_, text),) = event_rows([NewEvent(event.type, {**event.payload, slot: _SLOT})])
+    before, after = text.split(json.dumps(_SLOT))
+    return event_id, type_, before, after
 
 
 def append_values(events: Sequence[NewEvent], now: datetime) -> tuple[object, ...]:
     """The values of `appending_ctes`' placeholders, in order, for `events` (at least one)."""
-    event_ids, types, payloads = (list(column) for column in zip(*_rows(events), strict=True))
+    event_ids, types, payloads = (list(column) for column in zip(*event_rows(events), strict=True))
     return (EVENT_LOG_LOCK, now, event_ids, types, payloads, now, now)
 
 
-def appending_ctes(after: str = "") -> str:
+def appending_ctes(after: str = "", source: str = "") -> str:
     """PostgreSQL: the CTEs that append events (the log's lock, the rows in the order given, a
     delivery per subscribed endpoint, whose types are space-separated, empty for all), named
     log_lock, appended and owed. A statement using them selects NOTIFY_APPENDED (the last cursor,
@@ -154,14 +169,20 @@ def appending_ctes(after: str = "") -> str:
     `after` names a CTE of the caller's statement that writes first: the lock is taken only once
     that CTE has produced its rows, so after every row lock it took (the order append_events keeps
     by running last), and nothing is appended when it produces none.
+
+    `source` names a CTE of the caller's that gives the events instead of bound arrays: columns
+    event_id, type, payload (as event_rows makes them) and position (their order); then
+    `source_append_values` is what is bound.
     """
-    source = f" FROM {after}" if after else ""  # a CTE name of ours; every value is bound
-    return f"""log_lock AS (SELECT pg_advisory_xact_lock(%s){source}),
+    # CTE names of ours; every value is bound.
+    lock_source = f" FROM {after}" if after else ""
+    bound = "unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY"
+    rows = f"{source} AS new" if source else f"{bound} AS new(event_id, type, payload, position)"
+    return f"""log_lock AS (SELECT pg_advisory_xact_lock(%s){lock_source}),
 appended AS (
     INSERT INTO events (event_id, type, occurred_at, payload)
     SELECT new.event_id, new.type, %s, new.payload
-    FROM log_lock, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY
-        AS new(event_id, type, payload, position)
+    FROM log_lock, {rows}
     ORDER BY new.position
     RETURNING id, type
 ),
@@ -172,6 +193,11 @@ owed AS (
         ON btrim(endpoint.event_types) = ''
         OR appended.type = ANY(regexp_split_to_array(btrim(endpoint.event_types), '\\s+'))
 )"""  # noqa: S608
+
+
+def source_append_values(now: datetime) -> tuple[object, ...]:
+    """The values of `appending_ctes(source=...)`' placeholders, in order."""
+    return (EVENT_LOG_LOCK, now, now, now)
 
 
 NOTIFY_APPENDED = "SELECT pg_notify(%s, max(id)::text) FROM appended"

@@ -19,6 +19,7 @@ from typing import Any
 import peewee as pw
 
 from ..store.database import (
+    EVENTS_CHANNEL,
     Prepared,
     instance,
     is_postgres,
@@ -57,6 +58,10 @@ from .events import (
     REWARD_REVERSED,
     NewEvent,
     append_events,
+    appending_ctes,
+    event_rows,
+    event_template,
+    source_append_values,
     timestamp,
 )
 from .ports import Clock, EmailDispatcher, Outbox
@@ -304,13 +309,12 @@ class _Writes:
         # ON CONFLICT DO NOTHING: on PostgreSQL a concurrent insert of the same event_id waits for the
         # other transaction and then inserts nothing (no error, so no savepoint is needed), and the
         # rest of ours can still read the winner's row.
-        self.insert_event = Prepared.statement(
-            db,
-            RewardEvent,
+        insert_event = (
             f'INSERT INTO "{events}" (event_id, content_hash, user_id, type, amount_minor, currency,'  # noqa: S608
             f" occurred_at, refunds_event_id, outcome, recorded_at) VALUES ({_values(db, 10)})"
-            f" ON CONFLICT DO NOTHING RETURNING {whole_row(RewardEvent)}",
+            f" ON CONFLICT DO NOTHING RETURNING {whole_row(RewardEvent)}"
         )
+        self.insert_event = Prepared.statement(db, RewardEvent, insert_event)
         self.record_outcome = f'UPDATE "{events}" SET outcome = {p} WHERE id = {p}'  # noqa: S608
         self.open_referral = (
             f'INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded, fraud_partial,'  # noqa: S608
@@ -350,6 +354,44 @@ class _Writes:
             if is_postgres(db)
             else None
         )
+        # PostgreSQL: a first event that qualifies its newcomer, as one statement (see
+        # RewardService._qualify_at_once). Each CTE runs when the next one reads it: the event is
+        # inserted (nothing when its event_id is taken), then the referral opened already qualified
+        # or moved pending -> qualified (its row locked; nothing when it is not pending, names
+        # another referrer, or waits for review), then the rewards credited, and only then the event
+        # log's lock taken and the events appended, the reward.credited payloads completed with the
+        # ids of the entries just inserted.
+        self.qualify_at_once = (
+            f"WITH ev AS ({insert_event}),"  # noqa: S608
+            f' judged AS (INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded,'
+            f" fraud_partial, created_at, qualified_at, program_id, qualifying_event_id)"
+            f" SELECT {_values(db, 8)}, ev.id FROM ev"
+            f" ON CONFLICT (referee_id) DO UPDATE SET state = EXCLUDED.state, qualified_at ="
+            f" EXCLUDED.qualified_at, program_id = EXCLUDED.program_id, qualifying_event_id ="
+            f' EXCLUDED.qualifying_event_id, rewarded = EXCLUDED.rewarded WHERE "{referrals}".state = {p}'
+            f' AND "{referrals}".referrer_id = EXCLUDED.referrer_id AND ("{referrals}".fraud_decision'
+            f' IS DISTINCT FROM {p} OR "{referrals}".review_outcome IS NOT NULL) RETURNING referee_id),'
+            f' credited AS (INSERT INTO "{ledger}" (user_id, kind, amount_minor, currency,'
+            f" referral_user_id, event_id, available_at, created_at)"
+            f" SELECT reward.user_id, reward.kind, reward.amount_minor, {p}, {p}, ev.id, {p}, {p}"
+            f" FROM judged, ev, unnest({p}::bigint[], {p}::text[], {p}::bigint[]) WITH ORDINALITY"
+            f" AS reward(user_id, kind, amount_minor, position) ORDER BY reward.position"
+            f" RETURNING {whole_row(LedgerEntry)}),"
+            f" news AS (SELECT {p}::text AS event_id, {p}::text AS type, {p}::text AS payload,"
+            f" 0::bigint AS position FROM judged UNION ALL SELECT t.event_id, t.type,"
+            f" t.before || credited.id::text || t.after, credited.id FROM credited JOIN"
+            f" unnest({p}::text[], {p}::text[], {p}::text[], {p}::text[], {p}::text[])"
+            f" AS t(kind, event_id, type, before, after) ON t.kind = credited.kind),"
+            f" {appending_ctes(after='judged', source='news')}"
+            f" SELECT {whole_row(RewardEvent, 'ev')}, judged.referee_id,"
+            f" (SELECT pg_notify({p}, max(id)::text) FROM appended HAVING count(*) > 0),"
+            f" {whole_row(LedgerEntry, 'credited')}"
+            f" FROM ev LEFT JOIN judged ON TRUE LEFT JOIN credited ON TRUE ORDER BY credited.id"
+            if is_postgres(db)
+            else None
+        )
+        self.event_columns = row_reader(RewardEvent._meta.sorted_fields)
+        self.entry_columns = row_reader(LedgerEntry._meta.sorted_fields)
 
 
 class RewardService:
@@ -386,9 +428,19 @@ class RewardService:
         outbox_ids: list[int] = []
         events: list[NewEvent] = []
         with write_transaction(self._db):
-            row = self._insert_event(e, user, occurred_at, content_hash, now, refunded)
+            at_once = None
+            if refunded is None:
+                at_once = self._qualify_at_once(
+                    e, user, referrer, program, occurred_at, content_hash, now, outbox_ids
+                )
+            if at_once is not None:
+                row, done = at_once
+            else:
+                row, done = self._insert_event(e, user, occurred_at, content_hash, now, refunded), None
             if row is None:
                 first = self._reads.event_by_name.first(e.event_id)
+            elif done is not None:
+                result = done
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
@@ -497,6 +549,114 @@ class RewardService:
         )
         return row
 
+    def _qualify_at_once(
+        self,
+        e: EventInput,
+        user: User,
+        referrer: User | None,
+        program: ProgramRules | None,
+        occurred_at: datetime,
+        content_hash: str,
+        now: datetime,
+        outbox_ids: list[int],
+    ) -> tuple[RewardEvent | None, EventResult | None] | None:
+        """PostgreSQL: the common first event, one that qualifies its newcomer's referral, recorded,
+        judged and credited by one statement (inside the caller's transaction) instead of six.
+
+        None when the rows already read show it is not that case (no referrer or program, a
+        program with a cap, a blocked party, an event the program does not count): the transaction
+        goes step by step. Else what the statement did: (None, None) when the event_id is taken (a
+        retry got there first); (the event, None) when the event is recorded but the referral's row
+        did not let it qualify (not pending, another referrer, held for review): _judge goes on
+        from there, in the same transaction; (the event, its result) when it is done.
+        """
+        sql = self._writes.qualify_at_once
+        if sql is None or referrer is None or program is None or program.max_rewarded_referrals:
+            return None
+        if user.referrer_id != referrer.id or user.blocked_at is not None or referrer.blocked_at is not None:
+            return None
+        if self._not_qualifying(e.type, e.currency, e.amount_minor, occurred_at, user, program):
+            return None
+        if not self._eligible(user):
+            return None
+        amounts = {
+            REFERRER: program.referrer.amount_for(e.amount_minor),
+            REFEREE: program.referee.amount_for(e.amount_minor),
+        }
+        owners = {REFERRER: referrer.id, REFEREE: user.id}
+        kinds = {REFERRER: REFERRER_REWARD, REFEREE: REFEREE_REWARD}
+        paid = [who for who in (REFERRER, REFEREE) if amounts[who]]
+        skipped = [Skipped(who, "no_reward_configured") for who in (REFERRER, REFEREE) if not amounts[who]]
+        available_at = now + timedelta(days=program.hold_days)
+        qualified = NewEvent(
+            REFERRAL_QUALIFIED,
+            {
+                "referee_user_id": user.id,
+                "referrer_user_id": referrer.id,
+                "qualifying_event_id": e.event_id,
+                "program_version": program.version,
+            },
+        )
+        # Each reward.credited payload but for the entry's id, which the statement fills in.
+        templates = [
+            event_template(
+                NewEvent(
+                    REWARD_CREDITED,
+                    {
+                        "user_id": owners[who],
+                        "kind": kinds[who],
+                        "amount_minor": amounts[who],
+                        "currency": e.currency,
+                        "referee_user_id": user.id,
+                        "available_at": timestamp(available_at),
+                    },
+                ),
+                "ledger_entry_id",
+            )
+            for who in paid
+        ]
+        at = stored_time(now)
+        values = (
+            *(e.event_id, content_hash, user.id, e.type, e.amount_minor, e.currency),
+            *(stored_time(occurred_at), None, _outcome(QUALIFIED, skipped), at),
+            *(user.id, referrer.id, QUALIFIED, bool(paid), False, at, at, program.version, PENDING, REVIEW),
+            *(e.currency, user.id, stored_time(available_at), at),
+            *([owners[who] for who in paid], [kinds[who] for who in paid], [amounts[who] for who in paid]),
+            *event_rows([qualified])[0],
+            [kinds[who] for who in paid],
+            *([template[i] for template in templates] for i in range(4)),
+            *source_append_values(now),
+            EVENTS_CHANNEL,
+        )
+        rows = run_sql(self._db, sql, values).fetchall()
+        if not rows:
+            return None, None
+        width = len(self._writes.event_columns)
+        event: RewardEvent = instance(RewardEvent, self._writes.event_columns, rows[0][:width])
+        if rows[0][width] is None:
+            return event, None
+        entries = [row[width + 2 :] for row in rows if row[width + 2] is not None]
+        credited = [instance(LedgerEntry, self._writes.entry_columns, entry) for entry in entries]
+        # After the log's lock (append_events' rule is to take it last): a new outbox row waits on no
+        # other transaction, so this only holds the lock for one more round trip.
+        if amounts[REFERRER]:
+            outbox_ids.append(
+                self._outbox.queue_email(
+                    "reward_credited",
+                    referrer.email,
+                    {
+                        "amount": format_amount(amounts[REFERRER], e.currency),
+                        "referee_email_masked": mask_email(user.email),
+                        "available_on": available_at.date().isoformat(),
+                    },
+                    now,
+                )
+            )
+        names = {event.id: event.event_id}
+        return event, EventResult(
+            e.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
+        )
+
     def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
         if first.content_hash != content_hash:
             raise AlreadyExists(
@@ -545,7 +705,9 @@ class RewardService:
             return skip("referral_rejected", state)
         if state == REVERSED:
             return skip("referral_reversed", state)
-        not_qualifying = self._not_qualifying(event, user, program)
+        not_qualifying = self._not_qualifying(
+            event.type, event.currency, event.amount_minor, event.occurred_at, user, program
+        )
         if not_qualifying:
             return skip(not_qualifying, state)
         if state == QUALIFIED:
@@ -642,18 +804,26 @@ class RewardService:
         )
         return result if kept else self._finish(event, result)
 
-    def _not_qualifying(self, event: RewardEvent, user: User, program: ProgramRules) -> str:
-        if event.type not in program.event_types:
+    def _not_qualifying(
+        self,
+        type_: str,
+        currency: str,
+        amount_minor: int,
+        occurred_at: datetime,
+        user: User,
+        program: ProgramRules,
+    ) -> str:
+        if type_ not in program.event_types:
             return "event_type_not_qualifying"
-        if event.currency != program.currency:
+        if currency != program.currency:
             return "currency_not_qualifying"
-        if event.amount_minor < program.min_amount_minor:
+        if amount_minor < program.min_amount_minor:
             return "amount_below_minimum"
         registered = user.created_at
         # Stamped a little before registration (clock skew): counted as at registration.
-        if event.occurred_at < registered - CLOCK_SKEW:
+        if occurred_at < registered - CLOCK_SKEW:
             return "outside_attribution_window"
-        if max(event.occurred_at, registered) > registered + timedelta(days=program.attribution_days):
+        if max(occurred_at, registered) > registered + timedelta(days=program.attribution_days):
             return "outside_attribution_window"
         return ""
 
