@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import peewee as pw
 import pytest
 import requests
 from support import TEST_JWT_SECRET, FakeClock, make_settings
@@ -22,11 +23,19 @@ from support.envoy import migrate, running_envoy, running_server, server_env
 from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.api.events import payload_field
-from referral_grpc.domain.events import EVENT_TYPES, USER_REGISTERED, NewEvent, append_events
+from referral_grpc.domain.events import (
+    EVENT_TYPES,
+    USER_REGISTERED,
+    EventLog,
+    EventStream,
+    NewEvent,
+    append_events,
+)
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import event_service_pb2 as ev_pb
 from referral_grpc.gen import event_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.infra.event_signal import PostgresEventSignal
 from referral_grpc.store.database import init_database, write_transaction
 from referral_grpc.store.migrate import run_migrations
 from referral_grpc.store.models import Event, LedgerEntry, RewardEvent
@@ -354,6 +363,59 @@ def test_cursors_follow_commit_order_under_concurrent_writers(pg_url: str) -> No
     db.close()
     assert len(every) == writers * per_writer
     assert seen == every
+
+
+def test_a_stream_reading_up_to_the_listeners_cursor_misses_nothing(pg_url: str) -> None:
+    """The stream reads up to the cursor the LISTEN connection last heard of (no query for it); with
+    writers committing out of insert order it still gets every event once, in cursor order."""
+    settings = make_settings(database_url=pg_url)
+    db = init_database(settings)
+    run_migrations(db)
+    with write_transaction(db):
+        append_events(db, [NewEvent(USER_REGISTERED, {"user_id": i}) for i in range(5)], _now())
+    signal = PostgresEventSignal(settings)
+    assert signal.committed_cursor() is None  # not listening yet: a reader asks the log
+    signal.wait(0, 2.0)  # starts the listener
+    deadline = time.monotonic() + 10
+    while signal.committed_cursor() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Committed before the LISTEN: counted when it connected.
+    assert signal.committed_cursor() == Event.select(pw.fn.MAX(Event.id)).scalar()
+    writers, per_writer = 6, 10
+    total = 5 + writers * per_writer
+    received: list[int] = []
+    enough = threading.Event()
+
+    def watch() -> None:
+        stream = EventStream(EventLog(db), signal, db.close)
+        for view in stream.watch(0, [], lambda: not enough.is_set()):
+            received.append(view.cursor)
+            if len(received) == total:
+                enough.set()
+
+    def write(n: int) -> None:
+        rng = random.Random(n)
+        for i in range(per_writer):
+            with write_transaction(db):
+                append_events(db, [NewEvent(USER_REGISTERED, {"user_id": n * 1000 + i})], _now())
+                time.sleep(rng.uniform(0, 0.01))
+        db.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    enough.wait(20)
+    enough.set()
+    watcher.join(5)
+    every = [row.id for row in Event.select(Event.id).order_by(Event.id)]
+    assert signal.committed_cursor() == every[-1]
+    signal.close()
+    db.close()
+    assert received == every and len(every) == total
 
 
 def _now() -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..store.database import EVENT_LOG_LOCK, EVENTS_CHANNEL, is_postgres, run_sql
+from ..store.database import EVENT_LOG_LOCK, EVENTS_CHANNEL, Prepared, is_postgres, placeholder, run_sql
 from ..store.models import Event, WebhookDelivery, WebhookEndpoint
 from .errors import FieldViolation, InvalidArgument
 from .ports import EventSignal
@@ -234,6 +234,11 @@ class EventLog:
 
     def __init__(self, db: pw.Database) -> None:
         self._db = db
+        p = placeholder(db)
+        # The stream's read of every type (see Prepared): after a cursor, up to the high-water mark.
+        self._range = Prepared(
+            db, Event.select().where((Event.id > p) & (Event.id <= p)).order_by(Event.id).limit(p)
+        )
 
     def list_events(self, after_cursor: int, types: Sequence[str], page_size: int) -> EventPage:
         violations = _violations(after_cursor, types)
@@ -255,12 +260,16 @@ class EventLog:
         self, after_cursor: int, types: Sequence[str], limit: int, up_to: int | None = None
     ) -> list[EventView]:
         """Committed events after the cursor, in cursor order (which is commit order)."""
-        query = Event.select().where(Event.id > after_cursor)
-        if up_to is not None:
-            query = query.where(Event.id <= up_to)
-        if types:
-            query = query.where(Event.type.in_(sorted(set(types))))
-        rows = list(query.order_by(Event.id).limit(limit))
+        rows: list[Event]
+        if up_to is not None and not types:
+            rows = self._range.rows(after_cursor, up_to, limit)
+        else:
+            query = Event.select().where(Event.id > after_cursor)
+            if up_to is not None:
+                query = query.where(Event.id <= up_to)
+            if types:
+                query = query.where(Event.type.in_(sorted(set(types))))
+            rows = list(query.order_by(Event.id).limit(limit))
         return [
             EventView(row.id, row.event_id, row.type, row.occurred_at, json.loads(row.payload))
             for row in rows
@@ -298,7 +307,9 @@ class EventStream:
     def _follow(self, cursor: int, types: tuple[str, ...], alive: Callable[[], bool]) -> Iterator[EventView]:
         while alive():
             try:
-                high = self._log.last_cursor()
+                high = self._signal.committed_cursor()
+                if high is None:
+                    high = self._log.last_cursor()
                 batch = self._log.read(cursor, types, WATCH_BATCH, up_to=high) if high > cursor else []
             finally:
                 self._release()

@@ -157,4 +157,9 @@ class EventSignal(Protocol):
         """Return once an event after `after_cursor` may have committed, or after `timeout` seconds."""
         ...
 
+    def committed_cursor(self) -> int | None:
+        """A cursor up to which every event has committed, as of the last signal: what a reader
+        would otherwise ask the log for. None when the signal cannot tell (a reader asks the log)."""
+        ...
+
     def close(self) -> None: ...

@@ -11,6 +11,7 @@ import psycopg2  # type: ignore[import-untyped]  # no stubs in the dev dependenc
 
 from ..settings import Settings
 from ..store.database import EVENTS_CHANNEL
+from ..store.models import Event
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class PollingEventSignal:
 
     def wait(self, after_cursor: int, timeout: float) -> None:
         self._closed.wait(min(self._interval, timeout))
+
+    def committed_cursor(self) -> int | None:
+        return None
 
     def close(self) -> None:
         self._closed.set()
@@ -70,6 +74,13 @@ class PostgresEventSignal:
             if self._latest <= after_cursor:
                 self._changed.wait(timeout)
 
+    def committed_cursor(self) -> int | None:
+        """The highest cursor notified, while the listener is connected: NOTIFY is delivered at commit,
+        and cursor order is commit order (the log's lock), so every event up to it has committed.
+        Set on connecting to the log's last cursor, so events committed before the LISTEN count."""
+        with self._changed:
+            return self._latest if self._connected else None
+
     def close(self) -> None:
         self._stopping.set()
         if self._thread.is_alive():
@@ -99,6 +110,11 @@ class PostgresEventSignal:
             conn.autocommit = True
             with conn.cursor() as cursor:
                 cursor.execute(f"LISTEN {EVENTS_CHANNEL}")
+                # After the LISTEN: a later commit is notified, an earlier one is counted here.
+                cursor.execute(f'SELECT COALESCE(max(id), 0) FROM "{Event._meta.table_name}"')  # noqa: S608
+                committed = int(cursor.fetchone()[0])
+            with self._changed:
+                self._latest = max(self._latest, committed)
             self._set_connected(True)
             self._listening.set()
             while not self._stopping.is_set():
