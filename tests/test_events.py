@@ -329,14 +329,6 @@ def test_cursors_follow_commit_order_under_concurrent_writers(pg_url: str) -> No
     done = threading.Event()
     seen: list[int] = []
 
-    def write(n: int) -> None:
-        rng = random.Random(n)
-        for i in range(per_writer):
-            with write_transaction(db):
-                append_events(db, [NewEvent(USER_REGISTERED, {"user_id": n * 1000 + i})], _now())
-                time.sleep(rng.uniform(0, 0.01))
-        db.close()
-
     def read() -> None:
         cursor = 0
         while True:
@@ -350,7 +342,7 @@ def test_cursors_follow_commit_order_under_concurrent_writers(pg_url: str) -> No
                 return
             time.sleep(0.001)
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    threads = [threading.Thread(target=_write_slowly, args=(db, n, per_writer)) for n in range(writers)]
     poller = threading.Thread(target=read)
     poller.start()
     for thread in threads:
@@ -393,17 +385,9 @@ def test_a_stream_reading_up_to_the_listeners_cursor_misses_nothing(pg_url: str)
             if len(received) == total:
                 enough.set()
 
-    def write(n: int) -> None:
-        rng = random.Random(n)
-        for i in range(per_writer):
-            with write_transaction(db):
-                append_events(db, [NewEvent(USER_REGISTERED, {"user_id": n * 1000 + i})], _now())
-                time.sleep(rng.uniform(0, 0.01))
-        db.close()
-
     watcher = threading.Thread(target=watch)
     watcher.start()
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    threads = [threading.Thread(target=_write_slowly, args=(db, n, per_writer)) for n in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -416,6 +400,16 @@ def test_a_stream_reading_up_to_the_listeners_cursor_misses_nothing(pg_url: str)
     signal.close()
     db.close()
     assert received == every and len(every) == total
+
+
+def _write_slowly(db: pw.Database, writer: int, count: int) -> None:
+    """`count` transactions that each append an event and stay open a random moment (up to 10 ms)."""
+    rng = random.Random(writer)
+    for i in range(count):
+        with write_transaction(db):
+            append_events(db, [NewEvent(USER_REGISTERED, {"user_id": writer * 1000 + i})], _now())
+            time.sleep(rng.uniform(0, 0.01))
+    db.close()
 
 
 def _now() -> Any:
