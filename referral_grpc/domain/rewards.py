@@ -254,30 +254,41 @@ class _Reads:
 
     def __init__(self, db: pw.Database) -> None:
         p = placeholder(db)
-        self.event_by_name = Prepared(db, RewardEvent.select().where(RewardEvent.event_id == p))
         # The event's user, its referrer (what `parties` reads of it), the program in force and, when
-        # a retry, the event already recorded: one read for all four.
+        # a retry, the event already recorded and its ledger entries: one read for all five (a row
+        # per entry, the rest repeated).
         users, events = User._meta.table_name, RewardEvent._meta.table_name
-        programs = Program._meta.table_name
+        programs, ledger = Program._meta.table_name, LedgerEntry._meta.table_name
         party_fields = (User.id, User.email, User.blocked_at)
         both = (
             f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')},"  # noqa: S608
-            f" {', '.join(f'r.{f.column_name}' for f in party_fields)}, {whole_row(Program, 'pr')}"
+            f" {', '.join(f'r.{f.column_name}' for f in party_fields)}, {whole_row(Program, 'pr')},"
+            f" {whole_row(LedgerEntry, 'le')}"
             f' FROM "{users}" u LEFT JOIN "{events}" ev ON ev.event_id = {db.param}'
+            f' LEFT JOIN "{ledger}" le ON le.event_id = ev.id'
             f' LEFT JOIN "{users}" r ON r.id = u.referrer_id'
             f' LEFT JOIN "{programs}" pr ON pr.id = (SELECT max(id) FROM "{programs}") WHERE u.'
         )
-        self.user_and_event = {"user_id": f"{both}id = {db.param}", "email": f"{both}email_key = {db.param}"}
+        self.user_and_event = {
+            "user_id": f"{both}id = {db.param} ORDER BY le.id",
+            "email": f"{both}email_key = {db.param} ORDER BY le.id",
+        }
         self.user_and_event_parts = (
             (User, row_reader(User._meta.sorted_fields)),
             (RewardEvent, row_reader(RewardEvent._meta.sorted_fields)),
             (User, row_reader(party_fields)),
             (Program, row_reader(Program._meta.sorted_fields)),
         )
-        self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
-        self.entries_of_event = Prepared(
-            db, LedgerEntry.select().where(LedgerEntry.event == p).order_by(LedgerEntry.id)
+        self.entry_columns = row_reader(LedgerEntry._meta.sorted_fields)
+        self.entries_at = sum(len(reader) for _, reader in self.user_and_event_parts)
+        # An event by its name, with its ledger entries (a row per entry).
+        self.event_and_entries = (
+            f"SELECT {whole_row(RewardEvent, 'ev')}, {whole_row(LedgerEntry, 'le')}"  # noqa: S608
+            f' FROM "{events}" ev LEFT JOIN "{ledger}" le ON le.event_id = ev.id'
+            f" WHERE ev.event_id = {db.param} ORDER BY le.id"
         )
+        self.event_columns = row_reader(RewardEvent._meta.sorted_fields)
+        self.referral = Prepared(db, Referral.select().where(Referral.referee == p))
         # The referee, the referral's referrer and the user's referrer (the same one, normally).
         self.parties = Prepared(
             db, User.select(User.id, User.email, User.blocked_at).where(User.id.in_([p, p, p]))
@@ -390,8 +401,6 @@ class _Writes:
             if is_postgres(db)
             else None
         )
-        self.event_columns = row_reader(RewardEvent._meta.sorted_fields)
-        self.entry_columns = row_reader(LedgerEntry._meta.sorted_fields)
 
 
 class RewardService:
@@ -420,11 +429,11 @@ class RewardService:
         occurred_at = self._validate(e, now)
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
-        user, seen, referrer, program = self._user_and_seen(e)
+        user, seen, seen_entries, referrer, program = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
         if seen is not None:
-            return self._duplicate(seen, content_hash)
+            return self._duplicate(seen, seen_entries, content_hash)
         outbox_ids: list[int] = []
         events: list[NewEvent] = []
         with write_transaction(self._db):
@@ -438,7 +447,7 @@ class RewardService:
             else:
                 row, done = self._insert_event(e, user, occurred_at, content_hash, now, refunded), None
             if row is None:
-                first = self._reads.event_by_name.first(e.event_id)
+                first, first_entries = self._event_and_entries(e.event_id)
             elif done is not None:
                 result = done
             elif refunded is not None:
@@ -447,7 +456,7 @@ class RewardService:
                 result = self._judge(row, user, referrer, program, now, outbox_ids, events)
             append_events(self._db, events, now)
         if row is None:
-            return self._duplicate(first, content_hash)
+            return self._duplicate(first, first_entries, content_hash)
         self._dispatcher.dispatch(outbox_ids)
         return result
 
@@ -496,20 +505,32 @@ class RewardService:
 
     def _user_and_seen(
         self, e: EventInput
-    ) -> tuple[User, RewardEvent | None, User | None, ProgramRules | None]:
-        """The event's user, the event if its event_id was recorded already, the user's referrer
-        (id, email, blocked_at) if it has one, and the program in force if there is one."""
+    ) -> tuple[User, RewardEvent | None, list[LedgerEntry], User | None, ProgramRules | None]:
+        """The event's user, the event if its event_id was recorded already and its ledger entries,
+        the user's referrer (id, email, blocked_at) if it has one, and the program in force if any."""
         key: str | int
         if e.email:
             _, key = normalize_email(e.email)
             name = "email"
         else:
             key, name = e.user_id, "user_id"
-        row = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchone()
-        if row is None:
+        rows = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchall()
+        if not rows:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        user, recorded, referrer, program = joined_instances(row, self._reads.user_and_event_parts)
-        return user, recorded, referrer, rules_of(program)
+        user, recorded, referrer, program = joined_instances(rows[0], self._reads.user_and_event_parts)
+        return user, recorded, self._entries(rows, self._reads.entries_at), referrer, rules_of(program)
+
+    def _event_and_entries(self, event_id: str) -> tuple[RewardEvent, list[LedgerEntry]]:
+        """A recorded event and its ledger entries."""
+        rows = run_sql(self._db, self._reads.event_and_entries, (event_id,)).fetchall()
+        width = len(self._reads.event_columns)
+        event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
+        return event, self._entries(rows, width)
+
+    def _entries(self, rows: Sequence[Sequence[Any]], start: int) -> list[LedgerEntry]:
+        """The ledger entries of a joined read, whose columns begin at `start` (none: NULL)."""
+        columns = self._reads.entry_columns
+        return [instance(LedgerEntry, columns, row[start:]) for row in rows if row[start] is not None]
 
     def _refunded_event(self, e: EventInput, user: User) -> RewardEvent:
         refunded = RewardEvent.get_or_none(RewardEvent.event_id == e.refunds_event_id)
@@ -631,12 +652,11 @@ class RewardService:
         rows = run_sql(self._db, sql, values).fetchall()
         if not rows:
             return None, None
-        width = len(self._writes.event_columns)
-        event: RewardEvent = instance(RewardEvent, self._writes.event_columns, rows[0][:width])
+        width = len(self._reads.event_columns)
+        event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
         if rows[0][width] is None:
             return event, None
-        entries = [row[width + 2 :] for row in rows if row[width + 2] is not None]
-        credited = [instance(LedgerEntry, self._writes.entry_columns, entry) for entry in entries]
+        credited = self._entries(rows, width + 2)
         # After the log's lock (append_events' rule is to take it last): a new outbox row waits on no
         # other transaction, so this only holds the lock for one more round trip.
         if amounts[REFERRER]:
@@ -657,13 +677,12 @@ class RewardService:
             e.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
         )
 
-    def _duplicate(self, first: RewardEvent, content_hash: str) -> EventResult:
+    def _duplicate(self, first: RewardEvent, entries: list[LedgerEntry], content_hash: str) -> EventResult:
         if first.content_hash != content_hash:
             raise AlreadyExists(
                 "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
             )
         outcome = json.loads(first.outcome)
-        entries = self._reads.entries_of_event.rows(first.id)
         # Every entry is of this event: its name is known without another query.
         names = {first.id: first.event_id}
         return EventResult(
