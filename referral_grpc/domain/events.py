@@ -129,15 +129,14 @@ def event_rows(events: Sequence[NewEvent]) -> list[tuple[str, str, str]]:
     for event in events:
         if event.type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {event.type!r}")
-    return [(_new_event_id(), event.type, _payload_text(event.payload)) for event in events]
-
-
-def _new_event_id() -> str:
-    return f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}"
-
-
-def _payload_text(payload: Mapping[str, Any]) -> str:
-    return json.dumps(dict(payload), sort_keys=True, separators=(",", ":"))
+    return [
+        (
+            f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}",
+            event.type,
+            json.dumps(dict(event.payload), sort_keys=True, separators=(",", ":")),
+        )
+        for event in events
+    ]
 
 
 # Stands for the value a statement fills in (see event_template); json.dumps writes it as "\u0000",

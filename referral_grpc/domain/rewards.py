@@ -437,15 +437,13 @@ class RewardService:
         outbox_ids: list[int] = []
         events: list[NewEvent] = []
         with write_transaction(self._db):
-            at_once = None
-            if refunded is None:
-                at_once = self._qualify_at_once(
-                    e, user, referrer, program, occurred_at, content_hash, now, outbox_ids
-                )
-            if at_once is not None:
-                row, done = at_once
-            else:
-                row, done = self._insert_event(e, user, occurred_at, content_hash, now, refunded), None
+            at_once = self._qualify_at_once(
+                e, user, referrer, program, occurred_at, content_hash, now, outbox_ids
+            )
+            row, done = at_once or (
+                self._insert_event(e, user, occurred_at, content_hash, now, refunded),
+                None,
+            )
             if row is None:
                 first, first_entries = self._event_and_entries(e.event_id)
             elif done is not None:
@@ -584,17 +582,18 @@ class RewardService:
         """PostgreSQL: the common first event, one that qualifies its newcomer's referral, recorded,
         judged and credited by one statement (inside the caller's transaction) instead of six.
 
-        None when the rows already read show it is not that case (no referrer or program, a
-        program with a cap, a blocked party, an event the program does not count): the transaction
-        goes step by step. Else what the statement did: (None, None) when the event_id is taken (a
-        retry got there first); (the event, None) when the event is recorded but the referral's row
-        did not let it qualify (not pending, another referrer, held for review): _judge goes on
-        from there, in the same transaction; (the event, its result) when it is done.
+        None when the event or the rows already read show it is not that case (a refund, no referrer or
+        program, a program with a cap, a blocked party, an event the program does not count): the
+        transaction goes step by step. Else what the statement did: (None, None) when the event_id is
+        taken (a retry got there first); (the event, None) when the event is recorded but the referral's
+        row did not let it qualify (not pending, another referrer, held for review): _judge goes on from
+        there, in the same transaction; (the event, its result) when it is done.
         """
         sql = self._writes.qualify_at_once
-        if sql is None or referrer is None or program is None or program.max_rewarded_referrals:
+        if sql is None or e.type == REFUND or referrer is None or program is None:
             return None
-        if user.referrer_id != referrer.id or user.blocked_at is not None or referrer.blocked_at is not None:
+        # `referrer` is the user row's referrer (read with it).
+        if program.max_rewarded_referrals or user.blocked_at is not None or referrer.blocked_at is not None:
             return None
         if self._not_qualifying(e.type, e.currency, e.amount_minor, occurred_at, user, program):
             return None
