@@ -33,7 +33,9 @@ def add_parsers(commands: Any) -> None:
     apikey_commands.add_parser(
         "list", help="name, prefix, scopes, created, last used, revoked: never the key"
     )
-    revoke = apikey_commands.add_parser("revoke", help="revoke a key by name; it stops working at once")
+    revoke = apikey_commands.add_parser(
+        "revoke", help="revoke a key by name; once this returns (about 1 s), no server accepts it"
+    )
     revoke.add_argument("name")
 
     program = commands.add_parser("program", help="set (as a new version) and show the referral program")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -14,6 +15,9 @@ from support import FakeClock
 from support.api import bearer, expect_error, in_days
 from support.rewards import RewardsApi, new_event_id, running_rewards
 
+from referral_grpc.domain.apikeys import KEY_CACHE_SECONDS, ApiKeyService
+from referral_grpc.domain.errors import Unauthenticated
+from referral_grpc.domain.ports import SystemClock
 from referral_grpc.domain.programs import Reward
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
@@ -445,6 +449,47 @@ def test_api_keys_are_stored_hashed_and_revocable(rw: RewardsApi) -> None:
         rw.rewards.GetBalance, rw_pb.GetBalanceRequest(user_id=1), metadata=(("x-api-key", created.key),)
     )
     assert (revoked.code, revoked.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
+
+
+def test_a_process_reads_a_key_once_a_second_and_a_revocation_reaches_it(
+    rw: RewardsApi, clock: FakeClock
+) -> None:
+    """Another process (its own ApiKeyService, the same database) trusts a key it read for a second
+    without reading it again; once a revocation elsewhere returns, it refuses the key at once."""
+    here = rw.api.app.api_keys
+    elsewhere = ApiKeyService(rw.api.app.db, clock)
+    key = here.create("reader", ["rewards:read"]).key
+    statements: list[str] = []
+    rw.api.app.db.query_hooks.append(lambda query: statements.append(query.sql))
+    try:
+        first = elsewhere.authenticate(key)
+        assert statements, "the first call reads the key"
+        statements.clear()
+        clock.advance(seconds=0.9)
+        assert elsewhere.authenticate(key) == first
+        assert statements == []
+        clock.advance(seconds=0.2)
+        assert elsewhere.authenticate(key) == first
+        assert len(statements) == 1  # the read again (last_used_at is fresh: no write)
+    finally:
+        rw.api.app.db.query_hooks.clear()
+    here.revoke("reader")
+    with pytest.raises(Unauthenticated):
+        elsewhere.authenticate(key)
+    with pytest.raises(Unauthenticated):
+        here.authenticate(key)
+
+
+def test_a_revocation_returns_when_no_process_accepts_the_key_any_more(rw: RewardsApi) -> None:
+    """As above, on the real clock: the revocation itself waits out what other processes hold."""
+    here, elsewhere = (ApiKeyService(rw.api.app.db, SystemClock()) for _ in range(2))
+    key = here.create("reader", ["rewards:read"]).key
+    elsewhere.authenticate(key)
+    started = time.monotonic()
+    here.revoke("reader")
+    assert time.monotonic() - started >= KEY_CACHE_SECONDS
+    with pytest.raises(Unauthenticated):
+        elsewhere.authenticate(key)
 
 
 def test_the_ledger_refuses_updates_and_deletes_on_postgres(pg_url: str, clock: FakeClock) -> None:

@@ -38,6 +38,15 @@ MAX_NAME_LENGTH = 64
 MAX_KEY_LENGTH = 128
 # last_used_at is written at most this often per key, not on every call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# A process trusts a key it read as valid for this long before it reads the key's row again, so a
+# backend's calls cost no read of their own. Revocation stays exact: `revoke` returns only after
+# REVOKE_WAIT_SECONDS, by when every entry read before its commit has expired in every process
+# (each entry's life is counted from before its read; the margin covers clocks that tick at
+# slightly different rates). Only valid keys are held: an unknown or revoked key is read every time.
+KEY_CACHE_SECONDS = 1.0
+REVOKE_WAIT_SECONDS = KEY_CACHE_SECONDS * 1.1
+# Keys a process holds at most (there are only as many as operators created); beyond, it starts over.
+MAX_CACHED_KEYS = 10_000
 INVALID_KEY_MESSAGE = "a valid API key is required in the x-api-key header"
 
 
@@ -57,6 +66,15 @@ class CreatedKey:
 
     key: str
     view: ApiKeyView
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A key read as valid: trusted until `until` (the clock's monotonic seconds)."""
+
+    principal: ApiKeyPrincipal
+    until: float
+    last_used_at: datetime | None
 
 
 def key_digest(key: str) -> str:
@@ -97,6 +115,8 @@ class ApiKeyService:
         self._clock = clock
         # Read on every call made with a key: compiled once.
         self._by_digest = Prepared(db, ApiKey.select().where(ApiKey.key_hash == placeholder(db)))
+        # Key digest -> what this process last read of it (see KEY_CACHE_SECONDS).
+        self._known: dict[str, _Known] = {}
 
     def create(self, name: str, scopes: Iterable[str]) -> CreatedKey:
         name = name.strip()
@@ -139,17 +159,34 @@ class ApiKeyService:
             )
             if revoked:
                 audit.append(self._db, now, "apikey.revoke", f"key:{row.name}")
-            return _view(ApiKey.get_by_id(row.id))
+            view = _view(ApiKey.get_by_id(row.id))
+        self._known.pop(row.key_hash, None)
+        # Every process (this one included, for a read that raced the commit) may trust the key
+        # until what it read before the commit expires: once this returns, no server accepts it.
+        # A repeated revocation waits too, so it confirms the same.
+        self._clock.sleep(REVOKE_WAIT_SECONDS)
+        return view
 
     def authenticate(self, key: str) -> ApiKeyPrincipal:
         """The key's principal; a missing, malformed, unknown or revoked key is one and the same error."""
         if not key.startswith(KEY_PREFIX) or len(key) > MAX_KEY_LENGTH:
             raise invalid_api_key()
-        row: ApiKey | None = self._by_digest.first(key_digest(key))
-        if row is None or row.revoked_at is not None:
-            raise invalid_api_key()
+        digest = key_digest(key)
+        started = self._clock.monotonic()
+        known = self._known.get(digest)
+        if known is None or known.until <= started:
+            row: ApiKey | None = self._by_digest.first(digest)
+            if row is None or row.revoked_at is not None:
+                self._known.pop(digest, None)
+                raise invalid_api_key()
+            principal = ApiKeyPrincipal(key_id=row.id, name=row.name, scopes=frozenset(row.scopes.split()))
+            known = _Known(principal, started + KEY_CACHE_SECONDS, row.last_used_at)
+            if len(self._known) >= MAX_CACHED_KEYS:
+                self._known.clear()
+            self._known[digest] = known
         now = self._clock.now()
-        if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        if known.last_used_at is None or now - known.last_used_at >= LAST_USED_RESOLUTION:
             # A plain autocommit UPDATE: usage is a hint for operators, not worth a transaction.
-            ApiKey.update(last_used_at=now).where(ApiKey.id == row.id).execute()
-        return ApiKeyPrincipal(key_id=row.id, name=row.name, scopes=frozenset(row.scopes.split()))
+            ApiKey.update(last_used_at=now).where(ApiKey.id == known.principal.key_id).execute()
+            self._known[digest] = _Known(known.principal, known.until, now)
+        return known.principal
