@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,21 @@ import grpc
 import peewee as pw
 import pytest
 import requests
+from google.protobuf import json_format
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from support import TEST_JWT_SECRET, FakeClock, make_settings
 from support.api import bearer, expect_error
 from support.envoy import migrate, running_envoy, running_server, server_env
 from support.rewards import RewardsApi, running_rewards
 
-from referral_grpc.api.events import payload_field
+from referral_grpc.api.events import event_message, payload_field
 from referral_grpc.domain.events import (
     EVENT_TYPES,
     USER_REGISTERED,
     EventLog,
     EventStream,
+    EventView,
     NewEvent,
     append_events,
 )
@@ -479,3 +483,77 @@ def test_list_events_over_rest_through_envoy(pg_url: str, tmp_path: Path) -> Non
         assert wrong.status_code == 405 and set(wrong.headers["allow"].split(", ")) == {"GET", "DELETE"}
         deleted = requests.delete(f"{base}/webhooks/{endpoint_id}", headers={"x-api-key": key}, timeout=10)
         assert deleted.status_code == 200
+
+
+_OFFSETS = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
+_TIMES = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.sampled_from(_OFFSETS)
+)
+# The shapes the log writes, field kind by field kind.
+_VALUES = {
+    "int": st.integers(-(2**63), 2**63 - 1),
+    "str": st.text(max_size=20),
+    "time": st.one_of(
+        _TIMES.map(lambda t: t.isoformat()),
+        _TIMES.map(lambda t: t.isoformat(timespec="seconds").replace("+00:00", "Z")),
+    ),
+}
+# What the log never writes: out of range, other types, other time spellings.
+_ODD = st.one_of(
+    st.none(),
+    st.integers(2**63, 2**65),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.sampled_from(
+        [
+            "2026-11-28 12:00:00+00:00",
+            "2026-11-28T12:00:00",
+            "2026-11-28T12:00:00.123456789Z",
+            "20261128T120000Z",
+            "2026-11-28T12:00:00.5+01:00",
+            "x",
+            "7",
+        ]
+    ),
+)
+
+
+@st.composite
+def _payloads(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """An event type and a payload of the log's shape, sometimes with one field (or key) that is not."""
+    event_type = draw(st.sampled_from(sorted(EVENT_TYPES)))
+    fields = list(ev_pb.Event.DESCRIPTOR.fields_by_name[payload_field(event_type)].message_type.fields)
+    payload: dict[str, Any] = {}
+    for field in draw(st.lists(st.sampled_from(fields), unique=True, min_size=len(fields) // 2)):
+        kind = "int" if field.type != field.TYPE_STRING else "str"
+        kind = "time" if field.message_type is not None else kind
+        payload[field.name] = draw(_VALUES[kind])
+    odd = draw(st.sampled_from(["none", "none", "value", "key"]))
+    if odd == "value" and payload:
+        payload[draw(st.sampled_from(sorted(payload)))] = draw(_ODD)
+    elif odd == "key":
+        payload[draw(st.sampled_from(["unknown", "userId"]))] = 1
+    return event_type, payload
+
+
+@settings(max_examples=600, deadline=None)
+@given(_payloads())
+@example(("reward.credited", {"user_id": 1, "available_at": "2026-11-28T12:00:00.123456789Z"}))
+@example(("code.created", {"user_id": 1, "expires_at": "2026-11-28T12:00:00.5+05:30"}))
+@example(("user.registered", {}))
+def test_an_event_message_is_what_json_format_parses_from_its_payload(
+    typed: tuple[str, dict[str, Any]],
+) -> None:
+    """The stream's and the list's payload conversion against protobuf's own JSON parser, as the oracle:
+    the same message for every payload it accepts, an error for every payload it refuses."""
+    event_type, payload = typed
+    view = EventView(7, "evt_" + "0" * 32, event_type, datetime(2026, 11, 28, tzinfo=UTC), payload)
+    expected = ev_pb.Event(id=view.event_id, cursor=7, type=event_type)
+    expected.occurred_at.FromDatetime(view.occurred_at)
+    try:
+        json_format.ParseDict(payload, getattr(expected, payload_field(event_type)))
+    except json_format.ParseError:
+        with pytest.raises(json_format.ParseError):
+            event_message(view)
+        return
+    assert event_message(view) == expected
