@@ -211,8 +211,12 @@ def _wait_serving(address: Address, process: subprocess.Popen[bytes], timeout: f
     raise RuntimeError(f"server on {address} did not serve in time")
 
 
-def start_servers(env: dict[str, str], count: int, log: IO[bytes], servers: Servers | None = None) -> Servers:
-    """Start `count` more server processes (into `servers` if given) and wait until each serves."""
+def start_servers(
+    env: dict[str, str], count: int, log: IO[bytes], servers: Servers | None = None, cwd: Path | None = None
+) -> Servers:
+    """Start `count` more server processes (into `servers` if given) and wait until each serves.
+
+    `cwd` is the checkout whose code they run (`python -m` imports from the working directory first)."""
     servers = servers or Servers()
     try:
         for _ in range(count):
@@ -224,6 +228,7 @@ def start_servers(env: dict[str, str], count: int, log: IO[bytes], servers: Serv
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 process_group=0,
+                cwd=cwd,
             )
             servers.processes.append(process)
             servers.addresses.append(address)
