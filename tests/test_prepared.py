@@ -1,11 +1,14 @@
-"""Statements prepared on the PostgreSQL server (DB_PREPARE_STATEMENTS): once per connection, never lost."""
+"""Statements on PostgreSQL: prepared on the server (DB_PREPARE_STATEMENTS) once per connection, never lost;
+a transaction's BEGIN sent with its first statement."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import peewee as pw
 import psycopg2
 import pytest
 from support import PG_ADMIN_URL, make_settings, wait_until
@@ -142,3 +145,63 @@ def test_the_service_runs_its_hot_statements_prepared(pg_url: str) -> None:
         finally:
             conn.close()
         assert any(query.startswith("EXECUTE referral_") for query in last), last
+
+
+def _statements(db: database.PostgresPool) -> list[str]:
+    sent: list[str] = []
+    db.query_hooks.append(lambda query: sent.append(query.sql))
+    return sent
+
+
+def _in_transaction(db: database.PostgresPool) -> bool:
+    conn = db.connection()
+    return bool(conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+
+
+def test_a_transaction_sends_its_begin_with_its_first_statement(db: database.PostgresPool) -> None:
+    run_sql(db, "CREATE TEMP TABLE t (n int PRIMARY KEY)")
+    sent = _statements(db)
+    try:
+        with write_transaction(db):
+            first = run_sql(db, "SELECT now()").fetchone()[0]
+            run_sql(db, "INSERT INTO t VALUES (%s)", (1,))
+            time.sleep(0.01)
+            # One transaction: its start time, whatever the clock says now.
+            assert run_sql(db, "SELECT now()").fetchone()[0] == first
+            assert _in_transaction(db)
+    finally:
+        db.query_hooks.clear()
+    assert not _in_transaction(db)
+    # (peewee runs COMMIT on its own cursor: the hooks see the statements, not the COMMIT.)
+    assert sent[0].startswith("BEGIN;") and not any(sql.startswith("BEGIN") for sql in sent[1:])
+    assert run_sql(db, "SELECT count(*) FROM t").fetchone() == (1,)
+
+
+def test_a_transaction_that_runs_nothing_sends_nothing(db: database.PostgresPool) -> None:
+    sent = _statements(db)
+    try:
+        with write_transaction(db):
+            assert not _in_transaction(db)  # BEGIN waits for a first statement
+        with pytest.raises(ZeroDivisionError), write_transaction(db):
+            raise ZeroDivisionError
+    finally:
+        db.query_hooks.clear()
+    assert sent == [] and not _in_transaction(db)
+    # The next transaction starts as any other.
+    with write_transaction(db):
+        assert run_sql(db, "SELECT 1").fetchone() == (1,)
+    assert not _in_transaction(db)
+
+
+def test_a_first_statement_that_fails_leaves_nothing_and_the_connection_usable(
+    db: database.PostgresPool,
+) -> None:
+    run_sql(db, "CREATE TEMP TABLE t (n int PRIMARY KEY)")
+    run_sql(db, "INSERT INTO t VALUES (1)")
+    with pytest.raises(pw.IntegrityError), write_transaction(db):
+        run_sql(db, "INSERT INTO t VALUES (2), (1)")  # the first statement, and it fails
+    assert not _in_transaction(db)
+    with pytest.raises(pw.IntegrityError), write_transaction(db):
+        run_sql(db, "INSERT INTO t VALUES (3)")
+        run_sql(db, "INSERT INTO t VALUES (1)")  # a later one fails: the earlier one goes too
+    assert run_sql(db, "SELECT n FROM t ORDER BY n").fetchall() == [(1,)]

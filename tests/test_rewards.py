@@ -515,8 +515,10 @@ def test_a_first_qualifying_event_is_one_statement_on_postgres(pg_url: str, cloc
             db.query_hooks.clear()
     assert len(paid.rewards) == 2 and not in_review.rewards
     assert skipped(in_review) == both("REFERRAL_IN_REVIEW")
+    # A transaction's BEGIN goes with its first statement, never on its own.
+    assert any(sql.startswith("BEGIN;") for sql in statements)
     touching = [
-        sql
+        sql.removeprefix("BEGIN;")
         for sql in statements
         if any(f'"{table}"' in sql for table in ("reward_events", "referrals", "ledger_entries"))
     ]
