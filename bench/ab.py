@@ -1,14 +1,14 @@
 """A/B of two versions of the server on one scenario: `python -m bench.ab BASE [HEAD] [--scenario S]`.
 
 BASE and HEAD are git revisions (HEAD defaults to the working tree, uncommitted changes included). Each
-runs from its own checkout (a detached worktree under var/bench/ab/), with the same production settings
-as `make bench`, against one seeded database, each server process behind its own copy of the bench's
-Envoy. A pair is two bursts of the one scenario for each side in ABBA order (BAAB in every other pair),
-and every pair starts both sides afresh, in alternating order: on a 2-core machine the first-started
-"slot" measured ~10% apart from the second with the same code on both (an A/A run), so each side gets
-each slot equally often. The result is the geometric mean of the pairs' HEAD/BASE ratios, with each
-side's medians and server / Envoy / PostgreSQL CPU per request. Run the same revision on both sides to
-see what this machine's noise is.
+runs from its own checkout (a detached worktree under var/bench/ab/, removed afterwards), with the same
+production settings as `make bench`, against one seeded database, each server process behind its own copy
+of the bench's Envoy. A pair is two bursts of the one scenario for each side in ABBA order (BAAB in every
+other pair), and every pair starts both sides afresh, in alternating order: on a 2-core machine the
+first-started "slot" measured ~10% apart from the second with the same code on both (an A/A run), so each
+side gets each slot equally often. The result is the geometric mean of the pairs' HEAD/BASE ratios, with
+each side's medians and server / Envoy / PostgreSQL CPU per request. Run the same revision on both sides
+to see what this machine's noise is.
 
 The servers are started from their checkout's directory: `python -m` puts the working directory first on
 sys.path, so a side started from elsewhere with PYTHONPATH would import the other side's code.
@@ -56,15 +56,20 @@ class Side:
     cpu: list[dict[str, float]] = field(default_factory=list)
 
 
-def checkout(revision: str) -> Path:
-    """The directory to run `revision` from: the working tree for "", else a detached worktree."""
+@contextmanager
+def checkout(revision: str, side: str) -> Iterator[Path]:
+    """The directory to run `revision` from: the working tree for "", else a detached worktree that is
+    removed again afterwards."""
     if not revision:
-        return PROJECT_ROOT
+        yield PROJECT_ROOT
+        return
     sha = _git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
-    path = PROJECT_ROOT / "var" / "bench" / "ab" / sha[:12]
-    if not path.is_dir():
-        _git("worktree", "add", "--detach", "--force", str(path), sha)
-    return path
+    path = PROJECT_ROOT / "var" / "bench" / "ab" / f"{side}-{sha[:12]}-{os.getpid()}"
+    _git("worktree", "add", "--detach", "--force", str(path), sha)
+    try:
+        yield path
+    finally:
+        _git("worktree", "remove", "--force", str(path))
 
 
 def _git(*args: str) -> str:
@@ -214,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-referrals", type=int, default=100_000, help="newcomers to record events of")
     args = parser.parse_args(argv)
     load.require_tools()
-    sides = [
-        Side("A", args.base, checkout(args.base)),
-        Side("B", args.head or "working tree", checkout(args.head)),
-    ]
+    with checkout(args.base, "A") as base, checkout(args.head, "B") as head:
+        sides = [Side("A", args.base, base), Side("B", args.head or "working tree", head)]
+        _compare(sides, args)
+    return 0
+
+
+def _compare(sides: list[Side], args: argparse.Namespace) -> None:
     workdir = PROJECT_ROOT / "var" / "bench" / "ab" / time.strftime("run-%Y%m%dT%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"bench.ab: A = {sides[0].revision} ({sides[0].root}), B = {sides[1].revision} ({sides[1].root})")
@@ -252,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(side.rates)
         print(f"{side.name} ({side.revision}): median {median:,.0f} req/s; CPU ms/req {parts}")
     print(f"B/A: geo-mean {geo:.3f} (per burst: {', '.join(f'{r:.2f}' for r in ratios)})")
-    return 0
 
 
 if __name__ == "__main__":
