@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -120,16 +119,7 @@ class Stack:
 
 def _stack(workdir: Path, referrals: int) -> Stack:
     database_url = harness.recreate_database(name=AB_DATABASE)
-    env = {
-        **os.environ,
-        "ENVIRONMENT": "production",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": harness.BENCH_REDIS_URL,
-        "REDIS_KEY_PREFIX": harness.BENCH_KEY_PREFIX,
-        "JWT_SECRET": secrets.token_hex(32),
-        "PASSWORD_PEPPER": secrets.token_hex(32),
-        "GRPC_HOST": "127.0.0.1",
-    }
+    env = harness.production_env(database_url)
     harness.run_migrations(env)
     client = redis.Redis.from_url(harness.BENCH_REDIS_URL, decode_responses=True)
     harness.flush_redis_prefix(client)
@@ -139,14 +129,7 @@ def _stack(workdir: Path, referrals: int) -> Stack:
 
 
 def _cli(stack: Stack, *args: str) -> str:
-    return subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
-        [sys.executable, "-m", "referral_grpc", *args],
-        env=stack.env,
-        cwd=PROJECT_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    return harness.run_cli(stack.env, *args)
 
 
 def _prepare_events(stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -237,6 +238,35 @@ def start_servers(
         servers.stop()
         raise
     return servers
+
+
+def production_env(database_url: str) -> dict[str, str]:
+    """What ships: ENVIRONMENT=production with PostgreSQL and Redis and nothing else changed (the access
+    log, log format and pools at their defaults), generated secrets, on the bench's database and prefix."""
+    return {
+        **os.environ,
+        "ENVIRONMENT": "production",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": BENCH_REDIS_URL,
+        "REDIS_KEY_PREFIX": BENCH_KEY_PREFIX,
+        "JWT_SECRET": secrets.token_hex(32),
+        "PASSWORD_PEPPER": secrets.token_hex(32),
+        "GRPC_HOST": "127.0.0.1",
+    }
+
+
+def run_cli(env: dict[str, str], *args: str) -> str:
+    """`python -m referral_grpc ARGS` on the bench database: what an operator would run."""
+    result = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-m", "referral_grpc", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout
 
 
 def run_migrations(env: dict[str, str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -107,19 +106,9 @@ def _say(message: str) -> None:
 def _stack(options: Options) -> Iterator[Context]:
     workdir = PROJECT_ROOT / "var" / "bench" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
-    jwt_secret, pepper = secrets.token_hex(32), secrets.token_hex(32)
     database_url = harness.recreate_database()
-    env = {
-        **os.environ,
-        "ENVIRONMENT": "production",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": harness.BENCH_REDIS_URL,
-        "REDIS_KEY_PREFIX": harness.BENCH_KEY_PREFIX,
-        "JWT_SECRET": jwt_secret,
-        "PASSWORD_PEPPER": pepper,
-        "BCRYPT_ROUNDS": str(options.bcrypt_rounds),
-        "GRPC_HOST": "127.0.0.1",
-    }
+    env = {**harness.production_env(database_url), "BCRYPT_ROUNDS": str(options.bcrypt_rounds)}
+    jwt_secret, pepper = env["JWT_SECRET"], env["PASSWORD_PEPPER"]
     # What ships: ENVIRONMENT=production with PostgreSQL and Redis and nothing else changed (ACCESS_LOG,
     # LOG_FORMAT, pools at their defaults). Other configurations are extra, labelled rows.
     if options.log_level.upper() != "INFO":
@@ -513,16 +502,7 @@ REWARD_EVENTS = 200_000
 
 
 def _cli(ctx: Context, *args: str) -> str:
-    """`python -m referral_grpc ARGS` on the bench database: what an operator would run."""
-    result = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
-        [sys.executable, "-m", "referral_grpc", *args],
-        env=ctx.env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout
+    return harness.run_cli(ctx.env, *args)
 
 
 def _rewards(ctx: Context, seconds: float, conns: int) -> None:
