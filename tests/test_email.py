@@ -39,7 +39,14 @@ from referral_grpc.infra.mailer import (
     render,
 )
 from referral_grpc.infra.metrics import Metrics
-from referral_grpc.infra.outbox import DeliveryConfig, HueyDispatcher, deliver, outbox_stats, queue_email
+from referral_grpc.infra.outbox import (
+    HANDOFF_GRACE,
+    DeliveryConfig,
+    HueyDispatcher,
+    deliver,
+    outbox_stats,
+    queue_email,
+)
 from referral_grpc.infra.tasks import Worker, create_huey, create_tasks, make_dispatcher
 from referral_grpc.infra.throttle import Throttle
 from referral_grpc.settings import Settings
@@ -135,9 +142,9 @@ def run_queued_tasks(queue: Huey) -> int:
     return count
 
 
-def queue_committed(db: pw.Database, *emails: tuple[str, str]) -> list[int]:
+def queue_committed(db: pw.Database, *emails: tuple[str, str], now: datetime | None = None) -> list[int]:
     """Queue (kind, recipient) emails in one committed transaction, as the domain does."""
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     with db.atomic():
         return [queue_email(kind, recipient, dict(CONTEXTS[kind]), now) for kind, recipient in emails]
 
@@ -376,6 +383,7 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row_and_sends_nothing(
     sqlite_url: str,
     bind_db: Callable[[str], pw.Database],
     smtp_server: SmtpServer,
+    clock: FakeClock,
 ) -> None:
     settings = make_settings(
         database_url=sqlite_url,
@@ -390,12 +398,17 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row_and_sends_nothing(
         pass
 
     with pytest.raises(SignupFailed), db.atomic():
-        queue_email("welcome", "ghost@example.com", {}, datetime.now(UTC))
+        queue_email("welcome", "ghost@example.com", {}, clock.now())
         raise SignupFailed
-    [committed] = queue_committed(db, ("welcome", "real@example.com"))
-    # No dispatch at all: the relay alone finds what committed. Step by step, so that anything the
-    # worker would still send is in the queue when we look.
-    worker = Worker(settings, SystemClock())
+    [committed] = queue_committed(db, ("welcome", "real@example.com"), now=clock.now())
+    # No dispatch at all (the process that wrote it died before its hand-off): the relay alone finds
+    # what committed, once the insert's claim has run out. Step by step, so that anything the worker
+    # would still send is in the queue when we look.
+    worker = Worker(settings, clock)
+    assert worker.relay_once() == 0
+    clock.advance(seconds=HANDOFF_GRACE.total_seconds() - 0.01)
+    assert worker.relay_once() == 0 and len(worker.tasks.huey) == 0
+    clock.advance(seconds=0.02)
     assert worker.relay_once() == 1
     assert run_queued_tasks(worker.tasks.huey) == 1
     smtp_server.wait_for(1)
@@ -465,7 +478,7 @@ def test_a_permanent_refusal_fails_at_once(
     assert refused.attempts == 1 and "550" in refused.last_error
 
 
-def test_a_lost_task_is_enqueued_again_after_the_lease(
+def test_a_lost_task_is_enqueued_again_after_the_hand_off_grace_then_after_the_lease(
     tmp_path: Path,
     sqlite_url: str,
     bind_db: Callable[[str], pw.Database],
@@ -482,14 +495,23 @@ def test_a_lost_task_is_enqueued_again_after_the_lease(
     )
     db = bind_db(sqlite_url)
     queue = create_tasks(settings, clock)
-    [outbox_id] = queue_committed(db, ("welcome", "late@example.com"))
+    [outbox_id] = queue_committed(db, ("welcome", "late@example.com"), now=clock.now())
+    # The insert claimed the row for the hand-off; the dispatcher enqueues it without writing.
     HueyDispatcher(queue, clock).dispatch([outbox_id])
     assert row(outbox_id).enqueued_at == clock.now() and len(queue.huey) == 1
     queue.huey.flush()  # the task is lost (a crashed worker had already popped it, say)
 
-    # The relay, pass by pass on the fake clock: not before the lease ran out, since until then the
-    # row belonged to the lost task.
+    # The relay, pass by pass on the fake clock: not while the insert's claim holds.
     worker = Worker(settings, clock, queue)
+    assert worker.relay_once() == 0
+    clock.advance(seconds=HANDOFF_GRACE.total_seconds() - 0.01)
+    assert worker.relay_once() == 0 and len(queue.huey) == 0
+    clock.advance(seconds=0.02)
+    assert worker.relay_once() == 1 and row(outbox_id).enqueued_at == clock.now()
+    queue.huey.flush()  # lost again
+
+    # Now the relay's own claim: not before the lease ran out, since until then the row belonged to
+    # the lost task.
     assert worker.relay_once() == 0
     clock.advance(seconds=lease - 0.01)
     assert worker.relay_once() == 0 and len(queue.huey) == 0

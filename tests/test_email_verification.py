@@ -22,7 +22,7 @@ from referral_grpc.domain.ports import CachedCode, CodeCache, SystemClock
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.infra.cache import InProcessCodeCache, RedisCodeCache, decode_entry, encode_entry
-from referral_grpc.infra.tasks import Worker
+from referral_grpc.infra.tasks import Worker, make_dispatcher
 from referral_grpc.settings import ConfigError, Settings
 from referral_grpc.store.models import EmailOutbox, EmailVerificationToken, User
 
@@ -103,7 +103,8 @@ def test_register_emails_a_verification_link_that_verifies_and_the_token_is_scru
         public_base_url=BASE_URL,
         outbox_relay_interval=0.05,
     )
-    with running_api(settings, clock=clock) as api:
+    # The server hands its emails to the queue as it does in production; the worker sends them.
+    with running_api(settings, clock=clock, dispatcher=make_dispatcher(settings, SystemClock())) as api:
         worker = Worker(settings, SystemClock())
         worker.start()
         try:

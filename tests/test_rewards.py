@@ -16,6 +16,7 @@ from support.api import bearer, expect_error, in_days
 from support.rewards import RewardsApi, new_event_id, running_rewards
 
 from referral_grpc.domain.apikeys import KEY_CACHE_SECONDS, ApiKeyService
+from referral_grpc.domain.auth import mask_email
 from referral_grpc.domain.errors import Unauthenticated
 from referral_grpc.domain.ports import SystemClock
 from referral_grpc.domain.programs import Reward
@@ -60,10 +61,17 @@ def test_a_qualifying_purchase_rewards_both_and_the_hold_releases_them(
     clock.advance(days=14)
     assert rw.balance(referrer) == (500, 0, 500)
     assert rw.balance(newcomer) == (1234, 0, 1234)
-    # The referrer was told, through the outbox.
+    # The referrer was told, through the outbox: one email, claimed for the hand-off by its insert.
     [email] = EmailOutbox.select().where(EmailOutbox.kind == "reward_credited")
-    assert json.loads(email.payload)["amount"] == "5.00 USD"
-    assert email.recipient.startswith("member")
+    referrer_email, newcomer_email = (User.get_by_id(user).email for user in (referrer, newcomer))
+    assert email.recipient == referrer_email
+    assert json.loads(email.payload) == {
+        "amount": "5.00 USD",
+        "referee_email_masked": mask_email(newcomer_email),
+        # Recorded 14 days ago (the clock has moved since), held for 14 days: available today.
+        "available_on": clock.now().date().isoformat(),
+    }
+    assert (email.status, email.attempts, email.enqueued_at) == ("pending", 0, email.created_at)
 
 
 def test_the_newcomer_sees_their_reward_with_their_own_token(rw: RewardsApi) -> None:

@@ -16,7 +16,7 @@ from support.rewards import RewardsApi, running_rewards
 
 from referral_grpc.domain.programs import Reward
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.store.models import LedgerEntry, Referral
+from referral_grpc.store.models import EmailOutbox, LedgerEntry, Referral
 
 COPIES = 50
 REDEMPTIONS = 20
@@ -47,6 +47,11 @@ def credits(kind: str) -> int:
     return LedgerEntry.select().where(LedgerEntry.kind == kind).count()
 
 
+def reward_emails() -> int:
+    """The referrer's "reward credited" emails: one per credit, none for the copies that lost."""
+    return EmailOutbox.select().where(EmailOutbox.kind == "reward_credited").count()
+
+
 def test_fifty_copies_of_one_qualifying_event_credit_once(rw: RewardsApi) -> None:
     rw.set_program()
     referrer, newcomer = rw.pair()
@@ -58,7 +63,7 @@ def test_fifty_copies_of_one_qualifying_event_credit_once(rw: RewardsApi) -> Non
     assert {tuple(sorted(e.id for e in r.rewards)) for r in results} == {
         tuple(sorted(e.id for e in LedgerEntry.select()))
     }
-    assert (credits("referrer_reward"), credits("referee_reward")) == (1, 1)
+    assert (credits("referrer_reward"), credits("referee_reward"), reward_emails()) == (1, 1, 1)
     assert rw.balance(referrer) == (0, 500, 500)
     print(
         f"\n{COPIES} concurrent copies: referrer credits {credits('referrer_reward')}, "
@@ -72,7 +77,7 @@ def test_competing_qualifying_events_of_one_newcomer_credit_once(rw: RewardsApi)
     results = race(lambda i: rw.event(newcomer, event_id=f"order-{i}"), REDEMPTIONS)
     assert [r for r in results if isinstance(r, grpc.RpcError)] == []
     assert sum(1 for r in results if r.rewards) == 1
-    assert (credits("referrer_reward"), credits("referee_reward")) == (1, 1)
+    assert (credits("referrer_reward"), credits("referee_reward"), reward_emails()) == (1, 1, 1)
 
 
 def test_competing_first_events_of_a_newcomer_without_a_referral_row_open_it_once(rw: RewardsApi) -> None:
@@ -85,7 +90,7 @@ def test_competing_first_events_of_a_newcomer_without_a_referral_row_open_it_onc
     assert sum(1 for r in results if r.rewards) == 1
     assert {r.referral_state for r in results} == {ref_pb.QUALIFIED}
     assert Referral.select().where(Referral.referee == newcomer).count() == 1
-    assert (credits("referrer_reward"), credits("referee_reward")) == (1, 1)
+    assert (credits("referrer_reward"), credits("referee_reward"), reward_emails()) == (1, 1, 1)
 
 
 def test_concurrent_refunds_reverse_once(rw: RewardsApi) -> None:

@@ -142,11 +142,32 @@ class Throttle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PendingEmail:
+    """A pending email's row, validated, its fields named and ordered as the outbox table's columns."""
+
+    kind: str
+    recipient: str
+    payload: str
+    status: str
+    attempts: int
+    created_at: object  # as the store binds a time
+    # The hand-off's claim, taken by the insert: the inserting process's dispatcher enqueues the row.
+    enqueued_at: object
+
+
 class Outbox(Protocol):
     """Emails written in the same transaction as the change that causes them."""
 
     def queue_email(self, kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
         """Insert a pending email inside the caller's transaction; return its id for the dispatcher."""
+        ...
+
+    def pending_email(
+        self, kind: str, recipient: str, context: Mapping[str, object], now: datetime
+    ) -> PendingEmail:
+        """The row `queue_email` would insert, for a caller that inserts it with its own statement
+        (in the same transaction, returning the id for the dispatcher). Raises as `queue_email` does."""
         ...
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,6 +37,7 @@ from ..store.models import (
     REJECTED,
     REVERSED,
     REWARD_KINDS,
+    EmailOutbox,
     LedgerEntry,
     Program,
     Referral,
@@ -64,7 +65,7 @@ from .events import (
     source_append_values,
     timestamp,
 )
-from .ports import Clock, EmailDispatcher, Outbox
+from .ports import Clock, EmailDispatcher, Outbox, PendingEmail
 from .programs import EVENT_TYPE, MAX_AMOUNT_MINOR, REFUND, ProgramRules, current_program, rules_of
 from .tokens import PageTokens
 from .validation import (
@@ -372,6 +373,7 @@ class _Writes:
         # another referrer, or waits for review), then the rewards credited, and only then the event
         # log's lock taken and the events appended, the reward.credited payloads completed with the
         # ids of the entries just inserted.
+        mail_columns = ", ".join(column.name for column in fields(PendingEmail))
         self.qualify_at_once = (
             f"WITH ev AS ({insert_event}),"  # noqa: S608
             f' judged AS (INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded,'
@@ -393,10 +395,15 @@ class _Writes:
             f" t.before || credited.id::text || t.after, credited.id FROM credited JOIN"
             f" unnest({p}::text[], {p}::text[], {p}::text[], {p}::text[], {p}::text[])"
             f" AS t(kind, event_id, type, before, after) ON t.kind = credited.kind),"
-            f" {appending_ctes(after='judged', source='news')}"
+            f" {appending_ctes(after='judged', source='news')},"
+            # The referrer's email (when bound as true), in the same statement: the transaction
+            # holds the log's lock until its commit, and this saves it a round trip meanwhile.
+            f' mail AS (INSERT INTO "{EmailOutbox._meta.table_name}" ({mail_columns})'
+            f" SELECT {_values(db, len(mail_columns.split(',')))} FROM judged WHERE {p}::boolean"
+            f" RETURNING id)"
             f" SELECT {whole_row(RewardEvent, 'ev')}, judged.referee_id,"
             f" (SELECT pg_notify({p}, max(id)::text) FROM appended HAVING count(*) > 0),"
-            f" {whole_row(LedgerEntry, 'credited')}"
+            f" (SELECT id FROM mail), {whole_row(LedgerEntry, 'credited')}"
             f" FROM ev LEFT JOIN judged ON TRUE LEFT JOIN credited ON TRUE ORDER BY credited.id"
             if is_postgres(db)
             else None
@@ -635,6 +642,21 @@ class RewardService:
             )
             for who in paid
         ]
+        # The referrer's email, inserted by the statement when the referral qualifies.
+        mail = (
+            self._outbox.pending_email(
+                "reward_credited",
+                referrer.email,
+                {
+                    "amount": format_amount(amounts[REFERRER], e.currency),
+                    "referee_email_masked": mask_email(user.email),
+                    "available_on": available_at.date().isoformat(),
+                },
+                now,
+            )
+            if amounts[REFERRER]
+            else None
+        )
         at = stored_time(now)
         values = (
             *(e.event_id, content_hash, user.id, e.type, e.amount_minor, e.currency),
@@ -646,6 +668,8 @@ class RewardService:
             [kinds[who] for who in paid],
             *([template[i] for template in templates] for i in range(4)),
             *source_append_values(now),
+            *(astuple(mail) if mail is not None else [None] * len(fields(PendingEmail))),
+            mail is not None,
             EVENTS_CHANNEL,
         )
         rows = run_sql(self._db, sql, values).fetchall()
@@ -655,22 +679,9 @@ class RewardService:
         event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
         if rows[0][width] is None:
             return event, None
-        credited = self._entries(rows, width + 2)
-        # After the log's lock (append_events' rule is to take it last): a new outbox row waits on no
-        # other transaction, so this only holds the lock for one more round trip.
-        if amounts[REFERRER]:
-            outbox_ids.append(
-                self._outbox.queue_email(
-                    "reward_credited",
-                    referrer.email,
-                    {
-                        "amount": format_amount(amounts[REFERRER], e.currency),
-                        "referee_email_masked": mask_email(user.email),
-                        "available_on": available_at.date().isoformat(),
-                    },
-                    now,
-                )
-            )
+        credited = self._entries(rows, width + 3)
+        if rows[0][width + 2] is not None:
+            outbox_ids.append(int(rows[0][width + 2]))
         names = {event.id: event.event_id}
         return event, EventResult(
             e.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped

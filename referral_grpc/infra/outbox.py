@@ -3,13 +3,16 @@
 The life of a row:
 
 1. `queue_email` inserts it (pending) inside the caller's transaction, so the email exists if and only
-   if the change that causes it commits.
+   if the change that causes it commits. The insert also claims it for the hand-off (`enqueued_at` =
+   `created_at`): no other write is needed before it is enqueued.
 2. After the commit, the server's dispatcher hands the ids to a background thread (`BackgroundDispatcher`),
-   which stamps `enqueued_at` and enqueues a `deliver_email` task (`HueyDispatcher`). If the queue is down
-   or slow, the stamp is taken back and the relay enqueues the row later: the hand-off is best-effort and
-   never makes the RPC that committed wait or fail.
-3. The relay (in the worker) enqueues rows never enqueued, or enqueued longer ago than the lease:
-   a Redis outage, a crashed worker or a lost task only delays the email.
+   which enqueues a `deliver_email` task for each (`HueyDispatcher`). If the queue is down or slow, the
+   claim is taken back (`enqueued_at` NULL) and the relay enqueues the row on its next pass: the hand-off
+   is best-effort and never makes the RPC that committed wait or fail.
+3. The relay (in the worker) enqueues rows never enqueued, rows still under their insert's claim
+   `HANDOFF_GRACE` after it (the process that wrote them died before its hand-off), and rows enqueued
+   longer ago than the lease: a Redis outage, a crashed server or worker, or a lost task only delays the
+   email.
 4. `deliver` claims the row, sends it, and marks it sent with the secrets scrubbed from its payload.
    A failure counts an attempt and is retried with exponential backoff, up to a maximum.
    An email whose link expires (the password reset's `expires_minutes` after `created_at`) is never sent
@@ -35,14 +38,14 @@ import logging
 import smtplib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timedelta
 from queue import Empty, Full, Queue
 from typing import Any, Literal, Protocol
 
 import peewee as pw
 
-from ..domain.ports import Clock, EmailDispatcher
+from ..domain.ports import Clock, EmailDispatcher, PendingEmail
 from ..settings import Settings
 from ..store.database import is_postgres, run_sql, stored_time
 from ..store.models import EmailOutbox, database
@@ -58,7 +61,10 @@ FAILED = "failed"
 # Processes on one machine (or NTP-synced ones) agree on the time to well within this.
 _CLOCK_TOLERANCE = timedelta(seconds=1)
 _MAX_ERROR_LENGTH = 500
-# Hand-offs waiting for the background thread, and how many ids it claims at once.
+# How long the relay leaves a row with its insert's claim to the dispatcher of the process that wrote
+# it: the hand-off normally takes milliseconds; a row still unsent after this lost its hand-off.
+HANDOFF_GRACE = timedelta(seconds=30)
+# Hand-offs waiting for the background thread, and how many ids it enqueues at once.
 _HANDOFF_CAPACITY = 10_000
 _HANDOFF_BATCH = 100
 # The reset email tells its reader how many minutes its link works, counted from the `now` that
@@ -66,37 +72,43 @@ _HANDOFF_BATCH = 100
 _EXPIRES_MINUTES = "expires_minutes"
 
 
-def queue_email(kind: str, recipient: str, context: dict[str, object], now: datetime) -> int:
+def pending_email(kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> PendingEmail:
+    """A pending email's row, its context checked against the kind's template."""
+    validate_context(kind, context)
+    if "@" not in recipient:
+        raise ValueError("recipient must be an email address")
+    at = stored_time(now)
+    # Claimed for the hand-off as it is written (enqueued_at = created_at): the dispatcher of the process
+    # that commits it enqueues it without another write, and the relay leaves it alone for HANDOFF_GRACE.
+    return PendingEmail(kind, recipient, json.dumps(context, sort_keys=True), PENDING, 0, at, at)
+
+
+def queue_email(kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
     """Insert a pending email; call it inside the transaction of the change that causes the email.
 
     Returns the outbox id to hand to the dispatcher once that transaction has committed.
     """
-    validate_context(kind, context)
-    if "@" not in recipient:
-        raise ValueError("recipient must be an email address")
+    row = pending_email(kind, recipient, context, now)
     db = database.obj
-    p = db.param
-    # Hand-written (one per qualifying event and per signup): a peewee INSERT costs more to build than to run.
+    # Hand-written (one per signup): a peewee INSERT costs more to build than to run.
+    columns = ", ".join(field.name for field in fields(PendingEmail))
     sql = (
-        f'INSERT INTO "{EmailOutbox._meta.table_name}" (kind, recipient, payload, status, attempts,'  # noqa: S608
-        f" created_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}) RETURNING id"
+        f'INSERT INTO "{EmailOutbox._meta.table_name}" ({columns})'  # noqa: S608
+        f" VALUES ({', '.join([db.param] * len(fields(PendingEmail)))}) RETURNING id"
     )
-    values = (
-        kind,
-        recipient,
-        json.dumps(context, sort_keys=True),
-        PENDING,
-        0,
-        stored_time(now),
-    )
-    return int(run_sql(db, sql, values).fetchone()[0])
+    return int(run_sql(db, sql, astuple(row)).fetchone()[0])
 
 
 class SqlOutbox:
     """The domain's Outbox port: rows in the email_outbox table of the shared database."""
 
     def queue_email(self, kind: str, recipient: str, context: Mapping[str, object], now: datetime) -> int:
-        return queue_email(kind, recipient, dict(context), now)
+        return queue_email(kind, recipient, context, now)
+
+    def pending_email(
+        self, kind: str, recipient: str, context: Mapping[str, object], now: datetime
+    ) -> PendingEmail:
+        return pending_email(kind, recipient, context, now)
 
 
 class DeliveryQueue(Protocol):
@@ -120,14 +132,14 @@ class HueyDispatcher:
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
         if not outbox_ids:
             return
-        now = self._clock.now()
+        # Claimed by their insert (see pending_email): nothing to write before enqueueing them.
+        claimed = sorted(outbox_ids)
         try:
-            claimed = _claim_new(list(outbox_ids), now)
             # Asked only with rows in hand: a half-open breaker's probe must end in a success or a failure.
-            if claimed and self._breaker is not None and not self._breaker.allow():
-                _release(claimed, now)
+            if self._breaker is not None and not self._breaker.allow():
+                _release(claimed, None)
                 return
-            enqueued = _enqueue_claimed(self._queue, claimed, now)
+            enqueued = _enqueue_claimed(self._queue, claimed, None)
             if claimed and self._breaker is not None:
                 if enqueued == len(claimed):
                     self._breaker.record_success()
@@ -142,7 +154,8 @@ class BackgroundDispatcher:
     """Runs another dispatcher on a background thread, so `dispatch` returns at once whatever the queue does.
 
     Ids wait in a bounded in-memory queue. Ids dropped because it is full, or lost with the process
-    before their turn, belong to rows nobody claimed: the relay's next pass sends them.
+    before their turn, belong to rows under their insert's claim: the relay sends them once
+    `HANDOFF_GRACE` has passed.
     """
 
     def __init__(self, inner: EmailDispatcher, capacity: int = _HANDOFF_CAPACITY) -> None:
@@ -183,8 +196,12 @@ class BackgroundDispatcher:
 
 
 def relay_pending(queue: DeliveryQueue, now: datetime, lease: timedelta, limit: int = 100) -> int:
-    """Enqueue up to `limit` pending rows never enqueued or enqueued before `now - lease`; return how many."""
-    stale = EmailOutbox.enqueued_at.is_null() | (EmailOutbox.enqueued_at < now - lease)
+    """Enqueue up to `limit` pending rows never enqueued, enqueued before `now - lease`, or left with their
+    insert's claim for longer than HANDOFF_GRACE (their process died before its hand-off); return how many."""
+    handoff_lost = (EmailOutbox.enqueued_at == EmailOutbox.created_at) & (
+        EmailOutbox.created_at < now - HANDOFF_GRACE
+    )
+    stale = EmailOutbox.enqueued_at.is_null() | (EmailOutbox.enqueued_at < now - lease) | handoff_lost
     claimed = _claim_for_enqueue(stale, now, limit)
     return _enqueue_claimed(queue, claimed, now)
 
@@ -216,22 +233,8 @@ def _claim_for_enqueue(condition: Any, now: datetime, limit: int) -> list[int]:
     return ids
 
 
-def _claim_new(ids: list[int], now: datetime) -> list[int]:
-    """`_claim_for_enqueue` of rows just committed, by id: one statement, written by hand (one per email)."""
-    db = database.obj
-    p, table = db.param, EmailOutbox._meta.table_name
-    # A row being sent is locked by its delivery: skip it rather than wait for the SMTP server.
-    skip_locked = " FOR UPDATE SKIP LOCKED" if is_postgres(db) else ""
-    sql = (
-        f'UPDATE "{table}" SET enqueued_at = {p} WHERE id IN (SELECT id FROM "{table}"'  # noqa: S608
-        f" WHERE id IN ({', '.join([p] * len(ids))}) AND status = {p} AND enqueued_at IS NULL"
-        f"{skip_locked}) RETURNING id"
-    )
-    rows = run_sql(db, sql, (stored_time(now), *ids, PENDING)).fetchall()
-    return sorted(int(row[0]) for row in rows)
-
-
-def _enqueue_claimed(queue: DeliveryQueue, ids: list[int], claimed_at: datetime) -> int:
+def _enqueue_claimed(queue: DeliveryQueue, ids: list[int], claimed_at: datetime | None) -> int:
+    """Enqueue claimed rows; release those the queue refused. `claimed_at` None: claimed by their insert."""
     for index, outbox_id in enumerate(ids):
         try:
             queue.enqueue_delivery(outbox_id)
@@ -243,15 +246,15 @@ def _enqueue_claimed(queue: DeliveryQueue, ids: list[int], claimed_at: datetime)
     return len(ids)
 
 
-def _release(ids: list[int], claimed_at: datetime) -> None:
+def _release(ids: list[int], claimed_at: datetime | None) -> None:
     # Back to "never enqueued": the relay retries them as soon as the queue answers, not after the lease.
+    # Only rows still under this claim: a delivery or the relay may have taken one meanwhile.
+    claim = EmailOutbox.created_at if claimed_at is None else claimed_at
     try:
         (
             EmailOutbox.update(enqueued_at=None)
             .where(
-                EmailOutbox.id.in_(ids)
-                & (EmailOutbox.status == PENDING)
-                & (EmailOutbox.enqueued_at == claimed_at)
+                EmailOutbox.id.in_(ids) & (EmailOutbox.status == PENDING) & (EmailOutbox.enqueued_at == claim)
             )
             .execute()
         )
