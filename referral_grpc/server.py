@@ -186,6 +186,8 @@ def create_server(app: App, address: str | None = None) -> Server:
         settings.grpc_max_concurrent_rpcs,
         futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpc-shed"),
     )
+    # Streams hold their thread while their caller stays: a pool of their own, bounded.
+    stream_pool = CountingExecutor(in_flight, settings.grpc_max_streams, "rpc-stream")
     server = grpc.server(
         CountingExecutor(in_flight, settings.grpc_max_workers, "rpc"),
         interceptors=[
@@ -196,6 +198,7 @@ def create_server(app: App, address: str | None = None) -> Server:
                 access_log=AccessLog() if settings.access_log else None,
                 blocking_pool=blocking_pool,
                 admission=admission,
+                stream_pool=stream_pool,
                 authenticate_key=app.api_keys.authenticate,
                 idempotency_store=IdempotencyStore(
                     app.db, app.clock, settings.idempotency_ttl_seconds, settings.jwt_secret

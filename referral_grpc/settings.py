@@ -300,6 +300,14 @@ class Settings:
     grpc_max_workers: int = integer(
         4, "threads of the main pool per process (few on purpose, see Performance)", minimum=1, maximum=1024
     )
+    # Their own pool too: a stream holds its thread for as long as its caller stays.
+    grpc_max_streams: int = integer(
+        16,
+        "open WatchEvents streams per process, each on a thread of its own pool; one more is refused "
+        "with RESOURCE_EXHAUSTED (`SERVER_OVERLOADED`)",
+        minimum=1,
+        maximum=1024,
+    )
     # Their own pool, so a burst of logins cannot occupy the threads cheap RPCs need.
     grpc_blocking_workers: int = integer(
         16, "threads for the RPCs that hash passwords or call Hunter", minimum=1, maximum=1024

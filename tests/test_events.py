@@ -557,3 +557,54 @@ def test_an_event_message_is_what_json_format_parses_from_its_payload(
             event_message(view)
         return
     assert event_message(view) == expected
+
+
+def test_open_streams_leave_the_unary_rpcs_their_threads(database_url: str, clock: FakeClock) -> None:
+    workers = 4
+    with running_rewards(database_url, clock, grpc_max_workers=workers) as rw:
+        rw.pair()
+        watchers = [Watcher(rw, 0) for _ in range(workers + 1)]
+        for watcher in watchers:
+            watcher.wait_for(1)
+        # Every stream holds a thread until its caller leaves; none of them is the unary RPCs'.
+        started = time.monotonic()
+        page = events_stub(rw).ListEvents(ev_pb.ListEventsRequest(), metadata=reader(rw), timeout=5)
+        assert page.events and time.monotonic() - started < 2
+        for watcher in watchers:
+            watcher.cancel()
+
+
+def test_a_stream_beyond_the_limit_is_refused_at_once_and_the_next_fits_once_one_leaves(
+    database_url: str, clock: FakeClock
+) -> None:
+    with running_rewards(database_url, clock, grpc_max_streams=2) as rw:
+        rw.pair()
+        watchers = [Watcher(rw, 0) for _ in range(2)]
+        for watcher in watchers:
+            watcher.wait_for(1)
+        stub = events_stub(rw)
+
+        def first(**kwargs: Any) -> Any:
+            return next(iter(stub.WatchEvents(ev_pb.WatchEventsRequest(), metadata=reader(rw), **kwargs)))
+
+        started = time.monotonic()
+        refused = expect_error(first, timeout=5)
+        assert (refused.code, refused.reason, refused.retry_delay) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "SERVER_OVERLOADED",
+            1,
+        )
+        assert "GRPC_MAX_STREAMS" in refused.message and time.monotonic() - started < 2
+        # Unary calls still run meanwhile.
+        assert events_stub(rw).ListEvents(ev_pb.ListEventsRequest(), metadata=reader(rw), timeout=5).events
+        # A stream that leaves gives its thread back (once it notices: at its next wake-up).
+        watchers[0].cancel()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert first(timeout=5).cursor == 1
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+        watchers[1].cancel()

@@ -56,16 +56,29 @@ class CountingExecutor(futures.ThreadPoolExecutor):
             initializer=(lambda: lower_thread_priority(niceness)) if niceness else None,
         )
         self._in_flight = in_flight
+        # This pool's own count, for `full`.
+        self._mine = InFlight()
+        self._size = max_workers
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         self._in_flight.add(1)
+        self._mine.add(1)
         try:
             future = super().submit(fn, *args, **kwargs)
         except BaseException:
             self._in_flight.add(-1)
+            self._mine.add(-1)
             raise
-        future.add_done_callback(lambda _done: self._in_flight.add(-1))
+        future.add_done_callback(self._done)
         return future
+
+    def _done(self, _future: futures.Future[Any]) -> None:
+        self._in_flight.add(-1)
+        self._mine.add(-1)
+
+    def full(self) -> bool:
+        """Every thread has work: one more call would wait for one to finish."""
+        return self._mine.count >= self._size
 
 
 class Admission:

@@ -35,12 +35,15 @@ from ..request_context import (
     trace_id,
 )
 from . import idempotency
-from .admission import Admission
+from .admission import Admission, CountingExecutor
 from .errors import abort, code_for, internal_status, send_headers
 from .idempotency import IdempotencyStore
 from .policy import Policy, policy_for
 
 log = logging.getLogger("referral_grpc.rpc")
+# Why a call is shed (RESOURCE_EXHAUSTED, SERVER_OVERLOADED).
+_OVERLOADED = "the server is handling too many calls; retry shortly"
+_TOO_MANY_STREAMS = "the server has as many open streams as it serves (GRPC_MAX_STREAMS); retry shortly"
 
 # What a client's x-request-id may be, kept end to end (Envoy's Lua filter applies the same rule):
 # 1 to 128 letters, digits and -_.: (a UUID always qualifies). Anything else is replaced.
@@ -176,12 +179,14 @@ class ApiInterceptor(grpc.ServerInterceptor):
         access_log: AccessLogger | None = None,
         blocking_pool: futures.ThreadPoolExecutor | None = None,
         admission: Admission | None = None,
+        stream_pool: CountingExecutor | None = None,
         authenticate_key: Callable[[str], ApiKeyPrincipal] | None = None,
         idempotency_store: IdempotencyStore | None = None,
     ) -> None:
         self._admission = admission
         self._access_log = access_log
         self._blocking_pool = blocking_pool
+        self._stream_pool = stream_pool
         self._authenticate = authenticate
         self._authenticate_key = authenticate_key
         self._idempotency = idempotency_store
@@ -196,8 +201,11 @@ class ApiInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         policy = policy_for(details.method)
         if handler is not None and self._admission is not None and self._admission.full():
-            return self._shed(details.method, handler, self._admission)
+            return self._shed(details.method, handler, _OVERLOADED)
         if handler is not None and handler.unary_stream is not None and not policy.public:
+            # Checked and submitted by grpc's one serving thread: no other stream gets in between.
+            if self._stream_pool is not None and self._stream_pool.full():
+                return self._shed(details.method, handler, _TOO_MANY_STREAMS)
             return self._stream_handler(details.method, policy, handler)
         if handler is None or handler.unary_unary is None:
             # Public streams (health Watch, reflection) pass; any other stream shape is ours to refuse.
@@ -228,8 +236,12 @@ class ApiInterceptor(grpc.ServerInterceptor):
         key = (method, id(handler))
         wrapped = self._wrapped.get(key)
         if wrapped is None:
+            behavior = self._wrap_stream(method, policy, handler.unary_stream)
+            if self._stream_pool is not None:
+                # A stream holds its thread while its caller stays: never one of the unary RPCs'.
+                behavior.experimental_thread_pool = self._stream_pool  # type: ignore[attr-defined]
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, policy, handler.unary_stream),
+                behavior,
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -294,11 +306,10 @@ class ApiInterceptor(grpc.ServerInterceptor):
             self._release_connection()
             self._record(method, code, time.perf_counter() - started)
 
-    def _shed(self, method: str, handler: Any, admission: Admission) -> Any:
-        """A handler that refuses the call at once: RESOURCE_EXHAUSTED, SERVER_OVERLOADED, retry in 1 s."""
-        overloaded = errors.ResourceExhausted(
-            "SERVER_OVERLOADED", "the server is handling too many calls; retry shortly", retry_after=1
-        )
+    def _shed(self, method: str, handler: Any, message: str) -> Any:
+        """A handler that refuses the call at once (RESOURCE_EXHAUSTED, SERVER_OVERLOADED, retry in 1 s),
+        on the admission's pool of its own: a busy server still answers it."""
+        overloaded = errors.ResourceExhausted("SERVER_OVERLOADED", message, retry_after=1)
 
         def shed(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -308,7 +319,8 @@ class ApiInterceptor(grpc.ServerInterceptor):
                 finally:
                     self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter() - started)
 
-        shed.experimental_thread_pool = admission.shed_pool  # type: ignore[attr-defined]
+        if self._admission is not None:
+            shed.experimental_thread_pool = self._admission.shed_pool  # type: ignore[attr-defined]
         if handler.unary_unary is None:
             return grpc.unary_stream_rpc_method_handler(shed)
         return grpc.unary_unary_rpc_method_handler(shed)
