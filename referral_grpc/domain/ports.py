@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -154,6 +154,10 @@ class PendingEmail:
     created_at: object  # as the store binds a time
     # The hand-off's claim, taken by the insert: the inserting process's dispatcher enqueues the row.
     enqueued_at: object
+
+    def values(self) -> tuple[object, ...]:
+        """The values in the columns' order (dataclasses.astuple would deep-copy each)."""
+        return tuple(getattr(self, column.name) for column in fields(self))
 
 
 class Outbox(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -668,7 +668,7 @@ class RewardService:
             [kinds[who] for who in paid],
             *([template[i] for template in templates] for i in range(4)),
             *source_append_values(now),
-            *(astuple(mail) if mail is not None else [None] * len(fields(PendingEmail))),
+            *(mail.values() if mail is not None else [None] * len(fields(PendingEmail))),
             mail is not None,
             EVENTS_CHANNEL,
         )

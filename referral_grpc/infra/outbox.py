@@ -38,7 +38,7 @@ import logging
 import smtplib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from queue import Empty, Full, Queue
 from typing import Any, Literal, Protocol
@@ -96,7 +96,7 @@ def queue_email(kind: str, recipient: str, context: Mapping[str, object], now: d
         f'INSERT INTO "{EmailOutbox._meta.table_name}" ({columns})'  # noqa: S608
         f" VALUES ({', '.join([db.param] * len(fields(PendingEmail)))}) RETURNING id"
     )
-    return int(run_sql(db, sql, astuple(row)).fetchone()[0])
+    return int(run_sql(db, sql, row.values()).fetchone()[0])
 
 
 class SqlOutbox:
