@@ -346,7 +346,7 @@ def test_every_kind_arrives_with_subject_text_and_html_and_the_reset_token_is_sc
     embedded_worker(settings)
     ids = queue_committed(db, *((kind, f"{kind}@example.com") for kind in CONTEXTS))
     # The server's own queue instance: a different Huey object on the same storage.
-    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
+    HueyDispatcher(create_tasks(settings, SystemClock())).dispatch(ids)
 
     received = by_recipient(smtp_server.wait_for(len(CONTEXTS)))
     wait_sent(*ids)
@@ -436,7 +436,7 @@ def test_max_attempts_records_a_final_failure_without_the_secret(
     db = bind_db(sqlite_url)
     worker = embedded_worker(settings)
     [outbox_id] = queue_committed(db, ("password_reset", "nobody@example.com"))
-    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock())).dispatch([outbox_id])
 
     wait_until(lambda: row(outbox_id).status == "failed", 8, "the final failure")
     failed = row(outbox_id)
@@ -470,7 +470,7 @@ def test_a_permanent_refusal_fails_at_once(
         db = bind_db(sqlite_url)
         embedded_worker(settings)
         ids = queue_committed(db, ("welcome", "gone@example.com"), ("welcome", "here@example.com"))
-        HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch(ids)
+        HueyDispatcher(create_tasks(settings, SystemClock())).dispatch(ids)
         server.wait_for(1)
         wait_until(lambda: row(ids[0]).status == "failed", 5, "the refused email to fail")
         wait_sent(ids[1])
@@ -497,7 +497,7 @@ def test_a_lost_task_is_enqueued_again_after_the_hand_off_grace_then_after_the_l
     queue = create_tasks(settings, clock)
     [outbox_id] = queue_committed(db, ("welcome", "late@example.com"), now=clock.now())
     # The insert claimed the row for the hand-off; the dispatcher enqueues it without writing.
-    HueyDispatcher(queue, clock).dispatch([outbox_id])
+    HueyDispatcher(queue).dispatch([outbox_id])
     assert row(outbox_id).enqueued_at == clock.now() and len(queue.huey) == 1
     queue.huey.flush()  # the task is lost (a crashed worker had already popped it, say)
 
@@ -728,7 +728,7 @@ def test_smtp_outage_retries_with_backoff_and_delivers_once_when_smtp_is_back(
     db = bind_db(pg_url)
     worker = worker_process(env)
     [outbox_id] = queue_committed(db, ("password_reset", "patient@example.com"))
-    HueyDispatcher(create_tasks(settings, SystemClock()), SystemClock()).dispatch([outbox_id])
+    HueyDispatcher(create_tasks(settings, SystemClock())).dispatch([outbox_id])
 
     # Each failed attempt n stores when its retry is due in enqueued_at: now + 0.25 * 2**(n-1).
     due: dict[int, datetime] = {}
@@ -782,7 +782,7 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     ids = queue_committed(db, *(("welcome", recipient) for recipient in recipients))
     # Enqueued from this process (the "server") into Redis, with no worker running: they wait there.
     queue = create_tasks(settings, SystemClock())
-    HueyDispatcher(queue, SystemClock()).dispatch(ids)
+    HueyDispatcher(queue).dispatch(ids)
     assert len(queue.huey) == len(ids)
     assert smtp_server.messages == [] and all(row(i).status == "pending" for i in ids)
 
@@ -824,7 +824,7 @@ def test_redis_down_at_dispatch_leaves_the_row_to_the_relay(
     [outbox_id] = queue_committed(db, ("welcome", "resilient@example.com"))
     down = make_settings(**{**env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
     started = time.monotonic()
-    HueyDispatcher(create_tasks(down, SystemClock()), SystemClock()).dispatch([outbox_id])  # must not raise
+    HueyDispatcher(create_tasks(down, SystemClock())).dispatch([outbox_id])  # must not raise
     assert time.monotonic() - started < 1.0, "a dead queue must not hold the request"
     waiting = row(outbox_id)
     assert (waiting.status, waiting.enqueued_at) == ("pending", None)
@@ -926,7 +926,7 @@ def test_the_hand_off_gives_up_after_one_socket_timeout_and_the_breaker_stops_tr
     ids = queue_committed(db, *(("welcome", f"user{n}@example.com") for n in range(4)))
     clock = SystemClock()
     breaker = CircuitBreaker(failure_threshold=2, reset_after=60)
-    dispatcher = HueyDispatcher(create_tasks(settings, clock, enqueue_only=True), clock, breaker)
+    dispatcher = HueyDispatcher(create_tasks(settings, clock, enqueue_only=True), breaker)
 
     durations = []
     for outbox_id in ids:
@@ -967,7 +967,7 @@ def test_sigterm_lets_the_running_delivery_finish(
         db = bind_db(pg_url)
         worker = worker_process(env)
         [outbox_id] = queue_committed(db, ("password_changed", "careful@example.com"))
-        HueyDispatcher(create_tasks(make_settings(**env), SystemClock()), SystemClock()).dispatch([outbox_id])
+        HueyDispatcher(create_tasks(make_settings(**env), SystemClock())).dispatch([outbox_id])
         assert smtp.data_started.wait(10), "the delivery never reached the SMTP server"
         assert worker.stop(signal.SIGTERM) == 0
         assert len(smtp.messages) == 1

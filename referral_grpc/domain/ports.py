@@ -155,9 +155,14 @@ class PendingEmail:
     # The hand-off's claim, taken by the insert: the inserting process's dispatcher enqueues the row.
     enqueued_at: object
 
+    @staticmethod
+    def columns() -> tuple[str, ...]:
+        """The outbox table's columns a pending email sets, in order."""
+        return tuple(column.name for column in fields(PendingEmail))
+
     def values(self) -> tuple[object, ...]:
         """The values in the columns' order (dataclasses.astuple would deep-copy each)."""
-        return tuple(getattr(self, column.name) for column in fields(self))
+        return tuple(getattr(self, column) for column in self.columns())
 
 
 class Outbox(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -373,7 +373,7 @@ class _Writes:
         # another referrer, or waits for review), then the rewards credited, and only then the event
         # log's lock taken and the events appended, the reward.credited payloads completed with the
         # ids of the entries just inserted.
-        mail_columns = ", ".join(column.name for column in fields(PendingEmail))
+        mail_columns = PendingEmail.columns()
         self.qualify_at_once = (
             f"WITH ev AS ({insert_event}),"  # noqa: S608
             f' judged AS (INSERT INTO "{referrals}" (referee_id, referrer_id, state, rewarded,'
@@ -398,8 +398,8 @@ class _Writes:
             f" {appending_ctes(after='judged', source='news')},"
             # The referrer's email (when bound as true), in the same statement: the transaction
             # holds the log's lock until its commit, and this saves it a round trip meanwhile.
-            f' mail AS (INSERT INTO "{EmailOutbox._meta.table_name}" ({mail_columns})'
-            f" SELECT {_values(db, len(mail_columns.split(',')))} FROM judged WHERE {p}::boolean"
+            f' mail AS (INSERT INTO "{EmailOutbox._meta.table_name}" ({", ".join(mail_columns)})'
+            f" SELECT {_values(db, len(mail_columns))} FROM judged WHERE {p}::boolean"
             f" RETURNING id)"
             f" SELECT {whole_row(RewardEvent, 'ev')}, judged.referee_id,"
             f" (SELECT pg_notify({p}, max(id)::text) FROM appended HAVING count(*) > 0),"
@@ -668,7 +668,7 @@ class RewardService:
             [kinds[who] for who in paid],
             *([template[i] for template in templates] for i in range(4)),
             *source_append_values(now),
-            *(mail.values() if mail is not None else [None] * len(fields(PendingEmail))),
+            *(mail.values() if mail is not None else [None] * len(PendingEmail.columns())),
             mail is not None,
             EVENTS_CHANNEL,
         )

@@ -38,7 +38,7 @@ import logging
 import smtplib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from queue import Empty, Full, Queue
 from typing import Any, Literal, Protocol
@@ -91,10 +91,10 @@ def queue_email(kind: str, recipient: str, context: Mapping[str, object], now: d
     row = pending_email(kind, recipient, context, now)
     db = database.obj
     # Hand-written (one per signup): a peewee INSERT costs more to build than to run.
-    columns = ", ".join(field.name for field in fields(PendingEmail))
+    columns = PendingEmail.columns()
     sql = (
-        f'INSERT INTO "{EmailOutbox._meta.table_name}" ({columns})'  # noqa: S608
-        f" VALUES ({', '.join([db.param] * len(fields(PendingEmail)))}) RETURNING id"
+        f'INSERT INTO "{EmailOutbox._meta.table_name}" ({", ".join(columns)})'  # noqa: S608
+        f" VALUES ({', '.join([db.param] * len(columns))}) RETURNING id"
     )
     return int(run_sql(db, sql, row.values()).fetchone()[0])
 
@@ -121,12 +121,11 @@ class HueyDispatcher:
     """Hands committed outbox rows to the task queue; when the queue is down, leaves them to the relay.
 
     With a breaker, a queue that just failed is not tried again until the breaker lets a probe
-    through: the rows stay unclaimed and the relay sends them.
+    through: the rows' claims are taken back and the relay sends them.
     """
 
-    def __init__(self, queue: DeliveryQueue, clock: Clock, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, queue: DeliveryQueue, breaker: CircuitBreaker | None = None) -> None:
         self._queue = queue
-        self._clock = clock
         self._breaker = breaker
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
@@ -140,7 +139,7 @@ class HueyDispatcher:
                 _release(claimed, None)
                 return
             enqueued = _enqueue_claimed(self._queue, claimed, None)
-            if claimed and self._breaker is not None:
+            if self._breaker is not None:
                 if enqueued == len(claimed):
                     self._breaker.record_success()
                 else:

@@ -161,7 +161,7 @@ def make_dispatcher(settings: Settings, clock: Clock) -> EmailDispatcher:
     through a fail-fast client behind a circuit breaker. Whatever it cannot hand over, the relay sends.
     """
     tasks = create_tasks(settings, clock, enqueue_only=True)
-    return BackgroundDispatcher(HueyDispatcher(tasks, clock, CircuitBreaker()))
+    return BackgroundDispatcher(HueyDispatcher(tasks, CircuitBreaker()))
 
 
 # The signals Huey's consumer takes over when it starts.
