@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import peewee as pw
@@ -23,7 +25,7 @@ from referral_grpc.domain.programs import Reward
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.gen import reward_service_pb2 as rw_pb
-from referral_grpc.store.models import ApiKey, EmailOutbox, LedgerEntry, Referral, RewardEvent, User
+from referral_grpc.store.models import ApiKey, EmailOutbox, Event, LedgerEntry, Referral, RewardEvent, User
 
 Skip = rw_pb.SkippedReward
 
@@ -506,8 +508,9 @@ def test_the_ledger_refuses_updates_and_deletes_on_postgres(pg_url: str, clock: 
 
 
 def test_a_first_qualifying_event_is_one_statement_on_postgres(pg_url: str, clock: FakeClock) -> None:
-    """Recorded, judged, credited and logged by one statement (not six); a newcomer the referral's row
-    does not let qualify there (held for review) goes on step by step in the same transaction."""
+    """Recorded, judged, credited and logged by one statement (not six) that is a transaction of its
+    own; a newcomer the referral's row does not let qualify there (held for review) goes step by step
+    in a transaction, without trying the statement."""
     with running_rewards(pg_url, clock, db_prepare_statements=False) as rw:
         rw.set_program()
         _, newcomer = rw.pair()
@@ -523,23 +526,73 @@ def test_a_first_qualifying_event_is_one_statement_on_postgres(pg_url: str, cloc
             db.query_hooks.clear()
     assert len(paid.rewards) == 2 and not in_review.rewards
     assert skipped(in_review) == both("REFERRAL_IN_REVIEW")
-    # A transaction's BEGIN goes with its first statement, never on its own.
-    assert any(sql.startswith("BEGIN;") for sql in statements)
     touching = [
-        sql.removeprefix("BEGIN;")
+        sql
         for sql in statements
         if any(f'"{table}"' in sql for table in ("reward_events", "referrals", "ledger_entries"))
     ]
-    writes = [sql for sql in touching if re.match(r"\s*(WITH|INSERT|UPDATE)", sql)]
+    writes = [sql for sql in touching if re.match(r"\s*(BEGIN;)?\s*(WITH|INSERT|UPDATE)", sql)]
     tables = ('INSERT INTO "reward_events"', 'INSERT INTO "referrals"', 'INSERT INTO "ledger_entries"')
-    # The paid event: one statement writes the event, the referral, both rewards and the log.
+    # The paid event: one statement writes the event, the referral, both rewards and the log, with
+    # no BEGIN before it (so no COMMIT after it either).
     assert all(part in writes[0] for part in (*tables, "INSERT INTO events"))
-    # The held one: the same statement records the event and stops at the referral's row; then the
-    # referral is read and the event marked as its qualifying one, and the outcome kept.
-    assert all(part in writes[1] for part in tables)
+    assert not writes[0].startswith("BEGIN;")
+    # The held one: a transaction (its BEGIN goes with its first statement, never on its own) records
+    # the event, reads the referral, marks the event as its qualifying one and keeps the outcome.
+    assert writes[1].startswith('BEGIN;INSERT INTO "reward_events"')
+    assert 'INSERT INTO "ledger_entries"' not in writes[1]
     assert [re.match(r"\s*\w+", sql).group().strip() for sql in writes[2:]] == ["WITH", "UPDATE", "UPDATE"]
     assert RewardEvent.get(RewardEvent.event_id == in_review.event_id).user_id == held
     assert Referral.get_by_id(held).qualifying_event_id is not None
+
+
+@pytest.mark.parametrize("deadline", [None, 3.0], ids=["no deadline", "deadline under the statement cap"])
+def test_a_referral_qualified_between_the_read_and_the_statement_leaves_nothing_of_it(
+    pg_url: str, clock: FakeClock, deadline: float | None
+) -> None:
+    """The statement runs as a transaction of its own (or, under a deadline shorter than the
+    connection's statement cap, in one bounded by it), so when it finds the referral's row no longer
+    pending (a competing event qualified it after this one's read) it must fail as a whole: the
+    event then goes step by step, is recorded once and told why it earned nothing."""
+    with running_rewards(pg_url, clock, db_prepare_statements=False) as rw:
+        rw.set_program()
+        _, newcomer = rw.pair()
+        db = rw.api.app.db
+        competing: list[Any] = []
+        failed: list[str] = []
+
+        def hook(query: Any) -> None:
+            if query.exception is not None:
+                failed.append(f"{query.sql} -> {query.exception}")
+            # Right after the first event's read, before its statement: the competing event, from
+            # another thread (its own connection), recorded and committed in full.
+            if (
+                not competing
+                and query.sql.lstrip().startswith("SELECT")
+                and '"reward_events" ev' in query.sql
+            ):
+                competing.append(None)
+                worker = threading.Thread(target=lambda: competing.append(rw.event(newcomer)))
+                worker.start()
+                worker.join(10)
+
+        db.query_hooks.append(hook)
+        try:
+            late = rw.event(newcomer, timeout=deadline)
+        finally:
+            db.query_hooks.clear()
+        winner = competing[-1]
+        assert len(winner.rewards) == 2
+        [aborted] = [f for f in failed if "referral_not_qualifiable" in f]
+        assert aborted.startswith("BEGIN;") == (deadline is not None)
+        assert late.referral_state == ref_pb.QUALIFIED and not late.rewards
+        assert skipped(late) == both("ALREADY_QUALIFIED")
+        # A retry is told the same; the ledger, the event log and the outbox hold the winner's only.
+        assert skipped(rw.event(newcomer, event_id=late.event_id)) == both("ALREADY_QUALIFIED")
+        assert RewardEvent.select().where(RewardEvent.user == newcomer).count() == 2
+        assert LedgerEntry.select().count() == 2
+        assert Event.select().where(Event.type == "referral.qualified").count() == 1
+        assert EmailOutbox.select().where(EmailOutbox.kind == "reward_credited").count() == 1
 
 
 def _ledger_refuses_changes(rw: RewardsApi) -> None:

@@ -27,6 +27,8 @@ from ..store.database import (
     placeholder,
     row_reader,
     run_sql,
+    single_statement_write,
+    statement_aborted,
     stored_time,
     whole_row,
     write_transaction,
@@ -255,19 +257,25 @@ class _Reads:
 
     def __init__(self, db: pw.Database) -> None:
         p = placeholder(db)
-        # The event's user, its referrer (what `parties` reads of it), the program in force and, when
-        # a retry, the event already recorded and its ledger entries: one read for all five (a row
-        # per entry, the rest repeated).
+        # The event's user, its referrer (what `parties` reads of it), the program in force, whether
+        # its referral's row lets a first qualifying event qualify it (none yet, or pending with the
+        # user's referrer and not held for review: what _Writes.qualify_at_once's upsert checks)
+        # and, when a retry, the event already recorded and its ledger entries: one read for all
+        # six (a row per entry, the rest repeated).
         users, events = User._meta.table_name, RewardEvent._meta.table_name
         programs, ledger = Program._meta.table_name, LedgerEntry._meta.table_name
+        referrals = Referral._meta.table_name
         party_fields = (User.id, User.email, User.blocked_at)
         both = (
             f"SELECT {whole_row(User, 'u')}, {whole_row(RewardEvent, 'ev')},"  # noqa: S608
             f" {', '.join(f'r.{f.column_name}' for f in party_fields)}, {whole_row(Program, 'pr')},"
+            f" (rf.referee_id IS NULL OR (rf.state = {db.param} AND rf.referrer_id = u.referrer_id"
+            f" AND (COALESCE(rf.fraud_decision, '') <> {db.param} OR rf.review_outcome IS NOT NULL))),"
             f" {whole_row(LedgerEntry, 'le')}"
             f' FROM "{users}" u LEFT JOIN "{events}" ev ON ev.event_id = {db.param}'
             f' LEFT JOIN "{ledger}" le ON le.event_id = ev.id'
             f' LEFT JOIN "{users}" r ON r.id = u.referrer_id'
+            f' LEFT JOIN "{referrals}" rf ON rf.referee_id = u.id'
             f' LEFT JOIN "{programs}" pr ON pr.id = (SELECT max(id) FROM "{programs}") WHERE u.'
         )
         self.user_and_event = {
@@ -281,7 +289,8 @@ class _Reads:
             (Program, row_reader(Program._meta.sorted_fields)),
         )
         self.entry_columns = row_reader(LedgerEntry._meta.sorted_fields)
-        self.entries_at = sum(len(reader) for _, reader in self.user_and_event_parts)
+        self.may_qualify_at = sum(len(reader) for _, reader in self.user_and_event_parts)
+        self.entries_at = self.may_qualify_at + 1
         # An event by its name, with its ledger entries (a row per entry).
         self.event_and_entries = (
             f"SELECT {whole_row(RewardEvent, 'ev')}, {whole_row(LedgerEntry, 'le')}"  # noqa: S608
@@ -367,7 +376,7 @@ class _Writes:
             else None
         )
         # PostgreSQL: a first event that qualifies its newcomer, as one statement (see
-        # RewardService._qualify_at_once). Each CTE runs when the next one reads it: the event is
+        # RewardService._qualify_alone). Each CTE runs when the next one reads it: the event is
         # inserted (nothing when its event_id is taken), then the referral opened already qualified
         # or moved pending -> qualified (its row locked; nothing when it is not pending, names
         # another referrer, or waits for review), then the rewards credited, and only then the event
@@ -404,7 +413,12 @@ class _Writes:
             f" SELECT {whole_row(RewardEvent, 'ev')}, judged.referee_id,"
             f" (SELECT pg_notify({p}, max(id)::text) FROM appended HAVING count(*) > 0),"
             f" (SELECT id FROM mail), {whole_row(LedgerEntry, 'credited')}"
-            f" FROM ev LEFT JOIN judged ON TRUE LEFT JOIN credited ON TRUE ORDER BY credited.id"
+            f" FROM ev LEFT JOIN judged ON TRUE LEFT JOIN credited ON TRUE"
+            # The event recorded but its referral's row did not let it qualify (qualified or held
+            # meanwhile): nothing this statement wrote may stay, so it fails (and the caller goes
+            # step by step).
+            f" WHERE CASE WHEN judged.referee_id IS NULL THEN abort_statement('referral_not_qualifiable')"
+            f" ELSE TRUE END ORDER BY credited.id"
             if is_postgres(db)
             else None
         )
@@ -436,25 +450,21 @@ class RewardService:
         occurred_at = self._validate(e, now)
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
-        user, seen, seen_entries, referrer, program = self._user_and_seen(e)
+        user, seen, seen_entries, referrer, program, may_qualify = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
         if seen is not None:
             return self._duplicate(seen, seen_entries, content_hash)
+        if may_qualify and refunded is None:
+            done = self._qualify_alone(e, user, referrer, program, occurred_at, content_hash, now)
+            if done is not None:
+                return done
         outbox_ids: list[int] = []
         events: list[NewEvent] = []
         with write_transaction(self._db):
-            at_once = self._qualify_at_once(
-                e, user, referrer, program, occurred_at, content_hash, now, outbox_ids
-            )
-            row, done = at_once or (
-                self._insert_event(e, user, occurred_at, content_hash, now, refunded),
-                None,
-            )
+            row = self._insert_event(e, user, occurred_at, content_hash, now, refunded)
             if row is None:
                 first, first_entries = self._event_and_entries(e.event_id)
-            elif done is not None:
-                result = done
             elif refunded is not None:
                 result = self._refund(row, refunded, now, events)
             else:
@@ -510,20 +520,24 @@ class RewardService:
 
     def _user_and_seen(
         self, e: EventInput
-    ) -> tuple[User, RewardEvent | None, list[LedgerEntry], User | None, ProgramRules | None]:
+    ) -> tuple[User, RewardEvent | None, list[LedgerEntry], User | None, ProgramRules | None, bool]:
         """The event's user, the event if its event_id was recorded already and its ledger entries,
-        the user's referrer (id, email, blocked_at) if it has one, and the program in force if any."""
+        the user's referrer (id, email, blocked_at) if it has one, the program in force if any, and
+        whether the user's referral row lets a first qualifying event qualify it (_qualify_alone)."""
         key: str | int
         if e.email:
             _, key = normalize_email(e.email)
             name = "email"
         else:
             key, name = e.user_id, "user_id"
-        rows = run_sql(self._db, self._reads.user_and_event[name], (e.event_id, key)).fetchall()
+        params = (PENDING, REVIEW, e.event_id, key)
+        rows = run_sql(self._db, self._reads.user_and_event[name], params).fetchall()
         if not rows:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
-        user, recorded, referrer, program = joined_instances(rows[0], self._reads.user_and_event_parts)
-        return user, recorded, self._entries(rows, self._reads.entries_at), referrer, rules_of(program)
+        reads = self._reads
+        user, recorded, referrer, program = joined_instances(rows[0], reads.user_and_event_parts)
+        entries = self._entries(rows, reads.entries_at)
+        return user, recorded, entries, referrer, rules_of(program), bool(rows[0][reads.may_qualify_at])
 
     def _event_and_entries(self, event_id: str) -> tuple[RewardEvent, list[LedgerEntry]]:
         """A recorded event and its ledger entries."""
@@ -575,7 +589,7 @@ class RewardService:
         )
         return row
 
-    def _qualify_at_once(
+    def _qualify_alone(
         self,
         e: EventInput,
         user: User,
@@ -584,20 +598,20 @@ class RewardService:
         occurred_at: datetime,
         content_hash: str,
         now: datetime,
-        outbox_ids: list[int],
-    ) -> tuple[RewardEvent | None, EventResult | None] | None:
+    ) -> EventResult | None:
         """PostgreSQL: the common first event, one that qualifies its newcomer's referral, recorded,
-        judged and credited by one statement (inside the caller's transaction) instead of six.
+        judged and credited by one statement instead of six, as a transaction of its own: no COMMIT
+        round trip, and the event log's lock is held only while PostgreSQL runs the statement.
 
-        None when the event or the rows already read show it is not that case (a refund, no referrer or
-        program, a program with a cap, a blocked party, an event the program does not count): the
-        transaction goes step by step. Else what the statement did: (None, None) when the event_id is
-        taken (a retry got there first); (the event, None) when the event is recorded but the referral's
-        row did not let it qualify (not pending, another referrer, held for review): _judge goes on from
-        there, in the same transaction; (the event, its result) when it is done.
+        None when the rows already read show it is not that case (no referrer or program, a program
+        with a cap, a blocked party, an event the program does not count, a referral's row that does
+        not let it qualify), or when the statement found the referral's row changed meanwhile (a
+        concurrent event qualified it): then it aborted itself (abort_statement), nothing it wrote
+        stays, and the caller goes step by step. Else the event's result, or when a concurrent send of
+        the same event_id recorded it first, that one's (as a retry's).
         """
         sql = self._writes.qualify_at_once
-        if sql is None or e.type == REFUND or referrer is None or program is None:
+        if sql is None or referrer is None or program is None:
             return None
         # `referrer` is the user row's referrer (read with it).
         if program.max_rewarded_referrals or user.blocked_at is not None or referrer.blocked_at is not None:
@@ -672,18 +686,27 @@ class RewardService:
             mail is not None,
             EVENTS_CHANNEL,
         )
-        rows = run_sql(self._db, sql, values).fetchall()
+        try:
+            if single_statement_write(self._db):
+                rows = run_sql(self._db, sql, values).fetchall()
+            else:
+                # A deadline shorter than the connection's statement cap: write_transaction bounds it.
+                with write_transaction(self._db):
+                    rows = run_sql(self._db, sql, values).fetchall()
+        except pw.DatabaseError as exc:
+            if statement_aborted(exc):
+                return None
+            raise
         if not rows:
-            return None, None
+            first, first_entries = self._event_and_entries(e.event_id)
+            return self._duplicate(first, first_entries, content_hash)
         width = len(self._reads.event_columns)
         event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
-        if rows[0][width] is None:
-            return event, None
         credited = self._entries(rows, width + 3)
         if rows[0][width + 2] is not None:
-            outbox_ids.append(int(rows[0][width + 2]))
+            self._dispatcher.dispatch([int(rows[0][width + 2])])
         names = {event.id: event.event_id}
-        return event, EventResult(
+        return EventResult(
             e.event_id, False, QUALIFIED, [_entry_view(row, names) for row in credited], skipped
         )
 

@@ -250,6 +250,15 @@ def single_statement_write(db: pw.Database) -> bool:
     return _deadline_timeout_ms(db) is None
 
 
+# The SQLSTATE of abort_statement() (migrations/007_abort_statement.py).
+STATEMENT_ABORTED = "RF001"
+
+
+def statement_aborted(exc: pw.DatabaseError) -> bool:
+    """Whether the statement called abort_statement(): it changed nothing, on purpose."""
+    return getattr(getattr(exc, "orig", None), "pgcode", None) == STATEMENT_ABORTED
+
+
 def lock_not_available(exc: pw.OperationalError) -> bool:
     """Whether PostgreSQL refused a NOWAIT lock that another transaction holds (lock_not_available)."""
     return getattr(getattr(exc, "orig", None), "pgcode", None) == "55P03"

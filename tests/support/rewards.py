@@ -84,6 +84,7 @@ class RewardsApi:
         refunds: str = "",
         occurred_at: datetime | None = None,
         key: str = "",
+        timeout: float | None = None,
     ) -> Any:
         request = rw_pb.RecordEventRequest(
             event_id=event_id or new_event_id(),
@@ -95,7 +96,7 @@ class RewardsApi:
         )
         if occurred_at is not None:
             request.occurred_at.CopyFrom(ts(occurred_at))
-        return self.rewards.RecordEvent(request, metadata=(("x-api-key", key or self.key),))
+        return self.rewards.RecordEvent(request, metadata=(("x-api-key", key or self.key),), timeout=timeout)
 
     def balance(self, user_id: int, currency: str = "USD") -> tuple[int, int, int]:
         """(available, pending, lifetime earned) in `currency`, zeros when the user has no entries."""
