@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -572,6 +575,39 @@ def test_health_and_reflection(api: Api) -> None:
     )
     names = {s.name for s in responses[0].list_services_response.service}
     assert {"referral.v1.AuthService", "referral.v1.ReferralService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.api_settings(grpc_reflection=True, grpc_max_workers=2, grpc_max_streams=3)
+def test_open_reflection_streams_leave_the_unary_rpcs_their_threads(api: Api) -> None:
+    """A reflection client may keep its stream open (holding a thread): it runs on the streams' pool,
+    bounded by GRPC_MAX_STREAMS like WatchEvents, never on the unary RPCs' threads."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    done = threading.Event()
+
+    def asks() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        done.wait(30)
+
+    streams = [stub.ServerReflectionInfo(asks(), timeout=10) for _ in range(3)]
+    try:
+        for stream in streams:
+            assert next(stream).list_services_response.service
+        # More open streams than unary threads, and a unary call still runs at once.
+        started = time.monotonic()
+        missing = expect_error(
+            api.referrals.GetReferralCodeByEmail,
+            ref_pb.GetReferralCodeByEmailRequest(email="cy@example.com"),
+            timeout=5,
+        )
+        assert missing.code == grpc.StatusCode.NOT_FOUND and time.monotonic() - started < 2
+        # One stream more than the pool is refused at once, in the stream's own shape.
+        refused = expect_error(lambda: next(stub.ServerReflectionInfo(asks(), timeout=5)))
+        assert (refused.code, refused.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_OVERLOADED")
+        assert "GRPC_MAX_STREAMS" in refused.message
+    finally:
+        done.set()
+        for stream in streams:
+            stream.cancel()
 
 
 def test_errors_carry_error_info_with_domain(api: Api) -> None:

@@ -207,8 +207,14 @@ class ApiInterceptor(grpc.ServerInterceptor):
             if self._stream_pool is not None and self._stream_pool.full():
                 return self._shed(details.method, handler, _TOO_MANY_STREAMS)
             return self._stream_handler(details.method, policy, handler)
+        if handler is not None and handler.stream_stream is not None and policy.public:
+            # Reflection: a client may keep its stream open, holding a thread meanwhile, so it goes
+            # on the streams' pool too. (Health's Watch holds none: grpc runs it non-blocking.)
+            if self._stream_pool is not None and self._stream_pool.full():
+                return self._shed(details.method, handler, _TOO_MANY_STREAMS)
+            return self._public_stream_handler(details.method, handler)
         if handler is None or handler.unary_unary is None:
-            # Public streams (health Watch, reflection) pass; any other stream shape is ours to refuse.
+            # Health's Watch passes; any other stream shape is ours to refuse.
             if handler is not None and not policy.public:
                 return _deny_handler()
             return handler
@@ -243,6 +249,27 @@ class ApiInterceptor(grpc.ServerInterceptor):
             wrapped = grpc.unary_stream_rpc_method_handler(
                 behavior,
                 request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+            self._wrapped[key] = wrapped
+        return wrapped
+
+    def _public_stream_handler(self, method: str, handler: Any) -> Any:
+        """A public bidirectional stream (reflection) as it is, but on the streams' pool."""
+        if self._stream_pool is None:
+            return handler
+        key = (method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            inner = handler.stream_stream
+
+            def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                return inner(requests, context)
+
+            behavior.experimental_thread_pool = self._stream_pool  # type: ignore[attr-defined]
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
             self._wrapped[key] = wrapped
@@ -321,6 +348,8 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
         if self._admission is not None:
             shed.experimental_thread_pool = self._admission.shed_pool  # type: ignore[attr-defined]
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(shed)
         if handler.unary_unary is None:
             return grpc.unary_stream_rpc_method_handler(shed)
         return grpc.unary_unary_rpc_method_handler(shed)
