@@ -303,8 +303,8 @@ class Settings:
     # Their own pool too: a stream holds its thread for as long as its caller stays.
     grpc_max_streams: int = integer(
         16,
-        "open WatchEvents streams per process, each on a thread of its own pool; one more is refused "
-        "with RESOURCE_EXHAUSTED (`SERVER_OVERLOADED`)",
+        "open streams (WatchEvents, reflection) per process, each on a thread of its own pool; one more "
+        "is refused with RESOURCE_EXHAUSTED (`SERVER_OVERLOADED`)",
         minimum=1,
         maximum=1024,
     )
