@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,74 +44,6 @@ SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 MAX_METADATA_BYTES = 32 * 1024
 # Added to the nice value of the threads that run the RPCs marked blocking (bcrypt, Hunter calls).
 BLOCKING_NICENESS = 10
-
-
-# grpc's synchronous server asks for a unary call's request message only once a pool thread has
-# taken the call: that thread then waits while the request goes through the completion queue and the
-# poller thread, one more hand-off per call. Here the message is asked for as the call arrives, on
-# the poller thread (A/B, one server process behind Envoy, 4 pairs: cached lookup 1.06x, RecordEvent
-# 1.07x, cold lookup 1.04x). This replaces grpc._server._unary_request, for the grpcio version pinned
-# in pyproject; should the internals it uses be missing, calls are received as before (and
-# tests/test_api.py says so).
-_EARLY_INTERNALS = (
-    "_unary_request",
-    "_is_rpc_state_active",
-    "_receive_message",
-    "_abort",
-    "_EMPTY_FLAGS",
-    "_RECEIVE_MESSAGE_TOKEN",
-    "_CLOSED",
-    "_CANCELLED",
-)
-
-
-def receive_requests_early() -> bool:
-    """Ask for each unary call's request as the call arrives (process-wide); whether that is in force."""
-    from grpc import _server  # the synchronous server's internals, for the pinned version
-
-    if not all(hasattr(_server, name) for name in _EARLY_INTERNALS):
-        return False
-    if getattr(_server._unary_request, "early", False):
-        return True
-    cygrpc = _server.cygrpc
-
-    def unary_request_early(rpc_event: Any, state: Any, request_deserializer: Any) -> Callable[[], Any]:
-        with state.condition:
-            asked = _server._is_rpc_state_active(state)
-            if asked:
-                rpc_event.call.start_server_batch(
-                    (cygrpc.ReceiveMessageOperation(_server._EMPTY_FLAGS),),
-                    _server._receive_message(state, rpc_event.call, request_deserializer),
-                )
-                state.due.add(_server._RECEIVE_MESSAGE_TOKEN)
-
-        def unary_request() -> Any:
-            # What grpc's own does once its message is asked for: the request, or None when the
-            # call is over (the client cancelled, or half-closed without a message).
-            with state.condition:
-                # A call whose client left while it waited for a thread ends here, as grpc's own does.
-                if not asked or not _server._is_rpc_state_active(state):
-                    return None
-                while True:
-                    if state.request is not None:
-                        request = state.request
-                        state.request = None
-                        return request
-                    if state.client is _server._CLOSED:
-                        details = f'"{rpc_event.call_details.method}" requires exactly one request message.'
-                        _server._abort(
-                            state, rpc_event.call, cygrpc.StatusCode.unimplemented, details.encode()
-                        )
-                        return None
-                    if state.client is _server._CANCELLED:
-                        return None
-                    state.condition.wait()
-
-        return unary_request
-
-    unary_request_early.early = True  # type: ignore[attr-defined]
-    _server._unary_request = unary_request_early
-    return True
 
 
 class DatabaseHealth:
@@ -242,8 +173,6 @@ def create_server(app: App, address: str | None = None) -> Server:
     # Each call's headers (x-request-id) in the batch that carries its answer, not one of their own.
     if not send_headers_with_the_answer():
         log.warning("grpc internals differ from the pinned version: headers go out in a batch of their own")
-    if not receive_requests_early():
-        log.warning("grpc internals differ from the pinned version: pool threads ask for the requests")
     metrics = Metrics(cache=app.cache, verifier=app.verifier, db=app.db, clock=app.clock)
     in_flight = InFlight()
     # Password hashing saturates the CPU by design; at a lower priority it takes what the cheap RPCs

@@ -22,7 +22,6 @@ from referral_grpc.api.errors import send_headers_with_the_answer
 from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
-from referral_grpc.server import receive_requests_early
 from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PASSWORD = "correct horse battery"
@@ -623,26 +622,6 @@ def test_request_id_is_echoed(api: Api) -> None:
         auth_pb.RequestPasswordResetRequest(email="cy@example.com"), metadata=(("x-request-id", "req-123"),)
     )
     assert ("x-request-id", "req-123") in tuple(call.initial_metadata())
-
-
-def test_requests_are_asked_for_as_calls_arrive_on_the_pinned_grpc(api: Api) -> None:
-    """server.receive_requests_early replaces an internal of grpc's synchronous server; if a grpcio
-    upgrade removed what it uses, calls would be received as before (correct, ~5% slower): this test
-    says so. A unary call whose client sends no request message still gets grpc's own answer."""
-    assert receive_requests_early()
-    method = "/referral.v1.ReferralService/GetReferralCodeByEmail"
-    no_message = api.channel.stream_unary(method, request_serializer=None, response_deserializer=None)
-    with pytest.raises(grpc.RpcError) as refused:
-        no_message(iter([]), timeout=5)
-    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "requires exactly one request message" in (refused.value.details() or "")  # type: ignore[attr-defined]
-    # The next call on that method is received and answered as usual.
-    missing = expect_error(
-        api.referrals.GetReferralCodeByEmail,
-        ref_pb.GetReferralCodeByEmailRequest(email="nobody@example.com"),
-        timeout=5,
-    )
-    assert missing.code == grpc.StatusCode.NOT_FOUND
 
 
 def test_headers_go_out_with_the_answer_on_the_pinned_grpc(api: Api) -> None:

@@ -107,35 +107,6 @@ def test_pool_exhaustion_waits_a_bounded_time_then_fails_with_unavailable(pg_url
         assert timed(lambda: lookup(api, "nobody@example.com"))[0] == grpc.StatusCode.NOT_FOUND  # answered
 
 
-def test_a_call_cancelled_while_it_waits_for_a_thread_never_reaches_its_handler(pg_url: str) -> None:
-    """Requests are asked for as their calls arrive (server.receive_requests_early), so a queued call
-    already holds its request; when its client has gone by the time a thread is free, it still ends
-    there, as with grpc's own receiving, and the server goes on."""
-    settings = make_settings(database_url=pg_url, db_pool_size=1, db_pool_timeout=10, grpc_max_workers=1)
-    with running_api(settings) as api:
-        admission = api.server.admission
-        assert admission is not None
-        api.app.db.close()
-        api.app.db.connect()  # the first call waits for the pool, on the one thread, until we let go
-        try:
-            request = ref_pb.GetReferralCodeByEmailRequest(email="nobody@example.com")
-            first = api.referrals.GetReferralCodeByEmail.future(request, timeout=20)
-            wait_for(lambda: admission.in_flight.count == 1, 10, "the first call in flight")
-            queued = api.referrals.GetReferralCodeByEmail.future(request, timeout=20)
-            wait_for(lambda: admission.in_flight.count == 2, 10, "the second call queued")
-            queued.cancel()
-            time.sleep(0.5)  # the cancellation reaches the server
-        finally:
-            api.app.db.close()
-        with pytest.raises(grpc.RpcError) as answered:
-            first.result(timeout=15)
-        assert answered.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-        wait_for(lambda: admission.in_flight.count == 0, 10, "the calls to finish")
-        # Only the first call reached the handler (and the metrics); the server answers again.
-        assert handled(api, LOOKUP) == {"NOT_FOUND": 1}
-        assert timed(lambda: lookup(api, "nobody@example.com"))[0] == grpc.StatusCode.NOT_FOUND
-
-
 def test_concurrency_cap_sheds_extra_rpcs_at_once_with_a_reason_and_counts_them(pg_url: str) -> None:
     settings = make_settings(
         database_url=pg_url,
