@@ -688,6 +688,8 @@ class RewardService:
         )
         try:
             if single_statement_write(self._db):
+                # Committed even if the caller leaves meanwhile, unlike write_transaction: the event
+                # is named by the caller's event_id, so its retry is told this same result.
                 rows = run_sql(self._db, sql, values).fetchall()
             else:
                 # A deadline shorter than the connection's statement cap: write_transaction bounds it.
