@@ -202,16 +202,16 @@ class ApiInterceptor(grpc.ServerInterceptor):
         policy = policy_for(details.method)
         if handler is not None and self._admission is not None and self._admission.full():
             return self._shed(details.method, handler, _OVERLOADED)
-        if handler is not None and handler.unary_stream is not None and not policy.public:
+        ours = handler is not None and handler.unary_stream is not None and not policy.public
+        # Reflection: a client may keep its stream open, holding a thread meanwhile, so it goes on the
+        # streams' pool too. (Health's Watch holds none: grpc runs it non-blocking.)
+        reflection = handler is not None and handler.stream_stream is not None and policy.public
+        if ours or reflection:
             # Checked and submitted by grpc's one serving thread: no other stream gets in between.
             if self._stream_pool is not None and self._stream_pool.full():
                 return self._shed(details.method, handler, _TOO_MANY_STREAMS)
-            return self._stream_handler(details.method, policy, handler)
-        if handler is not None and handler.stream_stream is not None and policy.public:
-            # Reflection: a client may keep its stream open, holding a thread meanwhile, so it goes
-            # on the streams' pool too. (Health's Watch holds none: grpc runs it non-blocking.)
-            if self._stream_pool is not None and self._stream_pool.full():
-                return self._shed(details.method, handler, _TOO_MANY_STREAMS)
+            if ours:
+                return self._stream_handler(details.method, policy, handler)
             return self._public_stream_handler(details.method, handler)
         if handler is None or handler.unary_unary is None:
             # Health's Watch passes; any other stream shape is ours to refuse.

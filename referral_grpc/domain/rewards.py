@@ -463,15 +463,14 @@ class RewardService:
         events: list[NewEvent] = []
         with write_transaction(self._db):
             row = self._insert_event(e, user, occurred_at, content_hash, now, refunded)
-            if row is None:
-                first, first_entries = self._event_and_entries(e.event_id)
-            elif refunded is not None:
-                result = self._refund(row, refunded, now, events)
-            else:
-                result = self._judge(row, user, referrer, program, now, outbox_ids, events)
-            append_events(self._db, events, now)
+            if row is not None:
+                if refunded is not None:
+                    result = self._refund(row, refunded, now, events)
+                else:
+                    result = self._judge(row, user, referrer, program, now, outbox_ids, events)
+                append_events(self._db, events, now)
         if row is None:
-            return self._duplicate(first, first_entries, content_hash)
+            return self._recorded_first(e.event_id, content_hash)
         self._dispatcher.dispatch(outbox_ids)
         return result
 
@@ -539,12 +538,13 @@ class RewardService:
         entries = self._entries(rows, reads.entries_at)
         return user, recorded, entries, referrer, rules_of(program), bool(rows[0][reads.may_qualify_at])
 
-    def _event_and_entries(self, event_id: str) -> tuple[RewardEvent, list[LedgerEntry]]:
-        """A recorded event and its ledger entries."""
+    def _recorded_first(self, event_id: str, content_hash: str) -> EventResult:
+        """A retry's answer for an event whose event_id a concurrent send took first (its insert
+        waited for that one's commit, then inserted nothing): read it with its ledger entries."""
         rows = run_sql(self._db, self._reads.event_and_entries, (event_id,)).fetchall()
         width = len(self._reads.event_columns)
         event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
-        return event, self._entries(rows, width)
+        return self._duplicate(event, self._entries(rows, width), content_hash)
 
     def _entries(self, rows: Sequence[Sequence[Any]], start: int) -> list[LedgerEntry]:
         """The ledger entries of a joined read, whose columns begin at `start` (none: NULL)."""
@@ -700,8 +700,7 @@ class RewardService:
                 return None
             raise
         if not rows:
-            first, first_entries = self._event_and_entries(e.event_id)
-            return self._duplicate(first, first_entries, content_hash)
+            return self._recorded_first(e.event_id, content_hash)
         width = len(self._reads.event_columns)
         event: RewardEvent = instance(RewardEvent, self._reads.event_columns, rows[0][:width])
         credited = self._entries(rows, width + 3)

@@ -256,12 +256,18 @@ STATEMENT_ABORTED = "RF001"
 
 def statement_aborted(exc: pw.DatabaseError) -> bool:
     """Whether the statement called abort_statement(): it changed nothing, on purpose."""
-    return getattr(getattr(exc, "orig", None), "pgcode", None) == STATEMENT_ABORTED
+    return _sqlstate(exc) == STATEMENT_ABORTED
 
 
 def lock_not_available(exc: pw.OperationalError) -> bool:
     """Whether PostgreSQL refused a NOWAIT lock that another transaction holds (lock_not_available)."""
-    return getattr(getattr(exc, "orig", None), "pgcode", None) == "55P03"
+    return _sqlstate(exc) == "55P03"
+
+
+def _sqlstate(exc: pw.DatabaseError) -> str | None:
+    """The SQLSTATE of the PostgreSQL error peewee wrapped (None on SQLite)."""
+    code: str | None = getattr(getattr(exc, "orig", None), "pgcode", None)
+    return code
 
 
 def write_transaction(db: pw.Database) -> Any:
