@@ -36,6 +36,9 @@ PASSWORD = "correct horse battery"
 SEED = "20261126"
 # Per operation and phase: the whole module (server and Envoy start included) takes about 20 s here.
 MAX_EXAMPLES = "100"
+# Seconds for one schemathesis run; a test makes up to two (the suite's default timeout is 120 s).
+SCHEMATHESIS_TIMEOUT = 240
+pytestmark = pytest.mark.timeout(2 * SCHEMATHESIS_TIMEOUT + 60)
 
 
 @pytest.fixture(scope="module")
@@ -399,8 +402,9 @@ def schemathesis(base: str, config: Path, known: Known, *args: str) -> subproces
         cwd=config.parent,
         capture_output=True,
         text=True,
-        # The run takes about 15 s here; a hung one fails instead of stalling CI.
-        timeout=120,
+        # A run takes 15 s on a fast machine and over a minute on a slow one (2 cores shared with the
+        # server and Envoy); a hung one fails instead of stalling CI.
+        timeout=SCHEMATHESIS_TIMEOUT,
         check=False,
     )
 
