@@ -39,7 +39,7 @@ from referral_grpc.domain.passwords import PasswordHasher
 from . import harness, load, seed
 from .run import WatchLatency, rest_lookup_path
 
-SCENARIOS = ("events", "hit", "cold")
+SCENARIOS = ("events", "hit", "cold", "list")
 # Newcomers (RecordEvent) or users (cold lookup) each burst takes; none is used twice.
 PER_BURST = 3_000
 AB_DATABASE = os.environ.get("BENCH_AB_DATABASE", "referral_bench_ab")
@@ -53,6 +53,8 @@ class Side:
     rates: list[float] = field(default_factory=list)
     # CPU milliseconds per request of each part of the stack, per burst.
     cpu: list[dict[str, float]] = field(default_factory=list)
+    # The events scenario: the WatchEvents stream's latency percentiles (ms), per burst.
+    watch: list[dict[str, float]] = field(default_factory=list)
 
 
 @contextmanager
@@ -86,6 +88,9 @@ class Stack:
     descriptor: Path
     redis: redis.Redis
     api_key: str = ""
+    access_token: str = ""
+    # The events scenario: the last burst's WatchEvents latency percentiles.
+    last_watch: dict[str, float] = field(default_factory=dict)
     newcomers: list[int] = field(default_factory=list)
     used: int = 0
 
@@ -162,8 +167,21 @@ def _burst(
         # As the bench: every other request the retry of the one before, a WatchEvents stream open.
         rows = [("/events", "", body(n // 2), f"x-api-key={stack.api_key}") for n in range(2 * PER_BURST)]
         lines = load.write_request_lines(stack.workdir / f"{label}.tsv", rows)
-        with WatchLatency(servers.addresses[0], stack.api_key):
-            return _measured(meter, lambda: _wrk(envoy, "POST", lines, "/events", seconds))
+        with WatchLatency(servers.addresses[0], stack.api_key) as watch:
+            measured = _measured(meter, lambda: _wrk(envoy, "POST", lines, "/events", seconds))
+        stack.last_watch = watch.percentiles()
+        return measured
+    if scenario == "list":
+        if not stack.access_token:
+            host, port = servers.addresses[0]
+            [stack.access_token] = seed.login_all(f"{host}:{port}", [seed.owner_email(1_000)])
+        # As the bench: the first page (50 rows) of the owner of 1,000 referrals, over REST.
+        script = load.static_script(headers={"authorization": f"Bearer {stack.access_token}"})
+        path = "/referral/referrals"
+        return _measured(
+            meter,
+            lambda: load.run_wrk(envoy.url + path, script, connections=16, seconds=seconds, path_prefix=path),
+        )
     if scenario == "cold":
         users = stack.take(PER_BURST)
         harness.flush_redis_prefix(stack.redis)
@@ -229,6 +247,8 @@ def _compare(sides: list[Side], args: argparse.Namespace) -> None:
                 result, used = _burst(stack, args.scenario, *started[side.name], label, args.seconds)
                 side.rates.append(result.rps)
                 side.cpu.append({part: 1000 * cpu / max(result.requests, 1) for part, cpu in used.items()})
+                if stack.last_watch:
+                    side.watch.append(stack.last_watch)
                 errors = result.transport_errors + result.status_errors
                 print(f"pair {pair + 1} {side.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.1f} ms, "
                       f"{errors} errors", flush=True)  # fmt: skip
@@ -242,6 +262,11 @@ def _compare(sides: list[Side], args: argparse.Namespace) -> None:
         parts = ", ".join(f"{part} {_cpu_range(side, part)}" for part in ("server", "envoy", "postgres"))
         median = statistics.median(side.rates)
         print(f"{side.name} ({side.revision}): median {median:,.0f} req/s; CPU ms/req {parts}")
+        if side.watch:
+            p50, p99 = (statistics.median(burst[p] for burst in side.watch) for p in ("p50", "p99"))
+            print(
+                f"  WatchEvents commit-to-delivery, medians of the bursts: p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+            )
     print(f"B/A: geo-mean {geo:.3f} (per burst: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
