@@ -38,6 +38,19 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class SignedPrincipal:
+    """A user whose access token's signature and times are checked, but not yet its version.
+
+    Only for the RPCs whose policy says their handler compares `token_version` with the user's row in
+    its own first read (one round trip fewer). Not a Principal, on purpose: `current_principal()`
+    refuses it, so a handler that forgot the comparison would answer UNAUTHENTICATED, never data.
+    """
+
+    user_id: int
+    token_version: int
+
+
+@dataclass(frozen=True)
 class ApiKeyPrincipal:
     """The authenticated caller of an RPC: a backend, by its API key (id, name and scopes)."""
 
@@ -46,7 +59,7 @@ class ApiKeyPrincipal:
     scopes: frozenset[str]
 
 
-Caller = Principal | ApiKeyPrincipal
+Caller = Principal | SignedPrincipal | ApiKeyPrincipal
 
 _principal: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("principal", default=None)
 

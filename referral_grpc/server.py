@@ -193,6 +193,7 @@ def create_server(app: App, address: str | None = None) -> Server:
         interceptors=[
             ApiInterceptor(
                 app.auth.authenticate,
+                app.auth.signed,
                 app.release_connection,
                 observe=metrics.rpc.observe,
                 access_log=AccessLog() if settings.access_log else None,

@@ -19,9 +19,13 @@ from support import TEST_JWT_SECRET, FakeClock
 from support.api import Api, bearer, expect_error, in_days, ts
 
 from referral_grpc.api.errors import send_headers_with_the_answer
+from referral_grpc.api.interceptors import current_principal, current_signed_principal
+from referral_grpc.api.policy import POLICIES
 from referral_grpc.domain.codes import ALPHABET, CODE_LENGTH
+from referral_grpc.domain.errors import Unauthenticated
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.request_context import Principal, SignedPrincipal, caller
 from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
 
 PASSWORD = "correct horse battery"
@@ -530,6 +534,86 @@ def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
         metadata=bearer(other.access_token),
     )
     assert stolen.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_page_and_the_check_of_its_callers_token_are_one_read(api: Api, clock: FakeClock) -> None:
+    """ListReferrals compares the access token's version with the user's row in the page's own
+    statement; a token a password change revoked is refused all the same, and before anything about
+    the request (a bad page_size or page_token), as every RPC refuses it."""
+    owner = api.register("page@example.com")
+    code = create_code(api, owner.access_token, clock).code
+    for i in range(3):
+        clock.advance(seconds=1)
+        api.register(f"page{i}@example.com", code=code)
+    first = api.referrals.ListReferrals(
+        ref_pb.ListReferralsRequest(page_size=2), metadata=bearer(owner.access_token)
+    )
+    db = api.app.db
+    statements: list[str] = []
+    db.query_hooks.append(lambda query: statements.append(query.sql))
+    try:
+        rest = api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(page_token=first.next_page_token), metadata=bearer(owner.access_token)
+        )
+    finally:
+        db.query_hooks.clear()
+    assert [r.email for r in rest.referrals] == ["page0@example.com"]
+    # One statement (on PostgreSQL, PREPAREd first on a connection that had not run it yet).
+    ran = [sql for sql in statements if not sql.startswith("PREPARE ")]
+    assert len(ran) == 1 and "token_version" in statements[0], statements
+
+    fresh = api.auth.ChangePassword(
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a new passphrase"),
+        metadata=bearer(owner.access_token),
+    )
+    for request in (
+        ref_pb.ListReferralsRequest(),
+        ref_pb.ListReferralsRequest(page_token=first.next_page_token),
+        ref_pb.ListReferralsRequest(page_size=-1),
+        ref_pb.ListReferralsRequest(page_token="garbage"),
+    ):
+        err = expect_error(api.referrals.ListReferrals, request, metadata=bearer(owner.access_token))
+        assert err.code == grpc.StatusCode.UNAUTHENTICATED, request
+    # The new token reads the same page, and is told about its bad input as before.
+    again = api.referrals.ListReferrals(
+        ref_pb.ListReferralsRequest(page_size=2), metadata=bearer(fresh.access_token)
+    )
+    assert [r.email for r in again.referrals] == ["page2@example.com", "page1@example.com"]
+    bad = expect_error(
+        api.referrals.ListReferrals,
+        ref_pb.ListReferralsRequest(page_size=-1),
+        metadata=bearer(fresh.access_token),
+    )
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in bad.fields
+    # A user without referrals: an empty page for a good token, refused for a revoked one.
+    loner = api.register("loner@example.com")
+    assert (
+        api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(), metadata=bearer(loner.access_token)
+        ).referrals
+        == []
+    )
+    api.auth.ChangePassword(
+        auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="a new passphrase"),
+        metadata=bearer(loner.access_token),
+    )
+    revoked = expect_error(
+        api.referrals.ListReferrals, ref_pb.ListReferralsRequest(), metadata=bearer(loner.access_token)
+    )
+    assert revoked.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_only_the_rpcs_that_check_the_token_version_themselves_see_a_signed_principal() -> None:
+    """A handler reading `current_principal()` under a caller whose token version is still unchecked
+    is refused (fail closed); the one RPC whose read checks it reads `current_signed_principal()`."""
+    deferred = {path for path, policy in POLICIES.items() if policy.token_version_in_handler}
+    assert deferred == {"/referral.v1.ReferralService/ListReferrals"}
+    with caller(SignedPrincipal(user_id=7, token_version=0)):
+        with pytest.raises(Unauthenticated):
+            current_principal()
+        assert current_signed_principal().user_id == 7
+    with caller(Principal(user_id=7)), pytest.raises(Unauthenticated):
+        current_signed_principal()
 
 
 def test_page_size_is_clamped_to_100(api: Api, clock: FakeClock) -> None:

@@ -26,6 +26,7 @@ from ..request_context import (
     DeadlineExceeded,
     Principal,
     RequestAbandoned,
+    SignedPrincipal,
     caller,
     check_alive,
     current_caller,
@@ -62,6 +63,15 @@ def current_principal() -> Principal:
     """The authenticated user; only reachable from RPCs that take a user's access token."""
     principal = current_caller()
     if not isinstance(principal, Principal):
+        raise invalid_token()
+    return principal
+
+
+def current_signed_principal() -> SignedPrincipal:
+    """The caller of an RPC whose policy has `token_version_in_handler`: the handler's own read must
+    compare `token_version` with the user's row (domain.tokens.require_token_version)."""
+    principal = current_caller()
+    if not isinstance(principal, SignedPrincipal):
         raise invalid_token()
     return principal
 
@@ -174,6 +184,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
         authenticate: Callable[[str], Principal],
+        authenticate_signed: Callable[[str], SignedPrincipal],
         release_connection: Callable[[], None],
         observe: RpcObserver | None = None,
         access_log: AccessLogger | None = None,
@@ -189,6 +200,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
         self._stream_pool = stream_pool
         self._authenticate = authenticate
         self._authenticate_key = authenticate_key
+        self._authenticate_signed = authenticate_signed
         self._idempotency = idempotency_store
         self._release_connection = release_connection
         self._observe = observe
@@ -421,6 +433,8 @@ class ApiInterceptor(grpc.ServerInterceptor):
             # A key, when sent, is what the call is judged by; a user's token only where allowed.
             if key is not None or not policy.user_token_allowed:
                 return self._api_key(policy, key or "")
+        if policy.token_version_in_handler:
+            return self._authenticate_signed(_bearer_token(metadata))
         return self._authenticate(_bearer_token(metadata))
 
     def _api_key(self, policy: Policy, key: str) -> ApiKeyPrincipal:
@@ -453,7 +467,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
         idempotency.check_key(key)
         if isinstance(principal, ApiKeyPrincipal):
             owner = f"key:{principal.key_id}"
-        elif isinstance(principal, Principal):
+        elif isinstance(principal, Principal | SignedPrincipal):
             owner = f"user:{principal.user_id}"
         else:
             owner = "anonymous"

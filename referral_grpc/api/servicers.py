@@ -11,7 +11,7 @@ from ..domain.rewards import RewardService
 from ..domain.verification import EmailVerificationService
 from ..gen import auth_service_pb2, auth_service_pb2_grpc, referral_service_pb2, referral_service_pb2_grpc
 from . import convert
-from .interceptors import current_principal
+from .interceptors import current_principal, current_signed_principal
 from .rewards import referral_state
 
 pb_auth = auth_service_pb2
@@ -127,8 +127,10 @@ class ReferralServicer(referral_service_pb2_grpc.ReferralServiceServicer):
     def ListReferrals(
         self, request: pb_ref.ListReferralsRequest, context: grpc.ServicerContext
     ) -> pb_ref.ListReferralsResponse:
+        # The token's version is checked by the page's own read (the RPC's policy).
+        caller = current_signed_principal()
         page = self._referrals.list_referrals(
-            current_principal().user_id, request.page_size, request.page_token
+            caller.user_id, caller.token_version, request.page_size, request.page_token
         )
         response = pb_ref.ListReferralsResponse(next_page_token=page.next_page_token)
         # Rows added in place and their times set in place: no message built only to be copied.

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee as pw
 
-from ..request_context import ApiKeyPrincipal, Principal, current_caller, request_id
+from ..request_context import ApiKeyPrincipal, Principal, SignedPrincipal, current_caller, request_id
 from ..store.database import is_postgres
 from ..store.models import AuditEvent
 
@@ -28,7 +28,7 @@ def actor_of_caller(default: str = OPERATOR) -> str:
     caller = current_caller()
     if isinstance(caller, ApiKeyPrincipal):
         return f"key:{caller.name}"
-    if isinstance(caller, Principal):
+    if isinstance(caller, Principal | SignedPrincipal):
         return f"user:{caller.user_id}"
     return default
 

@@ -18,6 +18,7 @@ from ..store.database import (
     write_transaction,
 )
 from ..store.models import Referral, ReferralCode, User
+from .auth import token_version_sql
 from .codes import generate_code
 from .errors import InvalidArgument, NotFound
 from .events import (
@@ -31,7 +32,7 @@ from .events import (
     timestamp,
 )
 from .ports import CachedCode, Clock, CodeCache
-from .tokens import PageTokens
+from .tokens import PageTokens, require_token_version
 from .validation import MAX_PAGE_TOKEN_LENGTH, check_length, normalize_email
 
 DEFAULT_PAGE_SIZE = 50
@@ -86,13 +87,22 @@ class _Statements:
         # Keyset pagination on the (referrer_id, created_at, id) index: no OFFSET, no COUNT, so a
         # page deep in a million rows costs what the first one does.
         # The referral's state row exists once an event concerned it (none yet: pending).
+        # The page comes with its owner's token_version (the caller's access token is checked in the
+        # same round trip): no owner, no row; an owner without referrals, one row of NULLs after it.
         page = (
             f'SELECT u.id, u.email, u.created_at, r.state, r.qualified_at FROM "{users}" u'  # noqa: S608
             f' LEFT JOIN "{referrals}" r ON r.referee_id = u.id WHERE u.referrer_id = {p}'
         )
-        order = f" ORDER BY u.created_at DESC, u.id DESC LIMIT {p}"
-        self.first_page = page + order
-        self.next_page = page + f" AND (u.created_at, u.id) < ({p}, {p})" + order
+        order = " ORDER BY u.created_at DESC, u.id DESC"
+        with_owner = (
+            f'SELECT o.token_version, p.* FROM (SELECT token_version FROM "{users}" WHERE id = {p}) o'  # noqa: S608
+            " LEFT JOIN ({}) p ON TRUE ORDER BY p.created_at DESC, p.id DESC"
+        )
+        self.first_page = with_owner.format(page + order + f" LIMIT {p}")
+        self.next_page = with_owner.format(
+            page + f" AND (u.created_at, u.id) < ({p}, {p})" + order + f" LIMIT {p}"
+        )
+        self.token_version = token_version_sql(db)
         # Serialises code changes per user (SQLite's write lock already does).
         lock = " FOR UPDATE" if is_postgres(db) else ""
         self.lock_user = f'SELECT email_key FROM "{users}" WHERE id = {p}{lock}'  # noqa: S608
@@ -217,18 +227,30 @@ class ReferralService:
         """Whether verification is required and the code's owner has not verified: then it is a miss."""
         return self._verification_required and not value.owner_verified
 
-    def list_referrals(self, user_id: int, page_size: int, page_token: str) -> ReferralPage:
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE")
+    def list_referrals(
+        self, user_id: int, token_version: int, page_size: int, page_token: str
+    ) -> ReferralPage:
+        """A page of the user's referrals, newest first, for an access token of `token_version`: the
+        token is refused (UNAUTHENTICATED) unless that is still the user's, as every RPC refuses it."""
+        try:
+            if page_size < 0:
+                raise InvalidArgument.for_field("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE")
+            check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
+            after = self._pages.decode(page_token, user_id) if page_token else None
+        except InvalidArgument:
+            # A token no longer valid is told so before anything about the request.
+            row = run_sql(self._db, self._sql.token_version, (user_id,)).fetchone()
+            require_token_version(None if row is None else row[0], token_version)
+            raise
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        check_length(page_token, "page_token", MAX_PAGE_TOKEN_LENGTH)
-        if page_token:
-            after_time, after_id = self._pages.decode(page_token, user_id)
-            cursor = run_sql(
-                self._db, self._sql.next_page, (user_id, stored_time(after_time), after_id, size + 1)
-            )
+        if after is None:
+            cursor = run_sql(self._db, self._sql.first_page, (user_id, user_id, size + 1))
         else:
-            cursor = run_sql(self._db, self._sql.first_page, (user_id, size + 1))
+            after_time, after_id = after
+            params = (user_id, user_id, stored_time(after_time), after_id, size + 1)
+            cursor = run_sql(self._db, self._sql.next_page, params)
+        found = cursor.fetchall()
+        require_token_version(found[0][0] if found else None, token_version)
         rows = [
             ReferralView(
                 row_id,
@@ -237,7 +259,8 @@ class ReferralService:
                 state or "pending",
                 None if qualified_at is None else _instant(qualified_at),
             )
-            for row_id, email, created_at, state, qualified_at in cursor.fetchall()
+            for _version, row_id, email, created_at, state, qualified_at in found
+            if row_id is not None
         ]
         next_token = ""
         if len(rows) > size:

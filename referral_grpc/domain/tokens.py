@@ -36,6 +36,13 @@ def invalid_token() -> Unauthenticated:
     return Unauthenticated("INVALID_TOKEN", INVALID_TOKEN_MESSAGE)
 
 
+def require_token_version(current: int | None, claimed: int) -> None:
+    """An access token counts while its user exists (`current`, the user's token_version, is None when
+    not) and no password change or sign-out everywhere has moved the version past the token's."""
+    if current is None or current != claimed:
+        raise invalid_token()
+
+
 def _is_int(value: object) -> bool:
     """A JSON integer: not a float, not a numeric string, and not a bool (which Python counts as an int)."""
     return isinstance(value, int) and not isinstance(value, bool)
