@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import descriptor
@@ -82,6 +82,7 @@ def _declared(method: descriptor.MethodDescriptor) -> Policy:
         api_key_scopes=frozenset(declared.api_key_scopes),
         user_token_allowed=declared.user_token_allowed,
         idempotency=_IDEMPOTENCY[declared.idempotency],
+        token_version_in_handler=declared.token_version_in_handler,
     )
 
 
@@ -97,20 +98,9 @@ def _our_methods() -> Iterator[descriptor.MethodDescriptor]:
         yield from service.methods
 
 
-# The hottest authenticated read: its page and the token's check are one round trip.
-_VERSION_IN_HANDLER = frozenset({"/referral.v1.ReferralService/ListReferrals"})
-
-
-def _ours(method: descriptor.MethodDescriptor) -> Policy:
-    policy = _declared(method)
-    if method_path(method) in _VERSION_IN_HANDLER:
-        return replace(policy, token_version_in_handler=True)
-    return policy
-
-
 POLICIES: Mapping[str, Policy] = {
     **_FOREIGN,
-    **{method_path(method): _ours(method) for method in _our_methods()},
+    **{method_path(method): _declared(method) for method in _our_methods()},
 }
 
 

@@ -21,7 +21,7 @@ POLICY_FIELD_NUMBER: _ClassVar[int]
 policy: _descriptor.FieldDescriptor
 
 class RpcPolicy(_message.Message):
-    __slots__ = ("public", "blocking", "quiet", "api_key_scopes", "user_token_allowed", "idempotency", "errors")
+    __slots__ = ("public", "blocking", "quiet", "api_key_scopes", "user_token_allowed", "idempotency", "errors", "token_version_in_handler")
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
     BLOCKING_FIELD_NUMBER: _ClassVar[int]
     QUIET_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class RpcPolicy(_message.Message):
     USER_TOKEN_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_VERSION_IN_HANDLER_FIELD_NUMBER: _ClassVar[int]
     public: bool
     blocking: bool
     quiet: bool
@@ -36,4 +37,5 @@ class RpcPolicy(_message.Message):
     user_token_allowed: bool
     idempotency: Idempotency
     errors: _containers.RepeatedScalarFieldContainer[_error_reason_pb2.ErrorReason]
-    def __init__(self, public: _Optional[bool] = ..., blocking: _Optional[bool] = ..., quiet: _Optional[bool] = ..., api_key_scopes: _Optional[_Iterable[str]] = ..., user_token_allowed: _Optional[bool] = ..., idempotency: _Optional[_Union[Idempotency, str]] = ..., errors: _Optional[_Iterable[_Union[_error_reason_pb2.ErrorReason, str]]] = ...) -> None: ...
+    token_version_in_handler: bool
+    def __init__(self, public: _Optional[bool] = ..., blocking: _Optional[bool] = ..., quiet: _Optional[bool] = ..., api_key_scopes: _Optional[_Iterable[str]] = ..., user_token_allowed: _Optional[bool] = ..., idempotency: _Optional[_Union[Idempotency, str]] = ..., errors: _Optional[_Iterable[_Union[_error_reason_pb2.ErrorReason, str]]] = ..., token_version_in_handler: _Optional[bool] = ...) -> None: ...

@@ -26,15 +26,15 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from . import error_reason_pb2 as referral_dot_v1_dot_error__reason__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creferral/v1/rpc_policy.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\x1a\x1ereferral/v1/error_reason.proto\"\xc9\x01\n\tRpcPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x10\n\x08\x62locking\x18\x02 \x01(\x08\x12\r\n\x05quiet\x18\x03 \x01(\x08\x12\x16\n\x0e\x61pi_key_scopes\x18\x04 \x03(\t\x12\x1a\n\x12user_token_allowed\x18\x05 \x01(\x08\x12-\n\x0bidempotency\x18\x06 \x01(\x0e\x32\x18.referral.v1.Idempotency\x12(\n\x06\x65rrors\x18\x07 \x03(\x0e\x32\x18.referral.v1.ErrorReason*^\n\x0bIdempotency\x12\x1b\n\x17IDEMPOTENCY_UNSPECIFIED\x10\x00\x12\x18\n\x14IDEMPOTENCY_OPTIONAL\x10\x01\x12\x18\n\x14IDEMPOTENCY_REQUIRED\x10\x02:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\x16.referral.v1.RpcPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creferral/v1/rpc_policy.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\x1a\x1ereferral/v1/error_reason.proto\"\xeb\x01\n\tRpcPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x10\n\x08\x62locking\x18\x02 \x01(\x08\x12\r\n\x05quiet\x18\x03 \x01(\x08\x12\x16\n\x0e\x61pi_key_scopes\x18\x04 \x03(\t\x12\x1a\n\x12user_token_allowed\x18\x05 \x01(\x08\x12-\n\x0bidempotency\x18\x06 \x01(\x0e\x32\x18.referral.v1.Idempotency\x12(\n\x06\x65rrors\x18\x07 \x03(\x0e\x32\x18.referral.v1.ErrorReason\x12 \n\x18token_version_in_handler\x18\x08 \x01(\x08*^\n\x0bIdempotency\x12\x1b\n\x17IDEMPOTENCY_UNSPECIFIED\x10\x00\x12\x18\n\x14IDEMPOTENCY_OPTIONAL\x10\x01\x12\x18\n\x14IDEMPOTENCY_REQUIRED\x10\x02:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\x16.referral.v1.RpcPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'referral.v1.rpc_policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IDEMPOTENCY']._serialized_start=315
-  _globals['_IDEMPOTENCY']._serialized_end=409
+  _globals['_IDEMPOTENCY']._serialized_start=349
+  _globals['_IDEMPOTENCY']._serialized_end=443
   _globals['_RPCPOLICY']._serialized_start=112
-  _globals['_RPCPOLICY']._serialized_end=313
+  _globals['_RPCPOLICY']._serialized_end=347
 # @@protoc_insertion_point(module_scope)
