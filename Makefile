@@ -48,9 +48,12 @@ migrate: $(VENV)/.run-stamp
 	$(PY) -m referral_grpc migrate
 
 # What CI runs: generated files in sync with proto/, lint, then the suite (slow fault tests excluded).
+# The suite mostly waits (servers starting, retries, timeouts), so it runs in TEST_WORKERS processes; each
+# module runs whole in one of them (its module-scoped servers and databases are its own). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev-stamp test-tools
 	$(MAKE) --no-print-directory check-generated lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.dev-stamp
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

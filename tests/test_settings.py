@@ -117,6 +117,7 @@ def test_operations_settings() -> None:
         ({"JWT_SECRET": "change-me-please-" + "Qw3rTy" * 5}, "JWT_SECRET", "Qw3rTy"),
         ({"DEBUG": "1"}, "DEBUG", STRONG),
     ],
+    ids=["short-secret", "placeholder-secret", "debug-on"],  # ids never carry a generated secret
 )
 def test_serve_exits_2_on_bad_production_settings(
     overrides: dict[str, str], name: str, hidden: str, tmp_path: Path
