@@ -311,8 +311,10 @@ class Outcome:
 
 
 @contextmanager
-def steady_load(call: Callable[[], Any]) -> Iterator[tuple[list[Outcome], threading.Event]]:
-    """Calls `call` in a loop on two threads; clear the event to pause them."""
+def steady_load(
+    call: Callable[[], Any], threads: int = 2, pause: float = 0.02
+) -> Iterator[tuple[list[Outcome], threading.Event]]:
+    """Calls `call` in a loop on `threads` threads, `pause` s apart on each; clear the event to pause them."""
     outcomes: list[Outcome] = []
     running, stop = threading.Event(), threading.Event()
     running.set()
@@ -323,10 +325,10 @@ def steady_load(call: Callable[[], Any]) -> Iterator[tuple[list[Outcome], thread
                 continue
             code, seconds = timed(call)
             outcomes.append(Outcome(code, seconds))
-            time.sleep(0.02)
+            time.sleep(pause)
 
-    with ThreadPoolExecutor(2) as pool:
-        workers = [pool.submit(loop) for _ in range(2)]
+    with ThreadPoolExecutor(threads) as pool:
+        workers = [pool.submit(loop) for _ in range(threads)]
         try:
             yield outcomes, running
         finally:
@@ -496,7 +498,11 @@ def test_no_request_fails_through_envoy_while_a_server_is_replaced(tmp_path: Pat
                     ref_pb.CreateReferralCodeRequest(expires_at=expires), metadata=bearer(owner.access_token)
                 )
                 request = ref_pb.GetReferralCodeByEmailRequest(email="owner@example.com")
-                load = steady_load(lambda: referrals.GetReferralCodeByEmail(request, timeout=10))
+                # Eight callers, back to back: calls are always arriving when the old process's stop
+                # begins, and grpc cancels those it had not started (the gateway retries reads).
+                load = steady_load(
+                    lambda: referrals.GetReferralCodeByEmail(request, timeout=10), threads=8, pause=0
+                )
                 with load as (outcomes, _):
                     time.sleep(0.5)
                     new, _ = start_server(env, name="new", output=output)

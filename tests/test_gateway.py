@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +25,10 @@ import psycopg2
 import pytest
 import requests
 import yaml
+from google.api import annotations_pb2
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 from grpc_status import rpc_status
 from jsonschema import Draft202012Validator
 from support import TEST_JWT_SECRET, make_settings, wait_until
@@ -40,9 +46,13 @@ from referral_grpc.devstack.envoy_config import docker_envoy_config, render_envo
 from referral_grpc.devstack.envoy_process import validate_config_file, validate_gateway
 from referral_grpc.devstack.locations import PROJECT_ROOT, Address, envoy_binary
 from referral_grpc.domain import errors
+from referral_grpc.gen import admin_service_pb2 as admin_pb
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
+from referral_grpc.gen import event_service_pb2 as event_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.gen import reward_service_pb2 as reward_pb
+from referral_grpc.gen import webhook_service_pb2 as webhook_pb
 
 PASSWORD = "correct horse battery"
 GATEWAY = PROJECT_ROOT / "gateway"
@@ -967,6 +977,138 @@ def test_requests_for_a_dead_process_go_to_another_before_the_health_check_notic
             f"{envoy.admin_url}/stats?filter=^cluster.referral_grpc.upstream_rq_retry$", timeout=5
         )
     assert int(retries.text.split(":")[1]) >= 1, retries.text
+
+
+class StoppingProcess(grpc.GenericRpcHandler):
+    """A stand-in for a server process whose stop has begun: the first `burst` calls of each method are
+    held until all of them have arrived, then answered CANCELLED together, as grpc answers every call
+    that reached a process after its stop began (no handler ran); later calls get an empty message.
+    Health is answered SERVING, so Envoy routes to it."""
+
+    def __init__(self, burst: int) -> None:
+        self.burst = burst
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._arrived: dict[str, threading.Barrier] = collections.defaultdict(
+            lambda: threading.Barrier(burst)
+        )
+        self._lock = threading.Lock()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            with self._lock:
+                self.calls[details.method] += 1
+                first = self.calls[details.method] <= self.burst
+                arrived = self._arrived[details.method]
+            if first:
+                arrived.wait(timeout=10)
+                context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(handle)  # bytes in and out: any message, empty
+
+
+@contextmanager
+def stopping_process(burst: int) -> Iterator[tuple[StoppingProcess, Address]]:
+    server = grpc.server(ThreadPoolExecutor(2 * burst + 4))
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)  # "" is SERVING
+    stand_in = StoppingProcess(burst)
+    server.add_generic_rpc_handlers((stand_in,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield stand_in, ("127.0.0.1", port)
+    finally:
+        server.stop(None)
+
+
+def test_a_read_cancelled_by_a_stopping_process_is_retried_and_a_write_is_not(tmp_path: Path) -> None:
+    lookup = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+    listing = "/referral.v1.ReferralService/ListReferrals"
+    create = "/referral.v1.ReferralService/CreateReferralCode"
+    with (
+        stopping_process(burst=1) as (stand_in, address),
+        running_envoy([address], tmp_path) as envoy,
+        grpc.insecure_channel(f"127.0.0.1:{envoy.port}") as channel,
+        requests.Session() as session,
+    ):
+        referrals = referral_service_pb2_grpc.ReferralServiceStub(channel)
+        assert referrals.GetReferralCodeByEmail(ref_pb.GetReferralCodeByEmailRequest(email="a@example.com"))
+        listed = Rest(envoy.url, session).call("GET", "/referral/referrals")
+        assert listed.json() == {"referrals": [], "next_page_token": ""}
+        with pytest.raises(grpc.RpcError) as cancelled:
+            referrals.CreateReferralCode(ref_pb.CreateReferralCodeRequest())
+        assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+    # The reads ran twice (the answer is the second's), the write once: it may have done its work.
+    assert (stand_in.calls[lookup], stand_in.calls[listing], stand_in.calls[create]) == (2, 2, 1)
+
+
+def test_a_burst_of_cancelled_reads_is_retried_whole(tmp_path: Path) -> None:
+    """A stopping process cancels every call it had not started at once: all of them are retried, not
+    only as many as Envoy's default circuit breaker allows in flight (3)."""
+    burst = 12
+    with (
+        stopping_process(burst) as (stand_in, address),
+        running_envoy([address], tmp_path) as envoy,
+        grpc.insecure_channel(f"127.0.0.1:{envoy.port}") as channel,
+        ThreadPoolExecutor(burst) as pool,
+    ):
+        referrals = referral_service_pb2_grpc.ReferralServiceStub(channel)
+        request = ref_pb.GetReferralCodeByEmailRequest(email="a@example.com")
+        calls = [pool.submit(referrals.GetReferralCodeByEmail, request, timeout=15) for _ in range(burst)]
+        for call in calls:
+            call.result()  # raises the RpcError of a call the gateway did not retry
+    assert stand_in.calls["/referral.v1.ReferralService/GetReferralCodeByEmail"] == 2 * burst
+
+
+def test_exactly_the_reads_are_retried_on_cancelled_and_nothing_on_what_a_handler_may_have_done() -> None:
+    """Which RPCs the gateway retries when the server answers CANCELLED: the RPCs bound to GET of the
+    user-facing services, and health; the API-key services' reads share the rate-limited `rewards`
+    route with their writes, so they are retried as writes are (their callers retry, with keys)."""
+    config = yaml.safe_load((GATEWAY / "envoy.yaml").read_text())
+    [virtual_host] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"]
+    grpc_routes = [r for r in virtual_host["routes"] if "grpc" in r["match"]]
+
+    def route_of(path: str) -> dict[str, Any]:
+        for route in grpc_routes:
+            match = route["match"]
+            if (
+                match.get("path") == path
+                or ("prefix" in match and path.startswith(match["prefix"]))
+                or ("safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path))
+            ):
+                return route
+        raise AssertionError(f"no route for {path}")
+
+    methods = [
+        (service, method)
+        for module in (auth_pb, ref_pb, reward_pb, event_pb, webhook_pb, admin_pb, health_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+    assert len(methods) > 30
+    retried = set()
+    for service, method in methods:
+        policy = route_of(f"/{service.full_name}/{method.name}")["route"]["retry_policy"]
+        conditions = set(policy["retry_on"].split(","))
+        assert conditions - {"cancelled"} == {"connect-failure", "refused-stream", "reset-before-request"}
+        if "cancelled" in conditions:
+            retried.add(f"{service.name}/{method.name}")
+    reads = {
+        f"{service.name}/{method.name}"
+        for service, method in methods
+        if service.name in ("ReferralService", "AuthService")
+        and method.GetOptions().Extensions[annotations_pb2.http].WhichOneof("pattern") == "get"
+    }
+    assert reads == {
+        "ReferralService/GetReferralCodeByEmail",
+        "ReferralService/ListReferrals",
+        "ReferralService/GetReferralStats",
+        "AuthService/ExportMyData",
+    }
+    health = {f"Health/{method.name}" for method in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
+    assert retried == reads | health
 
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
