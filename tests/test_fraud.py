@@ -188,12 +188,17 @@ def test_shadow_mode_records_without_enforcing_and_names_the_rules_version(fraud
 
 def test_review_holds_rewards_until_approved_and_a_rejection_never_pays(fraud: Fraud) -> None:
     rw = fraud.rw
-    rw.set_program(fraud=FraudRules(velocity="review", referrals_per_hour=0))
+    rw.set_program(fraud=FraudRules(velocity="review", referrals_per_hour=0, disposable="off"))
     referrer, code = fraud.referrer()
     held = fraud.register(code=code, address="203.0.113.30")
     refused = fraud.register(code=code, address="203.0.113.31")
     queue = fraud.admin.ListReferralsForReview(adm_pb.ListReferralsForReviewRequest(), metadata=fraud.ops)
     assert [r.user_id for r in queue.referrals] == [held.user_id, refused.user_id]
+    # What the rules saw, typed: the velocity counts of each, and nothing of the rule that was off.
+    assert [r.fraud_signals.referrals_last_hour for r in queue.referrals] == [1, 2]
+    seen = queue.referrals[1].fraud_signals
+    assert seen.HasField("same_normalised_email") and not seen.HasField("verifier_status")
+    assert not seen.HasField("disposable_domain_listed")
     assert (
         queue.referrals[0].reasons[0].code == "velocity_referrer_hour"
         and queue.referrals[0].decision == "review"

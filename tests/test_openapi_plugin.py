@@ -657,6 +657,7 @@ message Book {
   bytes cover = 5;
   optional double rating = 6;
   Book sequel = 7;
+  string isbn10 = 8 [deprecated = true];
 }
 """
 
@@ -696,6 +697,8 @@ def test_generic_mappings_on_a_synthetic_api(tmp_path: Path) -> None:
     assert book["loan"]["type"] == "string" and book["loan"]["pattern"].endswith("s$")
     assert book["cover"] == {"type": "string", "contentEncoding": "base64"}
     assert book["sequel"] == {"$ref": "#/components/schemas/Book"}
+    assert book["isbn10"] == {"type": "string", "deprecated": True}
+    assert [name for name, field in book.items() if field.get("deprecated")] == ["isbn10"]
     # Book is only ever a response of GetBook, but UpdateBook also sends it: nothing is forced required.
     assert "required" not in schema_of(document, "Book")
     assert "securitySchemes" in document["components"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -115,6 +116,12 @@ def test_the_device_header_reaches_the_fraud_checks(envoy: Envoy, admin_key: str
     rejected = call(envoy, "GET", "/admin/referrals", params={"state": "reject"}, key=admin_key).json()
     [mine] = [r for r in rejected["referrals"] if r["user_id"] == newcomer["user_id"]]
     assert "self_referral_device" in [r["code"] for r in mine["reasons"]]
+    # The values the rules saw are a JSON object, typed (a false or a 0 that was seen is printed), and
+    # the deprecated string holds the same values.
+    seen = mine["fraud_signals"]
+    assert seen["same_device"] is True and seen["same_normalised_email"] is False, seen
+    assert seen["referrals_last_hour"] == 1 and seen["referrer_age_hours"] == 0, seen
+    assert json.loads(mine["signals"]) == seen
 
 
 def test_export_and_erase_over_rest(envoy: Envoy) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -89,6 +90,9 @@ def program(rules: ProgramRules) -> pb.Program:
     return out
 
 
+_SIGNAL_FIELDS = frozenset(pb.FraudSignals.DESCRIPTOR.fields_by_name)
+
+
 def reviewed(view: ReviewView) -> pb.ReviewedReferral:
     out = pb.ReviewedReferral(
         user_id=view.user_id,
@@ -97,7 +101,9 @@ def reviewed(view: ReviewView) -> pb.ReviewedReferral:
         decision=view.decision,
         reasons=[pb.FraudReason(code=r.code, message=r.message, enforced=r.enforced) for r in view.reasons],
         rules_version=view.rules_version,
-        signals=view.signals,
+        signals=json.dumps(view.signals, sort_keys=True),
+        # Only the fields this build knows: a value a newer rule stored stays in `signals`.
+        fraud_signals=pb.FraudSignals(**{k: v for k, v in view.signals.items() if k in _SIGNAL_FIELDS}),
         partial=view.partial,
         created_at=convert.timestamp(view.created_at),
         review_outcome=view.review_outcome,

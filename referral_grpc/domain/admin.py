@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import peewee as pw
 
@@ -61,7 +63,7 @@ class ReviewView:
     decision: str
     reasons: list[Reason]
     rules_version: int
-    signals: str
+    signals: dict[str, Any]
     partial: bool
     created_at: datetime
     review_outcome: str
@@ -83,7 +85,7 @@ def review_view(row: Referral) -> ReviewView:
         decision=row.fraud_decision or "",
         reasons=reasons_of(row),
         rules_version=row.fraud_rules_version or 0,
-        signals=row.fraud_signals or "{}",
+        signals=json.loads(row.fraud_signals or "{}"),
         partial=row.fraud_partial,
         created_at=row.created_at,
         review_outcome=row.review_outcome or "",

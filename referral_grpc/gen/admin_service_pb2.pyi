@@ -204,7 +204,7 @@ class DecideReferralRequest(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., decision: _Optional[_Union[ReviewDecision, str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ReviewedReferral(_message.Message):
-    __slots__ = ("user_id", "referrer_user_id", "state", "decision", "reasons", "rules_version", "signals", "partial", "created_at", "review_outcome", "review_note", "reviewed_at")
+    __slots__ = ("user_id", "referrer_user_id", "state", "decision", "reasons", "rules_version", "signals", "partial", "created_at", "review_outcome", "review_note", "reviewed_at", "fraud_signals")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     REFERRER_USER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class ReviewedReferral(_message.Message):
     REVIEW_OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
     REVIEWED_AT_FIELD_NUMBER: _ClassVar[int]
+    FRAUD_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     referrer_user_id: int
     state: str
@@ -229,7 +230,30 @@ class ReviewedReferral(_message.Message):
     review_outcome: str
     review_note: str
     reviewed_at: _timestamp_pb2.Timestamp
-    def __init__(self, user_id: _Optional[int] = ..., referrer_user_id: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[FraudReason, _Mapping]]] = ..., rules_version: _Optional[int] = ..., signals: _Optional[str] = ..., partial: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., review_outcome: _Optional[str] = ..., review_note: _Optional[str] = ..., reviewed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    fraud_signals: FraudSignals
+    def __init__(self, user_id: _Optional[int] = ..., referrer_user_id: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[FraudReason, _Mapping]]] = ..., rules_version: _Optional[int] = ..., signals: _Optional[str] = ..., partial: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., review_outcome: _Optional[str] = ..., review_note: _Optional[str] = ..., reviewed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fraud_signals: _Optional[_Union[FraudSignals, _Mapping]] = ...) -> None: ...
+
+class FraudSignals(_message.Message):
+    __slots__ = ("same_normalised_email", "same_device", "shared_address_count", "disposable_domain_listed", "verifier_status", "referrals_last_hour", "referrals_last_day", "registrations_from_address_day", "referrer_age_hours")
+    SAME_NORMALISED_EMAIL_FIELD_NUMBER: _ClassVar[int]
+    SAME_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_ADDRESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DISPOSABLE_DOMAIN_LISTED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    REFERRALS_LAST_HOUR_FIELD_NUMBER: _ClassVar[int]
+    REFERRALS_LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATIONS_FROM_ADDRESS_DAY_FIELD_NUMBER: _ClassVar[int]
+    REFERRER_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    same_normalised_email: bool
+    same_device: bool
+    shared_address_count: int
+    disposable_domain_listed: bool
+    verifier_status: str
+    referrals_last_hour: int
+    referrals_last_day: int
+    registrations_from_address_day: int
+    referrer_age_hours: int
+    def __init__(self, same_normalised_email: _Optional[bool] = ..., same_device: _Optional[bool] = ..., shared_address_count: _Optional[int] = ..., disposable_domain_listed: _Optional[bool] = ..., verifier_status: _Optional[str] = ..., referrals_last_hour: _Optional[int] = ..., referrals_last_day: _Optional[int] = ..., registrations_from_address_day: _Optional[int] = ..., referrer_age_hours: _Optional[int] = ...) -> None: ...
 
 class FraudReason(_message.Message):
     __slots__ = ("code", "message", "enforced")

@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _ReviewDecision:
@@ -690,6 +695,7 @@ class ReviewedReferral(_message.Message):
     REVIEW_OUTCOME_FIELD_NUMBER: _builtins.int
     REVIEW_NOTE_FIELD_NUMBER: _builtins.int
     REVIEWED_AT_FIELD_NUMBER: _builtins.int
+    FRAUD_SIGNALS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """The newcomer. For example `42`."""
     referrer_user_id: _builtins.int
@@ -704,10 +710,20 @@ class ReviewedReferral(_message.Message):
     """The program version whose fraud rules decided (0: the defaults). For
     example `3`.
     """
-    signals: _builtins.str
-    """The signal values the rules saw, as a JSON object. For example
-    `{"referrals_last_hour": 6}`.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def signals(self) -> _builtins.str:
+        """The values in `fraud_signals` as a JSON object in a string, kept for
+        the clients that read it. For example `{"referrals_last_hour": 6}`.
+        """
+
+    @signals.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def signals(self, value: _builtins.str) -> None:
+        """The values in `fraud_signals` as a JSON object in a string, kept for
+        the clients that read it. For example `{"referrals_last_hour": 6}`.
+        """
+
     partial: _builtins.bool
     """Whether a signal could not be checked (the email verifier was down).
     For example `false`.
@@ -732,6 +748,10 @@ class ReviewedReferral(_message.Message):
         `2026-11-27T09:30:00Z`.
         """
 
+    @_builtins.property
+    def fraud_signals(self) -> Global___FraudSignals:
+        """The values the fraud rules saw at signup, typed."""
+
     def __init__(
         self,
         *,
@@ -747,14 +767,125 @@ class ReviewedReferral(_message.Message):
         review_outcome: _builtins.str = ...,
         review_note: _builtins.str = ...,
         reviewed_at: _timestamp_pb2.Timestamp | None = ...,
+        fraud_signals: Global___FraudSignals | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "reviewed_at", b"reviewed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "fraud_signals", b"fraud_signals", "reviewed_at", b"reviewed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decision", b"decision", "partial", b"partial", "reasons", b"reasons", "referrer_user_id", b"referrer_user_id", "review_note", b"review_note", "review_outcome", b"review_outcome", "reviewed_at", b"reviewed_at", "rules_version", b"rules_version", "signals", b"signals", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decision", b"decision", "fraud_signals", b"fraud_signals", "partial", b"partial", "reasons", b"reasons", "referrer_user_id", b"referrer_user_id", "review_note", b"review_note", "review_outcome", b"review_outcome", "reviewed_at", b"reviewed_at", "rules_version", b"rules_version", "signals", b"signals", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReviewedReferral: _TypeAlias = ReviewedReferral  # noqa: Y015
+
+@_typing.final
+class FraudSignals(_message.Message):
+    """FraudSignals are the values the fraud rules saw when the newcomer
+    registered. A value is unset when its rule was off in the program that
+    decided.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAME_NORMALISED_EMAIL_FIELD_NUMBER: _builtins.int
+    SAME_DEVICE_FIELD_NUMBER: _builtins.int
+    SHARED_ADDRESS_COUNT_FIELD_NUMBER: _builtins.int
+    DISPOSABLE_DOMAIN_LISTED_FIELD_NUMBER: _builtins.int
+    VERIFIER_STATUS_FIELD_NUMBER: _builtins.int
+    REFERRALS_LAST_HOUR_FIELD_NUMBER: _builtins.int
+    REFERRALS_LAST_DAY_FIELD_NUMBER: _builtins.int
+    REGISTRATIONS_FROM_ADDRESS_DAY_FIELD_NUMBER: _builtins.int
+    REFERRER_AGE_HOURS_FIELD_NUMBER: _builtins.int
+    same_normalised_email: _builtins.bool
+    """Whether the newcomer's address, normalised as its provider does (case,
+    dots and "+tags" at Gmail), is the referrer's. For example `false`.
+    """
+    same_device: _builtins.bool
+    """Whether the newcomer's device id was seen on the referrer's recent
+    logins. For example `false`.
+    """
+    shared_address_count: _builtins.int
+    """0 when the newcomer's client address was not seen on the referrer's
+    recent logins; else 1 plus the referrer's earlier referrals registered
+    from it. For example `0`.
+    """
+    disposable_domain_listed: _builtins.bool
+    """Whether the email's domain is on the disposable-domain list. For example
+    `false`.
+    """
+    verifier_status: _builtins.str
+    """The email verifier's status for the address at signup, as in the
+    user's `email_status` (`error`: it could not be asked, and the decision
+    is partial). For example `valid`.
+    """
+    referrals_last_hour: _builtins.int
+    """The referrer's referrals registered in the hour before, this one
+    included. For example `6`.
+    """
+    referrals_last_day: _builtins.int
+    """The referrer's referrals registered in the day before, this one
+    included. For example `9`.
+    """
+    registrations_from_address_day: _builtins.int
+    """Registrations with a code from the newcomer's client address in the day
+    before, this one included. For example `1`.
+    """
+    referrer_age_hours: _builtins.int
+    """The referrer's account age in whole hours. For example `30`."""
+    def __init__(
+        self,
+        *,
+        same_normalised_email: _builtins.bool | None = ...,
+        same_device: _builtins.bool | None = ...,
+        shared_address_count: _builtins.int | None = ...,
+        disposable_domain_listed: _builtins.bool | None = ...,
+        verifier_status: _builtins.str | None = ...,
+        referrals_last_hour: _builtins.int | None = ...,
+        referrals_last_day: _builtins.int | None = ...,
+        registrations_from_address_day: _builtins.int | None = ...,
+        referrer_age_hours: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_disposable_domain_listed", b"_disposable_domain_listed", "_referrals_last_day", b"_referrals_last_day", "_referrals_last_hour", b"_referrals_last_hour", "_referrer_age_hours", b"_referrer_age_hours", "_registrations_from_address_day", b"_registrations_from_address_day", "_same_device", b"_same_device", "_same_normalised_email", b"_same_normalised_email", "_shared_address_count", b"_shared_address_count", "_verifier_status", b"_verifier_status", "disposable_domain_listed", b"disposable_domain_listed", "referrals_last_day", b"referrals_last_day", "referrals_last_hour", b"referrals_last_hour", "referrer_age_hours", b"referrer_age_hours", "registrations_from_address_day", b"registrations_from_address_day", "same_device", b"same_device", "same_normalised_email", b"same_normalised_email", "shared_address_count", b"shared_address_count", "verifier_status", b"verifier_status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_disposable_domain_listed", b"_disposable_domain_listed", "_referrals_last_day", b"_referrals_last_day", "_referrals_last_hour", b"_referrals_last_hour", "_referrer_age_hours", b"_referrer_age_hours", "_registrations_from_address_day", b"_registrations_from_address_day", "_same_device", b"_same_device", "_same_normalised_email", b"_same_normalised_email", "_shared_address_count", b"_shared_address_count", "_verifier_status", b"_verifier_status", "disposable_domain_listed", b"disposable_domain_listed", "referrals_last_day", b"referrals_last_day", "referrals_last_hour", b"referrals_last_hour", "referrer_age_hours", b"referrer_age_hours", "registrations_from_address_day", b"registrations_from_address_day", "same_device", b"same_device", "same_normalised_email", b"same_normalised_email", "shared_address_count", b"shared_address_count", "verifier_status", b"verifier_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__disposable_domain_listed: _TypeAlias = _typing.Literal["disposable_domain_listed"]  # noqa: Y015
+    _WhichOneofArgType__disposable_domain_listed: _TypeAlias = _typing.Literal["_disposable_domain_listed", b"_disposable_domain_listed"]  # noqa: Y015
+    _WhichOneofReturnType__referrals_last_day: _TypeAlias = _typing.Literal["referrals_last_day"]  # noqa: Y015
+    _WhichOneofArgType__referrals_last_day: _TypeAlias = _typing.Literal["_referrals_last_day", b"_referrals_last_day"]  # noqa: Y015
+    _WhichOneofReturnType__referrals_last_hour: _TypeAlias = _typing.Literal["referrals_last_hour"]  # noqa: Y015
+    _WhichOneofArgType__referrals_last_hour: _TypeAlias = _typing.Literal["_referrals_last_hour", b"_referrals_last_hour"]  # noqa: Y015
+    _WhichOneofReturnType__referrer_age_hours: _TypeAlias = _typing.Literal["referrer_age_hours"]  # noqa: Y015
+    _WhichOneofArgType__referrer_age_hours: _TypeAlias = _typing.Literal["_referrer_age_hours", b"_referrer_age_hours"]  # noqa: Y015
+    _WhichOneofReturnType__registrations_from_address_day: _TypeAlias = _typing.Literal["registrations_from_address_day"]  # noqa: Y015
+    _WhichOneofArgType__registrations_from_address_day: _TypeAlias = _typing.Literal["_registrations_from_address_day", b"_registrations_from_address_day"]  # noqa: Y015
+    _WhichOneofReturnType__same_device: _TypeAlias = _typing.Literal["same_device"]  # noqa: Y015
+    _WhichOneofArgType__same_device: _TypeAlias = _typing.Literal["_same_device", b"_same_device"]  # noqa: Y015
+    _WhichOneofReturnType__same_normalised_email: _TypeAlias = _typing.Literal["same_normalised_email"]  # noqa: Y015
+    _WhichOneofArgType__same_normalised_email: _TypeAlias = _typing.Literal["_same_normalised_email", b"_same_normalised_email"]  # noqa: Y015
+    _WhichOneofReturnType__shared_address_count: _TypeAlias = _typing.Literal["shared_address_count"]  # noqa: Y015
+    _WhichOneofArgType__shared_address_count: _TypeAlias = _typing.Literal["_shared_address_count", b"_shared_address_count"]  # noqa: Y015
+    _WhichOneofReturnType__verifier_status: _TypeAlias = _typing.Literal["verifier_status"]  # noqa: Y015
+    _WhichOneofArgType__verifier_status: _TypeAlias = _typing.Literal["_verifier_status", b"_verifier_status"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__disposable_domain_listed) -> _WhichOneofReturnType__disposable_domain_listed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__referrals_last_day) -> _WhichOneofReturnType__referrals_last_day | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__referrals_last_hour) -> _WhichOneofReturnType__referrals_last_hour | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__referrer_age_hours) -> _WhichOneofReturnType__referrer_age_hours | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__registrations_from_address_day) -> _WhichOneofReturnType__registrations_from_address_day | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__same_device) -> _WhichOneofReturnType__same_device | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__same_normalised_email) -> _WhichOneofReturnType__same_normalised_email | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shared_address_count) -> _WhichOneofReturnType__shared_address_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__verifier_status) -> _WhichOneofReturnType__verifier_status | None: ...
+
+Global___FraudSignals: _TypeAlias = FraudSignals  # noqa: Y015
 
 @_typing.final
 class FraudReason(_message.Message):
