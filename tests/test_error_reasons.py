@@ -69,6 +69,28 @@ def test_error_info_carries_the_field_and_the_limit() -> None:
     ]
 
 
+def test_each_field_violation_carries_its_own_reason_or_the_errors() -> None:
+    error = errors.InvalidArgument.of(
+        [
+            errors.FieldViolation("url", "is required", "FIELD_REQUIRED"),
+            errors.FieldViolation("event_types[0]", "'x' is not an event type", "EVENT_TYPE_UNKNOWN"),
+        ]
+    )
+    assert (error.reason, str(error)) == ("FIELD_REQUIRED", "invalid url: is required")
+    [info, bad] = _details(to_status(error))
+    assert isinstance(info, error_details_pb2.ErrorInfo) and isinstance(bad, error_details_pb2.BadRequest)
+    assert info.reason == "FIELD_REQUIRED"
+    assert [(v.field, v.reason) for v in bad.field_violations] == [
+        ("url", "FIELD_REQUIRED"),
+        ("event_types[0]", "EVENT_TYPE_UNKNOWN"),
+    ]
+    # A violation raised without a reason of its own is the error's.
+    plain = errors.InvalidArgument("FIELD_TOO_LONG", "too long", [errors.FieldViolation("email", "too long")])
+    [_, bad] = _details(to_status(plain))
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert [(v.field, v.reason) for v in bad.field_violations] == [("email", "FIELD_TOO_LONG")]
+
+
 def test_error_info_carries_the_retry_delay() -> None:
     status = to_status(errors.ResourceExhausted("TOO_MANY_ATTEMPTS", "slow down", retry_after=42))
     infos = [d for d in _details(status) if isinstance(d, error_details_pb2.ErrorInfo)]

@@ -350,8 +350,8 @@ def test_service_errors_are_status_json_with_details(rest: Rest) -> None:
     bad = assert_status(
         rest.call("POST", "/auth/register", json={"email": "nope", "password": "short"}), 400, 3
     )
-    fields = {v["field"] for v in detail(bad, "BadRequest")["field_violations"]}
-    assert "email" in fields
+    violations = {v["field"]: v["reason"] for v in detail(bad, "BadRequest")["field_violations"]}
+    assert violations["email"] == detail(bad, "ErrorInfo")["reason"] == "EMAIL_INVALID"
     assert detail(bad, "ErrorInfo")["domain"] == "referral.v1"
 
     missing = assert_status(rest.call("GET", "/referral/referrals"), 401, 16)

@@ -330,8 +330,19 @@ def test_bad_events_write_nothing(
     assert (error.code, error.reason) == (code, reason)
     if field:
         assert field in error.fields
+        assert error.field_reasons[field] == reason  # each violation says its own reason
     assert RewardEvent.select().count() == 0
     assert LedgerEntry.select().count() == 0
+
+
+def test_each_bad_field_of_an_event_has_its_own_reason(rw: RewardsApi) -> None:
+    rw.set_program()
+    _, newcomer = rw.pair()
+    request = rw_pb.RecordEventRequest(user_id=newcomer, type="purchase", amount_minor=100, currency="usd$")
+    error = expect_error(rw.rewards.RecordEvent, request, metadata=rw.auth)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "FIELD_REQUIRED")
+    assert error.field_reasons == {"event_id": "FIELD_REQUIRED", "currency": "CURRENCY_INVALID"}
+    assert RewardEvent.select().count() == 0
 
 
 def test_event_ids_may_hold_any_character_the_document_allows(rw: RewardsApi) -> None:

@@ -49,7 +49,9 @@ def to_status(error: errors.DomainError) -> grpc.Status:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description, reason=v.reason or error.reason
+                    )
                     for v in violations
                 ]
             )

@@ -93,10 +93,14 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True)
 class FieldViolation:
-    """One invalid request field: its JSON/proto name and what is wrong with it."""
+    """One invalid request field: its JSON/proto name, what is wrong with it, and a reason for it.
+
+    `reason` is an ErrorReason name for this field's fault; empty: the reason of the error it is in.
+    """
 
     field: str
     description: str
+    reason: str = ""
 
 
 class DomainError(Exception):
@@ -137,7 +141,15 @@ class InvalidArgument(DomainError):
         reason: str = "INVALID_ARGUMENT",
         metadata: Mapping[str, str] | None = None,
     ) -> InvalidArgument:
-        return cls(reason, f"invalid {field}: {description}", [FieldViolation(field, description)], metadata)
+        violation = FieldViolation(field, description, reason)
+        return cls(reason, f"invalid {field}: {description}", [violation], metadata)
+
+    @classmethod
+    def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
+        """Every violation at once; the error's reason and message are the first one's."""
+        first = violations[0]
+        reason = first.reason or "INVALID_ARGUMENT"
+        return cls(reason, f"invalid {first.field}: {first.description}", violations)
 
 
 class NotFound(DomainError):

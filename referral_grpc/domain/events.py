@@ -205,27 +205,22 @@ NOTIFY_APPENDED = "SELECT pg_notify(%s, max(id)::text) FROM appended"
 _APPEND_SQL = f"WITH {appending_ctes()}\n{NOTIFY_APPENDED}"
 
 
-def _violations(after_cursor: int, types: Sequence[str]) -> list[tuple[str, FieldViolation]]:
-    """What is wrong with a cursor and a type filter, as (reason, violation) pairs."""
-    found: list[tuple[str, FieldViolation]] = []
+def _violations(after_cursor: int, types: Sequence[str]) -> list[FieldViolation]:
+    """What is wrong with a cursor and a type filter."""
+    found: list[FieldViolation] = []
     if not 0 <= after_cursor <= MAX_CURSOR:
-        found.append(
-            ("CURSOR_INVALID", FieldViolation("after_cursor", "must be 0 or the cursor of an event"))
-        )
+        found.append(FieldViolation("after_cursor", "must be 0 or the cursor of an event", "CURSOR_INVALID"))
     for i, name in enumerate(types):
         if name not in EVENT_TYPES:
             found.append(
-                ("EVENT_TYPE_UNKNOWN", FieldViolation(f"types[{i}]", f"{name!r} is not an event type"))
+                FieldViolation(f"types[{i}]", f"{name!r} is not an event type", "EVENT_TYPE_UNKNOWN")
             )
     return found
 
 
-def _raise_for(violations: list[tuple[str, FieldViolation]]) -> None:
+def _raise_for(violations: list[FieldViolation]) -> None:
     if violations:
-        reason, first = violations[0]
-        raise InvalidArgument(
-            reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-        )
+        raise InvalidArgument.of(violations)
 
 
 class EventLog:
@@ -242,16 +237,13 @@ class EventLog:
     def list_events(self, after_cursor: int, types: Sequence[str], page_size: int) -> EventPage:
         violations = _violations(after_cursor, types)
         if page_size < 0:
-            violations.append(("PAGE_SIZE_NEGATIVE", FieldViolation("page_size", "must not be negative")))
+            violations.append(FieldViolation("page_size", "must not be negative", "PAGE_SIZE_NEGATIVE"))
         elif page_size > MAX_PAGE_SIZE:
             violations.append(
-                ("PAGE_SIZE_TOO_LARGE", FieldViolation("page_size", f"must be at most {MAX_PAGE_SIZE}"))
+                FieldViolation("page_size", f"must be at most {MAX_PAGE_SIZE}", "PAGE_SIZE_TOO_LARGE")
             )
         if violations:
-            reason, first = violations[0]
-            raise InvalidArgument(
-                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-            )
+            raise InvalidArgument.of(violations)
         events = self.read(after_cursor, types, page_size or DEFAULT_PAGE_SIZE)
         return EventPage(events, events[-1].cursor if events else after_cursor)
 

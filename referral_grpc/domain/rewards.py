@@ -476,10 +476,10 @@ class RewardService:
 
     def _validate(self, e: EventInput, now: datetime) -> datetime:
         """Every bad field at once; nothing is written before this passes."""
-        violations: list[tuple[str, FieldViolation]] = []
+        violations: list[FieldViolation] = []
 
         def bad(reason: str, name: str, description: str) -> None:
-            violations.append((reason, FieldViolation(name, description)))
+            violations.append(FieldViolation(name, description, reason))
 
         if not e.event_id:
             bad("FIELD_REQUIRED", "event_id", "is required")
@@ -511,10 +511,7 @@ class RewardService:
         elif len(e.refunds_event_id) > MAX_EVENT_ID_LENGTH:
             bad("FIELD_TOO_LONG", "refunds_event_id", f"must be at most {MAX_EVENT_ID_LENGTH} characters")
         if violations:
-            reason, first = violations[0]
-            raise InvalidArgument(
-                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-            )
+            raise InvalidArgument.of(violations)
         return occurred_at
 
     def _user_and_seen(
@@ -1030,16 +1027,13 @@ class RewardService:
     def redeem(self, user_id: int, amount_minor: int, currency: str) -> Redemption:
         violations = []
         if user_id <= 0:
-            violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
+            violations.append(FieldViolation("user_id", "is required", "FIELD_REQUIRED"))
         if not 0 < amount_minor <= MAX_AMOUNT_MINOR:
-            violations.append(("AMOUNT_INVALID", FieldViolation("amount_minor", "must be more than 0")))
+            violations.append(FieldViolation("amount_minor", "must be more than 0", "AMOUNT_INVALID"))
         if not is_currency(currency):
-            violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
+            violations.append(FieldViolation("currency", "must be an ISO 4217 code", "CURRENCY_INVALID"))
         if violations:
-            reason, first = violations[0]
-            raise InvalidArgument(
-                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-            )
+            raise InvalidArgument.of(violations)
         now = self._clock.now()
         with write_transaction(self._db):
             self._lock_user(user_id)
@@ -1073,29 +1067,25 @@ class RewardService:
         # The documented bound is on the reason as sent; a reason of spaces alone is no reason.
         if len(reason) > MAX_NOTE_LENGTH:
             violations.append(
-                ("FIELD_TOO_LONG", FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters"))
+                FieldViolation("reason", f"at most {MAX_NOTE_LENGTH} characters", "FIELD_TOO_LONG")
             )
         if "\x00" in reason:
-            violations.append(("FIELD_INVALID", FieldViolation("reason", "must not contain NUL characters")))
+            violations.append(FieldViolation("reason", "must not contain NUL characters", "FIELD_INVALID"))
         reason = reason.strip()
         if user_id <= 0:
-            violations.append(("FIELD_REQUIRED", FieldViolation("user_id", "is required")))
+            violations.append(FieldViolation("user_id", "is required", "FIELD_REQUIRED"))
         if amount_minor == 0 or abs(amount_minor) > MAX_AMOUNT_MINOR:
             violations.append(
-                (
-                    "AMOUNT_INVALID",
-                    FieldViolation("amount_minor", f"must be non-zero, at most {MAX_AMOUNT_MINOR}"),
+                FieldViolation(
+                    "amount_minor", f"must be non-zero, at most {MAX_AMOUNT_MINOR}", "AMOUNT_INVALID"
                 )
             )
         if not is_currency(currency):
-            violations.append(("CURRENCY_INVALID", FieldViolation("currency", "must be an ISO 4217 code")))
+            violations.append(FieldViolation("currency", "must be an ISO 4217 code", "CURRENCY_INVALID"))
         if not reason:
-            violations.append(("FIELD_REQUIRED", FieldViolation("reason", "is required")))
+            violations.append(FieldViolation("reason", "is required", "FIELD_REQUIRED"))
         if violations:
-            code, first = violations[0]
-            raise InvalidArgument(
-                code, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-            )
+            raise InvalidArgument.of(violations)
         now = self._clock.now()
         with write_transaction(self._db):
             self._lock_user(user_id)

@@ -78,46 +78,41 @@ class WebhookService:
         self._overlap = secret_overlap
 
     def create(self, url: str, event_types: Sequence[str], description: str) -> tuple[EndpointView, str]:
-        violations: list[tuple[str, FieldViolation]] = []
+        violations: list[FieldViolation] = []
         if not url:
-            violations.append(("FIELD_REQUIRED", FieldViolation("url", "is required")))
+            violations.append(FieldViolation("url", "is required", "FIELD_REQUIRED"))
         elif len(url) > MAX_URL_LENGTH:
             violations.append(
-                ("FIELD_TOO_LONG", FieldViolation("url", f"must be at most {MAX_URL_LENGTH} characters"))
+                FieldViolation("url", f"must be at most {MAX_URL_LENGTH} characters", "FIELD_TOO_LONG")
             )
         elif has_control_characters(url):
             # Refused, not cleaned: urlsplit would silently drop tabs and newlines from the URL.
             violations.append(
-                ("WEBHOOK_URL_INVALID", FieldViolation("url", "must not contain control characters"))
+                FieldViolation("url", "must not contain control characters", "WEBHOOK_URL_INVALID")
             )
         else:
             problem = self._check_url(url)
             if problem:
-                violations.append(("WEBHOOK_URL_INVALID", FieldViolation("url", problem)))
+                violations.append(FieldViolation("url", problem, "WEBHOOK_URL_INVALID"))
         for i, name in enumerate(event_types):
             if name not in EVENT_TYPES:
                 violations.append(
-                    (
-                        "EVENT_TYPE_UNKNOWN",
-                        FieldViolation(f"event_types[{i}]", f"{name!r} is not an event type"),
+                    FieldViolation(
+                        f"event_types[{i}]", f"{name!r} is not an event type", "EVENT_TYPE_UNKNOWN"
                     )
                 )
         if len(description) > MAX_DESCRIPTION_LENGTH:
             violations.append(
-                (
-                    "FIELD_TOO_LONG",
-                    FieldViolation("description", f"must be at most {MAX_DESCRIPTION_LENGTH} characters"),
+                FieldViolation(
+                    "description", f"must be at most {MAX_DESCRIPTION_LENGTH} characters", "FIELD_TOO_LONG"
                 )
             )
         elif has_control_characters(description):
             violations.append(
-                ("FIELD_INVALID", FieldViolation("description", "must not contain control characters"))
+                FieldViolation("description", "must not contain control characters", "FIELD_INVALID")
             )
         if violations:
-            reason, first = violations[0]
-            raise InvalidArgument(
-                reason, f"invalid {first.field}: {first.description}", [v for _, v in violations]
-            )
+            raise InvalidArgument.of(violations)
         secret = new_secret()
         with write_transaction(self._db):
             row = WebhookEndpoint.create(

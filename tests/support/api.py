@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,11 +99,13 @@ class RichError:
     reason: str
     fields: dict[str, str]
     retry_delay: float | None
+    # Each field violation's own reason (BadRequest.FieldViolation.reason), by field.
+    field_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def rich_error(err: grpc.RpcError) -> RichError:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    reason, fields, retry = "", {}, None
+    reason, fields, field_reasons, retry = "", {}, {}, None
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -114,11 +116,19 @@ def rich_error(err: grpc.RpcError) -> RichError:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 fields = {v.field: v.description for v in bad.field_violations}
+                field_reasons = {v.field: v.reason for v in bad.field_violations}
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 info_r = error_details_pb2.RetryInfo()
                 detail.Unpack(info_r)
                 retry = info_r.retry_delay.seconds + info_r.retry_delay.nanos / 1e9
-    return RichError(err.code(), err.details() or "", reason, fields, retry)  # type: ignore[attr-defined]
+    return RichError(
+        err.code(),  # type: ignore[attr-defined]
+        err.details() or "",  # type: ignore[attr-defined]
+        reason,
+        fields,
+        retry,
+        field_reasons,
+    )
 
 
 def expect_error(call: Any, *args: Any, **kwargs: Any) -> RichError:
