@@ -501,13 +501,18 @@ def test_list_referrals_pages_newest_first_only_mine(api: Api, clock: FakeClock)
     )
 
 
+def register_referrals(api: Api, clock: FakeClock, owner: auth_pb.AuthTokens, emails: list[str]) -> None:
+    """Newcomers who register with the owner's new code, one second apart."""
+    code = create_code(api, owner.access_token, clock).code
+    for email in emails:
+        clock.advance(seconds=1)
+        api.register(email, code=code)
+
+
 def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
     owner = api.register("yuri@example.com")
     other = api.register("zoe@example.com")
-    code = create_code(api, owner.access_token, clock).code
-    for i in range(3):
-        clock.advance(seconds=1)
-        api.register(f"r{i}@example.com", code=code)
+    register_referrals(api, clock, owner, [f"r{i}@example.com" for i in range(3)])
     page = api.referrals.ListReferrals(
         ref_pb.ListReferralsRequest(page_size=1), metadata=bearer(owner.access_token)
     )
@@ -541,10 +546,7 @@ def test_a_page_and_the_check_of_its_callers_token_are_one_read(api: Api, clock:
     statement; a token a password change revoked is refused all the same, and before anything about
     the request (a bad page_size or page_token), as every RPC refuses it."""
     owner = api.register("page@example.com")
-    code = create_code(api, owner.access_token, clock).code
-    for i in range(3):
-        clock.advance(seconds=1)
-        api.register(f"page{i}@example.com", code=code)
+    register_referrals(api, clock, owner, [f"page{i}@example.com" for i in range(3)])
     first = api.referrals.ListReferrals(
         ref_pb.ListReferralsRequest(page_size=2), metadata=bearer(owner.access_token)
     )

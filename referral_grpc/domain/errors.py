@@ -141,8 +141,7 @@ class InvalidArgument(DomainError):
         reason: str = "INVALID_ARGUMENT",
         metadata: Mapping[str, str] | None = None,
     ) -> InvalidArgument:
-        violation = FieldViolation(field, description, reason)
-        return cls(reason, f"invalid {field}: {description}", [violation], metadata)
+        return cls(reason, f"invalid {field}: {description}", [FieldViolation(field, description)], metadata)
 
     @classmethod
     def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:

@@ -242,8 +242,7 @@ class EventLog:
             violations.append(
                 FieldViolation("page_size", f"must be at most {MAX_PAGE_SIZE}", "PAGE_SIZE_TOO_LARGE")
             )
-        if violations:
-            raise InvalidArgument.of(violations)
+        _raise_for(violations)
         events = self.read(after_cursor, types, page_size or DEFAULT_PAGE_SIZE)
         return EventPage(events, events[-1].cursor if events else after_cursor)
 

@@ -39,7 +39,7 @@ def invalid_token() -> Unauthenticated:
 def require_token_version(current: int | None, claimed: int) -> None:
     """An access token counts while its user exists (`current`, the user's token_version, is None when
     not) and no password change or sign-out everywhere has moved the version past the token's."""
-    if current is None or current != claimed:
+    if current != claimed:
         raise invalid_token()
 
 
