@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import peewee as pw
 
+from ..request_context import check_alive, time_remaining
 from ..store.database import (
     EVENTS_CHANNEL,
     Prepared,
@@ -424,6 +427,54 @@ class _Writes:
         )
 
 
+@dataclass
+class _Recording:
+    """One RecordEvent of an event_id in this process, as its concurrent sends see it: what it recorded
+    (set before `done`), or nothing when it raised."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    user_id: int | None = None
+    email_key: str | None = None
+    content_hash: str = ""
+    result: EventResult | None = None
+
+
+class _InFlight:
+    """The event_ids this process is recording now.
+
+    A client's retry often reaches the service while its first send is still being recorded (the
+    retry of a timed-out call, or a sender that fires twice). Both would miss the read of recorded
+    events, and the retry would then build the whole qualifying statement only to wait in
+    PostgreSQL on the first one's unique event_id and read its result afterwards: three statements
+    for an answer the first send is about to have. Here a send that finds its event_id in flight
+    waits for the first and is answered from its result, as a retry (duplicate, the same rewards).
+    Only an optimisation within one process: the unique event_id still decides between processes,
+    and a send whose first failed, or that names its user another way, goes the usual way.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recordings: dict[str, _Recording] = {}
+
+    @contextmanager
+    def recording(self, event_id: str) -> Iterator[tuple[_Recording, bool]]:
+        """(the event_id's recording, whether this send is the one recording it)."""
+        with self._lock:
+            current = self._recordings.get(event_id)
+            first = current is None
+            if current is None:
+                current = self._recordings[event_id] = _Recording()
+        if not first:
+            yield current, False
+            return
+        try:
+            yield current, True
+        finally:
+            with self._lock:
+                del self._recordings[event_id]
+            current.done.set()
+
+
 class RewardService:
     def __init__(
         self,
@@ -442,17 +493,55 @@ class RewardService:
         self._eligible = eligible
         self._reads = _Reads(db)
         self._writes = _Writes(db)
+        self._in_flight = _InFlight()
 
     # --- events --------------------------------------------------------------------------
 
     def record_event(self, e: EventInput) -> EventResult:
         now = self._clock.now()
         occurred_at = self._validate(e, now)
+        with self._in_flight.recording(e.event_id) as (recording, first):
+            if not first:
+                answer = self._as_retry_of(recording, e, occurred_at)
+                if answer is not None:
+                    return answer
+                return self._record(e, occurred_at, now, None)
+            result = self._record(e, occurred_at, now, recording)
+            recording.result = result
+            return result
+
+    def _as_retry_of(self, first: _Recording, e: EventInput, occurred_at: datetime) -> EventResult | None:
+        """The answer to a send of an event_id that another thread is recording: that one's result, as a
+        retry's, once it has one; None when it failed, or when this send names its user by an email
+        other than the first's (then the database answers)."""
+        if not first.done.wait(time_remaining()):
+            check_alive()
+            return None
+        if first.result is None or first.user_id is None:
+            return None
+        if e.user_id:
+            user_id = e.user_id
+        elif normalize_email(e.email)[1] == first.email_key:
+            user_id = first.user_id
+        else:
+            return None
+        if _content_hash(user_id, e, occurred_at) != first.content_hash:
+            raise AlreadyExists(
+                "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
+            )
+        return replace(first.result, duplicate=True)
+
+    def _record(
+        self, e: EventInput, occurred_at: datetime, now: datetime, recording: _Recording | None
+    ) -> EventResult:
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
         user, seen, seen_entries, referrer, program, may_qualify = self._user_and_seen(e)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
+        if recording is not None:
+            recording.user_id, recording.content_hash = user.id, content_hash
+            recording.email_key = normalize_email(e.email)[1] if e.email else None
         if seen is not None:
             return self._duplicate(seen, seen_entries, content_hash)
         if may_qualify and refunded is None:
