@@ -24,7 +24,7 @@ from referral_grpc.domain.tokens import PageTokens
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.infra.outbox import SqlOutbox
 from referral_grpc.request_context import DeadlineExceeded, request_deadline
-from referral_grpc.store.models import EmailOutbox, LedgerEntry, Referral
+from referral_grpc.store.models import EmailOutbox, LedgerEntry, Referral, User
 
 COPIES = 50
 REDEMPTIONS = 20
@@ -84,6 +84,11 @@ def test_fifty_copies_of_one_qualifying_event_credit_once(rw: RewardsApi) -> Non
         f"\n{COPIES} concurrent copies: referrer credits {credits('referrer_reward')}, "
         f"newcomer credits {credits('referee_reward')}"
     )
+
+
+def referrer_of(user_id: int) -> int:
+    referrer: int = Referral.get_by_id(user_id).referrer_id
+    return referrer
 
 
 def another_process(app: App) -> RewardService:
@@ -224,6 +229,44 @@ def test_another_event_under_an_event_id_being_recorded_is_refused_as_a_conflict
     assert isinstance(held.answer, AlreadyExists) and held.answer.reason == "EVENT_ID_CONFLICT"
     assert not held.first.duplicate and len(held.first.rewards) == 2
     assert held.statements == []
+
+
+def test_a_send_naming_another_user_under_an_event_id_being_recorded_is_answered_by_the_database(
+    plain: RewardsApi,
+) -> None:
+    """Not answered from the first send's result: once that is recorded, the database tells the
+    other user's send that the event_id is taken, as it would any later send."""
+    plain.set_program()
+    _, newcomer = plain.pair()
+    _, other = plain.pair()
+    rewards = plain.api.app.rewards
+    held = while_first_is_held(
+        plain, newcomer, "order-48", lambda: rewards.record_event(purchase(other, "order-48"))
+    )
+    assert held.waited
+    assert not held.first.duplicate and {e.user_id for e in held.first.rewards} == {
+        newcomer,
+        referrer_of(newcomer),
+    }
+    assert isinstance(held.answer, AlreadyExists) and held.answer.reason == "EVENT_ID_CONFLICT"
+    assert held.statements, "the other user's send read the recorded event"
+    assert not LedgerEntry.select().where(LedgerEntry.user == other).exists()
+
+
+def test_a_copy_naming_the_user_by_email_where_the_first_used_the_id_is_answered_by_the_database(
+    plain: RewardsApi,
+) -> None:
+    """The same user and content, named the other way: a duplicate all the same, read from the database."""
+    plain.set_program()
+    _, newcomer = plain.pair()
+    email = User.get_by_id(newcomer).email
+    by_email = EventInput("order-49", "purchase", "USD", amount_minor=10_000, email=email)
+    held = while_first_is_held(
+        plain, newcomer, "order-49", lambda: plain.api.app.rewards.record_event(by_email)
+    )
+    assert held.waited and held.statements
+    assert held.answer.duplicate and not held.first.duplicate
+    assert sorted(e.id for e in held.answer.rewards) == sorted(e.id for e in held.first.rewards)
 
 
 def test_a_copy_waits_for_its_first_send_no_longer_than_its_own_deadline(plain: RewardsApi) -> None:

@@ -512,20 +512,19 @@ class RewardService:
 
     def _as_retry_of(self, first: _Recording, e: EventInput, occurred_at: datetime) -> EventResult | None:
         """The answer to a send of an event_id that another thread is recording: that one's result, as a
-        retry's, once it has one; None when it failed, or when this send names its user by an email
-        other than the first's (then the database answers)."""
+        retry's, once it has one; None when it failed, or when this send does not name its user as the
+        first did (another user id, or an email where the first had an id, or another address): then
+        the database answers, as it would have without the first in flight."""
         if not first.done.wait(time_remaining()):
             check_alive()
             return None
         if first.result is None or first.user_id is None:
             return None
-        if e.user_id:
-            user_id = e.user_id
-        elif normalize_email(e.email)[1] == first.email_key:
-            user_id = first.user_id
-        else:
+        if e.user_id != (first.user_id if first.email_key is None else 0):
             return None
-        if _content_hash(user_id, e, occurred_at) != first.content_hash:
+        if e.email and normalize_email(e.email)[1] != first.email_key:
+            return None
+        if _content_hash(first.user_id, e, occurred_at) != first.content_hash:
             raise AlreadyExists(
                 "EVENT_ID_CONFLICT", "an event with this event_id was recorded with different content"
             )
