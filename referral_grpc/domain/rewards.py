@@ -224,6 +224,13 @@ def _content_hash(user_id: int, e: EventInput, occurred_at: datetime) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _user_key(e: EventInput) -> tuple[str, str | int]:
+    """How the event names its user: ("email", the normalised address) or ("user_id", the id)."""
+    if e.email:
+        return "email", normalize_email(e.email)[1]
+    return "user_id", e.user_id
+
+
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
     """Rows of a query as plain tuples (aggregates included)."""
     return list(query.tuples())
@@ -433,13 +440,14 @@ class _Recording:
     (set before `done`), or nothing when it raised."""
 
     done: threading.Event = field(default_factory=threading.Event)
+    # How the first send named its user (see _user_key), and the user and content hash it found.
+    named: tuple[str, str | int] = ("", "")
     user_id: int | None = None
-    email_key: str | None = None
     content_hash: str = ""
     result: EventResult | None = None
 
 
-class _InFlight:
+class _Recordings:
     """The event_ids this process is recording now.
 
     A client's retry often reaches the service while its first send is still being recorded (the
@@ -493,36 +501,33 @@ class RewardService:
         self._eligible = eligible
         self._reads = _Reads(db)
         self._writes = _Writes(db)
-        self._in_flight = _InFlight()
+        self._recordings = _Recordings()
 
     # --- events --------------------------------------------------------------------------
 
     def record_event(self, e: EventInput) -> EventResult:
         now = self._clock.now()
         occurred_at = self._validate(e, now)
-        with self._in_flight.recording(e.event_id) as (recording, first):
-            if not first:
-                answer = self._as_retry_of(recording, e, occurred_at)
-                if answer is not None:
-                    return answer
-                return self._record(e, occurred_at, now, None)
-            result = self._record(e, occurred_at, now, recording)
-            recording.result = result
-            return result
+        named = _user_key(e)
+        with self._recordings.recording(e.event_id) as (recording, first):
+            if first:
+                recording.named = named
+                recording.result = self._record(e, named, occurred_at, now, recording)
+                return recording.result
+            answer = self._as_retry_of(recording, e, named, occurred_at)
+            return answer if answer is not None else self._record(e, named, occurred_at, now, None)
 
-    def _as_retry_of(self, first: _Recording, e: EventInput, occurred_at: datetime) -> EventResult | None:
+    def _as_retry_of(
+        self, first: _Recording, e: EventInput, named: tuple[str, str | int], occurred_at: datetime
+    ) -> EventResult | None:
         """The answer to a send of an event_id that another thread is recording: that one's result, as a
         retry's, once it has one; None when it failed, or when this send does not name its user as the
-        first did (another user id, or an email where the first had an id, or another address): then
-        the database answers, as it would have without the first in flight."""
+        first did (another id or address, or one by id and one by address): then the database answers,
+        as it would have without the first in flight."""
         if not first.done.wait(time_remaining()):
             check_alive()
             return None
-        if first.result is None or first.user_id is None:
-            return None
-        if e.user_id != (first.user_id if first.email_key is None else 0):
-            return None
-        if e.email and normalize_email(e.email)[1] != first.email_key:
+        if first.result is None or first.user_id is None or named != first.named:
             return None
         if _content_hash(first.user_id, e, occurred_at) != first.content_hash:
             raise AlreadyExists(
@@ -531,16 +536,20 @@ class RewardService:
         return replace(first.result, duplicate=True)
 
     def _record(
-        self, e: EventInput, occurred_at: datetime, now: datetime, recording: _Recording | None
+        self,
+        e: EventInput,
+        named: tuple[str, str | int],
+        occurred_at: datetime,
+        now: datetime,
+        recording: _Recording | None,
     ) -> EventResult:
         # `seen`: a shortcut for retries, not what makes them safe: a read, so a duplicate costs no
         # commit. Concurrent first sends all miss here, and the unique event_id decides between them below.
-        user, seen, seen_entries, referrer, program, may_qualify = self._user_and_seen(e)
+        user, seen, seen_entries, referrer, program, may_qualify = self._user_and_seen(e.event_id, named)
         refunded = self._refunded_event(e, user) if e.type == REFUND else None
         content_hash = _content_hash(user.id, e, occurred_at)
         if recording is not None:
             recording.user_id, recording.content_hash = user.id, content_hash
-            recording.email_key = normalize_email(e.email)[1] if e.email else None
         if seen is not None:
             return self._duplicate(seen, seen_entries, content_hash)
         if may_qualify and refunded is None:
@@ -603,18 +612,14 @@ class RewardService:
         return occurred_at
 
     def _user_and_seen(
-        self, e: EventInput
+        self, event_id: str, named: tuple[str, str | int]
     ) -> tuple[User, RewardEvent | None, list[LedgerEntry], User | None, ProgramRules | None, bool]:
-        """The event's user, the event if its event_id was recorded already and its ledger entries,
-        the user's referrer (id, email, blocked_at) if it has one, the program in force if any, and
-        whether the user's referral row lets a first qualifying event qualify it (_qualify_alone)."""
-        key: str | int
-        if e.email:
-            _, key = normalize_email(e.email)
-            name = "email"
-        else:
-            key, name = e.user_id, "user_id"
-        params = (PENDING, REVIEW, e.event_id, key)
+        """The event's user (`named` as _user_key gives it), the event if its event_id was recorded
+        already and its ledger entries, the user's referrer (id, email, blocked_at) if it has one, the
+        program in force if any, and whether the user's referral row lets a first qualifying event
+        qualify it (_qualify_alone)."""
+        name, key = named
+        params = (PENDING, REVIEW, event_id, key)
         rows = run_sql(self._db, self._reads.user_and_event[name], params).fetchall()
         if not rows:
             raise NotFound("USER_NOT_FOUND", "no user matches the event's user", {"field": name})
