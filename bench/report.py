@@ -144,6 +144,16 @@ def _median_rps(rows: list[Row], prefix: str) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def _median_server_cpu(rows: list[Row], prefix: str) -> float:
+    """The server's CPU milliseconds per request, the median of the rows named `prefix`; 0 if unmeasured."""
+    values = [
+        r.cpu["server"] * 1000 / r.result.requests
+        for r in rows
+        if r.name.startswith(prefix) and r.cpu and r.result.requests
+    ]
+    return statistics.median(values) if values else 0.0
+
+
 def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[str]:
     """The targets of issue 15, each marked met or not against this run."""
     out = ["| target | measured | met |", "|---|---|---|"]
@@ -210,9 +220,11 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
     on, off = _median_rps(rows, f"{AB_ACCESS_LOG} on"), _median_rps(rows, f"{AB_ACCESS_LOG} off")
     if on and off:
         cost = 1 - on / off
+        cpu_on, cpu_off = (_median_server_cpu(rows, f"{AB_ACCESS_LOG} {side}") for side in ("on", "off"))
+        cpu = f"; server CPU {cpu_on:.3f} vs {cpu_off:.3f} ms/req" if cpu_on and cpu_off else ""
         line(
             "access log costs < 10% of the cached lookup (A/B, medians)",
-            f"{cost:.1%} ({on:,.0f} on vs {off:,.0f} off req/s)",
+            f"{cost:.1%} ({on:,.0f} on vs {off:,.0f} off req/s{cpu})",
             cost < 0.10,
         )
     on, off = _median_rps(rows, f"{AB_NEAR_CACHE} on"), _median_rps(rows, f"{AB_NEAR_CACHE} off")
