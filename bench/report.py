@@ -58,11 +58,18 @@ CEILING = "ceiling: Health/Check"
 CPU_PARTS = ("server", "envoy", "postgres", "redis")
 
 
+def cpu_ms(row: Row, part: str) -> float | None:
+    """CPU milliseconds per request of one part of the stack; None if the row has no CPU figures."""
+    if not row.cpu or not row.result.requests:
+        return None
+    return row.cpu[part] * 1000 / row.result.requests
+
+
 def cpu_per_request(row: Row) -> str:
     """CPU milliseconds per request of each part, server/Envoy/PostgreSQL/Redis."""
-    if not row.cpu or not row.result.requests:
+    if cpu_ms(row, "server") is None:
         return ""
-    return "/".join(f"{row.cpu[part] * 1000 / row.result.requests:.3f}" for part in CPU_PARTS)
+    return "/".join(f"{cpu_ms(row, part):.3f}" for part in CPU_PARTS)
 
 
 def format_row(row: Row, ratio: str = "") -> str:
@@ -146,11 +153,7 @@ def _median_rps(rows: list[Row], prefix: str) -> float:
 
 def _median_server_cpu(rows: list[Row], prefix: str) -> float:
     """The server's CPU milliseconds per request, the median of the rows named `prefix`; 0 if unmeasured."""
-    values = [
-        r.cpu["server"] * 1000 / r.result.requests
-        for r in rows
-        if r.name.startswith(prefix) and r.cpu and r.result.requests
-    ]
+    values = [ms for r in rows if r.name.startswith(prefix) and (ms := cpu_ms(r, "server")) is not None]
     return statistics.median(values) if values else 0.0
 
 

@@ -498,9 +498,6 @@ def _ab(ctx: Context, conns: int, label: str, variable: str, sides: dict[str, st
                     shipped = " (the production default)" if sides[side] == default else ""
                     ctx.add(f"{label} {side}{shipped}, lookup, cache hit (1p)", "REST", conns, result, "REST")
             finally:
-                if ctx.envoy is not None:
-                    ctx.envoy.stop()
-                    ctx.envoy = None
                 for servers in started.values():
                     servers.stop()
     finally:
