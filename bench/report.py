@@ -157,6 +157,13 @@ def _median_server_cpu(rows: list[Row], prefix: str) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def _percent(value: float, line: float) -> str:
+    """A share as a whole percent, or to a tenth where the whole percent would read as the target's own
+    line (19.9% of a 20% target printed "20%" beside "no")."""
+    whole = f"{value:.0%}"
+    return f"{value:.1%}" if whole == f"{line:.0%}" else whole
+
+
 def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[str]:
     """The targets of issue 15, each marked met or not against this run."""
     out = ["| target | measured | met |", "|---|---|---|"]
@@ -173,7 +180,11 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
         row = _find(rows, prefix, "REST")
         if row is None:
             return
-        line(f"{label} >= {minimum:.0%} of the REST no-op RPC", f"{share(row):.0%}", share(row) >= minimum)
+        line(
+            f"{label} >= {minimum:.0%} of the REST no-op RPC",
+            _percent(share(row), minimum),
+            share(row) >= minimum,
+        )
         if p99_below is not None:
             line(
                 f"{label} p99 < {p99_below:g} ms",
@@ -191,7 +202,9 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
         for row in (first, deep):
             label = row.name.removeprefix("ListReferrals ")
             line(
-                f"ListReferrals {label} >= 30% of the REST no-op RPC", f"{share(row):.0%}", share(row) >= 0.3
+                f"ListReferrals {label} >= 30% of the REST no-op RPC",
+                _percent(share(row), 0.3),
+                share(row) >= 0.3,
             )
         if first.result.rps and deep.result.rps:
             apart = max(first.result.rps, deep.result.rps) / min(first.result.rps, deep.result.rps)
@@ -244,7 +257,7 @@ def _targets(rows: list[Row], facts: dict[str, Any], options: Options) -> list[s
         best = max(r.result.rps for r in logins)
         line(
             "Login >= 90% of the bcrypt ceiling",
-            f"{best:.2f}/s vs {ceiling:.2f}/s ({best / ceiling:.0%})",
+            f"{best:.2f}/s vs {ceiling:.2f}/s ({_percent(best / ceiling, 0.9)})",
             best >= 0.9 * ceiling,
         )
     idle, busy = _find(rows, "lookup probe", "REST"), _find(rows, "lookup probe 200/s, during", "REST")
