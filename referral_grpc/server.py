@@ -196,6 +196,7 @@ def create_server(app: App, address: str | None = None) -> Server:
                 app.auth.signed,
                 app.release_connection,
                 observe=metrics.rpc.observe,
+                abandoned=metrics.rpc.abandon,
                 access_log=AccessLog() if settings.access_log else None,
                 blocking_pool=blocking_pool,
                 admission=admission,

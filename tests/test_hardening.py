@@ -40,6 +40,13 @@ def handled(api: Api, method: str, code: str) -> float:
     )
 
 
+def abandoned(api: Api, method: str) -> float:
+    return float(
+        api.server.metrics.registry.get_sample_value("referral_rpc_abandoned_total", {"method": method})
+        or 0.0
+    )
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -141,11 +148,15 @@ def test_a_call_that_ends_before_its_commit_changes_nothing(pg_url: str, ending:
                 with pytest.raises(grpc.RpcError) as info:
                     call.result(timeout=10)
                 assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            # The server learns of the call's end on a thread of its own: once it has, nothing the
+            # handler does after may commit (before, no server could know to hold back).
+            wait_for(lambda: abandoned(api, CREATE) == 1, 10, "the server to see the call end")
         finally:
             locker.rollback()  # the blocked handler now runs on to its commit
             locker.close()
         wait_for(lambda: handled(api, CREATE, "UNAVAILABLE") == 1, 10, "the handler to finish")
         assert ReferralCode.select().where(ReferralCode.user == int(tokens.user_id)).count() == 0
+        assert abandoned(api, CREATE) == 1
         if ending == "shutdown grace runs out":
             stopped.join(10)
 

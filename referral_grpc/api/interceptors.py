@@ -193,7 +193,9 @@ class ApiInterceptor(grpc.ServerInterceptor):
         stream_pool: CountingExecutor | None = None,
         authenticate_key: Callable[[str], ApiKeyPrincipal] | None = None,
         idempotency_store: IdempotencyStore | None = None,
+        abandoned: Callable[[str], None] | None = None,
     ) -> None:
+        self._abandoned = abandoned
         self._admission = admission
         self._access_log = access_log
         self._blocking_pool = blocking_pool
@@ -391,9 +393,34 @@ class ApiInterceptor(grpc.ServerInterceptor):
         headers: tuple[tuple[str, str], ...],
     ) -> Any:
         abandoned = threading.Event()
-        # Fires when the call ends for any reason; before the handler returns only if the client
-        # cancelled or the server's shutdown grace ran out.
-        context.add_callback(abandoned.set)
+        running = True
+        counted = self._abandoned
+
+        def ended() -> None:
+            abandoned.set()
+            if running and counted is not None:
+                counted(method)
+
+        # Fires when the call ends for any reason; while the handler runs only if the client
+        # cancelled or the server's shutdown grace ran out (counted: referral_rpc_abandoned_total).
+        if not context.add_callback(ended):
+            ended()  # the call ended between its request arriving and this handler starting
+        try:
+            return self._run(method, policy, behavior, request, context, outcome, headers, abandoned)
+        finally:
+            running = False
+
+    def _run(
+        self,
+        method: str,
+        policy: Policy,
+        behavior: Callable[[Any, grpc.ServicerContext], Any],
+        request: Any,
+        context: grpc.ServicerContext,
+        outcome: _Outcome,
+        headers: tuple[tuple[str, str], ...],
+        abandoned: threading.Event,
+    ) -> Any:
         with request_deadline(_deadline_seconds(context)), request_lifetime(abandoned):
             try:
                 # Queued behind other RPCs until the caller gave up: do not start the work.

@@ -143,8 +143,19 @@ class RpcCollector(Collector):  # type: ignore[misc]
             buckets=LATENCY_BUCKETS,
             registry=None,
         )
+        # Rare, so counted at once (the counter's own lock), on the thread that learns of it.
+        self.abandoned = Counter(
+            "referral_rpc_abandoned",
+            "Unary RPCs whose caller left (cancelled, or the server's shutdown grace ran out) before"
+            " the handler finished, by full method name.",
+            ["method"],
+            registry=None,
+        )
         self._queued: deque[tuple[str, str, float]] = deque()
         self._lock = threading.Lock()
+
+    def abandon(self, method: str) -> None:
+        self.abandoned.labels(method).inc()
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         queued = self._queued
@@ -172,11 +183,13 @@ class RpcCollector(Collector):  # type: ignore[misc]
     def describe(self) -> Iterator[Metric]:
         yield from self.requests.describe()
         yield from self.latency.describe()
+        yield from self.abandoned.describe()
 
     def collect(self) -> Iterator[Metric]:
         self.apply_queued()
         yield from self.requests.collect()
         yield from self.latency.collect()
+        yield from self.abandoned.collect()
 
 
 class Metrics:
