@@ -27,6 +27,7 @@ from referral_grpc.store.models import ReferralCode
 
 LOOKUP = "/referral.v1.ReferralService/GetReferralCodeByEmail"
 CREATE = "/referral.v1.ReferralService/CreateReferralCode"
+REGISTER = "/referral.v1.AuthService/Register"
 # Field 1 (email, a string) holding the bytes ff fe: not UTF-8.
 INVALID_UTF8_REQUEST = b"\x0a\x02\xff\xfe"
 
@@ -157,6 +158,8 @@ def test_a_call_that_ends_before_its_commit_changes_nothing(pg_url: str, ending:
         wait_for(lambda: handled(api, CREATE, "UNAVAILABLE") == 1, 10, "the handler to finish")
         assert ReferralCode.select().where(ReferralCode.user == int(tokens.user_id)).count() == 0
         assert abandoned(api, CREATE) == 1
+        # A call answered before its caller left is not counted.
+        assert handled(api, REGISTER, "OK") == 1 and abandoned(api, REGISTER) == 0
         if ending == "shutdown grace runs out":
             stopped.join(10)
 
