@@ -405,22 +405,6 @@ class ApiInterceptor(grpc.ServerInterceptor):
         # cancelled or the server's shutdown grace ran out (counted: referral_rpc_abandoned_total).
         if not context.add_callback(ended):
             ended()  # the call ended between its request arriving and this handler starting
-        try:
-            return self._run(method, policy, behavior, request, context, outcome, headers, abandoned)
-        finally:
-            running = False
-
-    def _run(
-        self,
-        method: str,
-        policy: Policy,
-        behavior: Callable[[Any, grpc.ServicerContext], Any],
-        request: Any,
-        context: grpc.ServicerContext,
-        outcome: _Outcome,
-        headers: tuple[tuple[str, str], ...],
-        abandoned: threading.Event,
-    ) -> Any:
         with request_deadline(_deadline_seconds(context)), request_lifetime(abandoned):
             try:
                 # Queued behind other RPCs until the caller gave up: do not start the work.
@@ -446,6 +430,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
                     context.abort_with_status(internal_status())
                 log.warning("%s failed: %s", method, type(exc).__name__)
             finally:
+                running = False
                 self._release_connection()
             assert failure is not None  # every path without one has returned or aborted
             outcome.code = code_for(failure)
