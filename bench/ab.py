@@ -24,7 +24,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -227,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(sides: list[Side], args: argparse.Namespace) -> None:
-    workdir = PROJECT_ROOT / "var" / "bench" / "ab" / time.strftime("run-%Y%m%dT%H%M%S")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = harness.new_workdir("ab")
     print(f"bench.ab: A = {sides[0].revision} ({sides[0].root}), B = {sides[1].revision} ({sides[1].root})")
     stack = _stack(workdir, args.seed_referrals)
     if args.scenario == "events":

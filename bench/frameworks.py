@@ -224,8 +224,7 @@ def main() -> int:
     load.require_tools()
     dsn = harness.recreate_database(PG_SERVER_URL, DATABASE)
     _seed(dsn)
-    workdir = PROJECT_ROOT / "var" / "bench" / f"frameworks-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = harness.new_workdir("frameworks")
     descriptor = harness.bench_descriptor_set(workdir / "bench.pb")
     servers: dict[str, subprocess.Popen[bytes]] = {}
     envoys: dict[str, harness.BenchEnvoy] = {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +38,26 @@ BENCH_KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "bench:")
 NOOP_PATH = "/bench/noop"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 START_TIMEOUT = 60.0
+
+
+# A run's directory (its logs and request files) under var/bench/<kind>/: a full `make bench` leaves
+# 0.5-1 GB there, mostly the access logs. The newest few of each kind are kept for a look afterwards.
+KEPT_RUNS = 3
+_RUN_NAME = re.compile(r"\d{8}T\d{6}")
+
+
+def new_workdir(kind: str) -> Path:
+    """A new directory for this run, named by the UTC time, under var/bench/`kind`/; of that kind's
+    earlier runs only the newest KEPT_RUNS - 1 are kept (anything else there, such as bench.ab's
+    worktrees, is left alone)."""
+    parent = PROJECT_ROOT / "var" / "bench" / kind
+    parent.mkdir(parents=True, exist_ok=True)
+    earlier = sorted(path for path in parent.iterdir() if path.is_dir() and _RUN_NAME.fullmatch(path.name))
+    for old in earlier[: max(0, len(earlier) - (KEPT_RUNS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    workdir = parent / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir.mkdir(exist_ok=True)
+    return workdir
 
 
 def _admin_pg(url: str) -> Any:

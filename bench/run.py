@@ -104,8 +104,7 @@ def _say(message: str) -> None:
 
 @contextmanager
 def _stack(options: Options) -> Iterator[Context]:
-    workdir = PROJECT_ROOT / "var" / "bench" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = harness.new_workdir("run")
     database_url = harness.recreate_database()
     env = {**harness.production_env(database_url), "BCRYPT_ROUNDS": str(options.bcrypt_rounds)}
     jwt_secret, pepper = env["JWT_SECRET"], env["PASSWORD_PEPPER"]
