@@ -32,20 +32,16 @@ REGISTER = "/referral.v1.AuthService/Register"
 INVALID_UTF8_REQUEST = b"\x0a\x02\xff\xfe"
 
 
+def _sample(api: Api, name: str, **labels: str) -> float:
+    return float(api.server.metrics.registry.get_sample_value(name, labels) or 0.0)
+
+
 def handled(api: Api, method: str, code: str) -> float:
-    return float(
-        api.server.metrics.registry.get_sample_value(
-            "referral_rpc_requests_total", {"method": method, "code": code}
-        )
-        or 0.0
-    )
+    return _sample(api, "referral_rpc_requests_total", method=method, code=code)
 
 
 def abandoned(api: Api, method: str) -> float:
-    return float(
-        api.server.metrics.registry.get_sample_value("referral_rpc_abandoned_total", {"method": method})
-        or 0.0
-    )
+    return _sample(api, "referral_rpc_abandoned_total", method=method)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
