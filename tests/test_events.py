@@ -406,6 +406,51 @@ def test_a_stream_reading_up_to_the_listeners_cursor_misses_nothing(pg_url: str)
     assert received == every and len(every) == total
 
 
+def test_the_listener_lets_go_when_no_reader_asks_and_the_next_reader_starts_it(pg_url: str) -> None:
+    """While the LISTEN connection is open, every commit that appends events signals its PostgreSQL
+    backend and wakes its thread; with no reader asking for `idle_after` seconds it closes, the
+    signal says a reader must ask the log, and the next reader starts it again and hears commits."""
+    settings = make_settings(database_url=pg_url)
+    db = init_database(settings)
+    run_migrations(db)
+    name = db.execute_sql("SELECT current_database()").fetchone()[0]
+
+    def listening() -> int:
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'referral-grpc-events'"
+        )
+        return int(db.execute_sql(sql, (name,)).fetchone()[0])
+
+    def eventually(condition: Any, seconds: float = 10.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    signal = PostgresEventSignal(settings, idle_after=1.5)
+    try:
+        signal.wait(0, 2.0)  # the first reader starts the listener
+        assert eventually(lambda: signal.committed_cursor() is not None)
+        assert listening() == 1
+        # Nobody asks (listening() does not): the connection goes.
+        assert eventually(lambda: listening() == 0)
+        assert signal.committed_cursor() is None  # meanwhile a reader reads the log itself
+        signal.wait(0, 2.0)  # the next reader starts it again
+        assert eventually(lambda: signal.committed_cursor() is not None)
+        assert listening() == 1
+        with write_transaction(db):
+            append_events(db, [NewEvent(USER_REGISTERED, {"user_id": 1})], _now())
+        last = Event.select(pw.fn.MAX(Event.id)).scalar()
+        # Heard through the LISTEN: without the listener the signal has no cursor at all.
+        assert eventually(lambda: signal.committed_cursor() == last)
+    finally:
+        signal.close()
+        db.close()
+
+
 def _write_slowly(db: pw.Database, writer: int, count: int) -> None:
     """`count` transactions that each append an event and stay open a random moment (up to 10 ms)."""
     rng = random.Random(writer)
