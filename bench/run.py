@@ -503,8 +503,11 @@ def _ab(ctx: Context, conns: int, label: str, variable: str, sides: dict[str, st
         ctx.start_envoy(ctx.options.processes)
 
 
-# Enough distinct newcomers that a run never wraps around to its first line.
+# Enough distinct newcomers that a run never wraps around to its first line (each of the two
+# RecordEvent rows takes half of them).
 REWARD_EVENTS = 200_000
+RECORD_EVENT = "RecordEvent, qualifying + duplicate 1:1"
+RECORD_EVENT_NOTE = "a WatchEvents stream is open on the server meanwhile (its CPU counts here)"
 
 
 def _cli(ctx: Context, *args: str) -> str:
@@ -536,11 +539,15 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
             }
         )
 
-    # Every other request a retry of the previous one: a first (qualifying) event, then its duplicate.
-    rows = [("/events", "", purchase(n // 2), headers) for n in range(2 * len(newcomers))]
-    lines = load.write_request_lines(ctx.workdir / "events.tsv", rows)
-    with WatchLatency(ctx.servers.addresses[0], key) as watch:
-        events = ctx.measure(
+    def event_lines(name: str, first: int) -> Path:
+        # Every other request a retry of the previous one: a first (qualifying) event, then its duplicate.
+        # The newcomers from `first` on: no newcomer's event is recorded by both rows.
+        count = len(newcomers) - first
+        rows = [("/events", "", purchase(first + n // 2), headers) for n in range(2 * count)]
+        return load.write_request_lines(ctx.workdir / name, rows)
+
+    def record_events(lines: Path) -> LoadResult:
+        return ctx.measure(
             lambda: load.run_wrk(
                 ctx.url,
                 load.cycle_script("POST", lines, 1),
@@ -549,14 +556,15 @@ def _rewards(ctx: Context, seconds: float, conns: int) -> None:
                 path_prefix="/events",
             )
         )
-    ctx.add(
-        "RecordEvent, qualifying + duplicate 1:1, API key",
-        "REST",
-        conns,
-        events,
-        "REST",
-        "a WatchEvents stream is open on the server meanwhile (its CPU counts here)",
-    )
+
+    # First the load with no stream open: what recording costs where nothing watches the log live. First,
+    # because a server's LISTEN connection stays for a while after its last stream ends (IDLE_AFTER).
+    lines = event_lines("events-unwatched.tsv", len(newcomers) // 2)
+    ctx.add(f"{RECORD_EVENT}, API key, {report.UNWATCHED}", "REST", conns, record_events(lines), "REST")
+    lines = event_lines("events.tsv", 0)
+    with WatchLatency(ctx.servers.addresses[0], key) as watch:
+        events = record_events(lines)
+    ctx.add(f"{RECORD_EVENT}, API key", "REST", conns, events, "REST", RECORD_EVENT_NOTE)
     ctx.facts["watch_latency_ms"] = watch.percentiles()
     with psycopg2.connect(ctx.database_url) as conn, conn.cursor() as cursor:
         # Exactly once: a referral's reward of each kind at most once, whatever the retries did.
