@@ -20,7 +20,7 @@ import requests
 from google.protobuf import json_format
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from support import TEST_JWT_SECRET, FakeClock, make_settings
+from support import TEST_JWT_SECRET, FakeClock, make_settings, wait_until
 from support.api import bearer, expect_error
 from support.envoy import migrate, running_envoy, running_server, server_env
 from support.rewards import RewardsApi, running_rewards
@@ -422,30 +422,22 @@ def test_the_listener_lets_go_when_no_reader_asks_and_the_next_reader_starts_it(
         )
         return int(db.execute_sql(sql, (name,)).fetchone()[0])
 
-    def eventually(condition: Any, seconds: float = 10.0) -> bool:
-        deadline = time.monotonic() + seconds
-        while not condition():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
     signal = PostgresEventSignal(settings, idle_after=1.5)
     try:
         signal.wait(0, 2.0)  # the first reader starts the listener
-        assert eventually(lambda: signal.committed_cursor() is not None)
+        wait_until(lambda: signal.committed_cursor() is not None, 10, "the listener")
         assert listening() == 1
         # Nobody asks (listening() does not): the connection goes.
-        assert eventually(lambda: listening() == 0)
+        wait_until(lambda: listening() == 0, 10, "the idle listener to let go")
         assert signal.committed_cursor() is None  # meanwhile a reader reads the log itself
         signal.wait(0, 2.0)  # the next reader starts it again
-        assert eventually(lambda: signal.committed_cursor() is not None)
+        wait_until(lambda: signal.committed_cursor() is not None, 10, "the listener, started again")
         assert listening() == 1
         with write_transaction(db):
             append_events(db, [NewEvent(USER_REGISTERED, {"user_id": 1})], _now())
         last = Event.select(pw.fn.MAX(Event.id)).scalar()
         # Heard through the LISTEN: without the listener the signal has no cursor at all.
-        assert eventually(lambda: signal.committed_cursor() == last)
+        wait_until(lambda: signal.committed_cursor() == last, 10, "the commit's notification")
     finally:
         signal.close()
         db.close()
