@@ -41,6 +41,8 @@ from referral_grpc.infra.mailer import (
 from referral_grpc.infra.metrics import Metrics
 from referral_grpc.infra.outbox import (
     HANDOFF_GRACE,
+    TASK_BATCH,
+    BackgroundDispatcher,
     DeliveryConfig,
     HueyDispatcher,
     deliver,
@@ -478,6 +480,67 @@ def test_a_permanent_refusal_fails_at_once(
     assert refused.attempts == 1 and "550" in refused.last_error
 
 
+def test_the_hand_off_gathers_emails_into_few_tasks_and_the_worker_sends_each_once(
+    tmp_path: Path,
+    pg_url: str,
+    redis_env: dict[str, str],
+    bind_db: Callable[[str], pw.Database],
+    smtp_server: SmtpServer,
+    embedded_worker: Callable[[Settings], Worker],
+) -> None:
+    settings = make_settings(
+        **redis_env, database_url=pg_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port
+    )
+    db = bind_db(pg_url)
+    queue = create_tasks(settings, SystemClock())
+    # What 25 RPCs that each committed one email hand over, well within one gathering window.
+    dispatcher = BackgroundDispatcher(HueyDispatcher(queue), delay=0.5)
+    ids = [queue_committed(db, ("welcome", f"batch{n}@example.com"))[0] for n in range(25)]
+    for outbox_id in ids:
+        dispatcher.dispatch([outbox_id])
+    assert len(queue.huey) == 0, "nothing is enqueued before the window closes"
+    wait_until(lambda: len(queue.huey) > 0, 5, "the hand-off")
+    time.sleep(0.2)  # a second batch would show up meanwhile
+    # One task per TASK_BATCH ids: three round trips to the queue, not 25.
+    assert len(queue.huey) == -(-len(ids) // TASK_BATCH) == 3
+    embedded_worker(settings)
+    smtp_server.wait_for(len(ids), timeout=10)
+    wait_sent(*ids)
+    assert sorted(message.rcpt_tos[0] for message in smtp_server.messages) == sorted(
+        f"batch{n}@example.com" for n in range(25)
+    )
+
+
+def test_a_row_that_breaks_its_delivery_leaves_the_rest_of_its_task_to_be_sent(
+    tmp_path: Path,
+    sqlite_url: str,
+    bind_db: Callable[[str], pw.Database],
+    smtp_server: SmtpServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        database_url=sqlite_url,
+        huey_sqlite_path=tmp_path / "huey.db",
+        smtp_host=smtp_server.host,
+        smtp_port=smtp_server.port,
+    )
+    db = bind_db(sqlite_url)
+    queue = create_tasks(settings, SystemClock())
+    ids = queue_committed(db, *(("welcome", f"row{n}@example.com") for n in range(3)))
+    # A row damaged by hand: its payload is no longer JSON, so its delivery raises.
+    EmailOutbox.update(payload="{not json").where(EmailOutbox.id == ids[1]).execute()
+    HueyDispatcher(queue).dispatch(ids)
+    assert len(queue.huey) == 1
+    assert run_queued_tasks(queue.huey) == 1
+    assert sorted(message.rcpt_tos[0] for message in smtp_server.wait_for(2, timeout=5)) == [
+        "row0@example.com",
+        "row2@example.com",
+    ]
+    wait_sent(ids[0], ids[2])
+    assert row(ids[1]).status == "pending", "left for the relay"
+    assert f"Delivering email {ids[1]} failed" in caplog.text
+
+
 def test_a_lost_task_is_enqueued_again_after_the_hand_off_grace_then_after_the_lease(
     tmp_path: Path,
     sqlite_url: str,
@@ -783,7 +846,7 @@ def test_emails_queued_while_the_worker_is_down_arrive_once_when_it_starts(
     # Enqueued from this process (the "server") into Redis, with no worker running: they wait there.
     queue = create_tasks(settings, SystemClock())
     HueyDispatcher(queue).dispatch(ids)
-    assert len(queue.huey) == len(ids)
+    assert len(queue.huey) == 1, "one task carries the five"
     assert smtp_server.messages == [] and all(row(i).status == "pending" for i in ids)
 
     worker = worker_process(env)

@@ -6,7 +6,8 @@ The life of a row:
    if the change that causes it commits. The insert also claims it for the hand-off (`enqueued_at` =
    `created_at`): no other write is needed before it is enqueued.
 2. After the commit, the server's dispatcher hands the ids to a background thread (`BackgroundDispatcher`),
-   which enqueues a `deliver_email` task for each (`HueyDispatcher`). If the queue is down or slow, the
+   which collects them for `HANDOFF_DELAY` and enqueues one `deliver_email` task per `TASK_BATCH` of them
+   (`HueyDispatcher`); the task sends its rows in turn. If the queue is down or slow, the
    claim is taken back (`enqueued_at` NULL) and the relay enqueues the row on its next pass: the hand-off
    is best-effort and never makes the RPC that committed wait or fail.
 3. The relay (in the worker) enqueues rows never enqueued, rows still under their insert's claim
@@ -36,11 +37,9 @@ from __future__ import annotations
 import json
 import logging
 import smtplib
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from queue import Empty, Full, Queue
 from typing import Any, Literal, Protocol
 
 import peewee as pw
@@ -49,6 +48,7 @@ from ..domain.ports import Clock, EmailDispatcher, PendingEmail
 from ..settings import Settings
 from ..store.database import is_postgres, run_sql, stored_time
 from ..store.models import EmailOutbox, database
+from .batches import DelayedDrain
 from .breaker import CircuitBreaker
 from .mailer import KINDS, Mailer, build_message, message_id_for, render, validate_context
 
@@ -64,9 +64,14 @@ _MAX_ERROR_LENGTH = 500
 # How long the relay leaves a row with its insert's claim to the dispatcher of the process that wrote
 # it: the hand-off normally takes milliseconds; a row still unsent after this lost its hand-off.
 HANDOFF_GRACE = timedelta(seconds=30)
-# Hand-offs waiting for the background thread, and how many ids it enqueues at once.
+# Ids waiting for the background thread, and how long it lets them gather before it enqueues them: one
+# queue round trip and one wake-up of the thread per batch instead of per email.
 _HANDOFF_CAPACITY = 10_000
-_HANDOFF_BATCH = 100
+HANDOFF_DELAY = 0.05
+# Most rows one delivery task sends, one after another: a batch stays short next to HANDOFF_GRACE and the
+# lease even when each send waits out SMTP_TIMEOUT (a row the relay enqueues again meanwhile is still
+# sent once: `deliver` claims it).
+TASK_BATCH = 10
 # The reset email tells its reader how many minutes its link works, counted from the `now` that
 # created both the token and the row: after that it is a dead link, not worth sending.
 _EXPIRES_MINUTES = "expires_minutes"
@@ -116,6 +121,9 @@ class DeliveryQueue(Protocol):
 
     def enqueue_delivery(self, outbox_id: int, delay: float | None = None) -> None: ...
 
+    def enqueue_deliveries(self, outbox_ids: Sequence[int]) -> None:
+        """One task that delivers these rows in turn."""
+
 
 class HueyDispatcher:
     """Hands committed outbox rows to the task queue; when the queue is down, leaves them to the relay.
@@ -152,46 +160,37 @@ class HueyDispatcher:
 class BackgroundDispatcher:
     """Runs another dispatcher on a background thread, so `dispatch` returns at once whatever the queue does.
 
-    Ids wait in a bounded in-memory queue. Ids dropped because it is full, or lost with the process
-    before their turn, belong to rows under their insert's claim: the relay sends them once
-    `HANDOFF_GRACE` has passed.
+    Ids wait in a bounded in-memory queue (an append, no lock) and the thread hands over what gathered
+    in `HANDOFF_DELAY` at once. Ids refused because it is full, or lost with the process before their
+    turn, belong to rows under their insert's claim: the relay sends them once `HANDOFF_GRACE` has passed.
     """
 
-    def __init__(self, inner: EmailDispatcher, capacity: int = _HANDOFF_CAPACITY) -> None:
+    def __init__(
+        self, inner: EmailDispatcher, capacity: int = _HANDOFF_CAPACITY, delay: float = HANDOFF_DELAY
+    ) -> None:
         self._inner = inner
-        self._pending: Queue[list[int]] = Queue(capacity)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._pending: DelayedDrain[int] = DelayedDrain(
+            self._hand_over, delay=delay, name="email-handoff", limit=capacity
+        )
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
-        if not outbox_ids:
-            return
         try:
-            self._pending.put_nowait(list(outbox_ids))
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="email-handoff", daemon=True)
-                    self._thread.start()
-        except Full:
-            log.warning("Email hand-off queue full, emails %s left for the outbox relay", list(outbox_ids))
+            refused = [outbox_id for outbox_id in outbox_ids if not self._pending.put(outbox_id)]
+            if refused:
+                log.warning("Email hand-off queue full, emails %s left for the outbox relay", refused)
         except Exception as exc:
             log.warning("Could not hand off emails %s, the outbox relay will: %s", list(outbox_ids), exc)
 
-    def _run(self) -> None:
-        while True:
-            batch = self._pending.get()
-            # What queued up meanwhile goes into the same claim.
-            while len(batch) < _HANDOFF_BATCH:
-                try:
-                    batch.extend(self._pending.get_nowait())
-                except Empty:
-                    break
-            try:
-                # This thread's connection goes back to the pool between batches.
-                with database.connection_context():
-                    self._inner.dispatch(batch)
-            except Exception as exc:
-                log.warning("Could not dispatch emails %s, the outbox relay will: %s", batch, exc)
+    def _hand_over(self) -> None:
+        batch = self._pending.take()
+        if not batch:
+            return
+        try:
+            # This thread's connection goes back to the pool between batches.
+            with database.connection_context():
+                self._inner.dispatch(batch)
+        except Exception as exc:
+            log.warning("Could not dispatch emails %s, the outbox relay will: %s", batch, exc)
 
 
 def relay_pending(queue: DeliveryQueue, now: datetime, lease: timedelta, limit: int = 100) -> int:
@@ -233,10 +232,11 @@ def _claim_for_enqueue(condition: Any, now: datetime, limit: int) -> list[int]:
 
 
 def _enqueue_claimed(queue: DeliveryQueue, ids: list[int], claimed_at: datetime | None) -> int:
-    """Enqueue claimed rows; release those the queue refused. `claimed_at` None: claimed by their insert."""
-    for index, outbox_id in enumerate(ids):
+    """Enqueue claimed rows, `TASK_BATCH` to a task; release those the queue refused. `claimed_at` None:
+    claimed by their insert."""
+    for index in range(0, len(ids), TASK_BATCH):
         try:
-            queue.enqueue_delivery(outbox_id)
+            queue.enqueue_deliveries(ids[index : index + TASK_BATCH])
         except Exception as exc:
             rest = ids[index:]
             log.warning("Task queue unavailable, %d email(s) left for the outbox relay: %s", len(rest), exc)

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -100,6 +101,10 @@ class Tasks:
         """Queue `deliver_email(outbox_id)`, after `delay` seconds if given; raises when the queue is down."""
         self.huey.enqueue(self.deliver_email.s(outbox_id, delay=delay))
 
+    def enqueue_deliveries(self, outbox_ids: Sequence[int]) -> None:
+        """Queue one `deliver_email` task that sends these rows in turn; raises when the queue is down."""
+        self.huey.enqueue(self.deliver_email.s(list(outbox_ids)))
+
     def enqueue_webhooks(self, delivery_ids: list[int]) -> None:
         self.huey.enqueue(self.deliver_webhook.s(delivery_ids))
 
@@ -125,7 +130,17 @@ class Tasks:
             if database.obj is None:
                 init_database(self.settings)
 
-    def _deliver_email(self, outbox_id: int) -> None:
+    def _deliver_email(self, outbox_ids: list[int] | int) -> None:
+        # A single id: a retry, or what a server before batching enqueued.
+        ids = [outbox_ids] if isinstance(outbox_ids, int) else outbox_ids
+        for outbox_id in ids:
+            try:
+                self._deliver_one(outbox_id)
+            except Exception:
+                # The others still go out; this row stays pending and the relay enqueues it after the lease.
+                log.exception("Delivering email %d failed, the outbox relay will retry it", outbox_id)
+
+    def _deliver_one(self, outbox_id: int) -> None:
         with database.connection_context():
             result = deliver(outbox_id, mailer=self.mailer, config=self.delivery_config, clock=self.clock)
         # Scheduled only now, after the attempt committed: a retry must not run ahead of its own record.
