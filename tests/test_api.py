@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from referral_grpc.domain.errors import Unauthenticated
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import referral_service_pb2 as ref_pb
 from referral_grpc.request_context import Principal, SignedPrincipal, caller
-from referral_grpc.store.models import PasswordResetToken, ReferralCode, RefreshToken, User
+from referral_grpc.store.models import PasswordResetToken, Referral, ReferralCode, RefreshToken, User
 
 PASSWORD = "correct horse battery"
 
@@ -507,6 +507,64 @@ def register_referrals(api: Api, clock: FakeClock, owner: auth_pb.AuthTokens, em
     for email in emails:
         clock.advance(seconds=1)
         api.register(email, code=code)
+
+
+def test_listed_times_keep_their_microseconds_and_pages_split_one_instant_exactly(
+    api: Api, clock: FakeClock
+) -> None:
+    owner = api.register("tia@example.com")
+    emails = [f"tie{i}@example.com" for i in range(7)]
+    register_referrals(api, clock, owner, emails)
+    one_instant = datetime(2026, 11, 29, 16, 10, 0, 1, tzinfo=UTC)
+    # Stored straight into the rows: times no clock here gives, and three rows at one instant (the
+    # page token's time must then be exact to the microsecond, or a page repeats or skips a row).
+    registered = [
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        one_instant,
+        one_instant,
+        one_instant,
+        datetime(2038, 1, 19, 3, 14, 8, 500_000, tzinfo=UTC),
+        datetime(2026, 11, 29, 16, 10, 0, 999_999, tzinfo=UTC),
+        datetime(2001, 9, 9, 1, 46, 40, tzinfo=UTC),
+    ]
+    qualified = datetime(2027, 2, 28, 23, 59, 59, 123_457, tzinfo=UTC)
+    ids = {}
+    for email, at in zip(emails, registered, strict=True):
+        user = User.get(User.email == email)
+        ids[email] = user.id
+        User.update(created_at=at).where(User.id == user.id).execute()
+    upsert = {Referral.state: "qualified", Referral.qualified_at: qualified}
+    Referral.insert(
+        referee=ids[emails[2]],
+        referrer=User.get(User.email == "tia@example.com").id,
+        state="qualified",
+        qualified_at=qualified,
+        created_at=registered[2],
+    ).on_conflict(conflict_target=[Referral.referee], update=upsert).execute()
+
+    seen = []
+    token = ""
+    while True:
+        page = api.referrals.ListReferrals(
+            ref_pb.ListReferralsRequest(page_size=1, page_token=token), metadata=bearer(owner.access_token)
+        )
+        for r in page.referrals:
+            qualified_us = r.qualified_at.ToMicroseconds() if r.HasField("qualified_at") else None
+            seen.append((r.email, r.registered_at.ToMicroseconds(), qualified_us))
+        token = page.next_page_token
+        if not token:
+            break
+
+    def micros(at: datetime) -> int:
+        return (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+    newest_first = sorted(
+        emails, key=lambda email: (registered[emails.index(email)], ids[email]), reverse=True
+    )
+    assert seen == [
+        (email, micros(registered[emails.index(email)]), micros(qualified) if email == emails[2] else None)
+        for email in newest_first
+    ]
 
 
 def test_list_referrals_rejects_bad_paging(api: Api, clock: FakeClock) -> None:
