@@ -36,6 +36,7 @@ from .gen import (
 )
 from .infra.logs import AccessLog
 from .infra.metrics import Metrics, MetricsServer
+from .infra.outbox import BackgroundDispatcher
 from .store.database import DatabaseProbe
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 MAX_METADATA_BYTES = 32 * 1024
 # Added to the nice value of the threads that run the RPCs marked blocking (bcrypt, Hunter calls).
 BLOCKING_NICENESS = 10
+# How long a stopping server waits for its last emails to reach the queue (a hung queue costs one
+# REDIS_SOCKET_TIMEOUT, then its breaker skips it).
+EMAIL_FLUSH_SECONDS = 5.0
 
 
 class DatabaseHealth:
@@ -323,6 +327,8 @@ def serve(app: App) -> int:
     _wait_interruptibly(hurry, settings.shutdown_drain_seconds)
     log.info("stopping: in-flight RPCs have %.0f s", settings.grpc_grace_seconds)
     server.stop(settings.grpc_grace_seconds)
+    if isinstance(app.dispatcher, BackgroundDispatcher) and not app.dispatcher.flush(EMAIL_FLUSH_SECONDS):
+        log.warning("stopping: emails still being handed to the queue are left for the outbox relay")
     if metrics_http is not None:
         metrics_http.close()
     log.info("stopped")

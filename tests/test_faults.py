@@ -27,9 +27,11 @@ from support import PG_ADMIN_URL, TEST_JWT_SECRET, make_settings
 from support.api import Api, bearer, expect_error, running_api, ts
 
 from referral_grpc.devstack.processes import Child, start_server
+from referral_grpc.domain.ports import SystemClock
 from referral_grpc.gen import auth_service_pb2 as auth_pb
 from referral_grpc.gen import auth_service_pb2_grpc, referral_service_pb2_grpc
 from referral_grpc.gen import referral_service_pb2 as ref_pb
+from referral_grpc.infra.tasks import create_tasks
 from referral_grpc.request_context import DeadlineExceeded, request_deadline
 from referral_grpc.store.database import init_database, write_transaction
 from referral_grpc.store.migrate import run_migrations
@@ -437,6 +439,34 @@ def test_sigterm_drains_then_finishes_in_flight_rpcs_and_exits_0(tmp_path: Path)
         ("in-flight", "OK"),
         ("draining", "NOT_FOUND"),
     }
+
+
+def test_a_stopping_server_hands_its_last_rpcs_emails_to_the_queue_before_it_exits(tmp_path: Path) -> None:
+    """The email hand-off gathers ids for a moment before it enqueues them: the emails of an RPC that
+    finishes as the server stops must still reach the queue, not wait half a minute for the relay."""
+    env = serve_env(tmp_path, BCRYPT_ROUNDS="13", SHUTDOWN_DRAIN_SECONDS="0", GRPC_GRACE_SECONDS="20")
+    with (tmp_path / "server.log").open("w") as output:
+        child, (host, port) = start_server(env, output=output)
+        try:
+            with grpc.insecure_channel(f"{host}:{port}") as channel:
+                auth = auth_service_pb2_grpc.AuthServiceStub(channel)
+                in_flight = auth.Register.future(
+                    auth_pb.RegisterRequest(email="last@example.com", password=PASSWORD), timeout=30
+                )
+                time.sleep(0.1)  # it is hashing on the server now
+                child.send(signal.SIGTERM)
+                assert in_flight.result().access_token
+                assert child.wait(timeout=30) == 0
+        finally:
+            child.stop(signal.SIGKILL, timeout=5)
+    queue = create_tasks(make_settings(huey_sqlite_path=tmp_path / "huey.db"), SystemClock()).huey
+    tasks = []
+    while (task := queue.dequeue()) is not None:
+        tasks.append(task)
+    init_database(make_settings(database_url=env["DATABASE_URL"]))
+    ids = sorted(row.id for row in EmailOutbox.select(EmailOutbox.id))
+    assert ids, "the Register queued its emails"
+    assert sorted(i for task in tasks for i in task.args[0]) == ids
 
 
 def test_the_serving_process_keeps_what_it_built_at_start_out_of_the_cyclic_collector(tmp_path: Path) -> None:

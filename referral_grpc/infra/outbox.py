@@ -181,6 +181,13 @@ class BackgroundDispatcher:
         except Exception as exc:
             log.warning("Could not hand off emails %s, the outbox relay will: %s", list(outbox_ids), exc)
 
+    def flush(self, timeout: float) -> bool:
+        """Hand over what is gathering now, on this thread, and wait for a hand-off under way; whether all
+        went in time. The server calls it as it stops: ids dispatched by its last RPCs would otherwise die
+        with the process and wait `HANDOFF_GRACE` for the relay."""
+        self._hand_over()
+        return self._pending.settle(timeout)
+
     def _hand_over(self) -> None:
         batch = self._pending.take()
         if not batch:
