@@ -36,7 +36,6 @@ from .gen import (
 )
 from .infra.logs import AccessLog
 from .infra.metrics import Metrics, MetricsServer
-from .infra.outbox import BackgroundDispatcher
 from .store.database import DatabaseProbe
 
 log = logging.getLogger(__name__)
@@ -327,7 +326,7 @@ def serve(app: App) -> int:
     _wait_interruptibly(hurry, settings.shutdown_drain_seconds)
     log.info("stopping: in-flight RPCs have %.0f s", settings.grpc_grace_seconds)
     server.stop(settings.grpc_grace_seconds)
-    if isinstance(app.dispatcher, BackgroundDispatcher) and not app.dispatcher.flush(EMAIL_FLUSH_SECONDS):
+    if not app.dispatcher.flush(EMAIL_FLUSH_SECONDS):
         log.warning("stopping: emails still being handed to the queue are left for the outbox relay")
     if metrics_http is not None:
         metrics_http.close()

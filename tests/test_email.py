@@ -481,7 +481,6 @@ def test_a_permanent_refusal_fails_at_once(
 
 
 def test_the_hand_off_gathers_emails_into_few_tasks_and_the_worker_sends_each_once(
-    tmp_path: Path,
     pg_url: str,
     redis_env: dict[str, str],
     bind_db: Callable[[str], pw.Database],

@@ -409,6 +409,9 @@ class SlowDispatch:
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
         self.clock.advance(seconds=self.seconds)
 
+    def flush(self, timeout: float) -> bool:
+        return True
+
 
 def test_reset_request_padding_runs_on_the_injected_clock(
     sqlite_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture

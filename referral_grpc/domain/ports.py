@@ -113,12 +113,20 @@ class EmailDispatcher(Protocol):
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None: ...
 
+    def flush(self, timeout: float) -> bool:
+        """Hand over, within `timeout` seconds, whatever `dispatch` was given and has not handed over
+        yet (the server calls it as it stops); whether everything went."""
+        ...
+
 
 class NoDispatch:
     """Leaves committed outbox rows for the relay to pick up."""
 
     def dispatch(self, outbox_ids: Sequence[int]) -> None:
         return None
+
+    def flush(self, timeout: float) -> bool:
+        return True
 
 
 @dataclass(frozen=True)

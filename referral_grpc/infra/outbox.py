@@ -156,6 +156,9 @@ class HueyDispatcher:
             # Never raise: the change that queued these emails has committed; the relay sends them.
             log.warning("Could not dispatch emails %s, the outbox relay will: %s", list(outbox_ids), exc)
 
+    def flush(self, timeout: float) -> bool:
+        return True  # `dispatch` hands over before it returns
+
 
 class BackgroundDispatcher:
     """Runs another dispatcher on a background thread, so `dispatch` returns at once whatever the queue does.
@@ -182,9 +185,9 @@ class BackgroundDispatcher:
             log.warning("Could not hand off emails %s, the outbox relay will: %s", list(outbox_ids), exc)
 
     def flush(self, timeout: float) -> bool:
-        """Hand over what is gathering now, on this thread, and wait for a hand-off under way; whether all
-        went in time. The server calls it as it stops: ids dispatched by its last RPCs would otherwise die
-        with the process and wait `HANDOFF_GRACE` for the relay."""
+        """Hand over what is gathering now, on this thread, and wait for a hand-off under way: ids
+        dispatched by a stopping server's last RPCs would otherwise die with the process and wait
+        `HANDOFF_GRACE` for the relay."""
         self._hand_over()
         return self._pending.settle(timeout)
 
